@@ -1,0 +1,482 @@
+//! The `ClusterApp` API (`clusterapp.io/v1alpha1`).
+//!
+//! The CRD in `crds/clusterapp.yaml` is generated from these types
+//! (`clusterapp crd`); a test fails when the two differ. Every field carries a
+//! description so that `kubectl explain clusterapp.spec.sessions` helps, and
+//! every rule a user can break is a CEL rule with a message of our own, so the
+//! API server rejects a bad object before the operator ever sees it.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every clusterapp resource.
+pub const GROUP: &str = "clusterapp.io";
+
+/// Container port of the balancer's admin server (metrics, health); the
+/// balancer's traffic port must differ from it.
+pub const BALANCER_ADMIN_PORT: i32 = 9090;
+
+/// The rule every port field carries.
+const PORT_RULE: &str = "self >= 1 && self <= 65535";
+const PORT_MESSAGE: &str = "must be a TCP port between 1 and 65535";
+
+/// RFC 9110 `token`: what a cookie name or a path parameter name may contain.
+const HTTP_TOKEN_RULE: &str = "self.matches('^[!#$%&*+.^_`|~0-9A-Za-z-]+$')";
+
+/// A Tomcat web application run as a cluster of session nodes with sticky,
+/// replicated HTTP sessions behind clusterapp's AJP load balancer.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "clusterapp.io",
+    version = "v1alpha1",
+    kind = "ClusterApp",
+    namespaced,
+    shortname = "capp",
+    status = "ClusterAppStatus",
+    derive = "PartialEq",
+    doc = "A Tomcat web application run as a cluster with sticky, replicated HTTP sessions behind an AJP load balancer.",
+    scale(spec_replicas_path = ".spec.replicas", status_replicas_path = ".status.replicas", label_selector_path = ".status.selector"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready session nodes out of the desired number"),
+    printcolumn(name = "Routes", type_ = "string", json_path = ".status.routes", description = "Routes (jvmRoute) of the session nodes"),
+    printcolumn(name = "Replication", type_ = "string", json_path = ".spec.sessions.replication", description = "How sessions are replicated"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS label of at most 40 characters (lowercase letters, digits and '-', starting with a letter): it names the StatefulSet, its pods and the Services"),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.httpPort != self.ajp.port && self.httpPort != self.sessions.receiverPort && self.ajp.port != self.sessions.receiverPort").message("httpPort, ajp.port and sessions.receiverPort must be three different ports: every session node binds all of them"))]
+pub struct ClusterAppSpec {
+    /// Number of session nodes (Tomcat pods). Each node `<name>-N` gets the
+    /// route (jvmRoute) `<name>-N`. Served by the scale subresource, so
+    /// `kubectl scale` and a HorizontalPodAutoscaler work.
+    #[serde(default = "default_replicas")]
+    #[x_kube(validation = Rule::new("self >= 0").message("replicas must be 0 or more"))]
+    pub replicas: i32,
+
+    /// Container image of the session nodes: a Tomcat (10.1 or later) image
+    /// that holds the application, which must be marked `<distributable/>`.
+    #[x_kube(validation = Rule::new("size(self) > 0").message("image must name a Tomcat-based container image"))]
+    #[schemars(length(max = 512))]
+    pub image: String,
+
+    /// `CATALINA_BASE` inside the image: the generated server.xml is mounted
+    /// at `<catalinaBase>/conf/server.xml`, and `logs`, `temp` and `work`
+    /// below it are writable scratch space. `/usr/local/tomcat` in the
+    /// official tomcat image, `/var/lib/tomcat10` in Debian's tomcat10.
+    #[serde(default = "default_catalina_base")]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("catalinaBase must be an absolute path without '..'"))]
+    #[schemars(length(max = 256))]
+    pub catalina_base: String,
+
+    /// Port of Tomcat's HTTP connector on every session node. It serves the
+    /// health endpoint the probes use; user traffic goes through the balancer.
+    #[serde(default = "default_http_port")]
+    #[x_kube(validation = Rule::new(PORT_RULE).message(PORT_MESSAGE))]
+    pub http_port: i32,
+
+    /// Extra JVM options for the session nodes, appended to `CATALINA_OPTS`
+    /// (for example `-Xmx512m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub java_opts: Option<String>,
+
+    /// Seconds a leaving session node keeps serving after Kubernetes asks it
+    /// to stop (a `preStop` wait), so that the balancer sees it draining and
+    /// stops sending it new sessions before it goes away.
+    #[serde(default = "default_drain_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 600").message("drainSeconds must be between 0 and 600"))]
+    pub drain_seconds: i32,
+
+    /// CPU and memory for each session node container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// How HTTP sessions are shared between the session nodes.
+    #[serde(default)]
+    pub sessions: Sessions,
+
+    /// The AJP/1.3 connection between the balancer and the session nodes.
+    #[serde(default)]
+    pub ajp: Ajp,
+
+    /// The HTTP -> AJP load balancer in front of the session nodes.
+    #[serde(default)]
+    pub balancer: Balancer,
+}
+
+/// How HTTP sessions are shared between the session nodes (Tomcat's
+/// `SimpleTcpCluster`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Sessions {
+    /// `all`: every node holds every session (DeltaManager); `backup`: each
+    /// session has one backup node (BackupManager); `none`: no replication,
+    /// a session is lost with its node.
+    #[serde(default)]
+    pub replication: Replication,
+
+    /// `sync`: a request completes only after the peers acknowledged the
+    /// session change (`use_ack,sync`), so a crash loses no acknowledged
+    /// write; `async`: faster, but a crash can lose the last writes.
+    #[serde(default)]
+    pub send_mode: SendMode,
+
+    /// How a node finds its peers: `kubernetes` lists the app's pods through
+    /// the Kubernetes API; `dns` resolves the app's headless peer Service.
+    #[serde(default)]
+    pub membership: Membership,
+
+    /// Port of the session replication receiver (Tribes). Every node of this
+    /// app uses the same port, because a node assumes its peers listen on its
+    /// own port.
+    #[serde(default = "default_receiver_port")]
+    #[x_kube(validation = Rule::new(PORT_RULE).message(PORT_MESSAGE))]
+    pub receiver_port: i32,
+
+    /// Name of the session cookie. It must match the cookie name the
+    /// application uses; the balancer reads the route from it.
+    #[serde(default = "default_cookie_name")]
+    #[x_kube(validation = Rule::new(HTTP_TOKEN_RULE).message("cookieName must be an HTTP token: letters, digits and !#$%&*+.^_`|~- only"))]
+    #[schemars(length(max = 64))]
+    pub cookie_name: String,
+
+    /// Name of the URL path parameter that carries the session id when
+    /// cookies are off (`;jsessionid=...`). It wins over the cookie.
+    #[serde(default = "default_path_parameter")]
+    #[x_kube(validation = Rule::new(HTTP_TOKEN_RULE).message("pathParameter must be an HTTP token: letters, digits and !#$%&*+.^_`|~- only"))]
+    #[schemars(length(max = 64))]
+    pub path_parameter: String,
+
+    /// Encrypt session replication traffic (Tribes EncryptInterceptor) with
+    /// a key the operator generates once into the app's Secret.
+    #[serde(default = "default_true")]
+    pub encryption: bool,
+
+    /// Cipher of the EncryptInterceptor. Always written explicitly into
+    /// server.xml: Tomcat changed its default between releases, and nodes
+    /// with different ciphers cannot read each other.
+    #[serde(default)]
+    pub encryption_algorithm: EncryptionAlgorithm,
+
+    /// Seconds a starting node waits to receive all sessions from the
+    /// oldest member (DeltaManager `stateTransferTimeout`). The startup
+    /// probe allows for it.
+    #[serde(default = "default_state_transfer_timeout")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600").message("stateTransferTimeoutSeconds must be between 1 and 3600"))]
+    pub state_transfer_timeout_seconds: i32,
+}
+
+/// How sessions are replicated: `all` (DeltaManager), `backup` (BackupManager) or `none`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Replication {
+    #[default]
+    All,
+    Backup,
+    None,
+}
+
+/// When a session change counts as done: `sync` (peers acknowledged) or `async`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum SendMode {
+    #[default]
+    Sync,
+    Async,
+}
+
+/// How session nodes find each other: `kubernetes` (pod list from the API) or `dns` (headless Service).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Membership {
+    #[default]
+    Kubernetes,
+    Dns,
+}
+
+/// Cipher of the Tribes EncryptInterceptor.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EncryptionAlgorithm {
+    #[default]
+    #[serde(rename = "AES/GCM/NoPadding")]
+    AesGcm,
+    #[serde(rename = "AES/CBC/PKCS5Padding")]
+    AesCbc,
+}
+
+/// The AJP/1.3 connection between the balancer and the session nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Ajp {
+    /// Port of the AJP connector on every session node.
+    #[serde(default = "default_ajp_port")]
+    #[x_kube(validation = Rule::new(PORT_RULE).message(PORT_MESSAGE))]
+    pub port: i32,
+
+    /// Largest AJP packet in bytes (Tomcat's `packetSize`). The balancer
+    /// and Tomcat are configured with the same value; raise it for very
+    /// large request headers.
+    #[serde(default = "default_packet_size")]
+    #[x_kube(validation = Rule::new("self >= 8192 && self <= 65536").message("ajp.packetSize must be between 8192 and 65536 bytes"))]
+    pub packet_size: i32,
+
+    /// Secret key holding the AJP shared secret. When absent the operator
+    /// generates one into the app's own Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the ClusterApp's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("ajp.secretRef.name must be a Secret name (lowercase DNS subdomain)"))]
+    #[schemars(length(max = 253))]
+    pub name: String,
+
+    /// Key inside the Secret.
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message("ajp.secretRef.key must be a Secret key: letters, digits, '-', '_' and '.' only"))]
+    #[schemars(length(max = 253))]
+    pub key: String,
+}
+
+/// The HTTP -> AJP load balancer in front of the session nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.port != 9090").message("balancer.port must not be 9090: the balancer's admin server listens there"))]
+pub struct Balancer {
+    /// Number of balancer pods. Any balancer can serve any request: routing
+    /// state lives in the session id.
+    #[serde(default = "default_balancer_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1").message("balancer.replicas must be 1 or more: without a balancer the app is unreachable"))]
+    pub replicas: i32,
+
+    /// HTTP port of the balancer, on its pods and on its Service.
+    #[serde(default = "default_balancer_port")]
+    #[x_kube(validation = Rule::new(PORT_RULE).message(PORT_MESSAGE))]
+    pub port: i32,
+
+    /// How a new session picks its node: `byrequests` (fewest requests),
+    /// `bybusyness` (fewest requests in flight) or `bytraffic` (fewest bytes).
+    #[serde(default)]
+    pub method: BalancerMethod,
+
+    /// When the node a session is routed to is gone: `true` sends the request
+    /// to another node (the session was replicated); `false` answers 503
+    /// (httpd's `nofailover`).
+    #[serde(default = "default_true")]
+    pub failover: bool,
+
+    /// Balancer image; by default the operator's own release of clusterapp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub image: Option<String>,
+
+    /// CPU and memory for each balancer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// The Service in front of the balancer pods.
+    #[serde(default)]
+    pub service: BalancerService,
+}
+
+/// Load-balancing method for new sessions.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BalancerMethod {
+    #[default]
+    Byrequests,
+    Bybusyness,
+    Bytraffic,
+}
+
+impl BalancerMethod {
+    /// The value of the balancer's `--method` flag.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            BalancerMethod::Byrequests => "byrequests",
+            BalancerMethod::Bybusyness => "bybusyness",
+            BalancerMethod::Bytraffic => "bytraffic",
+        }
+    }
+}
+
+/// The Service in front of the balancer pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BalancerService {
+    /// Service type: `ClusterIP`, `NodePort` or `LoadBalancer`.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+}
+
+/// Kubernetes Service type of the balancer's Service.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// What the operator observed, written by the operator only.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterAppStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Session node pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Session node pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Ready session nodes out of the desired number, e.g. `3/3`.
+    #[serde(default)]
+    pub ready: String,
+
+    /// Routes of the session nodes, comma-separated.
+    #[serde(default)]
+    pub routes: String,
+
+    /// Label selector of the session node pods (for the scale subresource
+    /// and HorizontalPodAutoscalers).
+    #[serde(default)]
+    pub selector: String,
+
+    /// Every session node with its route, as the balancer sees it.
+    #[serde(default)]
+    pub members: Vec<Member>,
+
+    /// `Ready`, `Progressing` and `Degraded`, with a reason and a message.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One session node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    /// Pod name.
+    pub pod: String,
+    /// Tomcat jvmRoute: the suffix of session ids this node created.
+    pub route: String,
+    /// Pod IP, once assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    /// The pod is ready: the balancer sends it new sessions.
+    pub ready: bool,
+    /// The pod is stopping: the balancer sends it only its own sessions.
+    pub draining: bool,
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+fn default_catalina_base() -> String {
+    "/usr/local/tomcat".to_string()
+}
+fn default_http_port() -> i32 {
+    8080
+}
+fn default_drain_seconds() -> i32 {
+    10
+}
+fn default_receiver_port() -> i32 {
+    4000
+}
+fn default_cookie_name() -> String {
+    "JSESSIONID".to_string()
+}
+fn default_path_parameter() -> String {
+    "jsessionid".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_state_transfer_timeout() -> i32 {
+    60
+}
+fn default_ajp_port() -> i32 {
+    8009
+}
+fn default_packet_size() -> i32 {
+    8192
+}
+fn default_balancer_replicas() -> i32 {
+    2
+}
+fn default_balancer_port() -> i32 {
+    8080
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            replication: Replication::default(),
+            send_mode: SendMode::default(),
+            membership: Membership::default(),
+            receiver_port: default_receiver_port(),
+            cookie_name: default_cookie_name(),
+            path_parameter: default_path_parameter(),
+            encryption: true,
+            encryption_algorithm: EncryptionAlgorithm::default(),
+            state_transfer_timeout_seconds: default_state_transfer_timeout(),
+        }
+    }
+}
+
+impl Default for Ajp {
+    fn default() -> Self {
+        Ajp { port: default_ajp_port(), packet_size: default_packet_size(), secret_ref: None }
+    }
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer {
+            replicas: default_balancer_replicas(),
+            port: default_balancer_port(),
+            method: BalancerMethod::default(),
+            failover: true,
+            image: None,
+            resources: None,
+            service: BalancerService::default(),
+        }
+    }
+}
+
+impl EncryptionAlgorithm {
+    /// The JCE transformation name Tomcat expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncryptionAlgorithm::AesGcm => "AES/GCM/NoPadding",
+            EncryptionAlgorithm::AesCbc => "AES/CBC/PKCS5Padding",
+        }
+    }
+}
+
+/// The CRD as YAML, exactly the text of `crds/clusterapp.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml_ng::to_string(&ClusterApp::crd())
+}

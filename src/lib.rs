@@ -1,0 +1,3 @@
+//! clusterapp: a Kubernetes operator and an AJP load balancer for Tomcat
+//! clusters with sticky, replicated HTTP sessions.
+pub mod crd;

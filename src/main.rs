@@ -1,0 +1,47 @@
+//! `clusterapp`: the operator, the AJP balancer and the CRD printer in one binary.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "clusterapp", version, about = "Tomcat clusters with sticky, replicated HTTP sessions on Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ClusterApp controller.
+    Operator,
+    /// Run the HTTP -> AJP/1.3 load balancer.
+    Balancer,
+    /// Print the ClusterApp CustomResourceDefinition as YAML.
+    Crd,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let name = match cli.command {
+        Command::Operator => "operator",
+        Command::Balancer => "balancer",
+        Command::Crd => return print_crd(),
+    };
+    eprintln!("clusterapp {name}: not implemented yet");
+    ExitCode::from(2)
+}
+
+/// `clusterapp crd`: the same text as `crds/clusterapp.yaml`.
+fn print_crd() -> ExitCode {
+    match clusterapp::crd::crd_yaml() {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("clusterapp crd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
