@@ -1,3 +1,4 @@
 //! clusterapp: a Kubernetes operator and an AJP load balancer for Tomcat
 //! clusters with sticky, replicated HTTP sessions.
 pub mod crd;
+pub mod operator;

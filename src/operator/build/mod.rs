@@ -1,0 +1,665 @@
+//! Pure builders: one ClusterApp (plus the key material read from its
+//! Secret) in, every desired child object out. No I/O here; each object is
+//! built from scratch every reconcile and applied with server-side apply.
+
+pub mod server_xml;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, SleepAction, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, Membership};
+use crate::operator::names::{
+    AJP_SECRET_KEY, AppNames, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TRIBES_KEY_KEY,
+};
+use server_xml::{ENV_AJP_SECRET, ENV_POD_IP, ENV_POD_NAME, ENV_TRIBES_KEY};
+
+/// Annotation on the session node pod template: a hash of server.xml, so
+/// that a changed server.xml rolls the nodes (Tomcat reads it at start only).
+pub const CONFIG_HASH_ANNOTATION: &str = "clusterapp.io/server-xml-sha256";
+
+/// Where the balancer finds the AJP secret (`--ajp-secret-file`).
+pub const BALANCER_AJP_SECRET_DIR: &str = "/etc/clusterapp/ajp";
+
+/// Tomcat's system property that makes `${NAME}` in server.xml read
+/// environment variables.
+const ENVIRONMENT_PROPERTY_SOURCE: &str =
+    "-Dorg.apache.tomcat.util.digester.PROPERTY_SOURCE=org.apache.tomcat.util.digester.EnvironmentPropertySource";
+
+/// uid/gid the containers run as: images such as the official tomcat one
+/// default to root, so the user is set explicitly for `runAsNonRoot`.
+const RUN_AS_USER: i64 = 1000;
+
+/// What the operator is configured with (not part of the ClusterApp).
+#[derive(Clone, Debug)]
+pub struct BuildContext {
+    /// Image of the balancer when the ClusterApp names none.
+    pub balancer_image: String,
+}
+
+/// Key material of the app's generated Secret. Values are hex text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretMaterial {
+    pub ajp_secret: String,
+    pub tribes_key: String,
+}
+
+impl std::fmt::Debug for SecretMaterial {
+    // Never print key material, not even in a debug log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretMaterial(<redacted>)")
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("the ClusterApp has no namespace")]
+    MissingNamespace,
+    #[error("the ClusterApp has no uid yet (it was not read from the API server)")]
+    MissingUid,
+}
+
+/// Every object one ClusterApp owns.
+#[derive(Clone, Debug)]
+pub struct Children {
+    pub secret: Secret,
+    pub config_map: ConfigMap,
+    pub peers_service: Service,
+    pub nodes_service: Service,
+    pub node_service_account: ServiceAccount,
+    pub node_role: Role,
+    pub node_role_binding: RoleBinding,
+    pub stateful_set: StatefulSet,
+    pub balancer_service_account: ServiceAccount,
+    pub balancer_role: Role,
+    pub balancer_role_binding: RoleBinding,
+    pub balancer_deployment: Deployment,
+    pub balancer_service: Service,
+    pub pod_disruption_budget: PodDisruptionBudget,
+    pub network_policy: NetworkPolicy,
+}
+
+impl Children {
+    /// All children as JSON values, in apply order (for golden files).
+    pub fn to_values(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        Ok(vec![
+            with_type(&self.secret)?,
+            with_type(&self.config_map)?,
+            with_type(&self.peers_service)?,
+            with_type(&self.nodes_service)?,
+            with_type(&self.node_service_account)?,
+            with_type(&self.node_role)?,
+            with_type(&self.node_role_binding)?,
+            with_type(&self.stateful_set)?,
+            with_type(&self.balancer_service_account)?,
+            with_type(&self.balancer_role)?,
+            with_type(&self.balancer_role_binding)?,
+            with_type(&self.balancer_deployment)?,
+            with_type(&self.balancer_service)?,
+            with_type(&self.pod_disruption_budget)?,
+            with_type(&self.network_policy)?,
+        ])
+    }
+}
+
+/// An object's JSON with `apiVersion` and `kind` (k8s-openapi adds them).
+fn with_type<K: serde::Serialize>(object: &K) -> Result<serde_json::Value, serde_json::Error> {
+    serde_json::to_value(object)
+}
+
+/// Hex SHA-256 of `text`.
+pub fn sha256_hex(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Builds every child of `app`.
+pub fn build_children(app: &ClusterApp, material: &SecretMaterial, context: &BuildContext) -> Result<Children, BuildError> {
+    let namespace = app.metadata.namespace.clone().ok_or(BuildError::MissingNamespace)?;
+    let owner = app.controller_owner_ref(&()).ok_or(BuildError::MissingUid)?;
+    let names = AppNames::new(&app.metadata.name.clone().unwrap_or_default());
+    let parts = Parts { app, names, namespace, owner };
+    let server_xml = server_xml::server_xml(&parts.names.app, &app.spec);
+    Ok(Children {
+        secret: parts.secret(material),
+        config_map: parts.config_map(&server_xml),
+        peers_service: parts.peers_service(),
+        nodes_service: parts.nodes_service(),
+        node_service_account: parts.service_account(&parts.names.node_account(), COMPONENT_SESSION_NODE),
+        node_role: parts.role(&parts.names.node_account(), COMPONENT_SESSION_NODE, node_rules()),
+        node_role_binding: parts.role_binding(&parts.names.node_account(), COMPONENT_SESSION_NODE),
+        stateful_set: parts.stateful_set(&sha256_hex(&server_xml)),
+        balancer_service_account: parts.service_account(&parts.names.balancer(), COMPONENT_BALANCER),
+        balancer_role: parts.role(&parts.names.balancer(), COMPONENT_BALANCER, balancer_rules()),
+        balancer_role_binding: parts.role_binding(&parts.names.balancer(), COMPONENT_BALANCER),
+        balancer_deployment: parts.balancer_deployment(context),
+        balancer_service: parts.balancer_service(),
+        pod_disruption_budget: parts.pod_disruption_budget(),
+        network_policy: parts.network_policy(),
+    })
+}
+
+/// The session nodes' Role: Tomcat's Kubernetes membership lists the pods
+/// of its namespace (filtered by KUBERNETES_LABELS), nothing else.
+pub fn node_rules() -> Vec<PolicyRule> {
+    vec![PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["pods".to_string()]),
+        verbs: vec!["list".to_string()],
+        ..Default::default()
+    }]
+}
+
+/// The balancer's Role: it follows the EndpointSlices of the nodes' headless
+/// Service (ready / serving / terminating) with a watch.
+pub fn balancer_rules() -> Vec<PolicyRule> {
+    vec![PolicyRule {
+        api_groups: Some(vec!["discovery.k8s.io".to_string()]),
+        resources: Some(vec!["endpointslices".to_string()]),
+        verbs: vec!["list".to_string(), "watch".to_string()],
+        ..Default::default()
+    }]
+}
+
+/// The AJP secret the nodes and the balancer use: the user's, or ours.
+pub fn ajp_secret_selector(app: &ClusterApp) -> SecretKeySelector {
+    let names = AppNames::new(app.metadata.name.as_deref().unwrap_or_default());
+    match &app.spec.ajp.secret_ref {
+        Some(reference) => SecretKeySelector { name: reference.name.clone(), key: reference.key.clone(), optional: None },
+        None => SecretKeySelector { name: names.secret(), key: AJP_SECRET_KEY.to_string(), optional: None },
+    }
+}
+
+struct Parts<'a> {
+    app: &'a ClusterApp,
+    names: AppNames,
+    namespace: String,
+    owner: OwnerReference,
+}
+
+fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort { name: Some(name.to_string()), container_port: number, protocol: Some("TCP".to_string()), ..Default::default() }
+}
+
+fn service_port(name: &str, number: i32, target: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_string()),
+        port: number,
+        target_port: Some(IntOrString::String(target.to_string())),
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    }
+}
+
+fn env_value(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.to_string(), value: Some(value.to_string()), ..Default::default() }
+}
+
+fn env_field(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: field_path.to_string(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn env_secret(name: &str, selector: SecretKeySelector) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource { secret_key_ref: Some(selector), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume { name: name.to_string(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount { name: name.to_string(), mount_path: path.to_string(), ..Default::default() }
+}
+
+fn http_probe(path: &str, port_name: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String(port_name.to_string()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+/// Non-root, no privilege escalation, no capabilities, read-only root.
+fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_string()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_USER),
+        run_as_group: Some(RUN_AS_USER),
+        fs_group: Some(RUN_AS_USER),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_string(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+impl Parts<'_> {
+    fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..Default::default()
+        }
+    }
+
+    fn secret(&self, material: &SecretMaterial) -> Secret {
+        Secret {
+            metadata: self.meta(self.names.secret(), self.names.common_labels()),
+            type_: Some("Opaque".to_string()),
+            data: Some(BTreeMap::from([
+                (AJP_SECRET_KEY.to_string(), ByteString(material.ajp_secret.as_bytes().to_vec())),
+                (TRIBES_KEY_KEY.to_string(), ByteString(material.tribes_key.as_bytes().to_vec())),
+            ])),
+            ..Default::default()
+        }
+    }
+
+    fn config_map(&self, server_xml: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: self.meta(self.names.config_map(), self.names.component_labels(COMPONENT_SESSION_NODE)),
+            data: Some(BTreeMap::from([("server.xml".to_string(), server_xml.to_string())])),
+            ..Default::default()
+        }
+    }
+
+    fn node_ports(&self) -> Vec<ServicePort> {
+        let spec = &self.app.spec;
+        vec![
+            service_port("ajp", spec.ajp.port, "ajp"),
+            service_port("tribes", spec.sessions.receiver_port, "tribes"),
+            service_port("http", spec.http_port, "http"),
+        ]
+    }
+
+    fn peers_service(&self) -> Service {
+        Service {
+            metadata: self.meta(self.names.peers_service(), self.names.component_labels(COMPONENT_SESSION_NODE)),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".to_string()),
+                // Peers must find a joining node before it is ready: it
+                // receives replicated sessions during its state transfer.
+                publish_not_ready_addresses: Some(true),
+                selector: Some(self.names.selector_labels(COMPONENT_SESSION_NODE)),
+                ports: Some(self.node_ports()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn nodes_service(&self) -> Service {
+        Service {
+            metadata: self.meta(self.names.nodes_service(), self.names.component_labels(COMPONENT_SESSION_NODE)),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".to_string()),
+                // The balancer's member list: readiness matters here.
+                publish_not_ready_addresses: Some(false),
+                selector: Some(self.names.selector_labels(COMPONENT_SESSION_NODE)),
+                ports: Some(vec![service_port("ajp", self.app.spec.ajp.port, "ajp")]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn service_account(&self, name: &str, component: &str) -> ServiceAccount {
+        ServiceAccount { metadata: self.meta(name.to_string(), self.names.component_labels(component)), ..Default::default() }
+    }
+
+    fn role(&self, name: &str, component: &str, rules: Vec<PolicyRule>) -> Role {
+        Role { metadata: self.meta(name.to_string(), self.names.component_labels(component)), rules: Some(rules) }
+    }
+
+    fn role_binding(&self, name: &str, component: &str) -> RoleBinding {
+        RoleBinding {
+            metadata: self.meta(name.to_string(), self.names.component_labels(component)),
+            role_ref: RoleRef { api_group: Some("rbac.authorization.k8s.io".to_string()), kind: "Role".to_string(), name: name.to_string() },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".to_string(),
+                name: name.to_string(),
+                namespace: Some(self.namespace.clone()),
+                ..Default::default()
+            }]),
+        }
+    }
+
+    fn stateful_set(&self, server_xml_hash: &str) -> StatefulSet {
+        let spec = &self.app.spec;
+        let sessions = &spec.sessions;
+        let base = spec.catalina_base.trim_end_matches('/');
+
+        let mut catalina_opts = ENVIRONMENT_PROPERTY_SOURCE.to_string();
+        if let Some(extra) = spec.java_opts.as_deref().filter(|o| !o.trim().is_empty()) {
+            catalina_opts.push(' ');
+            catalina_opts.push_str(extra.trim());
+        }
+        let mut env = vec![
+            env_field(ENV_POD_NAME, "metadata.name"),
+            env_field(ENV_POD_IP, "status.podIP"),
+            // Tomcat's Kubernetes membership reads the namespace from here,
+            // not from the ServiceAccount files.
+            env_field("KUBERNETES_NAMESPACE", "metadata.namespace"),
+            // Without it Tomcat would take every pod of the namespace as a peer.
+            env_value("KUBERNETES_LABELS", &self.names.session_node_selector()),
+            env_secret(ENV_AJP_SECRET, ajp_secret_selector(self.app)),
+            env_value("CATALINA_OPTS", &catalina_opts),
+        ];
+        if sessions.membership == Membership::Dns {
+            env.push(env_value(
+                "DNS_MEMBERSHIP_SERVICE_NAME",
+                &format!("{}.{}.svc", self.names.peers_service(), self.namespace),
+            ));
+        }
+        if sessions.encryption {
+            env.push(env_secret(
+                ENV_TRIBES_KEY,
+                SecretKeySelector { name: self.names.secret(), key: TRIBES_KEY_KEY.to_string(), optional: None },
+            ));
+        }
+
+        // A starting node blocks until it has received every session (up to
+        // stateTransferTimeout) before its connectors open; the startup probe
+        // waits that long plus two minutes of ordinary Tomcat start.
+        let startup_budget = sessions.state_transfer_timeout_seconds + 120;
+        let startup_period = 5;
+        let startup_failures = (startup_budget + startup_period - 1) / startup_period;
+
+        let container = Container {
+            name: "tomcat".to_string(),
+            image: Some(spec.image.clone()),
+            ports: Some(vec![
+                port("http", spec.http_port),
+                port("ajp", spec.ajp.port),
+                port("tribes", sessions.receiver_port),
+            ]),
+            env: Some(env),
+            resources: spec.resources.clone(),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: "server-xml".to_string(),
+                    mount_path: format!("{base}/conf/server.xml"),
+                    sub_path: Some("server.xml".to_string()),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                mount("logs", &format!("{base}/logs")),
+                mount("temp", &format!("{base}/temp")),
+                mount("work", &format!("{base}/work")),
+                // Tomcat creates conf/Catalina/localhost at start.
+                mount("conf-catalina", &format!("{base}/conf/Catalina")),
+            ]),
+            startup_probe: Some(http_probe("/health", "http", startup_period, startup_failures)),
+            readiness_probe: Some(http_probe("/health", "http", 5, 3)),
+            liveness_probe: Some(http_probe("/health", "http", 10, 6)),
+            // The drain: the pod is already terminating (the balancer sees
+            // its endpoint `serving` but `terminating` and stops sending it new
+            // sessions) while Tomcat still serves the sticky ones.
+            lifecycle: (spec.drain_seconds > 0).then(|| Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction { seconds: i64::from(spec.drain_seconds) }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            security_context: Some(container_security_context()),
+            ..Default::default()
+        };
+
+        let mut template_labels = self.names.component_labels(COMPONENT_SESSION_NODE);
+        template_labels.extend(self.names.selector_labels(COMPONENT_SESSION_NODE));
+        StatefulSet {
+            metadata: self.meta(self.names.stateful_set(), self.names.component_labels(COMPONENT_SESSION_NODE)),
+            spec: StatefulSetSpec {
+                replicas: Some(spec.replicas),
+                service_name: Some(self.names.peers_service()),
+                selector: LabelSelector {
+                    match_labels: Some(self.names.selector_labels(COMPONENT_SESSION_NODE)),
+                    ..Default::default()
+                },
+                // One node at a time: two nodes starting together can stall
+                // each other's state transfer; scale-down also goes one by one.
+                pod_management_policy: Some("OrderedReady".to_string()),
+                update_strategy: Some(StatefulSetUpdateStrategy {
+                    type_: Some("RollingUpdate".to_string()),
+                    rolling_update: Some(RollingUpdateStatefulSetStrategy { partition: Some(0), ..Default::default() }),
+                }),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(template_labels),
+                        annotations: Some(BTreeMap::from([(
+                            CONFIG_HASH_ANNOTATION.to_string(),
+                            server_xml_hash.to_string(),
+                        )])),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        service_account_name: Some(self.names.node_account()),
+                        // Only Kubernetes membership talks to the API.
+                        automount_service_account_token: Some(sessions.membership == Membership::Kubernetes),
+                        termination_grace_period_seconds: Some(i64::from(spec.drain_seconds) + 30),
+                        security_context: Some(pod_security_context()),
+                        containers: vec![container],
+                        volumes: Some(vec![
+                            Volume {
+                                name: "server-xml".to_string(),
+                                config_map: Some(ConfigMapVolumeSource {
+                                    name: self.names.config_map(),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            },
+                            empty_dir("logs"),
+                            empty_dir("temp"),
+                            empty_dir("work"),
+                            empty_dir("conf-catalina"),
+                        ]),
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn balancer_deployment(&self, context: &BuildContext) -> Deployment {
+        let spec = &self.app.spec;
+        let balancer = &spec.balancer;
+        let ajp_secret = ajp_secret_selector(self.app);
+        let mut args = vec![
+            "balancer".to_string(),
+            "--kubernetes-service".to_string(),
+            format!("{}/{}", self.namespace, self.names.nodes_service()),
+            "--listen".to_string(),
+            format!("0.0.0.0:{}", balancer.port),
+            "--admin-listen".to_string(),
+            format!("0.0.0.0:{BALANCER_ADMIN_PORT}"),
+            "--ajp-secret-file".to_string(),
+            format!("{BALANCER_AJP_SECRET_DIR}/secret"),
+            "--packet-size".to_string(),
+            spec.ajp.packet_size.to_string(),
+            "--sticky-cookie".to_string(),
+            spec.sessions.cookie_name.clone(),
+            "--sticky-path-param".to_string(),
+            spec.sessions.path_parameter.clone(),
+            "--method".to_string(),
+            balancer.method.as_flag().to_string(),
+        ];
+        if !balancer.failover {
+            args.push("--no-failover".to_string());
+        }
+        let container = Container {
+            name: "balancer".to_string(),
+            image: Some(balancer.image.clone().unwrap_or_else(|| context.balancer_image.clone())),
+            args: Some(args),
+            env: Some(vec![env_value("LOG_FORMAT", "json")]),
+            ports: Some(vec![port("http", balancer.port), port("admin", BALANCER_ADMIN_PORT)]),
+            resources: balancer.resources.clone(),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "ajp-secret".to_string(),
+                mount_path: BALANCER_AJP_SECRET_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            }]),
+            readiness_probe: Some(http_probe("/readyz", "admin", 5, 2)),
+            liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
+            security_context: Some(container_security_context()),
+            ..Default::default()
+        };
+        let mut template_labels = self.names.component_labels(COMPONENT_BALANCER);
+        template_labels.extend(self.names.selector_labels(COMPONENT_BALANCER));
+        Deployment {
+            metadata: self.meta(self.names.balancer(), self.names.component_labels(COMPONENT_BALANCER)),
+            spec: DeploymentSpec {
+                replicas: Some(balancer.replicas),
+                selector: LabelSelector {
+                    match_labels: Some(self.names.selector_labels(COMPONENT_BALANCER)),
+                    ..Default::default()
+                },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta { labels: Some(template_labels), ..Default::default() }),
+                    spec: Some(PodSpec {
+                        service_account_name: Some(self.names.balancer()),
+                        automount_service_account_token: Some(true),
+                        security_context: Some(pod_security_context()),
+                        containers: vec![container],
+                        volumes: Some(vec![Volume {
+                            name: "ajp-secret".to_string(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(ajp_secret.name),
+                                items: Some(vec![KeyToPath {
+                                    key: ajp_secret.key,
+                                    path: "secret".to_string(),
+                                    ..Default::default()
+                                }]),
+                                default_mode: Some(0o400),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn balancer_service(&self) -> Service {
+        let balancer = &self.app.spec.balancer;
+        Service {
+            metadata: self.meta(self.names.balancer_service(), self.names.component_labels(COMPONENT_BALANCER)),
+            spec: Some(ServiceSpec {
+                type_: Some(balancer.service.type_.as_str().to_string()),
+                selector: Some(self.names.selector_labels(COMPONENT_BALANCER)),
+                ports: Some(vec![service_port("http", balancer.port, "http")]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn pod_disruption_budget(&self) -> PodDisruptionBudget {
+        PodDisruptionBudget {
+            metadata: self.meta(self.names.node_policy(), self.names.component_labels(COMPONENT_SESSION_NODE)),
+            spec: Some(PodDisruptionBudgetSpec {
+                // A drain takes one node at a time; its sessions live on in
+                // the others.
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(self.names.selector_labels(COMPONENT_SESSION_NODE)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn network_policy(&self) -> NetworkPolicy {
+        let spec = &self.app.spec;
+        let from = |component: &str| NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(self.names.selector_labels(component)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let tcp = |number: i32| NetworkPolicyPort {
+            port: Some(IntOrString::Int(number)),
+            protocol: Some("TCP".to_string()),
+            ..Default::default()
+        };
+        NetworkPolicy {
+            metadata: self.meta(self.names.node_policy(), self.names.component_labels(COMPONENT_SESSION_NODE)),
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(self.names.selector_labels(COMPONENT_SESSION_NODE)),
+                    ..Default::default()
+                }),
+                policy_types: Some(vec!["Ingress".to_string()]),
+                ingress: Some(vec![
+                    // AJP carries authenticated requests: only our balancer.
+                    NetworkPolicyIngressRule {
+                        from: Some(vec![from(COMPONENT_BALANCER)]),
+                        ports: Some(vec![tcp(spec.ajp.port)]),
+                    },
+                    // Session replication and HTTP (health) only among peers.
+                    NetworkPolicyIngressRule {
+                        from: Some(vec![from(COMPONENT_SESSION_NODE)]),
+                        ports: Some(vec![tcp(spec.sessions.receiver_port), tcp(spec.http_port)]),
+                    },
+                ]),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

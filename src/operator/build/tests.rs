@@ -1,0 +1,230 @@
+//! Golden-file tests of the builders: each fixture in `src/operator/testdata`
+//! is built and compared with `<fixture>.children.yaml` and
+//! `<fixture>.server.xml`. `UPDATE_GOLDEN=1 cargo test --lib` rewrites them
+//! (review the diff!).
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::crd::ClusterApp;
+
+const AJP_SECRET: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+const TRIBES_KEY: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/operator/testdata")
+}
+
+fn fixture(name: &str) -> ClusterApp {
+    let text = std::fs::read_to_string(testdata().join(format!("{name}.yaml"))).expect("reading fixture");
+    serde_yaml_ng::from_str(&text).expect("fixture is a ClusterApp")
+}
+
+fn material() -> SecretMaterial {
+    SecretMaterial { ajp_secret: AJP_SECRET.to_string(), tribes_key: TRIBES_KEY.to_string() }
+}
+
+fn context() -> BuildContext {
+    BuildContext { balancer_image: "ghcr.io/clusterapp/clusterapp:0.1.0".to_string() }
+}
+
+fn children_yaml(children: &Children) -> String {
+    children
+        .to_values()
+        .expect("children serialize")
+        .iter()
+        .map(|value| serde_yaml_ng::to_string(value).expect("yaml"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn check_golden(file: &str, actual: &str) {
+    let path = testdata().join(file);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).expect("writing golden file");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    if expected != actual {
+        let first_difference = expected.lines().zip(actual.lines()).position(|(e, a)| e != a);
+        panic!(
+            "{file} differs from the builder's output (first different line: {first_difference:?}); \
+             rerun with UPDATE_GOLDEN=1 and review the diff.\n--- actual ---\n{actual}"
+        );
+    }
+}
+
+fn golden(name: &str) {
+    let app = fixture(name);
+    let children = build_children(&app, &material(), &context()).expect("builds");
+    check_golden(&format!("{name}.children.yaml"), &children_yaml(&children));
+    let xml = children.config_map.data.as_ref().and_then(|d| d.get("server.xml")).expect("server.xml in the ConfigMap");
+    check_golden(&format!("{name}.server.xml"), xml);
+}
+
+#[test]
+fn golden_default() {
+    golden("default");
+}
+
+#[test]
+fn golden_every_option() {
+    golden("every-option");
+}
+
+#[test]
+fn golden_no_replication() {
+    golden("no-replication");
+}
+
+fn server_xml_of(name: &str) -> String {
+    let app = fixture(name);
+    server_xml::server_xml(app.metadata.name.as_deref().unwrap_or_default(), &app.spec)
+}
+
+/// Class names of the `Interceptor` elements, in document order.
+fn interceptors(doc: &roxmltree::Document) -> Vec<String> {
+    doc.descendants()
+        .filter(|n| n.has_tag_name("Interceptor"))
+        .filter_map(|n| n.attribute("className"))
+        .map(|c| c.rsplit('.').next().unwrap_or(c).to_string())
+        .collect()
+}
+
+#[test]
+fn server_xml_parses_and_has_what_tomcat_needs() {
+    for name in ["default", "every-option", "no-replication"] {
+        let xml = server_xml_of(name);
+        let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{name}: server.xml is not XML: {e}"));
+        let engine = doc.descendants().find(|n| n.has_tag_name("Engine")).expect("an Engine");
+        assert_eq!(engine.attribute("jvmRoute"), Some("${POD_NAME}"), "{name}: route from the pod name");
+        let ajp = doc
+            .descendants()
+            .find(|n| n.has_tag_name("Connector") && n.attribute("protocol") == Some("AJP/1.3"))
+            .expect("an AJP connector");
+        assert_eq!(ajp.attribute("secretRequired"), Some("true"), "{name}");
+        assert_eq!(ajp.attribute("secret"), Some("${AJP_SECRET}"), "{name}");
+        assert_eq!(ajp.attribute("address"), Some("${POD_IP}"), "{name}: not loopback");
+        assert!(
+            doc.descendants().any(|n| n.attribute("className") == Some("org.apache.catalina.valves.HealthCheckValve")),
+            "{name}: HealthCheckValve for the probes"
+        );
+        assert_eq!(doc.root_element().attribute("port"), Some("-1"), "{name}: no shutdown port");
+    }
+}
+
+#[test]
+fn server_xml_default_cluster_is_sync_delta_encrypted() {
+    let xml = server_xml_of("default");
+    let doc = roxmltree::Document::parse(&xml).expect("XML");
+    let cluster = doc.descendants().find(|n| n.has_tag_name("Cluster")).expect("a Cluster");
+    assert_eq!(cluster.attribute("channelSendOptions"), Some("6"), "use_ack,sync");
+    let manager = doc.descendants().find(|n| n.has_tag_name("Manager")).expect("a Manager");
+    assert_eq!(manager.attribute("className"), Some("org.apache.catalina.ha.session.DeltaManager"));
+    assert_eq!(manager.attribute("stateTransferTimeout"), Some("60"));
+    let membership = doc.descendants().find(|n| n.has_tag_name("Membership")).expect("a Membership");
+    assert_eq!(membership.attribute("membershipProviderClassName"), Some("kubernetes"));
+    let receiver = doc.descendants().find(|n| n.has_tag_name("Receiver")).expect("a Receiver");
+    assert_eq!(receiver.attribute("port"), Some("4000"));
+    assert_eq!(receiver.attribute("autoBind"), Some("1"), "exactly the assigned port");
+    // Encrypt first, and Tomcat's defaults listed again because any
+    // interceptor replaces them.
+    assert_eq!(interceptors(&doc), ["EncryptInterceptor", "TcpFailureDetector", "MessageDispatchInterceptor"]);
+    let encrypt = doc.descendants().find(|n| n.has_tag_name("Interceptor")).expect("interceptor");
+    assert_eq!(encrypt.attribute("encryptionAlgorithm"), Some("AES/GCM/NoPadding"), "explicit algorithm");
+    assert_eq!(encrypt.attribute("encryptionKey"), Some("${TRIBES_ENCRYPTION_KEY}"));
+    for valve in ["ReplicationValve", "JvmRouteBinderValve"] {
+        assert!(xml.contains(valve), "{valve}");
+    }
+    assert!(xml.contains("org.apache.catalina.ha.session.ClusterSessionListener"));
+}
+
+#[test]
+fn server_xml_every_option() {
+    let xml = server_xml_of("every-option");
+    let doc = roxmltree::Document::parse(&xml).expect("XML");
+    let cluster = doc.descendants().find(|n| n.has_tag_name("Cluster")).expect("a Cluster");
+    assert_eq!(cluster.attribute("channelSendOptions"), Some("8"), "async");
+    let manager = doc.descendants().find(|n| n.has_tag_name("Manager")).expect("a Manager");
+    assert_eq!(manager.attribute("className"), Some("org.apache.catalina.ha.session.BackupManager"));
+    let membership = doc.descendants().find(|n| n.has_tag_name("Membership")).expect("a Membership");
+    assert_eq!(membership.attribute("membershipProviderClassName"), Some("dns"));
+    assert_eq!(interceptors(&doc), ["TcpFailureDetector", "MessageDispatchInterceptor"], "no encryption");
+    let ajp = doc.descendants().find(|n| n.attribute("protocol") == Some("AJP/1.3")).expect("AJP");
+    assert_eq!(ajp.attribute("port"), Some("8010"));
+    assert_eq!(ajp.attribute("packetSize"), Some("65536"));
+}
+
+#[test]
+fn server_xml_without_replication_has_no_cluster() {
+    let xml = server_xml_of("no-replication");
+    let doc = roxmltree::Document::parse(&xml).expect("XML");
+    assert!(!doc.descendants().any(|n| n.has_tag_name("Cluster")));
+}
+
+#[test]
+fn key_material_only_in_the_secret() {
+    for name in ["default", "every-option", "no-replication"] {
+        let children = build_children(&fixture(name), &material(), &context()).expect("builds");
+        let values = children.to_values().expect("json");
+        for value in &values[1..] {
+            let text = value.to_string();
+            assert!(!text.contains(AJP_SECRET) && !text.contains(TRIBES_KEY), "{name}: key material in {}", value["kind"]);
+        }
+        assert_eq!(values[0]["kind"], "Secret");
+        assert!(!format!("{:?}", material()).contains(AJP_SECRET), "Debug redacts");
+    }
+}
+
+#[test]
+fn every_child_is_owned_and_labelled() {
+    let app = fixture("default");
+    let children = build_children(&app, &material(), &context()).expect("builds");
+    for value in children.to_values().expect("json") {
+        let owners = &value["metadata"]["ownerReferences"];
+        assert_eq!(owners[0]["uid"], "6f1c9a52-0d7e-4b8e-9b51-3f0f2a6c1d10", "{}", value["kind"]);
+        assert_eq!(owners[0]["controller"], true);
+        assert_eq!(value["metadata"]["labels"]["app.kubernetes.io/instance"], "shop");
+        assert_eq!(value["metadata"]["labels"]["app.kubernetes.io/managed-by"], "clusterapp-operator");
+        assert_eq!(value["metadata"]["namespace"], "store");
+    }
+}
+
+#[test]
+fn balancer_runs_with_the_agreed_flags() {
+    let app = fixture("every-option");
+    let children = build_children(&app, &material(), &context()).expect("builds");
+    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
+    let args = container.args.clone().unwrap_or_default().join(" ");
+    assert_eq!(
+        args,
+        "balancer --kubernetes-service store/cart-nodes --listen 0.0.0.0:80 --admin-listen 0.0.0.0:9090 \
+         --ajp-secret-file /etc/clusterapp/ajp/secret --packet-size 65536 --sticky-cookie CARTSESSION \
+         --sticky-path-param cartsession --method bybusyness --no-failover"
+    );
+    assert_eq!(container.image.as_deref(), Some("registry.example/clusterapp:dev"));
+    let default = build_children(&fixture("default"), &material(), &context()).expect("builds");
+    let container = &default.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
+    assert_eq!(container.image.as_deref(), Some("ghcr.io/clusterapp/clusterapp:0.1.0"));
+    assert!(!container.args.clone().unwrap_or_default().contains(&"--no-failover".to_string()));
+}
+
+#[test]
+fn image_change_only_changes_the_stateful_set_template() {
+    let app = fixture("default");
+    let before = build_children(&app, &material(), &context()).expect("builds").to_values().expect("json");
+    let mut changed = app.clone();
+    changed.spec.image = "registry.example/shop:1.5".to_string();
+    let after = build_children(&changed, &material(), &context()).expect("builds").to_values().expect("json");
+    let differing: Vec<_> = before.iter().zip(&after).filter(|(b, a)| b != a).map(|(b, _)| b["kind"].clone()).collect();
+    assert_eq!(differing, ["StatefulSet"]);
+}
+
+#[test]
+fn missing_uid_is_an_error_not_a_panic() {
+    let mut app = fixture("default");
+    app.metadata.uid = None;
+    assert_eq!(build_children(&app, &material(), &context()).err(), Some(BuildError::MissingUid));
+    app.metadata.namespace = None;
+    assert_eq!(build_children(&app, &material(), &context()).err(), Some(BuildError::MissingNamespace));
+}
