@@ -2,3 +2,5 @@
 //! clusters with sticky, replicated HTTP sessions.
 pub mod crd;
 pub mod operator;
+pub mod balancer;
+pub mod telemetry;

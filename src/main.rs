@@ -16,7 +16,7 @@ enum Command {
     /// Run the ClusterApp controller.
     Operator,
     /// Run the HTTP -> AJP/1.3 load balancer.
-    Balancer,
+    Balancer(clusterapp::balancer::BalancerArgs),
     /// Print the ClusterApp CustomResourceDefinition as YAML.
     Crd,
 }
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let name = match cli.command {
         Command::Operator => "operator",
-        Command::Balancer => "balancer",
+        Command::Balancer(args) => return clusterapp::balancer::main(args),
         Command::Crd => return print_crd(),
     };
     eprintln!("clusterapp {name}: not implemented yet");

@@ -1,0 +1,132 @@
+//! Admin server: `/metrics`, `/healthz`, `/readyz`, the status page `/`
+//! and its data `/status.json`.
+//!
+//! Session ids are credentials, so the status page shows only a prefix and
+//! the route of recently created sessions.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::proxy::{Balancer, ProxyBody};
+
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Characters of a session id the status page shows.
+const SESSION_ID_PREFIX: usize = 6;
+
+fn masked_session_id(id: &str) -> String {
+    let (secret_part, route) = match id.split_once('.') {
+        Some((s, r)) => (s, Some(r)),
+        None => (id, None),
+    };
+    let shown: String = secret_part.chars().take(SESSION_ID_PREFIX).collect();
+    match route {
+        Some(r) => format!("{shown}….{r}"),
+        None => format!("{shown}…"),
+    }
+}
+
+pub fn status_json(bal: &Balancer) -> serde_json::Value {
+    let members: Vec<_> = bal
+        .members
+        .snapshot()
+        .iter()
+        .map(|m| {
+            let recent: Vec<_> = m.recent_sessions().into_iter().map(|(id, at)| json!({"id": masked_session_id(&id), "at": at})).collect();
+            json!({
+                "route": m.route,
+                "address": m.address.to_string(),
+                "state": m.state().as_str(),
+                "healthy": m.is_healthy(),
+                "in_flight": m.in_flight(),
+                "requests": m.metrics.requests_total(),
+                "errors": m.metrics.errors_total(),
+                "new_sessions": m.new_sessions.load(Ordering::Relaxed),
+                "traffic_bytes": m.traffic_bytes.load(Ordering::Relaxed),
+                "pool_idle": m.pool.idle_count(),
+                "pool_busy": m.pool.busy_count(),
+                "recent_sessions": recent,
+            })
+        })
+        .collect();
+    json!({
+        "members": members,
+        "method": bal.router.method,
+        "failover": bal.router.failover,
+        "synced": bal.members.is_synced(),
+        "shutting_down": bal.is_shutting_down(),
+        "client_connections": bal.metrics.client_connections.get(),
+        "failovers": bal.metrics.failovers.get(),
+    })
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn route_admin(bal: Arc<Balancer>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n"));
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", bal.metrics.encode()),
+        "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => {
+            if bal.is_shutting_down() {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n")
+            } else if !bal.members.is_synced() {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "membership not loaded yet\n")
+            } else {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        "/status.json" => respond(StatusCode::OK, "application/json", status_json(&bal).to_string()),
+        "/" | "/balancer-manager" => respond(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    })
+}
+
+pub async fn serve_admin(bal: Arc<Balancer>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let bal = bal.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| route_admin(bal.clone(), req));
+                    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                        tracing::debug!(error = %e, "admin connection error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_masked() {
+        assert_eq!(masked_session_id("0123456789ABCDEF.s1"), "012345….s1");
+        assert_eq!(masked_session_id("0123456789"), "012345…");
+    }
+}

@@ -1,0 +1,182 @@
+//! Command line of `clusterapp balancer`. Every limit is a named option with
+//! a default that matches (or is stricter than) httpd's.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::ajp::{DEFAULT_PACKET_SIZE, MAX_PACKET_SIZE, MIN_PACKET_SIZE};
+use super::member::{MemberSpec, MemberState};
+
+/// How a request without a usable sticky route picks its member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbMethod {
+    /// Round robin over ready members (httpd's byrequests with equal weights).
+    Byrequests,
+    /// The member with the fewest requests in flight.
+    Bybusyness,
+    /// The member that has moved the fewest bytes.
+    Bytraffic,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BalancerArgs {
+    /// Address the HTTP/1.1 front listens on.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "BALANCER_LISTEN")]
+    pub listen: SocketAddr,
+    /// Address of the admin server (/metrics, /healthz, /readyz, status page).
+    #[arg(long, default_value = "0.0.0.0:9090", env = "BALANCER_ADMIN_LISTEN")]
+    pub admin_listen: SocketAddr,
+
+    /// A static member `ROUTE=HOST:PORT` (repeatable).
+    #[arg(long = "member", value_name = "ROUTE=HOST:PORT", value_parser = parse_static_member)]
+    pub members: Vec<MemberSpec>,
+    /// A YAML file `members: [{route, address, state}]`, reloaded when it changes.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["members", "kubernetes_service"])]
+    pub members_file: Option<PathBuf>,
+    /// Members from the EndpointSlices of this Service; a member's route is its Pod name.
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "members")]
+    pub kubernetes_service: Option<String>,
+    /// Name of the AJP port in the EndpointSlices (a slice with one port uses that one).
+    #[arg(long, default_value = "ajp")]
+    pub kubernetes_port_name: String,
+
+    /// File holding the AJP connector's `secret` (required: the secret is always on).
+    #[arg(long, value_name = "FILE", env = "BALANCER_AJP_SECRET_FILE")]
+    pub ajp_secret_file: PathBuf,
+    /// AJP packet size; must equal the connector's `packetSize`.
+    #[arg(long, default_value_t = DEFAULT_PACKET_SIZE, value_parser = parse_packet_size)]
+    pub packet_size: usize,
+
+    /// Session cookie whose value carries the route after the first '.'.
+    #[arg(long, default_value = "JSESSIONID")]
+    pub sticky_cookie: String,
+    /// Path parameter carrying the session id (wins over the cookie).
+    #[arg(long, default_value = "jsessionid")]
+    pub sticky_path_param: String,
+    /// How new sessions (and requests without a route) pick a member.
+    #[arg(long, value_enum, default_value_t = LbMethod::Byrequests)]
+    pub method: LbMethod,
+    /// A sticky request whose member is unusable gets 503 instead of moving.
+    #[arg(long)]
+    pub no_failover: bool,
+
+    /// Connect timeout to a member; keeps the cost of a dead node low.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Longest wait for the next AJP packet from a member (httpd's `timeout`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+    /// An idle pooled connection older than this is checked with CPing before reuse.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub cping_after_idle: Duration,
+    /// Longest wait for a CPong.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub cping_timeout: Duration,
+    /// Interval of active CPing health checks of every member.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// Connections per member (in use at once); further requests wait.
+    #[arg(long, default_value_t = 512)]
+    pub pool_max_per_member: usize,
+    /// Longest wait for a free connection slot of a member.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub pool_wait_timeout: Duration,
+
+    /// Client connections served at once; more are closed on accept.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Largest request head (request line and headers), bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    #[arg(long, default_value_t = 100)]
+    pub max_headers: usize,
+    /// Time a client has to send a complete request head (slowloris guard).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Largest request body in bytes; unlimited when unset (like httpd).
+    #[arg(long)]
+    pub max_body_bytes: Option<u64>,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// `ROUTE=HOST:PORT`.
+pub fn parse_static_member(s: &str) -> Result<MemberSpec, String> {
+    let (route, addr) = s.split_once('=').ok_or_else(|| format!("expected ROUTE=HOST:PORT, got {s:?}"))?;
+    if route.is_empty() || route.contains(['.', ';', ',', ' ']) {
+        return Err(format!("invalid route {route:?}"));
+    }
+    let address = resolve(addr)?;
+    Ok(MemberSpec { route: route.to_string(), address, state: MemberState::Ready })
+}
+
+/// Resolves `HOST:PORT` once (static and file members are not re-resolved).
+pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to nothing"))
+}
+
+fn parse_packet_size(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&n) {
+        return Err(format!("packet size must be within {MIN_PACKET_SIZE}..={MAX_PACKET_SIZE}"));
+    }
+    Ok(n)
+}
+
+/// `250ms`, `2s`, `1m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {s:?} (ms, s, m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn static_members() {
+        let m = parse_static_member("s1=127.0.0.1:8009").expect("parse");
+        assert_eq!(m.route, "s1");
+        assert_eq!(m.address, "127.0.0.1:8009".parse().expect("addr"));
+        assert!(parse_static_member("127.0.0.1:8009").is_err());
+        assert!(parse_static_member("a.b=127.0.0.1:8009").is_err(), "a route cannot contain the id separator");
+        assert!(parse_static_member("s1=nowhere").is_err());
+    }
+
+    #[test]
+    fn packet_sizes() {
+        assert!(parse_packet_size("8192").is_ok());
+        assert!(parse_packet_size("65536").is_ok());
+        assert!(parse_packet_size("4096").is_err());
+        assert!(parse_packet_size("65537").is_err());
+    }
+}

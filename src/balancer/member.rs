@@ -1,0 +1,272 @@
+//! Members (Tomcat nodes) and the member table the router reads.
+//!
+//! The table is an immutable snapshot behind an `Arc`, swapped whole when
+//! membership changes: a request holds the snapshot (and its member) it
+//! started with, so a change never disturbs a request in flight. A member
+//! that stays (same route and address) keeps its `Arc`, pool and counters.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::metrics::{MemberMetrics, Metrics};
+use super::pool::Pool;
+
+/// What membership says about a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Takes sticky and new sessions.
+    #[default]
+    Ready,
+    /// Serves its sticky sessions, gets no new ones (httpd's `N`).
+    Draining,
+    /// Gets nothing; its sticky sessions fail over.
+    Down,
+}
+
+impl MemberState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => MemberState::Ready,
+            1 => MemberState::Draining,
+            _ => MemberState::Down,
+        }
+    }
+    fn as_u8(self) -> u8 {
+        match self {
+            MemberState::Ready => 0,
+            MemberState::Draining => 1,
+            MemberState::Down => 2,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Ready => "ready",
+            MemberState::Draining => "draining",
+            MemberState::Down => "down",
+        }
+    }
+}
+
+/// A member as a membership source describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSpec {
+    pub route: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub state: MemberState,
+}
+
+/// How many recently created session ids the status page shows per member.
+const RECENT_SESSIONS: usize = 8;
+
+pub struct Member {
+    pub route: String,
+    pub address: SocketAddr,
+    state: AtomicU8,
+    /// Cleared by a failed connect or health check, set by a passing one.
+    healthy: AtomicBool,
+    pub pool: Pool,
+    pub metrics: MemberMetrics,
+    /// Bytes moved in both directions, for `bytraffic`.
+    pub traffic_bytes: AtomicU64,
+    pub new_sessions: AtomicU64,
+    recent_sessions: Mutex<VecDeque<(String, u64)>>,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member").field("route", &self.route).field("address", &self.address).field("state", &self.state()).finish()
+    }
+}
+
+impl Member {
+    pub fn new(spec: &MemberSpec, pool_max: usize, metrics: &Metrics) -> Self {
+        let member = Member {
+            route: spec.route.clone(),
+            address: spec.address,
+            state: AtomicU8::new(spec.state.as_u8()),
+            healthy: AtomicBool::new(true),
+            pool: Pool::new(pool_max),
+            metrics: metrics.for_member(&spec.route),
+            traffic_bytes: AtomicU64::new(0),
+            new_sessions: AtomicU64::new(0),
+            recent_sessions: Mutex::new(VecDeque::with_capacity(RECENT_SESSIONS)),
+        };
+        member.publish_state();
+        member
+    }
+
+    pub fn state(&self) -> MemberState {
+        MemberState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, state: MemberState) {
+        self.state.store(state.as_u8(), Ordering::Relaxed);
+        self.publish_state();
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Returns true when this call changed the health.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        if changed {
+            self.publish_state();
+        }
+        changed
+    }
+
+    /// May serve requests of sessions it already holds.
+    pub fn takes_sticky(&self) -> bool {
+        self.is_healthy() && matches!(self.state(), MemberState::Ready | MemberState::Draining)
+    }
+
+    /// May be given new sessions.
+    pub fn takes_new(&self) -> bool {
+        self.is_healthy() && self.state() == MemberState::Ready
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.metrics.in_flight.get()
+    }
+
+    fn publish_state(&self) {
+        let value = match (self.state(), self.is_healthy()) {
+            (_, false) | (MemberState::Down, _) => 0,
+            (MemberState::Draining, true) => 1,
+            (MemberState::Ready, true) => 2,
+        };
+        self.metrics.state.set(value);
+    }
+
+    pub fn record_new_session(&self, session_id: &str) {
+        self.new_sessions.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut recent = self.recent_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_SESSIONS {
+            recent.pop_front();
+        }
+        recent.push_back((session_id.to_string(), now));
+    }
+
+    pub fn recent_sessions(&self) -> Vec<(String, u64)> {
+        self.recent_sessions.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().cloned().collect()
+    }
+}
+
+/// One consistent view of all members.
+pub type MemberSnapshot = Arc<Vec<Arc<Member>>>;
+
+pub struct MemberTable {
+    current: RwLock<MemberSnapshot>,
+    /// Set once the membership source delivered its first member set.
+    synced: AtomicBool,
+    pool_max: usize,
+}
+
+impl MemberTable {
+    pub fn new(pool_max: usize) -> Self {
+        MemberTable { current: RwLock::new(Arc::new(Vec::new())), synced: AtomicBool::new(false), pool_max }
+    }
+
+    pub fn snapshot(&self) -> MemberSnapshot {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Replaces the member set atomically. Members whose route and address
+    /// are unchanged keep their identity; a changed state applies in place.
+    pub fn apply(&self, specs: &[MemberSpec], metrics: &Metrics) {
+        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let old = guard.clone();
+        let mut next: Vec<Arc<Member>> = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if next.iter().any(|m| m.route == spec.route) {
+                tracing::warn!(route = %spec.route, "duplicate route in member set; keeping the first");
+                continue;
+            }
+            match old.iter().find(|m| m.route == spec.route && m.address == spec.address) {
+                Some(existing) => {
+                    if existing.state() != spec.state {
+                        tracing::info!(route = %spec.route, from = existing.state().as_str(), to = spec.state.as_str(), "member state changed");
+                        existing.set_state(spec.state);
+                    }
+                    next.push(existing.clone());
+                }
+                None => {
+                    tracing::info!(route = %spec.route, address = %spec.address, state = spec.state.as_str(), "member added");
+                    next.push(Arc::new(Member::new(spec, self.pool_max, metrics)));
+                }
+            }
+        }
+        for gone in old.iter().filter(|m| !next.iter().any(|n| Arc::ptr_eq(n, m))) {
+            tracing::info!(route = %gone.route, address = %gone.address, "member removed");
+            gone.metrics.state.set(0);
+        }
+        *guard = Arc::new(next);
+        drop(guard);
+        metrics.membership_updates.inc();
+        self.synced.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(route: &str, port: u16, state: MemberState) -> MemberSpec {
+        MemberSpec { route: route.into(), address: SocketAddr::from(([127, 0, 0, 1], port)), state }
+    }
+
+    #[test]
+    fn apply_keeps_identity_and_updates_state() {
+        let metrics = Metrics::new();
+        let table = MemberTable::new(4);
+        assert!(!table.is_synced());
+        table.apply(&[spec("s1", 1, MemberState::Ready), spec("s2", 2, MemberState::Ready)], &metrics);
+        let first = table.snapshot();
+        table.apply(&[spec("s1", 1, MemberState::Draining), spec("s2", 3, MemberState::Ready)], &metrics);
+        let second = table.snapshot();
+        assert!(table.is_synced());
+        assert!(Arc::ptr_eq(&first[0], &second[0]), "s1 kept its pool and counters");
+        assert_eq!(second[0].state(), MemberState::Draining);
+        assert!(!Arc::ptr_eq(&first[1], &second[1]), "s2 moved: a new member");
+        assert_eq!(first[1].address.port(), 2, "the old snapshot is untouched");
+        assert!(second[0].takes_sticky() && !second[0].takes_new());
+    }
+
+    #[test]
+    fn health_gates_use() {
+        let metrics = Metrics::new();
+        let m = Member::new(&spec("s1", 1, MemberState::Ready), 4, &metrics);
+        assert!(m.takes_new());
+        assert!(m.set_healthy(false));
+        assert!(!m.set_healthy(false), "no change reported twice");
+        assert!(!m.takes_new() && !m.takes_sticky());
+        assert_eq!(m.metrics.state.get(), 0);
+    }
+
+    #[test]
+    fn recent_sessions_are_bounded() {
+        let metrics = Metrics::new();
+        let m = Member::new(&spec("s1", 1, MemberState::Ready), 4, &metrics);
+        for i in 0..20 {
+            m.record_new_session(&format!("id{i}.s1"));
+        }
+        let recent = m.recent_sessions();
+        assert_eq!(recent.len(), RECENT_SESSIONS);
+        assert_eq!(recent[0].0, "id19.s1", "newest first");
+        assert_eq!(m.new_sessions.load(Ordering::Relaxed), 20);
+    }
+}

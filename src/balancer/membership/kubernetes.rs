@@ -1,0 +1,201 @@
+//! Members from the EndpointSlices of a (headless) Service.
+//!
+//! A member's route is its Pod name (the StatefulSet gives pod `shop-N` the
+//! jvmRoute `shop-N`). Endpoint conditions map to member states:
+//! `ready` → ready; `serving` and `terminating` → draining (keeps its
+//! sticky sessions while the pod's preStop wait runs); otherwise down.
+//! The watch delivers changes as they happen; each one rebuilds the whole
+//! member set from all slices and swaps it in.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+
+use crate::balancer::member::{MemberSpec, MemberState};
+use crate::balancer::proxy::Balancer;
+
+/// Label the EndpointSlice controller puts on the slices of a Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+fn state_rank(state: MemberState) -> u8 {
+    match state {
+        MemberState::Ready => 0,
+        MemberState::Draining => 1,
+        MemberState::Down => 2,
+    }
+}
+
+/// The member set described by `slices` (any order).
+pub fn members_from_slices<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, port_name: &str) -> Vec<MemberSpec> {
+    let mut by_route: BTreeMap<String, MemberSpec> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            continue;
+        }
+        let ports = slice.ports.as_deref().unwrap_or_default();
+        let port = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(port_name))
+            .or(if ports.len() == 1 { ports.first() } else { None })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok());
+        let Some(port) = port else {
+            tracing::debug!(slice = %slice.name_any(), port_name, "slice has no matching port");
+            continue;
+        };
+        for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
+            let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let route = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone())
+                .or_else(|| endpoint.hostname.clone());
+            let Some(route) = route else { continue };
+            let conditions = endpoint.conditions.as_ref();
+            // Per the API, an unknown `ready` is to be read as ready, an
+            // unknown `serving` as `ready`, an unknown `terminating` as false.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let state = if ready && !terminating {
+                MemberState::Ready
+            } else if serving && terminating {
+                MemberState::Draining
+            } else {
+                MemberState::Down
+            };
+            let spec = MemberSpec { route: route.clone(), address: SocketAddr::new(ip, port), state };
+            // The same pod can briefly appear in two slices; keep its best view.
+            match by_route.get(&route) {
+                Some(existing) if state_rank(existing.state) <= state_rank(state) => {}
+                _ => {
+                    by_route.insert(route, spec);
+                }
+            }
+        }
+    }
+    by_route.into_values().collect()
+}
+
+/// Watches the Service's slices until shutdown.
+pub async fn watch_endpoint_slices(
+    bal: Arc<Balancer>,
+    client: Client,
+    namespace: String,
+    service: String,
+    port_name: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, EndpointSlice>> = None;
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        let Some(event) = event else { return };
+        let changed = match event {
+            Ok(Event::Init) => {
+                relisting = Some(BTreeMap::new());
+                false
+            }
+            Ok(Event::InitApply(slice)) => {
+                relisting.get_or_insert_with(BTreeMap::new).insert(slice.name_any(), slice);
+                false
+            }
+            Ok(Event::InitDone) => {
+                slices = relisting.take().unwrap_or_default();
+                true
+            }
+            Ok(Event::Apply(slice)) => {
+                slices.insert(slice.name_any(), slice);
+                true
+            }
+            Ok(Event::Delete(slice)) => {
+                slices.remove(&slice.name_any());
+                true
+            }
+            Err(e) => {
+                // The watcher retries with backoff; the current members stay.
+                tracing::warn!(error = %e, %namespace, %service, "EndpointSlice watch error");
+                false
+            }
+        };
+        if changed {
+            let members = members_from_slices(slices.values(), &port_name);
+            tracing::info!(%namespace, %service, members = members.len(), "EndpointSlices changed");
+            bal.members.apply(&members, &bal.metrics);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        serde_yaml_ng::from_str(yaml).expect("slice yaml")
+    }
+
+    #[test]
+    fn conditions_map_to_states() {
+        let s = slice(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: shop-abc, labels: { kubernetes.io/service-name: shop } }
+addressType: IPv4
+ports: [ { name: http, port: 8080 }, { name: ajp, port: 8009 } ]
+endpoints:
+  - addresses: ["10.0.0.1"]
+    conditions: { ready: true, serving: true, terminating: false }
+    targetRef: { kind: Pod, name: shop-0 }
+  - addresses: ["10.0.0.2"]
+    conditions: { ready: false, serving: true, terminating: true }
+    targetRef: { kind: Pod, name: shop-1 }
+  - addresses: ["10.0.0.3"]
+    conditions: { ready: false, serving: false, terminating: false }
+    targetRef: { kind: Pod, name: shop-2 }
+  - addresses: ["10.0.0.4"]
+    hostname: shop-3
+"#,
+        );
+        let m = members_from_slices([&s], "ajp");
+        let view: Vec<_> = m.iter().map(|m| (m.route.as_str(), m.address.to_string(), m.state)).collect();
+        assert_eq!(
+            view,
+            [
+                ("shop-0", "10.0.0.1:8009".to_string(), MemberState::Ready),
+                ("shop-1", "10.0.0.2:8009".to_string(), MemberState::Draining),
+                ("shop-2", "10.0.0.3:8009".to_string(), MemberState::Down),
+                ("shop-3", "10.0.0.4:8009".to_string(), MemberState::Ready),
+            ]
+        );
+        assert!(members_from_slices([&s], "nope").is_empty(), "no port of that name among several");
+    }
+
+    #[test]
+    fn duplicates_keep_the_best_state() {
+        let a = slice(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nports: [{port: 8009}]\nendpoints: [{addresses: [\"10.0.0.1\"], conditions: {ready: false, serving: false}, targetRef: {kind: Pod, name: p}}]\n",
+        );
+        let b = slice(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: b}\naddressType: IPv4\nports: [{port: 8009}]\nendpoints: [{addresses: [\"10.0.0.1\"], conditions: {ready: true}, targetRef: {kind: Pod, name: p}}]\n",
+        );
+        let m = members_from_slices([&a, &b], "ajp");
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].state, MemberState::Ready, "the single port is used even without the name");
+    }
+}

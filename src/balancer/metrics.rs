@@ -1,0 +1,196 @@
+//! Prometheus metrics of the balancer (`/metrics` on the admin port).
+//!
+//! Per-member series are looked up once when a member is created and kept in
+//! [`MemberMetrics`], so serving a request touches only atomics.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum StatusClass {
+    Informational,
+    Success,
+    Redirection,
+    ClientError,
+    ServerError,
+}
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            StatusClass::Informational => "1xx",
+            StatusClass::Success => "2xx",
+            StatusClass::Redirection => "3xx",
+            StatusClass::ClientError => "4xx",
+            StatusClass::ServerError => "5xx",
+        })
+    }
+}
+
+impl StatusClass {
+    pub const ALL: [StatusClass; 5] =
+        [StatusClass::Informational, StatusClass::Success, StatusClass::Redirection, StatusClass::ClientError, StatusClass::ServerError];
+
+    pub fn index_of(status: u16) -> usize {
+        ((status / 100).clamp(1, 5) - 1) as usize
+    }
+}
+
+/// Why a request to a member failed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum BackendErrorKind {
+    /// Connect refused or timed out.
+    Connect,
+    /// A packet broke the protocol.
+    Protocol,
+    /// No packet within the backend timeout.
+    Timeout,
+    /// The connection failed mid-exchange.
+    Io,
+}
+
+/// Why the balancer answered a request itself.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RejectReason {
+    /// Request smuggling shapes (CL + TE, duplicate CL, bad chunked).
+    BadFraming,
+    /// Body larger than `--max-body-bytes`.
+    BodyTooLarge,
+    /// Head does not fit an AJP packet.
+    HeadTooLarge,
+    /// No member can take it (503).
+    NoMember,
+    /// Sent to a member, failed before a response head (502).
+    BadGateway,
+    /// Waited too long for a member (504).
+    GatewayTimeout,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub member: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub member: String,
+    pub status: StatusClass,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub member: String,
+    pub kind: BackendErrorKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub reason: RejectReason,
+}
+
+type HistogramFamily = Family<MemberLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 250 µs … ~8 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    backend_errors: Family<ErrorLabels, Counter>,
+    in_flight: Family<MemberLabels, Gauge>,
+    /// 2 ready, 1 draining, 0 down or failing health checks.
+    member_state: Family<MemberLabels, Gauge>,
+    rejected: Family<RejectLabels, Counter>,
+    pub failovers: Counter,
+    pub client_connections: Gauge,
+    pub membership_updates: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("clusterapp_balancer");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let backend_errors = Family::<ErrorLabels, Counter>::default();
+        let in_flight = Family::<MemberLabels, Gauge>::default();
+        let member_state = Family::<MemberLabels, Gauge>::default();
+        let rejected = Family::<RejectLabels, Counter>::default();
+        let failovers = Counter::default();
+        let client_connections = Gauge::default();
+        let membership_updates = Counter::default();
+        registry.register("requests", "Requests proxied, by member and status class", requests.clone());
+        registry.register("response_head_seconds", "Time from request to response head, by member", latency.clone());
+        registry.register("backend_errors", "Failed exchanges with a member, by kind", backend_errors.clone());
+        registry.register("in_flight", "Requests in flight, by member", in_flight.clone());
+        registry.register("member_state", "2 ready, 1 draining, 0 down", member_state.clone());
+        registry.register("rejected", "Requests answered by the balancer itself, by reason", rejected.clone());
+        registry.register("failovers", "Sticky requests moved off their unusable member", failovers.clone());
+        registry.register("client_connections", "Open client connections", client_connections.clone());
+        registry.register("membership_updates", "Member sets applied", membership_updates.clone());
+        Metrics { registry, requests, latency, backend_errors, in_flight, member_state, rejected, failovers, client_connections, membership_updates }
+    }
+
+    pub fn for_member(&self, route: &str) -> MemberMetrics {
+        let member = MemberLabels { member: route.to_string() };
+        let requests = StatusClass::ALL.map(|status| self.requests.get_or_create(&RequestLabels { member: route.to_string(), status }).clone());
+        let errors = [BackendErrorKind::Connect, BackendErrorKind::Protocol, BackendErrorKind::Timeout, BackendErrorKind::Io]
+            .map(|kind| self.backend_errors.get_or_create(&ErrorLabels { member: route.to_string(), kind }).clone());
+        MemberMetrics {
+            requests,
+            errors,
+            latency: self.latency.get_or_create(&member).clone(),
+            in_flight: self.in_flight.get_or_create(&member).clone(),
+            state: self.member_state.get_or_create(&member).clone(),
+        }
+    }
+
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Handles to one member's series.
+#[derive(Clone)]
+pub struct MemberMetrics {
+    requests: [Counter; 5],
+    errors: [Counter; 4],
+    pub latency: Histogram,
+    pub in_flight: Gauge,
+    pub state: Gauge,
+}
+
+impl MemberMetrics {
+    pub fn count_response(&self, status: u16) {
+        self.requests[StatusClass::index_of(status)].inc();
+    }
+    pub fn requests_total(&self) -> u64 {
+        self.requests.iter().map(|c| c.get()).sum()
+    }
+    pub fn count_error(&self, kind: BackendErrorKind) {
+        self.errors[kind as usize].inc();
+    }
+    pub fn errors_total(&self) -> u64 {
+        self.errors.iter().map(|c| c.get()).sum()
+    }
+}

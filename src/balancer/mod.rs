@@ -1,0 +1,174 @@
+//! `clusterapp balancer`: HTTP/1.1 in front, AJP/1.3 to the Tomcat nodes,
+//! sticky by jvmRoute, with live membership, draining and failover.
+//!
+//! Module map: [`ajp`] codec · [`pool`] backend connections · [`routing`]
+//! sticky/new-session choice · [`member`] member table · [`membership`]
+//! sources (static, file, Kubernetes) · [`health`] CPing checks ·
+//! [`proxy`] the request exchange · [`front`] client server · [`admin`]
+//! metrics, probes and status page · [`config`] command line.
+
+pub mod admin;
+pub mod ajp;
+pub mod config;
+pub mod front;
+pub mod health;
+pub mod member;
+pub mod membership;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod routing;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{BalancerArgs, LbMethod};
+use membership::{MembershipError, MembershipSource};
+use pool::PoolSettings;
+use proxy::{AjpSecret, Balancer, ProxySettings};
+use routing::Router;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BalancerError {
+    #[error("reading the AJP secret file {path}: {source}")]
+    SecretFile { path: PathBuf, source: std::io::Error },
+    #[error("the AJP secret file {0} is empty; the secret is required")]
+    EmptySecret(PathBuf),
+    #[error("no members: give --member, --members-file or --kubernetes-service")]
+    NoMemberSource,
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("binding {what} {address}: {source}")]
+    Bind { what: &'static str, address: std::net::SocketAddr, source: std::io::Error },
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("starting the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+fn read_secret(path: &PathBuf) -> Result<AjpSecret, BalancerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| BalancerError::SecretFile { path: path.clone(), source })?;
+    // Files written by `echo` or mounted from Secrets may end in a newline
+    // that is not part of the secret.
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        return Err(BalancerError::EmptySecret(path.clone()));
+    }
+    Ok(AjpSecret::new(secret.to_string()))
+}
+
+fn membership_source(args: &BalancerArgs) -> Result<MembershipSource, BalancerError> {
+    if let Some(service) = &args.kubernetes_service {
+        let (namespace, service) = membership::parse_service_ref(service)?;
+        return Ok(MembershipSource::Kubernetes { namespace, service, port_name: args.kubernetes_port_name.clone() });
+    }
+    if let Some(path) = &args.members_file {
+        // Fail fast on a file that is broken at start; later breakage keeps
+        // the last good member set.
+        membership::file::load(path)?;
+        return Ok(MembershipSource::File(path.clone()));
+    }
+    if args.members.is_empty() {
+        return Err(BalancerError::NoMemberSource);
+    }
+    Ok(MembershipSource::Static(args.members.clone()))
+}
+
+/// Builds the shared state from the command line.
+pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
+    let secret = read_secret(&args.ajp_secret_file)?;
+    let settings = ProxySettings {
+        packet_size: args.packet_size,
+        sticky_cookie: args.sticky_cookie.clone(),
+        sticky_path_param: args.sticky_path_param.clone(),
+        backend_timeout: args.backend_timeout,
+        max_body_bytes: args.max_body_bytes,
+    };
+    let pool_settings = PoolSettings {
+        packet_size: args.packet_size,
+        connect_timeout: args.connect_timeout,
+        cping_after_idle: args.cping_after_idle,
+        cping_timeout: args.cping_timeout,
+        slot_wait: args.pool_wait_timeout,
+    };
+    let router = Router::new(args.method, !args.no_failover);
+    Ok(Arc::new(Balancer::new(settings, pool_settings, args.pool_max_per_member, router, secret)))
+}
+
+/// Runs the balancer until SIGTERM/SIGINT and the graceful drain after it.
+pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
+    let source = membership_source(&args)?;
+    let bal = build(&args)?;
+    let front = TcpListener::bind(args.listen).await.map_err(|source| BalancerError::Bind { what: "--listen", address: args.listen, source })?;
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|source| BalancerError::Bind { what: "--admin-listen", address: args.admin_listen, source })?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    match source {
+        MembershipSource::Static(members) => bal.members.apply(&members, &bal.metrics),
+        MembershipSource::File(path) => {
+            tokio::spawn(membership::file::watch_file(bal.clone(), path, shutdown_rx.clone()));
+        }
+        MembershipSource::Kubernetes { namespace, service, port_name } => {
+            let client = kube::Client::try_default().await.map_err(MembershipError::from)?;
+            tokio::spawn(membership::kubernetes::watch_endpoint_slices(
+                bal.clone(),
+                client,
+                namespace,
+                service,
+                port_name,
+                shutdown_rx.clone(),
+            ));
+        }
+    }
+    tokio::spawn(health::run_health_checks(bal.clone(), args.health_interval, shutdown_rx.clone()));
+    tokio::spawn(admin::serve_admin(bal.clone(), admin, shutdown_rx.clone()));
+
+    let front_settings = front::FrontSettings {
+        max_connections: args.max_connections,
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        header_read_timeout: args.header_read_timeout,
+        shutdown_grace: args.shutdown_grace,
+    };
+    tracing::info!(listen = %args.listen, admin = %args.admin_listen, method = ?args.method, failover = !args.no_failover, "balancer started");
+    let server = tokio::spawn(front::serve_front(bal.clone(), front, front_settings, shutdown_rx));
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(BalancerError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(BalancerError::Signals)?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    bal.begin_shutdown();
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    tracing::info!("balancer stopped");
+    Ok(())
+}
+
+/// Entry point for `clusterapp balancer`.
+pub fn main(args: BalancerArgs) -> ExitCode {
+    crate::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %BalancerError::Runtime(e), "balancer failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "balancer failed");
+            eprintln!("clusterapp balancer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Persistent AJP connections, pooled per member.
+//!
+//! A connection goes back to the pool only after `END_RESPONSE` with
+//! reuse = 1. Before reuse it is checked: a peer that closed it (Tomcat
+//! restarted, node killed) is noticed without a round trip by a
+//! non-blocking read; one idle longer than `cping_after_idle` is also asked
+//! for a CPong (httpd's `ping=`), so a request is never written into a dead
+//! connection that could then not be retried.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::ajp::{self, ContainerPacket, DecodeError, PACKET_HEADER_LEN};
+
+/// A failed exchange on a backend connection. The connection is dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("invalid AJP packet: {0}")]
+    Protocol(#[from] DecodeError),
+    #[error("unexpected {0} packet")]
+    Unexpected(&'static str),
+    #[error("member closed the connection")]
+    Closed,
+    #[error("no packet within the timeout")]
+    Timeout,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error("no free connection slot within {0:?}")]
+    SlotTimeout(Duration),
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub packet_size: usize,
+    pub connect_timeout: Duration,
+    pub cping_after_idle: Duration,
+    pub cping_timeout: Duration,
+    pub slot_wait: Duration,
+}
+
+pub struct AjpConnection {
+    stream: TcpStream,
+    read_buf: BytesMut,
+    /// Outgoing packets are encoded here and written with one call.
+    pub write_buf: BytesMut,
+    packet_size: usize,
+    idle_since: Instant,
+}
+
+impl AjpConnection {
+    pub async fn connect(address: SocketAddr, settings: &PoolSettings) -> Result<Self, AcquireError> {
+        let stream = match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(address)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(AcquireError::Connect(e)),
+            Err(_) => return Err(AcquireError::ConnectTimeout(settings.connect_timeout)),
+        };
+        // Packets are small and request/response; Nagle would only add delay.
+        stream.set_nodelay(true).map_err(AcquireError::Connect)?;
+        Ok(AjpConnection {
+            stream,
+            read_buf: BytesMut::with_capacity(settings.packet_size),
+            write_buf: BytesMut::with_capacity(settings.packet_size),
+            packet_size: settings.packet_size,
+            idle_since: Instant::now(),
+        })
+    }
+
+    pub fn packet_size(&self) -> usize {
+        self.packet_size
+    }
+
+    /// Writes and clears `write_buf`.
+    pub async fn send(&mut self) -> io::Result<()> {
+        let result = self.stream.write_all(&self.write_buf).await;
+        self.write_buf.clear();
+        result
+    }
+
+    /// Reads one container packet and returns its payload (header stripped).
+    pub async fn read_packet(&mut self) -> Result<Bytes, ConnError> {
+        self.fill(PACKET_HEADER_LEN).await?;
+        let header = [self.read_buf[0], self.read_buf[1], self.read_buf[2], self.read_buf[3]];
+        let header = ajp::decode_packet_header(header, self.packet_size)?;
+        let total = PACKET_HEADER_LEN + header.payload_len;
+        self.fill(total).await?;
+        let mut packet = self.read_buf.split_to(total);
+        packet.advance(PACKET_HEADER_LEN);
+        Ok(packet.freeze())
+    }
+
+    async fn fill(&mut self, needed: usize) -> Result<(), ConnError> {
+        while self.read_buf.len() < needed {
+            self.read_buf.reserve(self.packet_size);
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ConnError::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    /// CPing → CPong within `timeout`.
+    pub async fn cping(&mut self, timeout: Duration) -> Result<(), ConnError> {
+        self.write_buf.clear();
+        ajp::encode_cping(&mut self.write_buf);
+        let exchange = async {
+            self.send().await?;
+            let payload = self.read_packet().await?;
+            match ajp::decode_container_packet(&payload)? {
+                ContainerPacket::CPong => Ok(()),
+                _ => Err(ConnError::Unexpected("non-CPong reply to CPing")),
+            }
+        };
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| ConnError::Timeout)?
+    }
+
+    /// True when the member closed the connection (or sent something
+    /// unsolicited) while it sat idle. Costs one non-blocking syscall.
+    fn closed_while_idle(&self) -> bool {
+        if !self.read_buf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            _ => true,
+        }
+    }
+}
+
+/// The connections of one member.
+pub struct Pool {
+    idle: Mutex<Vec<AjpConnection>>,
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+/// A connection checked out of a pool, holding one of the member's slots.
+pub struct Lease {
+    pub conn: AjpConnection,
+    pub reused: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Pool {
+    pub fn new(max: usize) -> Self {
+        Pool { idle: Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(max)), max }
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn busy_count(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
+    fn pop_idle(&self) -> Option<AjpConnection> {
+        // Most recently used first: it is the least likely to have gone stale.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    /// An idle connection that passed its checks, or a new one.
+    pub async fn acquire(&self, address: SocketAddr, settings: &PoolSettings) -> Result<Lease, AcquireError> {
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => tokio::time::timeout(settings.slot_wait, self.slots.clone().acquire_owned())
+                .await
+                .map_err(|_| AcquireError::SlotTimeout(settings.slot_wait))?
+                .map_err(|_| AcquireError::SlotTimeout(settings.slot_wait))?,
+        };
+        while let Some(mut conn) = self.pop_idle() {
+            if conn.closed_while_idle() {
+                tracing::debug!(%address, "dropping pooled connection the member closed");
+                continue;
+            }
+            if conn.idle_since.elapsed() >= settings.cping_after_idle {
+                if let Err(e) = conn.cping(settings.cping_timeout).await {
+                    tracing::debug!(%address, error = %e, "dropping pooled connection that failed CPing");
+                    continue;
+                }
+            }
+            return Ok(Lease { conn, reused: true, _slot: slot });
+        }
+        let conn = AjpConnection::connect(address, settings).await?;
+        Ok(Lease { conn, reused: false, _slot: slot })
+    }
+
+    /// Returns a connection after `END_RESPONSE` with reuse = 1.
+    pub fn release(&self, lease: Lease) {
+        let mut conn = lease.conn;
+        if !conn.read_buf.is_empty() {
+            // Bytes after END_RESPONSE: the stream is out of step; never reuse.
+            return;
+        }
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max {
+            idle.push(conn);
+        }
+    }
+
+    /// Puts a connection opened by the health checker into the pool.
+    pub fn offer(&self, mut conn: AjpConnection) {
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max {
+            idle.push(conn);
+        }
+    }
+
+    /// Takes an idle connection for the health checker, if any.
+    pub fn take_idle(&self) -> Option<AjpConnection> {
+        self.pop_idle()
+    }
+
+    /// Drops every idle connection (the member failed).
+    pub fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}

@@ -1,0 +1,658 @@
+//! One client request → one AJP exchange with a member.
+//!
+//! The exchange is a small state machine driven by what the container asks
+//! for: after `FORWARD_REQUEST` (plus the first body packet when the length
+//! is known and non-zero, as Tomcat expects) the container sends
+//! `GET_BODY_CHUNK` whenever it wants more of the body, `SEND_HEADERS` once,
+//! `SEND_BODY_CHUNK`s, and finally `END_RESPONSE`. Body requests may come
+//! before or after the response head, so both phases answer them.
+//!
+//! Retry rule: a request is retried (another connection or member) only
+//! while none of it can have been processed by Tomcat — a failed connect,
+//! or a failed write of the first packet (Tomcat acts on complete packets
+//! only). After that a failure is a 502, never a replay.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use http::header::{CONTENT_LENGTH, HeaderValue, RETRY_AFTER, SET_COOKIE, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest};
+use super::member::{Member, MemberTable};
+use super::metrics::{BackendErrorKind, Metrics, RejectReason};
+use super::pool::{AcquireError, ConnError, Lease, PoolSettings};
+use super::routing::{Choice, NoMember, Router, member_key, route_of_request};
+
+/// The connector secret. Its `Debug` never shows the value.
+pub struct AjpSecret(String);
+
+impl AjpSecret {
+    pub fn new(secret: String) -> Self {
+        AjpSecret(secret)
+    }
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AjpSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AjpSecret(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub packet_size: usize,
+    pub sticky_cookie: String,
+    pub sticky_path_param: String,
+    pub backend_timeout: Duration,
+    pub max_body_bytes: Option<u64>,
+}
+
+/// Shared state of the balancer.
+pub struct Balancer {
+    pub settings: ProxySettings,
+    pub pool_settings: PoolSettings,
+    pub members: MemberTable,
+    pub router: Router,
+    pub metrics: Metrics,
+    secret: AjpSecret,
+    shutting_down: AtomicBool,
+}
+
+impl Balancer {
+    pub fn new(settings: ProxySettings, pool_settings: PoolSettings, pool_max: usize, router: Router, secret: AjpSecret) -> Self {
+        Balancer {
+            settings,
+            pool_settings,
+            members: MemberTable::new(pool_max),
+            router,
+            metrics: Metrics::new(),
+            secret,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Marks a member failed after a connect error (passive health).
+    pub fn mark_failed(&self, member: &Member, why: &dyn std::fmt::Display) {
+        member.pool.clear();
+        if member.set_healthy(false) {
+            tracing::warn!(route = %member.route, address = %member.address, error = %why, "member marked failed");
+        }
+    }
+}
+
+/// Facts of the client connection, formatted once per connection.
+#[derive(Debug)]
+pub struct ClientConn {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    remote_ip: String,
+    local_ip: String,
+    pub is_tls: bool,
+}
+
+impl ClientConn {
+    pub fn new(remote: SocketAddr, local: SocketAddr, is_tls: bool) -> Self {
+        ClientConn { remote, local, remote_ip: remote.ip().to_string(), local_ip: local.ip().to_string(), is_tls }
+    }
+}
+
+/// A request the balancer answers itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("bad request framing: {0}")]
+    BadFraming(&'static str),
+    #[error("request body larger than the limit")]
+    BodyTooLarge,
+    #[error("request head does not fit an AJP packet: {0}")]
+    HeadTooLarge(EncodeError),
+    #[error("no usable member: {0:?}")]
+    NoMember(NoMember),
+    #[error("no connection slot of member {0}")]
+    PoolExhausted(String),
+    #[error("member {route}: {error}")]
+    BadGateway { route: String, error: ConnError },
+    #[error("member {0} did not answer in time")]
+    GatewayTimeout(String),
+    #[error("client body: {0}")]
+    ClientBody(hyper::Error),
+}
+
+impl Rejection {
+    fn into_response(self, metrics: &Metrics) -> Response<ProxyBody> {
+        let (status, reason, close) = match &self {
+            Rejection::BadFraming(_) | Rejection::ClientBody(_) => (StatusCode::BAD_REQUEST, RejectReason::BadFraming, true),
+            Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, RejectReason::BodyTooLarge, true),
+            Rejection::HeadTooLarge(_) => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, RejectReason::HeadTooLarge, false),
+            Rejection::NoMember(_) | Rejection::PoolExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, RejectReason::NoMember, false),
+            Rejection::BadGateway { .. } => (StatusCode::BAD_GATEWAY, RejectReason::BadGateway, false),
+            Rejection::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, RejectReason::GatewayTimeout, false),
+        };
+        metrics.reject(reason);
+        match status {
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => {
+                tracing::warn!(status = status.as_u16(), error = %self, "request failed")
+            }
+            _ => tracing::info!(status = status.as_u16(), error = %self, "request rejected"),
+        }
+        let text = status.canonical_reason().unwrap_or("error");
+        let mut response = Response::new(ProxyBody::full(Bytes::from(format!("{} {text}\n", status.as_u16()))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if close {
+            // The rest of this connection's bytes cannot be trusted.
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// hyper service entry point.
+pub async fn handle(bal: Arc<Balancer>, client: Arc<ClientConn>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(match proxy(&bal, &client, req).await {
+        Ok(response) => response,
+        Err(rejection) => rejection.into_response(&bal.metrics),
+    })
+}
+
+/// Refuses the framing shapes used for request smuggling. hyper already
+/// refuses malformed lengths and chunk syntax; these shapes it would accept.
+pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let content_length = lengths.next();
+    if lengths.next().is_some() {
+        return Err(Rejection::BadFraming("duplicate Content-Length"));
+    }
+    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(te) = encodings.next() {
+        if content_length.is_some() {
+            return Err(Rejection::BadFraming("Content-Length with Transfer-Encoding"));
+        }
+        if encodings.next().is_some() || !te.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(Rejection::BadFraming("Transfer-Encoding other than a single chunked"));
+        }
+        return Ok(None);
+    }
+    match content_length {
+        None => Ok(Some(0)),
+        Some(v) => {
+            let text = v.to_str().map_err(|_| Rejection::BadFraming("invalid Content-Length"))?;
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Rejection::BadFraming("invalid Content-Length"));
+            }
+            text.parse::<u64>().map(Some).map_err(|_| Rejection::BadFraming("invalid Content-Length"))
+        }
+    }
+}
+
+/// The client's request body, handed out in AJP-sized pieces.
+struct RequestBody {
+    incoming: Option<Incoming>,
+    leftover: Bytes,
+    received: u64,
+    limit: Option<u64>,
+}
+
+impl RequestBody {
+    async fn next_piece(&mut self, max: usize) -> Result<Option<Bytes>, Rejection> {
+        while self.leftover.is_empty() {
+            let Some(incoming) = self.incoming.as_mut() else { return Ok(None) };
+            match incoming.frame().await {
+                None => {
+                    self.incoming = None;
+                    return Ok(None);
+                }
+                Some(Err(e)) => {
+                    self.incoming = None;
+                    return Err(Rejection::ClientBody(e));
+                }
+                Some(Ok(frame)) => {
+                    // Trailers have no AJP form; they are dropped like httpd does.
+                    if let Ok(data) = frame.into_data() {
+                        self.received += data.len() as u64;
+                        if self.limit.is_some_and(|limit| self.received > limit) {
+                            self.incoming = None;
+                            return Err(Rejection::BodyTooLarge);
+                        }
+                        self.leftover = data;
+                    }
+                }
+            }
+        }
+        let n = max.min(self.leftover.len());
+        Ok(Some(self.leftover.split_to(n)))
+    }
+}
+
+/// Counts a request in flight on a member for as long as it lives.
+struct InFlight(Arc<Member>);
+
+impl InFlight {
+    fn new(member: Arc<Member>) -> Self {
+        member.metrics.in_flight.inc();
+        InFlight(member)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+/// What went wrong mid-exchange: the member's side or the client's.
+enum ExchangeError {
+    Backend(ConnError),
+    Client(Rejection),
+}
+
+impl From<ConnError> for ExchangeError {
+    fn from(e: ConnError) -> Self {
+        ExchangeError::Backend(e)
+    }
+}
+
+/// A connection in use by one request, with what the exchange needs.
+struct Exchange {
+    bal: Arc<Balancer>,
+    member: Arc<Member>,
+    lease: Option<Lease>,
+    body: RequestBody,
+    _in_flight: InFlight,
+}
+
+impl Exchange {
+    fn lease(&mut self) -> Result<&mut Lease, ConnError> {
+        self.lease.as_mut().ok_or(ConnError::Closed)
+    }
+
+    async fn read_packet(&mut self) -> Result<Bytes, ExchangeError> {
+        let timeout = self.bal.settings.backend_timeout;
+        let lease = self.lease()?;
+        match tokio::time::timeout(timeout, lease.conn.read_packet()).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ConnError::Timeout.into()),
+        }
+    }
+
+    /// Answers `GET_BODY_CHUNK`: the next piece, or the empty packet at the end.
+    async fn send_body_piece(&mut self, requested: usize) -> Result<(), ExchangeError> {
+        let max = ajp::max_body_chunk_len(self.bal.settings.packet_size);
+        let want = if requested == 0 { max } else { requested.min(max) };
+        let piece = self.body.next_piece(want).await.map_err(ExchangeError::Client)?;
+        let lease = self.lease()?;
+        let sent = match &piece {
+            Some(data) => {
+                ajp::encode_body_chunk(&mut lease.conn.write_buf, data);
+                data.len()
+            }
+            None => {
+                ajp::encode_empty_body_chunk(&mut lease.conn.write_buf);
+                0
+            }
+        };
+        lease.conn.send().await.map_err(ConnError::Io)?;
+        self.member.traffic_bytes.fetch_add(sent as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads up to the response head.
+    async fn read_head(&mut self) -> Result<Bytes, ExchangeError> {
+        loop {
+            let payload = self.read_packet().await?;
+            match ajp::decode_container_packet(&payload).map_err(ConnError::Protocol)? {
+                ContainerPacket::SendHeaders => return Ok(payload),
+                ContainerPacket::GetBodyChunk { requested } => self.send_body_piece(requested).await?,
+                ContainerPacket::SendBodyChunk { .. } => return Err(ConnError::Unexpected("SEND_BODY_CHUNK before SEND_HEADERS").into()),
+                ContainerPacket::EndResponse { .. } => return Err(ConnError::Unexpected("END_RESPONSE before SEND_HEADERS").into()),
+                ContainerPacket::CPong => return Err(ConnError::Unexpected("CPONG during a request").into()),
+            }
+        }
+    }
+
+    /// The next response body bytes; `None` after `END_RESPONSE`.
+    async fn next_body_bytes(&mut self) -> Result<Option<Bytes>, ExchangeError> {
+        loop {
+            let payload = self.read_packet().await?;
+            match ajp::decode_container_packet(&payload).map_err(ConnError::Protocol)? {
+                ContainerPacket::SendBodyChunk { offset, len } => {
+                    if len == 0 {
+                        // Tomcat's explicit flush: every chunk is already written through.
+                        continue;
+                    }
+                    self.member.traffic_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    return Ok(Some(payload.slice(offset..offset + len)));
+                }
+                ContainerPacket::GetBodyChunk { requested } => self.send_body_piece(requested).await?,
+                ContainerPacket::EndResponse { reuse } => {
+                    if let Some(lease) = self.lease.take() {
+                        if reuse {
+                            self.member.pool.release(lease);
+                        }
+                    }
+                    return Ok(None);
+                }
+                ContainerPacket::SendHeaders => return Err(ConnError::Unexpected("second SEND_HEADERS").into()),
+                ContainerPacket::CPong => return Err(ConnError::Unexpected("CPONG during a request").into()),
+            }
+        }
+    }
+
+    fn fail(&mut self, error: &ConnError) {
+        self.lease = None;
+        let kind = match error {
+            ConnError::Protocol(_) | ConnError::Unexpected(_) => BackendErrorKind::Protocol,
+            ConnError::Timeout => BackendErrorKind::Timeout,
+            ConnError::Io(_) | ConnError::Closed => BackendErrorKind::Io,
+        };
+        self.member.metrics.count_error(kind);
+    }
+}
+
+fn version_text(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>) -> Result<Response<ProxyBody>, Rejection> {
+    let (parts, incoming) = req.into_parts();
+    let content_length = check_framing(&parts.headers)?;
+    if let (Some(limit), Some(length)) = (bal.settings.max_body_bytes, content_length) {
+        if length > limit {
+            return Err(Rejection::BodyTooLarge);
+        }
+    }
+    let mut body = RequestBody { incoming: Some(incoming), leftover: Bytes::new(), received: 0, limit: bal.settings.max_body_bytes };
+    let settings = &bal.settings;
+    let max_piece = ajp::max_body_chunk_len(settings.packet_size);
+    // With a known length Tomcat expects the first body packet right after
+    // the request packet; read it first so a retry can send it again.
+    let first_piece = match content_length {
+        Some(n) if n > 0 => body.next_piece(max_piece).await?,
+        _ => None,
+    };
+
+    let path = parts.uri.path();
+    let route = route_of_request(path, &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param);
+    let snapshot = bal.members.snapshot();
+    let mut tried: Vec<usize> = Vec::new();
+    let mut write_failures = 0;
+    let started = Instant::now();
+
+    let (member, lease) = loop {
+        let (member, choice) = bal.router.choose(&snapshot, route, &tried).map_err(Rejection::NoMember)?;
+        if choice == Choice::Failover && tried.is_empty() {
+            bal.metrics.failovers.inc();
+            tracing::info!(from = route.unwrap_or(""), to = %member.route, "sticky member unusable, failing over");
+        }
+        let mut lease = match member.pool.acquire(member.address, &bal.pool_settings).await {
+            Ok(lease) => lease,
+            Err(AcquireError::SlotTimeout(_)) => return Err(Rejection::PoolExhausted(member.route.clone())),
+            Err(e) => {
+                member.metrics.count_error(BackendErrorKind::Connect);
+                bal.mark_failed(&member, &e);
+                tried.push(member_key(&member));
+                continue;
+            }
+        };
+        let forward = ForwardRequest {
+            method: parts.method.as_str(),
+            protocol: version_text(parts.version),
+            request_uri: path,
+            query_string: parts.uri.query(),
+            remote_addr: &client.remote_ip,
+            remote_port: client.remote.port(),
+            local_name: &client.local_ip,
+            local_addr: &client.local_ip,
+            local_port: client.local.port(),
+            is_ssl: client.is_tls,
+            headers: &parts.headers,
+            route: Some(&member.route),
+            secret: bal.secret.expose(),
+            ssl: None,
+        };
+        lease.conn.write_buf.clear();
+        if let Err(e) = ajp::encode_forward_request(&mut lease.conn.write_buf, &forward, settings.packet_size) {
+            lease.conn.write_buf.clear();
+            member.pool.release(lease);
+            return Err(Rejection::HeadTooLarge(e));
+        }
+        if let Some(piece) = &first_piece {
+            ajp::encode_body_chunk(&mut lease.conn.write_buf, piece);
+        }
+        match lease.conn.send().await {
+            Ok(()) => break (member, lease),
+            Err(e) => {
+                // A failed write means Tomcat never got a complete packet, so
+                // nothing was processed: safe to try again on a fresh connection.
+                write_failures += 1;
+                member.pool.clear();
+                tracing::debug!(route = %member.route, reused = lease.reused, error = %e, "request write failed, retrying");
+                if write_failures > 2 {
+                    member.metrics.count_error(BackendErrorKind::Io);
+                    return Err(Rejection::BadGateway { route: member.route.clone(), error: ConnError::Io(e) });
+                }
+                if !lease.reused {
+                    tried.push(member_key(&member));
+                }
+            }
+        }
+    };
+    if let Some(piece) = &first_piece {
+        member.traffic_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+    }
+
+    let mut exchange = Exchange { bal: bal.clone(), member: member.clone(), lease: Some(lease), body, _in_flight: InFlight::new(member.clone()) };
+    let head = match exchange.read_head().await {
+        Ok(head) => head,
+        Err(ExchangeError::Client(rejection)) => {
+            exchange.lease = None;
+            return Err(rejection);
+        }
+        Err(ExchangeError::Backend(error)) => {
+            exchange.fail(&error);
+            member.metrics.count_response(502);
+            return Err(match error {
+                ConnError::Timeout => Rejection::GatewayTimeout(member.route.clone()),
+                error => Rejection::BadGateway { route: member.route.clone(), error },
+            });
+        }
+    };
+
+    let mut response = Response::new(ProxyBody::Empty);
+    let status = match ajp::decode_send_headers(&head, response.headers_mut()) {
+        Ok(status) => status,
+        Err(e) => {
+            let error = ConnError::Protocol(e);
+            exchange.fail(&error);
+            member.metrics.count_response(502);
+            return Err(Rejection::BadGateway { route: member.route.clone(), error });
+        }
+    };
+    *response.status_mut() = status;
+    strip_hop_by_hop(response.headers_mut());
+    note_new_session(&member, response.headers(), &settings.sticky_cookie);
+    member.metrics.count_response(status.as_u16());
+    member.metrics.latency.observe(started.elapsed().as_secs_f64());
+
+    let bodiless = parts.method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if bodiless {
+        // Tomcat swallows the body; read on to END_RESPONSE so the
+        // connection goes back to the pool.
+        loop {
+            match exchange.next_body_bytes().await {
+                Ok(None) => break,
+                Ok(Some(_)) => continue,
+                Err(ExchangeError::Backend(e)) => {
+                    exchange.fail(&e);
+                    break;
+                }
+                Err(ExchangeError::Client(_)) => break,
+            }
+        }
+        return Ok(response);
+    }
+    *response.body_mut() = ProxyBody::Stream(Box::pin(response_stream(exchange)));
+    Ok(response)
+}
+
+/// Response body from the rest of the exchange.
+fn response_stream(exchange: Exchange) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
+    futures::stream::unfold(Some(exchange), |state| async move {
+        let mut exchange = state?;
+        match exchange.next_body_bytes().await {
+            Ok(Some(bytes)) => Some((Ok(bytes), Some(exchange))),
+            Ok(None) => None,
+            Err(ExchangeError::Backend(error)) => {
+                exchange.fail(&error);
+                tracing::warn!(route = %exchange.member.route, %error, "member failed mid-response; aborting client connection");
+                Some((Err(BodyError(error.to_string())), None))
+            }
+            Err(ExchangeError::Client(rejection)) => {
+                exchange.lease = None;
+                tracing::info!(error = %rejection, "client body failed mid-exchange");
+                Some((Err(BodyError(rejection.to_string())), None))
+            }
+        }
+    })
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in ["connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "trailer"] {
+        headers.remove(name);
+    }
+}
+
+/// Remembers ids of sessions a member just created (for the status page).
+fn note_new_session(member: &Member, headers: &HeaderMap, cookie: &str) {
+    for value in headers.get_all(SET_COOKIE) {
+        let Ok(text) = value.to_str() else { continue };
+        if let Some(rest) = text.strip_prefix(cookie).and_then(|r| r.strip_prefix('=')) {
+            let id = rest.split(';').next().unwrap_or("");
+            if !id.is_empty() {
+                member.record_new_session(id);
+            }
+        }
+    }
+}
+
+/// A response body failed mid-stream; hyper closes the client connection.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(String);
+
+/// Bodies the balancer sends to clients.
+pub enum ProxyBody {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>),
+}
+
+impl ProxyBody {
+    pub fn full(bytes: Bytes) -> Self {
+        ProxyBody::Full(Some(bytes))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Stream(stream) => stream.as_mut().poll_next(cx).map(|item| item.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full(bytes) => bytes.is_none(),
+            ProxyBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::header::HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn framing_rules() {
+        assert_eq!(check_framing(&headers(&[])).ok(), Some(Some(0)));
+        assert_eq!(check_framing(&headers(&[("content-length", "12")])).ok(), Some(Some(12)));
+        assert_eq!(check_framing(&headers(&[("transfer-encoding", "chunked")])).ok(), Some(None));
+        assert_eq!(check_framing(&headers(&[("transfer-encoding", "Chunked")])).ok(), Some(None));
+        for bad in [
+            vec![("content-length", "1"), ("transfer-encoding", "chunked")],
+            vec![("content-length", "1"), ("content-length", "1")],
+            vec![("content-length", "+1")],
+            vec![("content-length", "1, 1")],
+            vec![("transfer-encoding", "gzip, chunked")],
+            vec![("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+        ] {
+            assert!(matches!(check_framing(&headers(&bad)), Err(Rejection::BadFraming(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn secret_is_not_in_debug_output() {
+        let s = AjpSecret::new("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn hop_by_hop_response_headers_are_dropped() {
+        let mut h = headers(&[("connection", "close"), ("transfer-encoding", "chunked"), ("x-route", "s1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+}
