@@ -1,0 +1,217 @@
+//! The balancer against a real Tomcat: what Tomcat sees of a request equals
+//! what the client sent; large bodies stream both ways with bounded balancer
+//! memory; the AJP secret is enforced by Tomcat.
+
+mod balancer_common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use balancer_common::http::{Conn, read_reply};
+use balancer_common::tomcat::{TomcatOptions, start_cluster};
+use balancer_common::{Balancer, BalancerOptions};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::Request;
+use hyper::body::Frame;
+use sha2::{Digest, Sha256};
+
+const SECRET: &str = "round-trip-secret";
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A body of `total` pseudo-random bytes generated in 64 KiB pieces, and its SHA-256.
+fn generated_body(total: usize) -> (Body, String) {
+    const PIECE: usize = 64 * 1024;
+    let piece_at = move |i: usize| -> Bytes {
+        let start = i * PIECE;
+        let len = PIECE.min(total - start);
+        Bytes::from((0..len).map(|j| ((start + j) * 7 % 253) as u8).collect::<Vec<u8>>())
+    };
+    let mut sha = Sha256::new();
+    let pieces = total.div_ceil(PIECE);
+    for i in 0..pieces {
+        sha.update(piece_at(i));
+    }
+    let digest = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let stream = futures::stream::iter(0..pieces).map(move |i| Ok::<_, Infallible>(Frame::data(piece_at(i))));
+    (BodyExt::boxed(StreamBody::new(stream)), digest)
+}
+
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("field")
+}
+
+fn header_pairs(echo: &serde_json::Value) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = echo["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .map(|p| (p[0].as_str().expect("name").to_ascii_lowercase(), p[1].as_str().expect("value").to_string()))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_round_trip_exactly_and_bodies_stream() {
+    let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
+    let balancer = Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0]]));
+
+    // --- request line, headers, query, remote address, scheme ---
+    let mut conn: Conn<Body> = Conn::open(balancer.listen).await;
+    let req = Request::get("/counter/echo?a=1&b=%20x&c=%C3%A9&flag")
+        .header("host", "balancer.test:8443")
+        .header("user-agent", "roundtrip-test/1.0")
+        .header("accept", "text/plain, */*;q=0.1")
+        .header("x-custom", "one")
+        .header("x-multi", "first")
+        .header("x-multi", "second")
+        .header("x-empty", "")
+        .header("cookie", "a=b; c=d")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must not pass")
+        .body(full(Bytes::new()))
+        .expect("request");
+    let reply = read_reply(conn.send(req).await.expect("send")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let echo = reply.json();
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["requestURI"], "/counter/echo");
+    assert_eq!(echo["queryString"], "a=1&b=%20x&c=%C3%A9&flag");
+    assert_eq!(echo["remoteAddr"], "127.0.0.1");
+    assert_eq!(echo["remotePort"], conn.local.port() as u64, "client port forwarded (AJP_REMOTE_PORT)");
+    assert_eq!(echo["localAddr"], "127.0.0.1", "AJP_LOCAL_ADDR");
+    assert_eq!(echo["localPort"], balancer.listen.port() as u64);
+    assert_eq!(echo["scheme"], "http");
+    assert_eq!(echo["secure"], false);
+    assert_eq!(echo["serverName"], "balancer.test");
+    assert_eq!(echo["serverPort"], 8443);
+    let mut expected: Vec<(String, String)> = [
+        ("host", "balancer.test:8443"),
+        ("user-agent", "roundtrip-test/1.0"),
+        ("accept", "text/plain, */*;q=0.1"),
+        ("x-custom", "one"),
+        ("x-multi", "first"),
+        ("x-multi", "second"),
+        ("x-empty", ""),
+        ("cookie", "a=b; c=d"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    expected.sort();
+    assert_eq!(header_pairs(&echo), expected, "headers arrive exactly, hop-by-hop ones removed");
+    assert_eq!(echo["bodyLength"], 0);
+
+    // Same keep-alive connection: other methods, a stored method, a body with a length.
+    for method in ["POST", "PUT", "DELETE", "PATCH", "PROPFIND"] {
+        let body = format!("payload of {method}");
+        let req = Request::builder()
+            .method(method)
+            .uri("/counter/echo?m=1")
+            .header("host", "balancer.test")
+            .header("content-type", "text/plain")
+            .header("content-length", body.len().to_string())
+            .body(full(body.clone()))
+            .expect("request");
+        let reply = read_reply(conn.send(req).await.expect("send")).await;
+        assert_eq!(reply.status, 200, "{method}: {}", reply.text());
+        let echo = reply.json();
+        assert_eq!(echo["method"], method);
+        assert_eq!(echo["bodyLength"], body.len() as u64);
+        let sha: String = Sha256::digest(body.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(echo["bodySha256"], sha);
+        assert_eq!(echo["remotePort"], conn.local.port() as u64, "same client connection");
+    }
+
+    // HEAD: headers only, and the connection stays usable.
+    let req = Request::head("/counter/echo").header("host", "balancer.test").body(full(Bytes::new())).expect("req");
+    let reply = read_reply(conn.send(req).await.expect("send")).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("x-route"), Some("solo"));
+
+    // Expect: 100-continue with a body.
+    let req = Request::post("/counter/echo")
+        .header("host", "balancer.test")
+        .header("expect", "100-continue")
+        .header("content-length", "5")
+        .body(full("hello"))
+        .expect("req");
+    let reply = read_reply(conn.send(req).await.expect("send")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["bodyLength"], 5);
+
+    // --- 50 MB chunked upload, streamed ---
+    let pid = balancer.pid();
+    let (body, digest) = generated_body(50 * 1024 * 1024);
+    let req = Request::post("/counter/echo").header("host", "balancer.test").body(body).expect("req");
+    let reply = read_reply(conn.send(req).await.expect("send upload")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let echo = reply.json();
+    assert_eq!(echo["bodyLength"], 50 * 1024 * 1024);
+    assert_eq!(echo["bodySha256"], digest.as_str());
+
+    // Same with a Content-Length (first body packet sent unasked, as Tomcat expects).
+    let (body, digest) = generated_body(8 * 1024 * 1024 + 12345);
+    let req = Request::put("/counter/echo")
+        .header("host", "balancer.test")
+        .header("content-length", (8 * 1024 * 1024 + 12345).to_string())
+        .body(body)
+        .expect("req");
+    let echo = read_reply(conn.send(req).await.expect("send")).await.json();
+    assert_eq!(echo["bodyLength"], 8 * 1024 * 1024 + 12345);
+    assert_eq!(echo["bodySha256"], digest.as_str());
+
+    // --- 100 MB download, streamed and verified byte by byte ---
+    for chunked in [false, true] {
+        let total: u64 = 100 * 1024 * 1024;
+        let uri = format!("/counter/download?bytes={total}{}", if chunked { "&chunked=1" } else { "" });
+        let req = Request::get(uri).header("host", "balancer.test").body(full(Bytes::new())).expect("req");
+        let resp = conn.send(req).await.expect("send download");
+        assert_eq!(resp.status(), 200);
+        if !chunked {
+            assert_eq!(resp.headers()["content-length"], total.to_string().as_str());
+        }
+        let mut body = resp.into_body();
+        let mut seen: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("download frame");
+            if let Ok(data) = frame.into_data() {
+                for (i, b) in data.iter().enumerate() {
+                    assert_eq!(*b as u64, (seen + i as u64) % 251, "byte {} of the download", seen + i as u64);
+                }
+                seen += data.len() as u64;
+            }
+        }
+        assert_eq!(seen, total);
+    }
+    let peak_kib = vm_kib(pid, "VmHWM:");
+    assert!(peak_kib < 48 * 1024, "balancer peak RSS {peak_kib} KiB after 50 MB up and 2x100 MB down: bodies must stream");
+
+    // --- the secret: a balancer with the wrong one gets Tomcat's 403 ---
+    let wrong = Balancer::start(BalancerOptions::new("not-the-secret").members(&[&nodes[0]]));
+    let reply = balancer_common::http::get(wrong.listen, "/counter/", None).await;
+    assert_eq!(reply.status, 403, "Tomcat refuses a wrong AJP secret");
+    assert!(!wrong.log_text().contains("not-the-secret"), "the secret is never logged");
+    // The right one still works.
+    let reply = balancer_common::http::get(balancer.listen, "/counter/", None).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.text().contains("Tambah = 1"));
+    assert_eq!(reply.header("x-route"), Some("solo"));
+    drop(conn);
+    let _ = Duration::from_secs(0);
+}
