@@ -1,0 +1,42 @@
+# clusterapp — the two commands a newcomer needs: `make demo` and `make test`.
+# Everything else here is a step of those two.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+export CLUSTERAPP_CACHE ?= $(HOME)/.cache/clusterapp
+
+.PHONY: help deps tools build cluster cluster-down test demo bench
+
+help:
+	@echo "make demo          run the operator on a local cluster with a sample ClusterApp"
+	@echo "make test          install what is missing, then run every test"
+	@echo "make bench         benchmarks (balancer vs Apache httpd, operator at scale)"
+	@echo "make cluster       start the local control plane (last line: KUBECONFIG=...)"
+	@echo "make cluster-down  stop it"
+
+# Debian packages (tomcat10, apache2, wrk, chromium, ...), installed when missing.
+deps:
+	@bash tests/bed/apt-deps.sh
+
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and
+# helm, built from their Go modules once per machine into $(CLUSTERAPP_CACHE).
+tools: deps
+	@bash tests/bed/install.sh >/dev/null
+
+build:
+	$(CARGO) build --locked
+
+cluster: tools
+	@bash tests/bed/cluster.sh up
+
+cluster-down:
+	@bash tests/bed/cluster.sh down
+
+test: tools
+	@bash tests/bed/run-tests.sh
+
+demo: tools
+	@bash tests/bed/demo.sh
+
+bench: tools
+	@echo "no benchmarks yet"

@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# The local Kubernetes control plane: etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler as plain processes on loopback.
+#
+#   tests/bed/cluster.sh up [--owner-pid PID]
+#       Start (or reuse) the control plane whose state lives in $CLUSTERAPP_STATE
+#       (default: <repo>/target/cluster). The last line printed is
+#       KUBECONFIG=<admin kubeconfig>. With --owner-pid the control plane is
+#       stopped when that process exits (test binaries use this).
+#   tests/bed/cluster.sh down
+#       Stop exactly the processes `up` started (by PID) and wipe the state.
+#   tests/bed/cluster.sh status
+#       Say whether it runs, and print KUBECONFIG=... when it does.
+#
+# Environment: CLUSTERAPP_STATE (state folder), CLUSTERAPP_CACHE (binaries),
+# CLUSTERAPP_APISERVER_EXTRA_SANS (more subjectAltNames for the serving
+# certificate, e.g. IP:10.200.0.1), CLUSTERAPP_APISERVER_EXTRA_ARGS (more
+# kube-apiserver flags, split on spaces).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+# shellcheck source=tests/bed/paths.sh
+source "$here/paths.sh"
+
+STATE="${CLUSTERAPP_STATE:-$repo/target/cluster}"
+mkdir -p "$STATE"
+STATE="$(cd "$STATE" && pwd)"
+PKI="$STATE/pki"
+LOGS="$STATE/logs"
+PIDS="$STATE/pids"          # lines: NAME PID
+PORTS="$STATE/ports.env"    # ETCD_PORT=… APISERVER_PORT=… …
+ADMIN_KUBECONFIG="$STATE/admin.kubeconfig"
+SERVICE_CIDR="10.96.0.0/16"  # numbers for Service objects only: nothing routes there
+SERVICE_IP="10.96.0.1"
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
+
+for tool in openssl curl; do
+  command -v "$tool" >/dev/null 2>&1 || die "'$tool' is missing: install the Debian package '$tool' (apt-get install $tool, or run tests/bed/apt-deps.sh)"
+done
+
+# --- processes --------------------------------------------------------------
+
+# A PID in $PIDS is ours only while it still runs a binary with our state
+# folder on its command line; a reused PID of some other process is not.
+is_ours() {
+  local pid="$1"
+  [[ -r /proc/$pid/cmdline ]] || return 1
+  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$STATE/"
+}
+
+stop_all() {
+  [[ -f $PIDS ]] || return 0
+  local name pid alive=()
+  # stop in reverse start order: scheduler, controller-manager, apiserver, etcd
+  while read -r name pid; do
+    if is_ours "$pid"; then kill -TERM "$pid" 2>/dev/null || true; alive+=("$pid"); fi
+  done < <(tac "$PIDS")
+  local deadline=$((SECONDS + 15))
+  for pid in "${alive[@]}"; do
+    while is_ours "$pid" && (( SECONDS < deadline )); do sleep 0.2; done
+    if is_ours "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+  rm -f "$PIDS"
+}
+
+watchdogs_stop() {
+  local f
+  for f in "$STATE"/watchdog.*.pid; do
+    [[ -e $f ]] || continue
+    local pid; pid="$(cat "$f")"
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF "cluster.sh"; then
+      [[ $pid != "${WATCHDOG_SELF:-}" ]] && kill -TERM "$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+  done
+}
+
+all_running() {
+  [[ -f $PIDS ]] || return 1
+  local name pid n=0
+  while read -r name pid; do is_ours "$pid" || return 1; n=$((n + 1)); done < "$PIDS"
+  (( n == 4 ))
+}
+
+apiserver_ready() {
+  # shellcheck disable=SC1090
+  source "$PORTS"
+  [[ "$(curl -s --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+        "https://127.0.0.1:$APISERVER_PORT/readyz" 2>/dev/null)" == "ok" ]]
+}
+
+default_service_account_exists() {
+  "$KUBE_BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" get serviceaccount default -n default \
+    -o name --request-timeout=2s >/dev/null 2>&1
+}
+
+# A free TCP port on 127.0.0.1 that no one listens on and we have not handed
+# out yet in this run.
+taken=" "
+free_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$(( 20000 + RANDOM % 30000 ))
+    [[ $taken == *" $p "* ]] && continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then
+      taken+="$p "
+      echo "$p"; return 0
+    fi
+  done
+  die "no free TCP port found on 127.0.0.1"
+}
+
+start() {
+  local name="$1"; shift
+  "$@" >"$LOGS/$name.log" 2>&1 &
+  local pid=$!
+  echo "$name $pid" >> "$PIDS"
+}
+
+# Fail with the name and log of a process that is no longer running.
+check_alive() {
+  local name pid
+  while read -r name pid; do
+    if ! is_ours "$pid"; then
+      log "$name (pid $pid) exited; its log is $LOGS/$name.log — last lines:"
+      tail -n 15 "$LOGS/$name.log" >&2 || true
+      stop_all
+      exit 1
+    fi
+  done < "$PIDS"
+}
+
+wait_for() {
+  local what="$1" timeout="$2"; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@"; do
+    check_alive
+    (( SECONDS < deadline )) || { stop_all; die "$what not ready after ${timeout}s (logs in $LOGS)"; }
+    sleep 0.3
+  done
+}
+
+# --- certificates -------------------------------------------------------------
+
+# sign NAME SUBJECT [SAN]: a key and a certificate signed by the cluster CA
+sign() {
+  local name="$1" subj="$2" san="${3:-}"
+  openssl genrsa -out "$PKI/$name.key" 2048 2>/dev/null
+  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
+  local ext="$PKI/$name.ext"
+  {
+    echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    if [[ -n $san ]]; then echo "extendedKeyUsage=serverAuth,clientAuth"; echo "subjectAltName=$san"; else echo "extendedKeyUsage=clientAuth"; fi
+  } > "$ext"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 3650 -sha256 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
+  rm -f "$PKI/$name.csr" "$ext"
+}
+
+make_pki() {
+  mkdir -p "$PKI"
+  openssl genrsa -out "$PKI/ca.key" 2048 2>/dev/null
+  openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=clusterapp-local-ca" -days 3650 -sha256 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+    -out "$PKI/ca.crt" 2>/dev/null
+  sign apiserver "/CN=kube-apiserver" \
+    "IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local${CLUSTERAPP_APISERVER_EXTRA_SANS:+,$CLUSTERAPP_APISERVER_EXTRA_SANS}"
+  sign admin "/O=system:masters/CN=clusterapp-admin"
+  sign controller-manager "/CN=system:kube-controller-manager"
+  sign scheduler "/CN=system:kube-scheduler"
+  # ServiceAccount token signing key pair
+  openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+  chmod 600 "$PKI"/*.key
+}
+
+kubeconfig() {
+  local file="$1" user="$2"
+  # shellcheck disable=SC1090
+  source "$PORTS"
+  cat > "$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
+users:
+- name: $user
+  user:
+    client-certificate-data: $(base64 -w0 < "$PKI/$user.crt")
+    client-key-data: $(base64 -w0 < "$PKI/$user.key")
+contexts:
+- name: local
+  context: {cluster: local, user: $user, namespace: default}
+current-context: local
+EOF
+  chmod 600 "$file"
+}
+
+# --- commands -----------------------------------------------------------------
+
+up() {
+  local owner=""
+  while (( $# )); do
+    case "$1" in
+      --owner-pid) owner="$2"; shift 2 ;;
+      *) die "unknown argument to up: $1" ;;
+    esac
+  done
+
+  if all_running && apiserver_ready; then
+    log "reusing the running control plane in $STATE"
+  else
+    bash "$here/install.sh" --check >/dev/null 2>&1 || bash "$here/install.sh" >/dev/null
+    if [[ -f $PIDS ]]; then log "cleaning a stale control plane in $STATE"; fi
+    stop_all
+    rm -rf "$STATE/etcd" "$PKI" "$LOGS" "$PORTS" "$STATE"/*.kubeconfig
+    mkdir -p "$LOGS"
+    local started=$SECONDS
+    cat > "$PORTS" <<EOF
+ETCD_PORT=$(free_port)
+ETCD_PEER_PORT=$(free_port)
+APISERVER_PORT=$(free_port)
+CONTROLLER_MANAGER_PORT=$(free_port)
+SCHEDULER_PORT=$(free_port)
+EOF
+    # shellcheck disable=SC1090
+    source "$PORTS"
+    make_pki
+    kubeconfig "$ADMIN_KUBECONFIG" admin
+    kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
+    kubeconfig "$STATE/scheduler.kubeconfig" scheduler
+
+    log "starting etcd on 127.0.0.1:$ETCD_PORT"
+    start etcd "$ETCD_BIN/etcd" --name local --data-dir "$STATE/etcd" \
+      --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+      --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+      --initial-cluster "local=http://127.0.0.1:$ETCD_PEER_PORT" \
+      --unsafe-no-fsync --log-level warn
+    wait_for etcd 30 curl -sf --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" -o /dev/null
+
+    log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
+    start kube-apiserver "$KUBE_BIN/kube-apiserver" \
+      --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+      --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+      --client-ca-file "$PKI/ca.crt" \
+      --authorization-mode Node,RBAC \
+      --service-account-issuer https://kubernetes.default.svc.cluster.local \
+      --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+      --service-cluster-ip-range "$SERVICE_CIDR" \
+      --endpoint-reconciler-type none \
+      --allow-privileged \
+      --profiling=false \
+      --cert-dir "$STATE/apiserver-certs" \
+      ${CLUSTERAPP_APISERVER_EXTRA_ARGS:-}
+    wait_for kube-apiserver 60 apiserver_ready
+
+    log "starting kube-controller-manager and kube-scheduler"
+    start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
+      --kubeconfig "$STATE/controller-manager.kubeconfig" \
+      --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
+      --authorization-kubeconfig "$STATE/controller-manager.kubeconfig" \
+      --bind-address 127.0.0.1 --secure-port "$CONTROLLER_MANAGER_PORT" \
+      --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+      --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+      --use-service-account-credentials \
+      --service-cluster-ip-range "$SERVICE_CIDR" \
+      --leader-elect=false --profiling=false \
+      --cert-dir "$STATE/controller-manager-certs"
+    start kube-scheduler "$KUBE_BIN/kube-scheduler" \
+      --kubeconfig "$STATE/scheduler.kubeconfig" \
+      --authentication-kubeconfig "$STATE/scheduler.kubeconfig" \
+      --authorization-kubeconfig "$STATE/scheduler.kubeconfig" \
+      --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT" \
+      --leader-elect=false --profiling=false \
+      --cert-dir "$STATE/scheduler-certs"
+    wait_for kube-controller-manager 30 curl -skf --max-time 1 "https://127.0.0.1:$CONTROLLER_MANAGER_PORT/healthz" -o /dev/null
+    wait_for kube-scheduler 30 curl -skf --max-time 1 "https://127.0.0.1:$SCHEDULER_PORT/healthz" -o /dev/null
+    # The namespace "default" gets its ServiceAccount from the controller
+    # manager; tests rely on it, so wait for it too.
+    wait_for "default ServiceAccount" 30 default_service_account_exists
+    log "control plane ready in $((SECONDS - started)) s (logs: $LOGS)"
+  fi
+
+  if [[ -n $owner ]]; then
+    # Stop the control plane when the owner (a test binary) exits.
+    setsid bash -c '
+      owner=$1; script=$2; state=$3
+      while kill -0 "$owner" 2>/dev/null; do sleep 1; done
+      WATCHDOG_SELF=$$ CLUSTERAPP_STATE="$state" bash "$script" down >/dev/null 2>&1
+    ' cluster.sh-watchdog "$owner" "$here/cluster.sh" "$STATE" </dev/null >/dev/null 2>&1 &
+    echo $! > "$STATE/watchdog.$owner.pid"
+  fi
+  echo "KUBECONFIG=$ADMIN_KUBECONFIG"
+}
+
+down() {
+  watchdogs_stop
+  if [[ -f $PIDS ]]; then
+    stop_all
+    log "stopped the control plane in $STATE"
+  else
+    log "no control plane running in $STATE"
+  fi
+  rm -rf "$STATE/etcd" "$PKI" "$PORTS" "$STATE"/*.kubeconfig
+}
+
+status() {
+  if all_running && apiserver_ready; then
+    log "running in $STATE"
+    echo "KUBECONFIG=$ADMIN_KUBECONFIG"
+  else
+    log "not running"
+    return 1
+  fi
+}
+
+case "${1:-}" in
+  up) shift; up "$@" ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up [--owner-pid PID] | down | status" >&2; exit 2 ;;
+esac

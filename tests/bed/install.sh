@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Builds the local test bed's binaries from their Go modules, once per machine:
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm.
+# They land in $CLUSTERAPP_CACHE (default ~/.cache/clusterapp), one folder per
+# pinned version, so a second run finds them and builds nothing.
+#
+#   tests/bed/install.sh            build what is missing, print the bin folders
+#   tests/bed/install.sh --check    exit 1 (and say what) if anything is missing
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=tests/bed/paths.sh
+source "$here/paths.sh"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
+
+need_go() {
+  command -v go >/dev/null 2>&1 || die "'go' is not on PATH. The test bed builds Kubernetes, etcd and helm from Go modules and needs Go >= 1.26: install it (Debian: a golang package of that version, or the official tarball unpacked to /usr/local/go with /usr/local/go/bin on PATH) and run this again."
+  local v
+  v="$(go env GOVERSION | sed 's/^go//')"
+  local major minor
+  major="${v%%.*}"; minor="${v#*.}"; minor="${minor%%.*}"
+  if (( major < 1 || (major == 1 && minor < 26) )); then
+    die "Go $v is too old: Kubernetes $KUBERNETES_VERSION needs Go >= 1.26."
+  fi
+}
+
+# go build -v prints one line per compiled package; turn that into a steady
+# progress line instead of a wall of package names.
+progress() {
+  local what="$1" n=0 line
+  while IFS= read -r line; do
+    # package paths have no spaces; anything else (downloads, compiler
+    # errors) is worth showing as it is
+    case "$line" in *" "*) printf '%s\n' "$line" >&2 ;; esac
+    n=$((n + 1))
+    if (( n % 100 == 0 )); then log "$what: $n packages compiled"; fi
+  done
+  log "$what: $n packages compiled, linking done"
+}
+
+# build_module NAME WORKDIR OUTDIR LDFLAGS PACKAGE...
+# WORKDIR already holds a go.mod. Builds into OUTDIR.tmp and renames it, so an
+# interrupted build never leaves a half-filled OUTDIR behind.
+build_into() {
+  local name="$1" work="$2" out="$3" ldflags="$4"; shift 4
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  log "$name: resolving modules (first time: downloads from the Go module proxy)"
+  (cd "$work" && GOFLAGS=-mod=mod go mod download) >&2
+  log "$name: compiling $* (this takes a while on 2 cores)"
+  local started=$SECONDS
+  if ! (cd "$work" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -p "$(nproc)" -v \
+        -ldflags "-s -w $ldflags" -o "$out.tmp/" "$@" 2>&1) | progress "$name"; then
+    die "$name: go build failed (see above)"
+  fi
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || die "$name: go build failed"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  log "$name: built in $((SECONDS - started)) s into $out"
+}
+
+kube_missing() { for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do [[ -x "$KUBE_BIN/$b" ]] || return 0; done; return 1; }
+etcd_missing() { [[ -x "$ETCD_BIN/etcd" ]] || return 0; return 1; }
+helm_missing() { [[ -x "$HELM_BIN/helm" ]] || return 0; return 1; }
+
+build_kubernetes() {
+  local work="$CACHE/src/kubernetes-$KUBERNETES_VERSION"
+  mkdir -p "$work"
+  local staging="v0.${KUBERNETES_VERSION#v1.}"
+  log "kubernetes $KUBERNETES_VERSION: staging modules pinned to $staging"
+  # k8s.io/kubernetes refers to its staging modules as ./staging/src/...,
+  # which does not exist inside the published module: pin every one of those
+  # to the matching published v0.x release. The list comes from the module's
+  # own go.mod, so it follows whatever that release contains.
+  local upstream_mod
+  upstream_mod="$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')"
+  [[ -f "$upstream_mod" ]] || die "could not download k8s.io/kubernetes@$KUBERNETES_VERSION's go.mod"
+  {
+    echo "module clusterapp.local/testbed/kubernetes"
+    echo
+    echo "go $(sed -n 's/^go //p' "$upstream_mod")"
+    echo
+    grep '^godebug' "$upstream_mod" || true
+    echo
+    echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+    echo
+    echo "replace ("
+    sed -n "s#^[[:space:]]*\(k8s.io/[^ ]*\) => ./staging/src/.*#\t\1 => \1 $staging#p" "$upstream_mod"
+    echo ")"
+  } > "$work/go.mod"
+  local n
+  n="$(grep -c "=> k8s.io/" "$work/go.mod")"
+  (( n > 20 )) || die "expected the staging replace lines in $upstream_mod, found $n"
+  local minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
+  local ld=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  build_into "kubernetes $KUBERNETES_VERSION" "$work" "$KUBE_BIN" "$ld" \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubectl
+}
+
+build_etcd() {
+  local work="$CACHE/src/etcd-$ETCD_VERSION"
+  mkdir -p "$work"
+  printf 'module clusterapp.local/testbed/etcd\n\ngo 1.26.0\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" > "$work/go.mod"
+  build_into "etcd $ETCD_VERSION" "$work" "$ETCD_BIN" "" go.etcd.io/etcd/server/v3
+  mv "$ETCD_BIN/v3" "$ETCD_BIN/etcd" 2>/dev/null || mv "$ETCD_BIN/server" "$ETCD_BIN/etcd"
+}
+
+build_helm() {
+  local work="$CACHE/src/helm-$HELM_VERSION"
+  mkdir -p "$work"
+  printf 'module clusterapp.local/testbed/helm\n\ngo 1.26.0\n\nrequire helm.sh/helm/v3 %s\n' "$HELM_VERSION" > "$work/go.mod"
+  build_into "helm $HELM_VERSION" "$work" "$HELM_BIN" \
+    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    helm.sh/helm/v3/cmd/helm
+}
+
+if [[ "${1:-}" == "--check" ]]; then
+  missing=()
+  kube_missing && missing+=("kubernetes $KUBERNETES_VERSION ($KUBE_BIN)")
+  etcd_missing && missing+=("etcd $ETCD_VERSION ($ETCD_BIN)")
+  helm_missing && missing+=("helm $HELM_VERSION ($HELM_BIN)")
+  if (( ${#missing[@]} )); then
+    printf '[install] not built yet: %s\n' "${missing[@]}" >&2
+    printf '[install] run: make tools   (or tests/bed/install.sh)\n' >&2
+    exit 1
+  fi
+  exit 0
+fi
+
+built=0
+if etcd_missing; then need_go; build_etcd; built=1; fi
+if kube_missing; then need_go; build_kubernetes; built=1; fi
+if helm_missing; then need_go; build_helm; built=1; fi
+(( built )) || log "all binaries cached, nothing to build"
+printf '%s\n' "$ETCD_BIN" "$KUBE_BIN" "$HELM_BIN"

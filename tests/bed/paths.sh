@@ -1,0 +1,8 @@
+# Sourced by the test-bed scripts: where the pinned binaries live.
+_bed_here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=tests/bed/versions.env
+source "$_bed_here/versions.env"
+CACHE="${CLUSTERAPP_CACHE:-$HOME/.cache/clusterapp}"
+KUBE_BIN="$CACHE/kubernetes-$KUBERNETES_VERSION/bin"
+ETCD_BIN="$CACHE/etcd-$ETCD_VERSION/bin"
+HELM_BIN="$CACHE/helm-$HELM_VERSION/bin"

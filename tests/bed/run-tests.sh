@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# `make test`: one control plane for the whole suite, then every test.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+cd "$repo"
+
+export CLUSTERAPP_STATE="$repo/target/cluster-test"
+cleanup() { bash "$here/cluster.sh" down >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+started=$SECONDS
+line="$(bash "$here/cluster.sh" up | tail -n 1)"
+export CLUSTERAPP_TEST_KUBECONFIG="${line#KUBECONFIG=}"
+echo "[test] control plane up in $((SECONDS - started)) s: $CLUSTERAPP_TEST_KUBECONFIG" >&2
+
+cargo build --locked --all-targets
+cargo test --locked --no-fail-fast -- --test-threads="${CLUSTERAPP_TEST_THREADS:-4}"
