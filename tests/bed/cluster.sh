@@ -32,7 +32,8 @@ PIDS="$STATE/pids"          # lines: NAME PID
 PORTS="$STATE/ports.env"    # ETCD_PORT=… APISERVER_PORT=… …
 ADMIN_KUBECONFIG="$STATE/admin.kubeconfig"
 SERVICE_CIDR="10.96.0.0/16"  # numbers for Service objects only: nothing routes there
-SERVICE_IP="10.96.0.1"
+SERVICE_IP="10.96.0.1"         # the "kubernetes" Service; the process kubelet forwards it to the API server
+NODE_NAME="${CLUSTERAPP_NODE_NAME:-clusterapp-node}"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
@@ -172,6 +173,8 @@ make_pki() {
   sign admin "/O=system:masters/CN=clusterapp-admin"
   sign controller-manager "/CN=system:kube-controller-manager"
   sign scheduler "/CN=system:kube-scheduler"
+  # the process kubelet (tests/kubelet) registers this node
+  sign node "/O=system:nodes/CN=system:node:$NODE_NAME"
   # ServiceAccount token signing key pair
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
@@ -236,6 +239,7 @@ EOF
     kubeconfig "$ADMIN_KUBECONFIG" admin
     kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
     kubeconfig "$STATE/scheduler.kubeconfig" scheduler
+    kubeconfig "$STATE/node.kubeconfig" node
 
     log "starting etcd on 127.0.0.1:$ETCD_PORT"
     start etcd "$ETCD_BIN/etcd" --name local --data-dir "$STATE/etcd" \
@@ -251,7 +255,7 @@ EOF
       --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
       --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
       --client-ca-file "$PKI/ca.crt" \
-      --authorization-mode Node,RBAC \
+      --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
       --service-account-issuer https://kubernetes.default.svc.cluster.local \
       --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
       --service-cluster-ip-range "$SERVICE_CIDR" \
