@@ -15,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use super::framing::{HeadScanner, ScanningStream};
 use super::proxy::{self, Balancer, ClientConn};
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,9 @@ pub struct FrontSettings {
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
 }
+
+/// The scanner follows heads a little past hyper's limit, which refuses them first.
+const SCANNER_HEAD_SLACK: usize = 1024;
 
 /// hyper's own default header count; setting it moves the header array to the heap.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
@@ -67,6 +71,8 @@ pub async fn serve_front(bal: Arc<Balancer>, listener: TcpListener, settings: Fr
                 };
                 let _ = stream.set_nodelay(true);
                 let client = Arc::new(ClientConn::new(remote, local, false));
+                let scanner = HeadScanner::new(settings.max_header_bytes + SCANNER_HEAD_SLACK, client.framing.clone());
+                let stream = ScanningStream::new(stream, scanner);
                 let service_bal = bal.clone();
                 let service = service_fn(move |req| proxy::handle(service_bal.clone(), client.clone(), req));
                 let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));

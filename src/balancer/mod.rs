@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod ajp;
 pub mod config;
+pub mod framing;
 pub mod front;
 pub mod health;
 pub mod member;

@@ -28,6 +28,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest};
+use super::framing::FramingVerdicts;
 use super::member::{Member, MemberTable};
 use super::metrics::{BackendErrorKind, Metrics, RejectReason};
 use super::pool::{AcquireError, ConnError, Lease, PoolSettings};
@@ -104,6 +105,8 @@ impl Balancer {
 /// Facts of the client connection, formatted once per connection.
 #[derive(Debug)]
 pub struct ClientConn {
+    /// Smuggling verdicts of this connection's request heads, in order.
+    pub framing: Arc<FramingVerdicts>,
     pub remote: SocketAddr,
     pub local: SocketAddr,
     remote_ip: String,
@@ -113,7 +116,7 @@ pub struct ClientConn {
 
 impl ClientConn {
     pub fn new(remote: SocketAddr, local: SocketAddr, is_tls: bool) -> Self {
-        ClientConn { remote, local, remote_ip: remote.ip().to_string(), local_ip: local.ip().to_string(), is_tls }
+        ClientConn { framing: Arc::default(), remote, local, remote_ip: remote.ip().to_string(), local_ip: local.ip().to_string(), is_tls }
     }
 }
 
@@ -381,6 +384,9 @@ fn version_text(version: Version) -> &'static str {
 }
 
 async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>) -> Result<Response<ProxyBody>, Rejection> {
+    if let Some(reason) = client.framing.take() {
+        return Err(Rejection::BadFraming(reason));
+    }
     let (parts, incoming) = req.into_parts();
     let content_length = check_framing(&parts.headers)?;
     if let (Some(limit), Some(length)) = (bal.settings.max_body_bytes, content_length) {
