@@ -155,3 +155,19 @@ fn a_missing_debian_tool_is_named_with_its_package() {
     assert!(!out.status.success());
     assert!(err.contains("'openssl' is missing") && err.contains("apt-get install openssl"), "unclear message: {err}");
 }
+
+#[test]
+fn a_second_install_builds_nothing() {
+    let paths = support::bed_paths();
+    let apiserver = paths.kube_bin.join("kube-apiserver");
+    let before = std::fs::metadata(&apiserver).and_then(|m| m.modified()).expect("kube-apiserver is built (make tools)");
+    let out = Command::new("bash").arg(script("install.sh")).output().expect("install.sh");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("all binaries cached, nothing to build"), "{}", text(&out.stderr));
+    let after = std::fs::metadata(&apiserver).and_then(|m| m.modified()).expect("kube-apiserver");
+    assert_eq!(before, after, "kube-apiserver was rebuilt");
+    let dirs: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(dirs.len(), 3);
+    assert!(dirs.contains(&paths.kube_bin.display().to_string()));
+    assert!(dirs.contains(&paths.helm_bin.display().to_string()));
+}
