@@ -33,11 +33,73 @@ fn state_rank(state: MemberState) -> u8 {
     }
 }
 
-/// The member set described by `slices` (any order).
+/// An endpoint's address: an IP, or a name (`FQDN` slices, e.g. hand-made
+/// slices for nodes outside the cluster) resolved when the set is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddress {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// A member as one endpoint describes it, before name resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointMember {
+    pub route: String,
+    pub address: EndpointAddress,
+    pub port: u16,
+    pub state: MemberState,
+}
+
+/// The member set described by `slices` (any order), IP endpoints only.
 pub fn members_from_slices<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, port_name: &str) -> Vec<MemberSpec> {
-    let mut by_route: BTreeMap<String, MemberSpec> = BTreeMap::new();
+    endpoint_members(slices, port_name)
+        .into_iter()
+        .filter_map(|m| match m.address {
+            EndpointAddress::Ip(ip) => Some(MemberSpec { route: m.route, address: SocketAddr::new(ip, m.port), state: m.state }),
+            EndpointAddress::Name(_) => None,
+        })
+        .collect()
+}
+
+/// Resolves name endpoints (a name that does not resolve is left out and logged).
+pub async fn resolve_members(members: Vec<EndpointMember>) -> Vec<MemberSpec> {
+    let mut out = Vec::with_capacity(members.len());
+    for m in members {
+        let address = match &m.address {
+            EndpointAddress::Ip(ip) => SocketAddr::new(*ip, m.port),
+            EndpointAddress::Name(name) if is_localhost_name(name) => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), m.port),
+            EndpointAddress::Name(name) => match tokio::net::lookup_host((name.as_str(), m.port)).await {
+                Ok(mut addrs) => match addrs.find(|a| a.is_ipv4()) {
+                    Some(a) => a,
+                    None => {
+                        tracing::warn!(route = %m.route, %name, "endpoint name has no IPv4 address; skipped");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(route = %m.route, %name, error = %e, "endpoint name does not resolve; skipped");
+                    continue;
+                }
+            },
+        };
+        out.push(MemberSpec { route: m.route, address, state: m.state });
+    }
+    out
+}
+
+/// RFC 6761 §6.3: `localhost` and names under `.localhost` are the loopback
+/// address, whatever the resolver says (many resolvers know only `localhost`).
+fn is_localhost_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
+/// Every endpoint of `slices` with a route, best state per route, sorted by route.
+pub fn endpoint_members<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, port_name: &str) -> Vec<EndpointMember> {
+    let mut by_route: BTreeMap<String, EndpointMember> = BTreeMap::new();
     for slice in slices {
-        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        let ip_slice = slice.address_type == "IPv4" || slice.address_type == "IPv6";
+        if !ip_slice && slice.address_type != "FQDN" {
             continue;
         }
         let ports = slice.ports.as_deref().unwrap_or_default();
@@ -52,7 +114,15 @@ pub fn members_from_slices<'a>(slices: impl IntoIterator<Item = &'a EndpointSlic
             continue;
         };
         for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
-            let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let Some(first) = endpoint.addresses.first() else { continue };
+            let address = if ip_slice {
+                match first.parse::<IpAddr>() {
+                    Ok(ip) => EndpointAddress::Ip(ip),
+                    Err(_) => continue,
+                }
+            } else {
+                EndpointAddress::Name(first.clone())
+            };
             let route = endpoint
                 .target_ref
                 .as_ref()
@@ -73,7 +143,7 @@ pub fn members_from_slices<'a>(slices: impl IntoIterator<Item = &'a EndpointSlic
             } else {
                 MemberState::Down
             };
-            let spec = MemberSpec { route: route.clone(), address: SocketAddr::new(ip, port), state };
+            let spec = EndpointMember { route: route.clone(), address, port, state };
             // The same pod can briefly appear in two slices; keep its best view.
             match by_route.get(&route) {
                 Some(existing) if state_rank(existing.state) <= state_rank(state) => {}
@@ -134,7 +204,7 @@ pub async fn watch_endpoint_slices(
             }
         };
         if changed {
-            let members = members_from_slices(slices.values(), &port_name);
+            let members = resolve_members(endpoint_members(slices.values(), &port_name)).await;
             tracing::info!(%namespace, %service, members = members.len(), "EndpointSlices changed");
             bal.members.apply(&members, &bal.metrics);
         }
@@ -184,6 +254,18 @@ endpoints:
             ]
         );
         assert!(members_from_slices([&s], "nope").is_empty(), "no port of that name among several");
+    }
+
+    #[tokio::test]
+    async fn fqdn_endpoints_resolve() {
+        let s = slice(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: f}\naddressType: FQDN\nports: [{name: ajp, port: 8009}]\nendpoints: [{addresses: [\"web-0.localhost\"], targetRef: {kind: Pod, name: web-0}}, {addresses: [\"no-such-host.invalid\"], targetRef: {kind: Pod, name: web-1}}]\n",
+        );
+        assert!(members_from_slices([&s], "ajp").is_empty(), "names need resolving");
+        let m = resolve_members(endpoint_members([&s], "ajp")).await;
+        assert_eq!(m.len(), 1, "the unresolvable name is left out");
+        assert_eq!(m[0].address, "127.0.0.1:8009".parse().expect("addr"));
+        assert!(is_localhost_name("A.LOCALHOST.") && !is_localhost_name("localhost.example"));
     }
 
     #[test]
