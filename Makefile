@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CLUSTERAPP_CACHE ?= $(HOME)/.cache/clusterapp
 
-.PHONY: help deps tools build cluster cluster-down test demo bench
+.PHONY: help deps tools build cluster cluster-down test demo bench deploy
 
 help:
 	@echo "make demo          run the operator on a local cluster with a sample ClusterApp"
@@ -25,6 +25,10 @@ tools: deps
 
 build:
 	$(CARGO) build --locked
+
+# deploy/clusterapp.yaml from the chart (a test fails when it is stale).
+deploy: tools
+	@bash tests/bed/gen-deploy.sh
 
 cluster: tools
 	@bash tests/bed/cluster.sh up

@@ -116,9 +116,19 @@ build_helm() {
   local work="$CACHE/src/helm-$HELM_VERSION"
   mkdir -p "$work"
   printf 'module clusterapp.local/testbed/helm\n\ngo 1.26.0\n\nrequire helm.sh/helm/v3 %s\n' "$HELM_VERSION" > "$work/go.mod"
-  build_into "helm $HELM_VERSION" "$work" "$HELM_BIN" \
-    "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-    helm.sh/helm/v3/cmd/helm
+  (cd "$work" && GOFLAGS=-mod=mod go mod download) >&2
+  # Like helm's own Makefile: the Kubernetes version helm assumes for
+  # `helm template` and `helm lint` (without a cluster) is the one of the
+  # client-go it is built with, major + 1 (client-go v0.35 = Kubernetes 1.35).
+  local client_go major minor
+  client_go="$(cd "$work" && GOFLAGS=-mod=mod go list -m -f '{{.Version}}' k8s.io/client-go)"
+  major="${client_go#v}"; major="${major%%.*}"; major=$((major + 1))
+  minor="${client_go#v*.}"; minor="${minor%%.*}"
+  local ld="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ld+=" -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
+  done
+  build_into "helm $HELM_VERSION" "$work" "$HELM_BIN" "$ld" helm.sh/helm/v3/cmd/helm
 }
 
 if [[ "${1:-}" == "--check" ]]; then

@@ -5,4 +5,6 @@ source "$_bed_here/versions.env"
 CACHE="${CLUSTERAPP_CACHE:-$HOME/.cache/clusterapp}"
 KUBE_BIN="$CACHE/kubernetes-$KUBERNETES_VERSION/bin"
 ETCD_BIN="$CACHE/etcd-$ETCD_VERSION/bin"
-HELM_BIN="$CACHE/helm-$HELM_VERSION/bin"
+# "-2": the second build recipe (with helm's Kubernetes version ldflags); a
+# new recipe gets a new folder so a cache from an older recipe is not used.
+HELM_BIN="$CACHE/helm-$HELM_VERSION-2/bin"

@@ -57,7 +57,7 @@ pub fn bed_paths() -> BedPaths {
     BedPaths {
         kube_bin: cache.join(format!("kubernetes-{kubernetes_version}/bin")),
         etcd_bin: cache.join(format!("etcd-{etcd_version}/bin")),
-        helm_bin: cache.join(format!("helm-{helm_version}/bin")),
+        helm_bin: cache.join(format!("helm-{helm_version}-2/bin")),
         kubernetes_version,
         helm_version,
     }
@@ -69,31 +69,45 @@ pub struct Cluster {
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static PRIVATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Starts (once per test binary) or finds the control plane.
 pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
-        if let Some(path) = std::env::var_os("CLUSTERAPP_TEST_KUBECONFIG") {
+        let private = PRIVATE.load(std::sync::atomic::Ordering::SeqCst);
+        if !private && let Some(path) = std::env::var_os("CLUSTERAPP_TEST_KUBECONFIG") {
             return Cluster { kubeconfig: PathBuf::from(path) };
         }
-        // One state folder per test binary, so test binaries run by hand in
-        // parallel do not share (and stop) each other's control plane.
-        let exe = std::env::current_exe().expect("current_exe");
-        let name = exe.file_stem().and_then(|s| s.to_str()).unwrap_or("test").to_string();
-        let state = repo_root().join("target/test-clusters").join(name);
-        let out = Command::new("bash")
-            .arg(repo_root().join("tests/bed/cluster.sh"))
-            .args(["up", "--owner-pid", &std::process::id().to_string()])
-            .env("CLUSTERAPP_STATE", &state)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("running tests/bed/cluster.sh");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "tests/bed/cluster.sh up failed: {stdout}");
-        let line = stdout.lines().last().unwrap_or_default();
-        let path = line.strip_prefix("KUBECONFIG=").unwrap_or_else(|| panic!("unexpected last line from cluster.sh: {line:?}"));
-        Cluster { kubeconfig: PathBuf::from(path) }
+        start_own_cluster()
     })
+}
+
+/// For test binaries that change cluster-wide objects other binaries rely on
+/// (the ClusterApp CRD, say): every test of such a binary calls this first,
+/// and the binary gets a control plane of its own even under `make test`.
+pub fn private_cluster() -> &'static Cluster {
+    PRIVATE.store(true, std::sync::atomic::Ordering::SeqCst);
+    cluster()
+}
+
+fn start_own_cluster() -> Cluster {
+    // One state folder per test binary, so test binaries run in parallel
+    // do not share (and stop) each other's control plane.
+    let exe = std::env::current_exe().expect("current_exe");
+    let name = exe.file_stem().and_then(|s| s.to_str()).unwrap_or("test").to_string();
+    let state = repo_root().join("target/test-clusters").join(name);
+    let out = Command::new("bash")
+        .arg(repo_root().join("tests/bed/cluster.sh"))
+        .args(["up", "--owner-pid", &std::process::id().to_string()])
+        .env("CLUSTERAPP_STATE", &state)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running tests/bed/cluster.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "tests/bed/cluster.sh up failed: {stdout}");
+    let line = stdout.lines().last().unwrap_or_default();
+    let path = line.strip_prefix("KUBECONFIG=").unwrap_or_else(|| panic!("unexpected last line from cluster.sh: {line:?}"));
+    Cluster { kubeconfig: PathBuf::from(path) }
 }
 
 /// A kube client with cluster-admin rights. Make one per test: a client is
