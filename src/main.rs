@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the ClusterApp controller.
-    Operator,
+    Operator(clusterapp::operator::OperatorArgs),
     /// Run the HTTP -> AJP/1.3 load balancer.
     Balancer(clusterapp::balancer::BalancerArgs),
     /// Print the ClusterApp CustomResourceDefinition as YAML.
@@ -23,13 +23,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = match cli.command {
-        Command::Operator => "operator",
-        Command::Balancer(args) => return clusterapp::balancer::main(args),
-        Command::Crd => return print_crd(),
-    };
-    eprintln!("clusterapp {name}: not implemented yet");
-    ExitCode::from(2)
+    match cli.command {
+        Command::Operator(args) => clusterapp::operator::main(args),
+        Command::Balancer(args) => clusterapp::balancer::main(args),
+        Command::Crd => print_crd(),
+    }
 }
 
 /// `clusterapp crd`: the same text as `crds/clusterapp.yaml`.

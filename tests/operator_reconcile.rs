@@ -1,0 +1,412 @@
+//! The operator against the real API server and controller manager, running
+//! in-process under its own ServiceAccount (deploy/operator-rbac.yaml).
+
+mod operator_common;
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use clusterapp::crd::ClusterApp;
+use support::{TestNamespace, wait_until};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Every child of app `name`: (kind/name, metadata), or None while one is missing.
+async fn children(ns: &TestNamespace, name: &str) -> Option<BTreeMap<String, ObjectMeta>> {
+    macro_rules! get {
+        ($map:ident, $kind:ty, $object:expr) => {{
+            let object_name: String = $object;
+            let object = ns.api::<$kind>().get_opt(&object_name).await.ok()??;
+            $map.insert(format!("{}/{}", stringify!($kind), object_name), object.metadata);
+        }};
+    }
+    let mut map = BTreeMap::new();
+    get!(map, Secret, format!("{name}-secrets"));
+    get!(map, ConfigMap, format!("{name}-tomcat"));
+    get!(map, Service, format!("{name}-peers"));
+    get!(map, Service, format!("{name}-nodes"));
+    get!(map, Service, name.to_string());
+    get!(map, ServiceAccount, format!("{name}-node"));
+    get!(map, Role, format!("{name}-node"));
+    get!(map, RoleBinding, format!("{name}-node"));
+    get!(map, StatefulSet, name.to_string());
+    get!(map, ServiceAccount, format!("{name}-balancer"));
+    get!(map, Role, format!("{name}-balancer"));
+    get!(map, RoleBinding, format!("{name}-balancer"));
+    get!(map, Deployment, format!("{name}-balancer"));
+    get!(map, PodDisruptionBudget, format!("{name}-nodes"));
+    get!(map, NetworkPolicy, format!("{name}-nodes"));
+    Some(map)
+}
+
+fn resource_versions(children: &BTreeMap<String, ObjectMeta>) -> BTreeMap<String, String> {
+    children.iter().map(|(k, m)| (k.clone(), m.resource_version.clone().unwrap_or_default())).collect()
+}
+
+async fn create_app(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> ClusterApp {
+    let app: ClusterApp = serde_json::from_value(json!({
+        "apiVersion": "clusterapp.io/v1alpha1", "kind": "ClusterApp",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("app");
+    ns.api::<ClusterApp>().create(&PostParams::default(), &app).await.expect("creating the ClusterApp")
+}
+
+async fn wait_for_children(ns: &TestNamespace, name: &str) -> BTreeMap<String, ObjectMeta> {
+    wait_until(WAIT, "every child to exist", || async { children(ns, name).await.is_some() }).await;
+    children(ns, name).await.expect("children")
+}
+
+/// Waits until the app's status describes its current generation.
+async fn wait_for_status(ns: &TestNamespace, name: &str, what: &str, check: impl Fn(&ClusterApp) -> bool) -> ClusterApp {
+    let apps = ns.api::<ClusterApp>();
+    let mut last = None;
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        if let Ok(app) = apps.get(name).await {
+            let current = app.status.as_ref().and_then(|s| s.observed_generation) == app.metadata.generation;
+            if current && check(&app) {
+                return app;
+            }
+            last = Some(app);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}; last status: {:#?}", last.and_then(|a| a.status));
+}
+
+fn condition(app: &ClusterApp, type_: &str) -> Option<(String, String, String)> {
+    app.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Plays the kubelet: marks pod `name` Running and Ready with `ip`.
+async fn make_pod_ready(ns: &TestNamespace, name: &str, ip: &str) {
+    let pods = ns.api::<Pod>();
+    wait_until(WAIT, &format!("pod {name} to be created"), || async { pods.get_opt(name).await.ok().flatten().is_some() }).await;
+    let now = "2025-01-01T00:00:00Z";
+    let status = json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+            {"type": "Ready", "status": "True", "lastTransitionTime": now}
+        ]
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("setting pod status");
+}
+
+async fn events_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
+    let events: Api<Event> = ns.api();
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test]
+async fn apply_creates_every_child_owned_and_labelled() {
+    let ns = TestNamespace::new("capp-apply").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    let app = create_app(&ns, "shop", json!({"replicas": 3, "image": "registry.example/shop:1.4"})).await;
+    let uid = app.metadata.uid.clone().expect("uid");
+    let children = wait_for_children(&ns, "shop").await;
+    assert_eq!(children.len(), 15);
+    for (key, meta) in &children {
+        let owner = meta.owner_references.as_ref().and_then(|o| o.first()).unwrap_or_else(|| panic!("{key} has no owner"));
+        assert_eq!((owner.uid.as_str(), owner.kind.as_str(), owner.controller), (uid.as_str(), "ClusterApp", Some(true)), "{key}");
+        let labels = meta.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get("app.kubernetes.io/instance").map(String::as_str), Some("shop"), "{key}");
+        assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("clusterapp-operator"), "{key}");
+    }
+    // Generated keys: 64 hex characters each, and never in the status.
+    let secret = ns.api::<Secret>().get("shop-secrets").await.expect("secret");
+    let data = secret.data.expect("data");
+    let key = String::from_utf8(data["tribes-encryption-key"].0.clone()).expect("utf8");
+    assert!(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()), "tribes key is 64 hex chars");
+    let ajp = String::from_utf8(data["ajp-secret"].0.clone()).expect("utf8");
+    let app = wait_for_status(&ns, "shop", "a status", |a| a.status.is_some()).await;
+    let status_text = serde_json::to_string(&app.status).expect("json");
+    assert!(!status_text.contains(&key) && !status_text.contains(&ajp));
+    let status = app.status.expect("status");
+    assert_eq!(
+        status.selector,
+        "app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp"
+    );
+    assert_eq!(condition(&app_get(&ns, "shop").await, "Degraded").map(|c| c.0), Some("False".to_string()));
+    wait_until(WAIT, "a Created event", || async {
+        events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "Created")
+    })
+    .await;
+    for (_, note) in events_of(&ns, "shop").await {
+        assert!(!note.contains(&key) && !note.contains(&ajp), "secret in an event");
+    }
+    // The keys are kept across reconciles: touch the app, compare.
+    ns.api::<ClusterApp>()
+        .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})))
+        .await
+        .expect("touch");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = ns.api::<Secret>().get("shop-secrets").await.expect("secret").data.expect("data");
+    assert_eq!(again["tribes-encryption-key"].0, key.as_bytes());
+    assert_eq!(again["ajp-secret"].0, ajp.as_bytes());
+}
+
+async fn app_get(ns: &TestNamespace, name: &str) -> ClusterApp {
+    ns.api::<ClusterApp>().get(name).await.expect("app")
+}
+
+#[tokio::test]
+async fn scale_subresource_drives_replicas_and_members_follow_pods() {
+    let ns = TestNamespace::new("capp-scale").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
+    wait_for_children(&ns, "shop").await;
+    make_pod_ready(&ns, "shop-0", "10.0.0.10").await;
+    wait_for_status(&ns, "shop", "1/1 ready", |a| a.status.as_ref().is_some_and(|s| s.ready == "1/1")).await;
+
+    support::run_ok(support::kubectl().args(["-n", &ns.name, "scale", "clusterapp/shop", "--replicas=3"]));
+    let sts = ns.api::<StatefulSet>();
+    wait_until(WAIT, "StatefulSet replicas 3", || async {
+        sts.get("shop").await.ok().and_then(|s| s.spec.replicas) == Some(3)
+    })
+    .await;
+    // OrderedReady: the controller manager creates shop-1 once shop-0 is ready.
+    make_pod_ready(&ns, "shop-1", "10.0.0.11").await;
+    make_pod_ready(&ns, "shop-2", "10.0.0.12").await;
+    let app = wait_for_status(&ns, "shop", "3/3 ready", |a| a.status.as_ref().is_some_and(|s| s.ready == "3/3")).await;
+    let status = app.status.clone().expect("status");
+    assert_eq!((status.replicas, status.ready_replicas), (3, 3));
+    assert_eq!(status.routes, "shop-0,shop-1,shop-2");
+    let members: Vec<_> = status.members.iter().map(|m| (m.pod.as_str(), m.route.as_str(), m.pod_ip.as_deref(), m.ready, m.draining)).collect();
+    assert_eq!(
+        members,
+        [
+            ("shop-0", "shop-0", Some("10.0.0.10"), true, false),
+            ("shop-1", "shop-1", Some("10.0.0.11"), true, false),
+            ("shop-2", "shop-2", Some("10.0.0.12"), true, false)
+        ]
+    );
+    assert_eq!(condition(&app, "Ready").map(|c| c.0), Some("True".to_string()));
+    // kubectl shows the printer columns.
+    let table = support::run_ok(support::kubectl().args(["-n", &ns.name, "get", "capp", "shop"]));
+    assert!(table.contains("READY") && table.contains("3/3") && table.contains("shop-0,shop-1,shop-2") && table.contains("all"), "{table}");
+    // The scale subresource reads status.replicas and the selector.
+    let scale = support::run_ok(support::kubectl().args(["-n", &ns.name, "get", "--subresource=scale", "clusterapp/shop", "-o", "json"]));
+    let scale: serde_json::Value = serde_json::from_str(&scale).expect("scale json");
+    assert_eq!(scale["status"]["replicas"], 3);
+    assert!(scale["status"]["selector"].as_str().unwrap_or_default().contains("app.kubernetes.io/instance=shop"));
+    wait_until(WAIT, "a Scaled event", || async {
+        events_of(&ns, "shop").await.iter().any(|(reason, note)| reason == "Scaled" && note.contains("from 1 to 3"))
+    })
+    .await;
+
+    // Scale down: the leaving pod shows as draining while it terminates.
+    support::run_ok(support::kubectl().args(["-n", &ns.name, "scale", "clusterapp/shop", "--replicas=2"]));
+    wait_until(WAIT, "StatefulSet replicas 2", || async {
+        sts.get("shop").await.ok().and_then(|s| s.spec.replicas) == Some(2)
+    })
+    .await;
+    let app = wait_for_status(&ns, "shop", "shop-2 draining or gone", |a| {
+        a.status.as_ref().is_some_and(|s| s.routes == "shop-0,shop-1" && s.replicas == 2)
+    })
+    .await;
+    assert!(app.status.expect("status").members.iter().all(|m| m.pod != "shop-2" || m.draining));
+}
+
+#[tokio::test]
+async fn image_change_rolls_only_the_stateful_set_and_steady_state_is_quiet() {
+    let ns = TestNamespace::new("capp-steady").await;
+    let operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 2, "image": "registry.example/shop:1.4"})).await;
+    wait_for_children(&ns, "shop").await;
+    wait_for_status(&ns, "shop", "a status", |a| a.status.is_some()).await;
+
+    // Steady state: nothing changes, and the operator stops reconciling.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = resource_versions(&children(&ns, "shop").await.expect("children"));
+    let app_version = app_get(&ns, "shop").await.metadata.resource_version;
+    let reconciles = operator.state.reconcile_count();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(resource_versions(&children(&ns, "shop").await.expect("children")), before, "children churned");
+    assert_eq!(app_get(&ns, "shop").await.metadata.resource_version, app_version, "the ClusterApp churned");
+    assert_eq!(operator.state.reconcile_count(), reconciles, "the operator kept reconciling a converged app");
+
+    // New image: only the StatefulSet changes (its template: a rolling update).
+    ns.api::<ClusterApp>()
+        .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"spec": {"image": "registry.example/shop:1.5"}})))
+        .await
+        .expect("patching the image");
+    let sts = ns.api::<StatefulSet>();
+    wait_until(WAIT, "the new image in the StatefulSet", || async {
+        sts.get("shop").await.ok().is_some_and(|s| {
+            s.spec.template.spec.as_ref().is_some_and(|p| p.containers[0].image.as_deref() == Some("registry.example/shop:1.5"))
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = resource_versions(&children(&ns, "shop").await.expect("children"));
+    let changed: Vec<_> = before.keys().filter(|k| before[*k] != after[*k]).cloned().collect();
+    assert_eq!(changed, ["StatefulSet/shop"], "only the StatefulSet may change");
+
+    // A session setting: server.xml and the StatefulSet template change.
+    let template_hash = |s: StatefulSet| {
+        s.spec.template.metadata.and_then(|m| m.annotations).and_then(|a| a.get("clusterapp.io/server-xml-sha256").cloned())
+    };
+    let old_hash = template_hash(sts.get("shop").await.expect("sts"));
+    assert!(old_hash.is_some());
+    ns.api::<ClusterApp>()
+        .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sessions": {"sendMode": "async"}}})))
+        .await
+        .expect("patching sendMode");
+    let config_maps = ns.api::<ConfigMap>();
+    wait_until(WAIT, "async send mode in server.xml", || async {
+        config_maps.get("shop-tomcat").await.ok().and_then(|c| c.data).is_some_and(|d| d["server.xml"].contains(r#"channelSendOptions="8""#))
+    })
+    .await;
+    wait_until(WAIT, "a new server.xml hash on the pod template", || async {
+        template_hash(sts.get("shop").await.expect("sts")) != old_hash
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleted_or_edited_children_are_restored() {
+    let ns = TestNamespace::new("capp-restore").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 2, "image": "registry.example/shop:1.4"})).await;
+    let first = wait_for_children(&ns, "shop").await;
+    let secret_before = ns.api::<Secret>().get("shop-secrets").await.expect("secret").data;
+
+    // Deleted: the ConfigMap and the balancer Deployment come back.
+    ns.api::<ConfigMap>().delete("shop-tomcat", &DeleteParams::default()).await.expect("delete cm");
+    ns.api::<Deployment>().delete("shop-balancer", &DeleteParams::default()).await.expect("delete deployment");
+    wait_until(WAIT, "the ConfigMap and Deployment to be recreated", || async {
+        let cm = ns.api::<ConfigMap>().get_opt("shop-tomcat").await.ok().flatten();
+        let dep = ns.api::<Deployment>().get_opt("shop-balancer").await.ok().flatten();
+        cm.is_some_and(|c| c.metadata.uid != first["ConfigMap/shop-tomcat"].uid)
+            && dep.is_some_and(|d| d.metadata.uid != first["Deployment/shop-balancer"].uid)
+    })
+    .await;
+
+    // Edited: replicas and a Service port are put back.
+    ns.api::<StatefulSet>()
+        .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 7}})))
+        .await
+        .expect("edit sts");
+    ns.api::<Service>()
+        .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"spec": {"type": "NodePort"}})))
+        .await
+        .expect("edit service");
+    wait_until(WAIT, "the edits to be undone", || async {
+        let sts = ns.api::<StatefulSet>().get("shop").await.ok();
+        let svc = ns.api::<Service>().get("shop").await.ok();
+        sts.and_then(|s| s.spec.replicas) == Some(2) && svc.and_then(|s| s.spec).and_then(|s| s.type_).as_deref() == Some("ClusterIP")
+    })
+    .await;
+
+    // The keys survive a deleted Secret? No: a deleted Secret is recreated
+    // with new keys (there is nothing to keep); an edit that drops one key
+    // regenerates only that key.
+    ns.api::<Secret>()
+        .patch("shop-secrets", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(json!([
+            {"op": "remove", "path": "/data/ajp-secret"}
+        ])).expect("json patch")))
+        .await
+        .expect("drop a key");
+    wait_until(WAIT, "the dropped key to be regenerated", || async {
+        ns.api::<Secret>().get("shop-secrets").await.ok().and_then(|s| s.data).is_some_and(|d| d.contains_key("ajp-secret"))
+    })
+    .await;
+    let secret_after = ns.api::<Secret>().get("shop-secrets").await.expect("secret").data.expect("data");
+    let before = secret_before.expect("data");
+    assert_eq!(secret_after["tribes-encryption-key"], before["tribes-encryption-key"], "the other key is kept");
+}
+
+#[tokio::test]
+async fn deleting_the_app_garbage_collects_every_child() {
+    let ns = TestNamespace::new("capp-gc").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
+    wait_for_children(&ns, "shop").await;
+    ns.api::<ClusterApp>().delete("shop", &DeleteParams::foreground()).await.expect("delete app");
+    wait_until(Duration::from_secs(60), "every child to be garbage collected", || async {
+        let left = [
+            ns.api::<Secret>().get_opt("shop-secrets").await.ok().flatten().is_some(),
+            ns.api::<ConfigMap>().get_opt("shop-tomcat").await.ok().flatten().is_some(),
+            ns.api::<StatefulSet>().get_opt("shop").await.ok().flatten().is_some(),
+            ns.api::<Deployment>().get_opt("shop-balancer").await.ok().flatten().is_some(),
+            ns.api::<Service>().get_opt("shop").await.ok().flatten().is_some(),
+            ns.api::<Service>().get_opt("shop-nodes").await.ok().flatten().is_some(),
+            ns.api::<Role>().get_opt("shop-node").await.ok().flatten().is_some(),
+            ns.api::<PodDisruptionBudget>().get_opt("shop-nodes").await.ok().flatten().is_some(),
+            ns.api::<NetworkPolicy>().get_opt("shop-nodes").await.ok().flatten().is_some(),
+        ];
+        left.iter().all(|present| !present)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missing_secret_ref_degrades_and_creating_it_heals() {
+    let ns = TestNamespace::new("capp-secret").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(
+        &ns,
+        "shop",
+        json!({"replicas": 1, "image": "registry.example/shop:1.4", "ajp": {"secretRef": {"name": "shop-ajp", "key": "secret"}}}),
+    )
+    .await;
+    let app = wait_for_status(&ns, "shop", "Degraded SecretNotFound", |a| {
+        condition(a, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "SecretNotFound")
+    })
+    .await;
+    let (_, _, message) = condition(&app, "Degraded").expect("degraded");
+    assert!(message.contains(&format!("Secret {}/shop-ajp", ns.name)) && message.contains("key secret"), "{message}");
+    assert_eq!(condition(&app, "Ready").map(|c| c.0), Some("False".to_string()));
+    wait_until(WAIT, "a SecretNotFound warning event", || async {
+        events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "SecretNotFound")
+    })
+    .await;
+
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "shop-ajp"}, "stringData": {"secret": "user-chosen-ajp-secret"}
+    }))
+    .expect("secret");
+    ns.api::<Secret>().create(&PostParams::default(), &secret).await.expect("creating the Secret");
+    wait_for_status(&ns, "shop", "Degraded False", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
+    let children = wait_for_children(&ns, "shop").await;
+    assert_eq!(children.len(), 15);
+    // The nodes and the balancer read the user's Secret.
+    let sts = ns.api::<StatefulSet>().get("shop").await.expect("sts");
+    let env = sts.spec.template.spec.expect("pod").containers[0].env.clone().expect("env");
+    let ajp = env.iter().find(|e| e.name == "AJP_SECRET").and_then(|e| e.value_from.clone()).and_then(|v| v.secret_key_ref).expect("ref");
+    assert_eq!((ajp.name.as_str(), ajp.key.as_str()), ("shop-ajp", "secret"));
+    let text = serde_json::to_string(&app_get(&ns, "shop").await).expect("json");
+    assert!(!text.contains("user-chosen-ajp-secret"));
+    wait_until(WAIT, "a Recovered event", || async {
+        events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "Recovered")
+    })
+    .await;
+}
