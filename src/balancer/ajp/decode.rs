@@ -329,4 +329,34 @@ mod tests {
         decode_send_headers(&p, &mut h).expect("decode");
         assert_eq!(h["x-empty"], "");
     }
+
+    /// The property the `ajp_decoder` fuzz target checks, on stable: random
+    /// payloads (with valid type bytes, so decoding gets deep) never panic.
+    #[test]
+    fn random_payloads_never_panic() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..50_000 {
+            let len = (next() % 48) as usize;
+            let mut p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if !p.is_empty() {
+                p[0] = [3, 4, 5, 6, 9][(next() % 5) as usize];
+            }
+            if p.len() > 6 && next() % 2 == 0 {
+                p[5] = 0xA0; // coded header names
+            }
+            match decode_container_packet(&p) {
+                Ok(ContainerPacket::SendHeaders) => {
+                    let _ = decode_send_headers(&p, &mut HeaderMap::new());
+                }
+                Ok(ContainerPacket::SendBodyChunk { offset, len }) => assert!(offset + len <= p.len()),
+                _ => {}
+            }
+        }
+    }
 }
