@@ -190,6 +190,8 @@ async fn helm_upgrade_updates_the_crd_and_uninstall_keeps_only_the_crd() {
     let annotations = crd.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(annotations.get("helm.sh/resource-policy").map(String::as_str), Some("keep"));
     assert!(!crd_has_upgrade_probe(&crds).await);
+    // The commented sample in deploy/examples is a valid ClusterApp.
+    run_ok(kubectl().args(["apply", "--dry-run=server", "-n", &ns.name, "-f"]).arg(support::repo_root().join("deploy/examples/clusterapp.yaml")));
     let deployments: Api<Deployment> = ns.api();
     assert_eq!(deployments.get(full).await.expect("operator deployment").spec.replicas, Some(2));
 
