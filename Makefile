@@ -43,4 +43,4 @@ demo: tools
 	@bash tests/bed/demo.sh
 
 bench: tools
-	@echo "no benchmarks yet"
+	$(CARGO) bench --bench balancer

@@ -1,0 +1,317 @@
+//! `make bench`: the balancer against Apache httpd 2.4 (event MPM,
+//! mod_proxy_ajp + mod_proxy_balancer) in front of the same 3 Tomcats,
+//! measured in the same run, interleaved, with wrk.
+//!
+//! Prints a table (req/s, p50, p99, proxy CPU seconds per 10k requests,
+//! proxy RSS) and, last, the ratio lines the issue asks for.
+//! Knobs: BENCH_SECONDS (per run, default 8), BENCH_ROUNDS (default 3),
+//! BENCH_CONNECTIONS (default 64).
+
+#[path = "../balancer_common/mod.rs"]
+mod balancer_common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use balancer_common::tomcat::{TomcatOptions, start_cluster};
+use balancer_common::{Balancer, BalancerOptions, TempDir, free_port, wait_until};
+
+const SECRET: &str = "bench-secret";
+const PATH: &str = "/counter/echo";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Apache httpd configured like our balancer.
+struct Httpd {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+}
+
+const HTTPD_SERVERS: u32 = 2;
+const HTTPD_THREADS_PER_CHILD: u32 = 64;
+
+impl Httpd {
+    fn start(members: &[(String, u16)]) -> Httpd {
+        let dir = TempDir::new("httpd");
+        let port = free_port();
+        let m = "/usr/lib/apache2/modules";
+        let balancer_members: String = members
+            .iter()
+            .map(|(route, ajp)| format!("  BalancerMember ajp://127.0.0.1:{ajp} route={route} secret={SECRET}\n"))
+            .collect();
+        let conf = format!(
+            r#"ServerRoot {root}
+ServerName bench.local
+Listen 127.0.0.1:{port}
+PidFile {root}/httpd.pid
+DefaultRuntimeDir {root}
+Mutex file:{root} default
+ErrorLog {root}/error.log
+LogLevel warn
+LoadModule mpm_event_module {m}/mod_mpm_event.so
+LoadModule authz_core_module {m}/mod_authz_core.so
+LoadModule slotmem_shm_module {m}/mod_slotmem_shm.so
+LoadModule proxy_module {m}/mod_proxy.so
+LoadModule proxy_ajp_module {m}/mod_proxy_ajp.so
+LoadModule proxy_balancer_module {m}/mod_proxy_balancer.so
+LoadModule lbmethod_byrequests_module {m}/mod_lbmethod_byrequests.so
+User www-data
+Group www-data
+StartServers {servers}
+ServerLimit {servers}
+ThreadsPerChild {threads}
+ThreadLimit {threads}
+MinSpareThreads 1
+MaxSpareThreads {max_threads}
+MaxRequestWorkers {max_threads}
+MaxConnectionsPerChild 0
+KeepAlive On
+MaxKeepAliveRequests 0
+KeepAliveTimeout 30
+<Proxy balancer://tomcats>
+{balancer_members}  ProxySet stickysession=JSESSIONID|jsessionid lbmethod=byrequests
+</Proxy>
+ProxyPass / balancer://tomcats/
+"#,
+            root = dir.path().display(),
+            servers = HTTPD_SERVERS,
+            threads = HTTPD_THREADS_PER_CHILD,
+            max_threads = HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD,
+        );
+        let conf_path = dir.path().join("httpd.conf");
+        std::fs::write(&conf_path, conf).expect("httpd.conf");
+        // www-data must be able to reach the runtime dir.
+        let _ = Command::new("chmod").args(["0777"]).arg(dir.path()).status();
+        let child = Command::new("/usr/sbin/apache2")
+            .arg("-f")
+            .arg(&conf_path)
+            .arg("-DFOREGROUND")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start apache2");
+        let mut h = Httpd { child: Some(child), port, dir };
+        wait_until(Duration::from_secs(15), "httpd", || {
+            balancer_common::http::blocking_status(format!("127.0.0.1:{port}").parse().expect("addr"), PATH) == Some(200)
+        });
+        if let Some(c) = h.child.as_mut() {
+            assert!(c.try_wait().ok().flatten().is_none(), "httpd exited: {}", std::fs::read_to_string(h.dir.path().join("error.log")).unwrap_or_default());
+        }
+        h
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
+    }
+}
+
+impl Drop for Httpd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM lets the parent stop its own children.
+            balancer_common::signal(c.id(), "TERM");
+            for _ in 0..50 {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A process and its children (httpd's workers).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let out = Command::new("pgrep").arg("-P").arg(pid.to_string()).output().expect("pgrep");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Ok(child) = line.trim().parse::<u32>() {
+            all.extend(process_tree(child));
+        }
+    }
+    all
+}
+
+/// CPU seconds (user + system) of a process tree.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = 100.0; // CLK_TCK on Linux
+    process_tree(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            let after = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = after.split(' ').collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        })
+        .sum::<f64>()
+        / ticks
+}
+
+/// Resident memory of a process tree in MiB.
+fn rss_mb(pid: u32) -> f64 {
+    process_tree(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1024.0
+}
+
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_per_10k: Option<f64>,
+    rss_mb: Option<f64>,
+}
+
+fn parse_latency(s: &str) -> f64 {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let v: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(port: u16, cookie: Option<&str>, seconds: u64, connections: u64, proxy_pid: Option<u32>) -> Sample {
+    let cpu_before = proxy_pid.map(cpu_seconds);
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t", "2", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency"]);
+    if let Some(c) = cookie {
+        cmd.args(["-H", &format!("Cookie: JSESSIONID={c}")]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{PATH}"));
+    let out = cmd.output().expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut s = Sample::default();
+    let mut requests = 0.0;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            s.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("50%") {
+            s.p50_ms = parse_latency(v);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            s.p99_ms = parse_latency(v);
+        } else if t.contains("requests in") {
+            requests = t.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0.0);
+        } else if t.starts_with("Non-2xx") || t.starts_with("Socket errors") {
+            eprintln!("wrk on :{port}: {t}");
+        }
+    }
+    if let (Some(pid), Some(before)) = (proxy_pid, cpu_before) {
+        if requests > 0.0 {
+            s.cpu_per_10k = Some((cpu_seconds(pid) - before) / requests * 10_000.0);
+        }
+        s.rss_mb = Some(rss_mb(pid));
+    }
+    s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let seconds = env_or("BENCH_SECONDS", 8);
+    let rounds = env_or("BENCH_ROUNDS", 3);
+    let connections = env_or("BENCH_CONNECTIONS", 64);
+    for tool in ["wrk", "/usr/sbin/apache2", "java"] {
+        assert!(Command::new("which").arg(tool).output().map(|o| o.status.success()).unwrap_or(false) || Path::new(tool).exists(), "{tool} is missing: run `make deps`");
+    }
+
+    let mut options = TomcatOptions::new(SECRET);
+    options.jvm_opts = vec!["-Xms512m".into(), "-Xmx512m".into(), "-XX:+UseParallelGC".into()];
+    options.max_threads = 200;
+    let nodes = start_cluster(&["s1", "s2", "s3"], &options);
+    let members: Vec<(String, u16)> = nodes.iter().map(|n| (n.route.clone(), n.ajp_port)).collect();
+    let balancer = Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0], &nodes[1], &nodes[2]]));
+    let httpd = Httpd::start(&members);
+    let direct_port = nodes[1].http_port;
+    let sticky = "benchsession.s2";
+
+    println!("# balancer vs Apache httpd {} (event MPM, {} servers x {} threads = {} workers, mod_proxy_ajp + mod_proxy_balancer, access logs off)",
+        String::from_utf8_lossy(&Command::new("/usr/sbin/apache2").arg("-v").output().map(|o| o.stdout).unwrap_or_default()).lines().next().unwrap_or("").trim_start_matches("Server version: "),
+        HTTPD_SERVERS, HTTPD_THREADS_PER_CHILD, HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD);
+    println!("# balancer: tokio multi-thread runtime, {} worker threads (one per core); access log off", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("# 3 Tomcat 10.1 nodes (200 threads each), GET {PATH}, wrk -t2 -c{connections} -d{seconds}s, {rounds} interleaved rounds, medians");
+
+    // Warm up the JITs and pools.
+    for port in [direct_port, httpd.port, balancer.listen.port()] {
+        wrk(port, Some(sticky), 3, connections, None);
+    }
+
+    type Key = &'static str;
+    let mut results: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
+    for round in 0..rounds {
+        eprintln!("round {} of {rounds}", round + 1);
+        let runs: [(Key, u16, Option<&str>, Option<u32>); 5] = [
+            ("1 direct tomcat", direct_port, Some(sticky), None),
+            ("2 httpd sticky", httpd.port, Some(sticky), Some(httpd.pid())),
+            ("3 balancer sticky", balancer.listen.port(), Some(sticky), Some(balancer.pid())),
+            ("4 httpd non-sticky", httpd.port, None, Some(httpd.pid())),
+            ("5 balancer non-sticky", balancer.listen.port(), None, Some(balancer.pid())),
+        ];
+        for (name, port, cookie, pid) in runs {
+            results.entry(name).or_default().push(wrk(port, cookie, seconds, connections, pid));
+        }
+    }
+
+    println!("{:<24} {:>10} {:>9} {:>9} {:>14} {:>9}", "target", "req/s", "p50 ms", "p99 ms", "cpu s/10k req", "rss MB");
+    let mut med: BTreeMap<Key, Sample> = BTreeMap::new();
+    for (name, samples) in &results {
+        let m = Sample {
+            rps: median(samples.iter().map(|s| s.rps).collect()),
+            p50_ms: median(samples.iter().map(|s| s.p50_ms).collect()),
+            p99_ms: median(samples.iter().map(|s| s.p99_ms).collect()),
+            cpu_per_10k: samples[0].cpu_per_10k.map(|_| median(samples.iter().filter_map(|s| s.cpu_per_10k).collect())),
+            rss_mb: samples.iter().filter_map(|s| s.rss_mb).reduce(f64::max),
+        };
+        let fmt_opt = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:>10.0} {:>9.2} {:>9.2} {:>14} {:>9}",
+            &name[2..],
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            fmt_opt(m.cpu_per_10k, 3),
+            fmt_opt(m.rss_mb, 1)
+        );
+        med.insert(name, m);
+    }
+
+    // 1000 idle client connections.
+    let before = balancer.rss_kib();
+    let idle: Vec<TcpStream> = (0..1000).filter_map(|_| TcpStream::connect(balancer.listen).ok()).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let with_idle = balancer.rss_kib();
+    println!("# {} idle connections held: balancer rss {:.1} MB -> {:.1} MB", idle.len(), before as f64 / 1024.0, with_idle as f64 / 1024.0);
+    drop(idle);
+
+    let b_sticky = &med["3 balancer sticky"];
+    let h_sticky = &med["2 httpd sticky"];
+    let direct = &med["1 direct tomcat"];
+    println!("ratio sticky_rps balancer/httpd: {:.2}", b_sticky.rps / h_sticky.rps);
+    println!("ratio sticky_rps balancer/direct: {:.2}", b_sticky.rps / direct.rps);
+    println!("ratio p99 balancer/httpd: {:.2}", b_sticky.p99_ms / h_sticky.p99_ms);
+    println!("balancer rss_mb at 1000 idle connections: {:.0}", with_idle as f64 / 1024.0);
+}
