@@ -11,6 +11,9 @@
 //! kubeconfig for a real cluster is never touched by a test run.
 #![allow(dead_code)]
 
+/// The process kubelet (tests/kubelet): `support::kubelet::kubelet()`.
+pub mod kubelet;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
