@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests, benchmarks and demo use, when missing.
 #   tomcat10   real Apache Tomcat 10.1 session nodes
+#   openjdk-17-jdk-headless  javac for the counter sample app (tests build it)
 #   apache2    Apache httpd 2.4, the peer the balancer is benchmarked against
 #   wrk        load generator for benchmarks and soak tests
 #   chromium   headless browser that looks at the balancer's status page
 #   openssl    certificates for the local control plane
 #   iproute2, procps, curl   plumbing the test bed uses
 set -euo pipefail
-packages=(tomcat10 apache2 wrk chromium openssl iproute2 procps curl ca-certificates)
+packages=(tomcat10 openjdk-17-jdk-headless apache2 wrk chromium openssl iproute2 procps curl ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
