@@ -14,5 +14,5 @@ line="$(bash "$here/cluster.sh" up | tail -n 1)"
 export CLUSTERAPP_TEST_KUBECONFIG="${line#KUBECONFIG=}"
 echo "[test] control plane up in $((SECONDS - started)) s: $CLUSTERAPP_TEST_KUBECONFIG" >&2
 
-cargo build --locked --all-targets
-cargo test --locked --no-fail-fast -- --test-threads="${CLUSTERAPP_TEST_THREADS:-4}"
+cargo build --locked --workspace --all-targets
+cargo test --locked --workspace --no-fail-fast -- --test-threads="${CLUSTERAPP_TEST_THREADS:-4}"
