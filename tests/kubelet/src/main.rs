@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Register the node and run its Pods until SIGTERM/SIGINT (or the owner exits).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Internal: the in-namespace step before a container's program.
     Enter {
         #[arg(long)]
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(kubelet::run(args)) {
+            match runtime.block_on(kubelet::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("clusterapp-kubelet: {e:#}");

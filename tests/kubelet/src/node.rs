@@ -111,7 +111,7 @@ pub async fn heartbeat(client: Client, info: NodeInfo, transition: Time) {
             warn!(node = info.name, "renewing the node Lease: {e:#}");
         }
         round += 1;
-        if round % 2 == 0
+        if round.is_multiple_of(2)
             && let Err(e) = update_status(&client, &info, &transition, true).await
         {
             warn!(node = info.name, "updating the Node status: {e:#}");
