@@ -103,6 +103,25 @@ impl AjpConnection {
         Ok(packet.freeze())
     }
 
+    /// The next packet when it is already complete in the read buffer and
+    /// its type byte passes `wanted`; otherwise `None` and nothing is
+    /// consumed. Costs no syscall: it lets the exchange finish a response
+    /// whose last packets arrived together with earlier ones.
+    pub fn buffered_packet(&mut self, wanted: impl Fn(u8) -> bool) -> Result<Option<Bytes>, ConnError> {
+        if self.read_buf.len() <= PACKET_HEADER_LEN {
+            return Ok(None);
+        }
+        let header = [self.read_buf[0], self.read_buf[1], self.read_buf[2], self.read_buf[3]];
+        let header = ajp::decode_packet_header(header, self.packet_size)?;
+        let total = PACKET_HEADER_LEN + header.payload_len;
+        if self.read_buf.len() < total || !wanted(self.read_buf[PACKET_HEADER_LEN]) {
+            return Ok(None);
+        }
+        let mut packet = self.read_buf.split_to(total);
+        packet.advance(PACKET_HEADER_LEN);
+        Ok(Some(packet.freeze()))
+    }
+
     async fn fill(&mut self, needed: usize) -> Result<(), ConnError> {
         while self.read_buf.len() < needed {
             self.read_buf.reserve(self.packet_size);

@@ -12,6 +12,7 @@
 //! or a failed write of the first packet (Tomcat acts on complete packets
 //! only). After that a failure is a 502, never a replay.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,13 +22,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use http::header::{CONTENT_LENGTH, HeaderValue, RETRY_AFTER, SET_COOKIE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest};
+use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest, from_container};
 use super::framing::FramingVerdicts;
 use super::member::{Member, MemberTable};
 use super::metrics::{BackendErrorKind, Metrics, RejectReason};
@@ -286,6 +287,19 @@ struct Exchange {
     lease: Option<Lease>,
     body: RequestBody,
     _in_flight: InFlight,
+    /// Response body bytes still to come, when the head gave a `Content-Length`.
+    body_left: Option<u64>,
+    /// `END_RESPONSE` was read (or the connection given up after a complete body).
+    ended: bool,
+}
+
+/// One packet of the response body phase.
+enum BodyPacket {
+    Data(Bytes),
+    /// An empty `SEND_BODY_CHUNK`: Tomcat's explicit flush.
+    Flush,
+    End,
+    GetBody(usize),
 }
 
 impl Exchange {
@@ -339,30 +353,108 @@ impl Exchange {
 
     /// The next response body bytes; `None` after `END_RESPONSE`.
     async fn next_body_bytes(&mut self) -> Result<Option<Bytes>, ExchangeError> {
+        if self.ended {
+            return Ok(None);
+        }
         loop {
             let payload = self.read_packet().await?;
-            match ajp::decode_container_packet(&payload).map_err(ConnError::Protocol)? {
-                ContainerPacket::SendBodyChunk { offset, len } => {
-                    if len == 0 {
-                        // Tomcat's explicit flush: every chunk is already written through.
-                        continue;
-                    }
-                    self.member.traffic_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    return Ok(Some(payload.slice(offset..offset + len)));
+            match self.body_packet(payload)? {
+                BodyPacket::Data(bytes) => {
+                    self.finish_early().await;
+                    return Ok(Some(bytes));
                 }
-                ContainerPacket::GetBodyChunk { requested } => self.send_body_piece(requested).await?,
-                ContainerPacket::EndResponse { reuse } => {
-                    if let Some(lease) = self.lease.take() {
-                        if reuse {
-                            self.member.pool.release(lease);
-                        }
-                    }
-                    return Ok(None);
-                }
-                ContainerPacket::SendHeaders => return Err(ConnError::Unexpected("second SEND_HEADERS").into()),
-                ContainerPacket::CPong => return Err(ConnError::Unexpected("CPONG during a request").into()),
+                BodyPacket::Flush => continue,
+                BodyPacket::End => return Ok(None),
+                BodyPacket::GetBody(requested) => self.send_body_piece(requested).await?,
             }
         }
+    }
+
+    /// Classifies one packet of the body phase; `END_RESPONSE` ends the
+    /// exchange here (the connection goes back to the pool when reusable).
+    fn body_packet(&mut self, payload: Bytes) -> Result<BodyPacket, ConnError> {
+        match ajp::decode_container_packet(&payload)? {
+            ContainerPacket::SendBodyChunk { len: 0, .. } => Ok(BodyPacket::Flush), // Tomcat's explicit flush
+            ContainerPacket::SendBodyChunk { offset, len } => {
+                self.member.traffic_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                if let Some(left) = self.body_left.as_mut() {
+                    *left = left.saturating_sub(len as u64);
+                }
+                Ok(BodyPacket::Data(payload.slice(offset..offset + len)))
+            }
+            ContainerPacket::GetBodyChunk { requested } => Ok(BodyPacket::GetBody(requested)),
+            ContainerPacket::EndResponse { reuse } => {
+                self.ended = true;
+                if let Some(lease) = self.lease.take() {
+                    if reuse {
+                        self.member.pool.release(lease);
+                    }
+                }
+                Ok(BodyPacket::End)
+            }
+            ContainerPacket::SendHeaders => Err(ConnError::Unexpected("second SEND_HEADERS")),
+            ContainerPacket::CPong => Err(ConnError::Unexpected("CPONG during a request")),
+        }
+    }
+
+    /// A body-phase packet of a wanted type that is already in the read
+    /// buffer (no I/O); `None` when the next packet still has to be read or
+    /// is of another type.
+    fn buffered_body_packet(&mut self, wanted: impl Fn(u8) -> bool) -> Result<Option<BodyPacket>, ConnError> {
+        let Some(lease) = self.lease.as_mut() else { return Ok(None) };
+        match lease.conn.buffered_packet(wanted)? {
+            Some(payload) => self.body_packet(payload).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes `END_RESPONSE` as soon as the body is complete, before its last
+    /// bytes go to the client: hyper stops polling a body once it has sent
+    /// `Content-Length` bytes, and a connection whose `END_RESPONSE` was never
+    /// read cannot go back to the pool. A failure here loses no response
+    /// bytes; only the connection is dropped.
+    async fn finish_early(&mut self) {
+        if self.ended {
+            return;
+        }
+        match self.buffered_body_packet(|kind| kind == from_container::END_RESPONSE) {
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(error) => return self.fail_after_body(&error),
+        }
+        if self.body_left != Some(0) {
+            return;
+        }
+        loop {
+            let payload = match self.read_packet().await {
+                Ok(payload) => payload,
+                Err(ExchangeError::Backend(error)) => return self.fail_after_body(&error),
+                Err(ExchangeError::Client(_)) => return self.fail_after_body(&ConnError::Closed),
+            };
+            match self.body_packet(payload) {
+                Ok(BodyPacket::End) => return,
+                Ok(BodyPacket::Flush) => continue,
+                Ok(BodyPacket::Data(_)) => return self.fail_after_body(&ConnError::Unexpected("body bytes beyond Content-Length")),
+                Ok(BodyPacket::GetBody(requested)) => {
+                    if let Err(error) = self.send_body_piece(requested).await {
+                        let error = match error {
+                            ExchangeError::Backend(error) => error,
+                            ExchangeError::Client(_) => ConnError::Closed,
+                        };
+                        return self.fail_after_body(&error);
+                    }
+                }
+                Err(error) => return self.fail_after_body(&error),
+            }
+        }
+    }
+
+    /// The member failed after the whole body arrived: the client still gets
+    /// the complete response, the connection is dropped.
+    fn fail_after_body(&mut self, error: &ConnError) {
+        tracing::debug!(route = %self.member.route, %error, "member failed after the response body; dropping the connection");
+        self.fail(error);
+        self.ended = true;
     }
 
     fn fail(&mut self, error: &ConnError) {
@@ -474,7 +566,15 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
         member.traffic_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
     }
 
-    let mut exchange = Exchange { bal: bal.clone(), member: member.clone(), lease: Some(lease), body, _in_flight: InFlight::new(member.clone()) };
+    let mut exchange = Exchange {
+        bal: bal.clone(),
+        member: member.clone(),
+        lease: Some(lease),
+        body,
+        _in_flight: InFlight::new(member.clone()),
+        body_left: None,
+        ended: false,
+    };
     let head = match exchange.read_head().await {
         Ok(head) => head,
         Err(ExchangeError::Client(rejection)) => {
@@ -527,7 +627,39 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
         }
         return Ok(response);
     }
-    *response.body_mut() = ProxyBody::Stream(Box::pin(response_stream(exchange)));
+    exchange.body_left = response_content_length(response.headers());
+    // Small responses usually arrive whole with the head: hand them over as
+    // a complete body, with the connection already back in the pool.
+    let mut ready: VecDeque<Bytes> = VecDeque::new();
+    let mut broken = None;
+    while !exchange.ended {
+        match exchange.buffered_body_packet(|kind| kind == from_container::SEND_BODY_CHUNK || kind == from_container::END_RESPONSE) {
+            Ok(Some(BodyPacket::Data(bytes))) => ready.push_back(bytes),
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(error) => {
+                exchange.fail(&error);
+                broken = Some(error);
+                break;
+            }
+        }
+    }
+    if let Some(error) = broken {
+        tracing::warn!(route = %member.route, %error, "member failed mid-response; aborting client connection");
+        let failed = futures::stream::iter(ready.into_iter().map(Ok)).chain(futures::stream::once(async move { Err(BodyError(error.to_string())) }));
+        *response.body_mut() = ProxyBody::Stream(Box::pin(failed));
+        return Ok(response);
+    }
+    if !exchange.ended && !ready.is_empty() {
+        exchange.finish_early().await;
+    }
+    *response.body_mut() = if exchange.ended {
+        ProxyBody::Chunks(ready)
+    } else if ready.is_empty() {
+        ProxyBody::Stream(Box::pin(response_stream(exchange)))
+    } else {
+        ProxyBody::Stream(Box::pin(futures::stream::iter(ready.into_iter().map(Ok)).chain(response_stream(exchange))))
+    };
     Ok(response)
 }
 
@@ -550,6 +682,16 @@ fn response_stream(exchange: Exchange) -> impl Stream<Item = Result<Bytes, BodyE
             }
         }
     })
+}
+
+/// The response's `Content-Length`, when it has exactly one valid one.
+fn response_content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()?.parse().ok()
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -580,6 +722,8 @@ pub struct BodyError(String);
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
+    /// A complete body already received.
+    Chunks(VecDeque<Bytes>),
     Stream(Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>),
 }
 
@@ -597,6 +741,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Chunks(chunks) => Poll::Ready(chunks.pop_front().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(stream) => stream.as_mut().poll_next(cx).map(|item| item.map(|r| r.map(Frame::data))),
         }
     }
@@ -605,6 +750,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
+            ProxyBody::Chunks(chunks) => chunks.is_empty(),
             ProxyBody::Stream(_) => false,
         }
     }
@@ -614,6 +760,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Chunks(chunks) => SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum()),
             ProxyBody::Stream(_) => SizeHint::default(),
         }
     }

@@ -249,6 +249,26 @@ fn main() {
     let direct_port = nodes[1].http_port;
     let sticky = "benchsession.s2";
 
+    // Profiling aid: BENCH_HOLD=FILE writes the ports and pids of every
+    // part to FILE and keeps them running until FILE is deleted.
+    if let Ok(hold) = std::env::var("BENCH_HOLD") {
+        let ajp: Vec<String> = nodes.iter().map(|n| format!("{}=127.0.0.1:{}", n.route, n.ajp_port)).collect();
+        let text = format!(
+            "direct_port={direct_port}\nhttpd_port={}\nhttpd_pid={}\nbalancer_port={}\nbalancer_pid={}\nmembers={}\nsecret={SECRET}\nsticky={sticky}\n",
+            httpd.port,
+            httpd.pid(),
+            balancer.listen.port(),
+            balancer.pid(),
+            ajp.join(" ")
+        );
+        std::fs::write(&hold, text).expect("write BENCH_HOLD file");
+        eprintln!("holding until {hold} is deleted");
+        while Path::new(&hold).exists() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        return;
+    }
+
     println!("# balancer vs Apache httpd {} (event MPM, {} servers x {} threads = {} workers, mod_proxy_ajp + mod_proxy_balancer, access logs off)",
         String::from_utf8_lossy(&Command::new("/usr/sbin/apache2").arg("-v").output().map(|o| o.stdout).unwrap_or_default()).lines().next().unwrap_or("").trim_start_matches("Server version: "),
         HTTPD_SERVERS, HTTPD_THREADS_PER_CHILD, HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD);
