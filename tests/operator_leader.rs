@@ -26,7 +26,7 @@ async fn create_app(ns: &TestNamespace, name: &str) {
 
 #[tokio::test]
 async fn two_operators_only_the_leader_writes_and_the_standby_takes_over() {
-    let ns = TestNamespace::new("capp-leader").await;
+    let ns = operator_common::OperatorNamespace::new("capp-leader").await;
     operator_common::install_crd(&ns.client).await;
     let client = operator_common::operator_client(&ns).await;
     let a = operator_common::start_operator(client.clone(), &ns.name, "operator-a");
@@ -76,7 +76,7 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn admin_endpoints_report_health_and_metrics() {
-    let ns = TestNamespace::new("capp-admin").await;
+    let ns = operator_common::OperatorNamespace::new("capp-admin").await;
     let operator = operator_common::operator_in(&ns).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
@@ -99,4 +99,21 @@ async fn admin_endpoints_report_health_and_metrics() {
     // Stopped: not live any more is reported as unhealthy only on lost
     // leadership; a graceful stop leaves the process to exit.
     operator.stop().await;
+}
+
+#[tokio::test]
+async fn the_operators_cluster_role_binding_goes_with_the_test_namespace() {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let admin = support::admin_client().await;
+    let bindings: kube::Api<ClusterRoleBinding> = kube::Api::all(admin);
+    let ns = operator_common::OperatorNamespace::new("capp-crb").await;
+    operator_common::install_crd(&ns.client).await;
+    let _client = operator_common::operator_client(&ns).await;
+    let name = format!("clusterapp-operator-{}", ns.name);
+    assert!(bindings.get_opt(&name).await.expect("get").is_some(), "the binding was made");
+    drop(ns);
+    wait_until(Duration::from_secs(10), "the ClusterRoleBinding to be deleted", || async {
+        bindings.get_opt(&name).await.ok().flatten().is_none()
+    })
+    .await;
 }

@@ -18,6 +18,13 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("serializing {kind} {name}: {source}")]
+    Serialize {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("writing the status: {0}")]
     WriteStatus(#[source] kube::Error),
     #[error("building the children: {0}")]
@@ -32,6 +39,7 @@ impl Error {
         match self {
             Error::Read { .. } => "read",
             Error::Apply { .. } => "apply",
+            Error::Serialize { .. } => "serialize",
             Error::WriteStatus(_) => "write_status",
             Error::Build(_) => "build",
             Error::Random => "random",

@@ -23,6 +23,7 @@ pub struct OperatorState {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub api_writes: Counter,
+    pub api_requests: Counter,
     pub leader: Gauge,
     /// The process runs its loops (leader election or controller).
     pub live: AtomicBool,
@@ -37,11 +38,17 @@ impl OperatorState {
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let reconcile_duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let api_writes = Counter::default();
+        let api_requests = Counter::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Reconciles that failed, by error", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
-        registry.register("api_writes", "Write requests (apply, status) sent to the API server", api_writes.clone());
+        registry.register("api_writes", "Write requests (apply, status, events) sent to the API server by reconciles", api_writes.clone());
+        registry.register(
+            "api_requests",
+            "Requests (reads and writes) sent to the API server by reconciles; watches not counted",
+            api_requests.clone(),
+        );
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
         Arc::new(OperatorState {
             registry,
@@ -49,6 +56,7 @@ impl OperatorState {
             reconcile_errors,
             reconcile_duration,
             api_writes,
+            api_requests,
             leader,
             live: AtomicBool::new(false),
             ready: AtomicBool::new(false),

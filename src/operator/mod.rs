@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod build;
+pub mod cache;
 pub mod error;
 pub mod leader;
 pub mod metrics;
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -26,13 +27,15 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use kube::{Client, Resource};
 use k8s_openapi::NamespaceResourceScope;
 use serde::de::DeserializeOwned;
 
 use crate::crd::ClusterApp;
 use build::BuildContext;
+use cache::{Caches, WrittenRecords};
 use leader::{LeaderError, LeaseLock, LeaseTiming};
 use metrics::OperatorState;
 use reconcile::Context;
@@ -61,6 +64,12 @@ pub struct OperatorArgs {
     /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
+    /// Reconciles running at once.
+    #[arg(long, default_value_t = ControllerTuning::default().concurrency)]
+    pub max_concurrent_reconciles: u16,
+    /// Triggers of one ClusterApp within this many milliseconds make one reconcile.
+    #[arg(long, default_value_t = 100)]
+    pub debounce_ms: u64,
 }
 
 /// What [`run`] needs besides the client.
@@ -72,6 +81,25 @@ pub struct OperatorConfig {
     pub lease_name: String,
     pub identity: String,
     pub lease_timing: LeaseTiming,
+    pub tuning: ControllerTuning,
+}
+
+/// How hard the controller drives the API server.
+#[derive(Clone, Copy, Debug)]
+pub struct ControllerTuning {
+    /// Reconciles running at once (each sends up to 13 applies at once).
+    /// Bounded so that a burst of apps neither opens thousands of
+    /// connections nor floods the API server's priority level.
+    pub concurrency: u16,
+    /// Triggers of one app within this window make one reconcile (its
+    /// children's watch events arrive in a burst after each apply).
+    pub debounce: std::time::Duration,
+}
+
+impl Default for ControllerTuning {
+    fn default() -> Self {
+        ControllerTuning { concurrency: 16, debounce: std::time::Duration::from_millis(100) }
+    }
 }
 
 /// Entry point of `clusterapp operator`.
@@ -107,6 +135,10 @@ async fn main_async(args: OperatorArgs) -> anyhow::Result<()> {
         lease_name: args.lease_name,
         identity,
         lease_timing: LeaseTiming::default(),
+        tuning: ControllerTuning {
+            concurrency: args.max_concurrent_reconciles,
+            debounce: std::time::Duration::from_millis(args.debounce_ms),
+        },
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -170,70 +202,166 @@ where
     }
 }
 
-/// Metadata-only watch of one owned kind, limited to our objects: enough to
-/// trigger a reconcile when one is changed or deleted, at little memory.
+/// Watch config of the objects we own: label-selected, so the caches hold
+/// only our objects.
+fn owned_config() -> watcher::Config {
+    watcher::Config::default().labels(&names::managed_selector())
+}
+
+/// A reflector store of one owned kind, metadata only (managedFields
+/// stripped), and the stream that fills it and triggers reconciles of the
+/// owner. A deleted child's write record is forgotten.
 fn owned_metadata<K>(
     client: &Client,
     namespace: Option<&str>,
-) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+    written: &Arc<WrittenRecords>,
+) -> (Store<PartialObjectMeta<K>>, impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static)
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let config = watcher::Config::default().labels(&names::managed_selector());
+    let (store, writer) = reflector::store::<PartialObjectMeta<K>>();
     // An Api of PartialObjectMeta makes metadata-only list/watch requests.
-    watcher(scoped::<PartialObjectMeta<K>>(client, namespace), config).default_backoff().touched_objects()
+    let events = watcher(scoped::<PartialObjectMeta<K>>(client, namespace), owned_config())
+        .default_backoff()
+        .modify(cache::strip_partial)
+        .map_ok(forget_deleted(written, reconcile::kind_name::<K>()))
+        .reflect(writer)
+        .touched_objects();
+    (store, events)
 }
 
-/// The controller: watches ClusterApps, everything they own, and their
-/// session node pods; runs until its watches end.
+/// A reflector store of one owned kind with full objects, trimmed by
+/// `strip`.
+fn owned_full<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    written: &Arc<WrittenRecords>,
+    strip: fn(&mut K),
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let events = watcher(scoped::<K>(client, namespace), owned_config())
+        .default_backoff()
+        .modify(strip)
+        .map_ok(forget_deleted(written, reconcile::kind_name::<K>()))
+        .reflect(writer)
+        .touched_objects();
+    (store, events)
+}
+
+fn forget_deleted<K: Resource>(written: &Arc<WrittenRecords>, kind: &'static str) -> impl FnMut(watcher::Event<K>) -> watcher::Event<K> + Send + 'static {
+    let written = written.clone();
+    move |event| {
+        if let watcher::Event::Delete(object) = &event {
+            let (namespace, name) = cache::namespace_and_name(object);
+            written.forget(kind, &namespace, &name);
+        }
+        event
+    }
+}
+
+/// The ClusterApps whose `spec.ajp.secretRef` names `secret`.
+fn apps_referencing(apps: &Store<ClusterApp>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<ClusterApp>> {
+    let (namespace, name) = (secret.metadata.namespace.as_deref(), secret.metadata.name.as_deref());
+    apps.state()
+        .iter()
+        .filter(|app| app.metadata.namespace.as_deref() == namespace)
+        .filter(|app| app.spec.ajp.secret_ref.as_ref().map(|r| r.name.as_str()) == name)
+        .map(|app| ObjectRef::from_obj(app.as_ref()))
+        .collect()
+}
+
+/// The controller: watches ClusterApps, everything they own, their session
+/// node pods and the Secrets their `secretRef`s name; runs until its
+/// watches end.
 pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<OperatorState>) {
     let namespace = config.watch_namespace.as_deref();
-    let owned = watcher::Config::default().labels(&names::managed_selector());
+    let written = Arc::new(WrittenRecords::default());
 
     let (pods, pods_writer) = reflector::store::<Pod>();
-    let pod_events = reflector(
-        pods_writer,
-        watcher(scoped::<Pod>(&client, namespace), watcher::Config::default().labels(&names::all_session_nodes_selector())),
-    )
-    .default_backoff()
-    .touched_objects();
-    let (stateful_sets, sts_writer) = reflector::store::<StatefulSet>();
-    let sts_events = reflector(sts_writer, watcher(scoped::<StatefulSet>(&client, namespace), owned))
+    let pod_events = watcher(scoped::<Pod>(&client, namespace), watcher::Config::default().labels(&names::all_session_nodes_selector()))
         .default_backoff()
+        .modify(cache::strip_pod)
+        .reflect(pods_writer)
         .touched_objects();
+    // Secrets the user made (metadata only: no data of other Secrets in
+    // memory); ours are cached in full below.
+    let (other_secrets, other_secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let not_ours = format!("{}!={}", names::LABEL_MANAGED_BY, names::MANAGED_BY_VALUE);
+    let other_secret_events = watcher(scoped::<PartialObjectMeta<Secret>>(&client, namespace), watcher::Config::default().labels(&not_ours))
+        .default_backoff()
+        .modify(cache::strip_partial)
+        .reflect(other_secrets_writer)
+        .touched_objects();
+    let (secrets, secret_events) = owned_full::<Secret>(&client, namespace, &written, cache::strip_secret);
+    let (stateful_sets, sts_events) = owned_full::<StatefulSet>(&client, namespace, &written, cache::strip_stateful_set);
+    let (config_maps, config_map_events) = owned_metadata::<ConfigMap>(&client, namespace, &written);
+    let (services, service_events) = owned_metadata::<Service>(&client, namespace, &written);
+    let (service_accounts, service_account_events) = owned_metadata::<ServiceAccount>(&client, namespace, &written);
+    let (roles, role_events) = owned_metadata::<Role>(&client, namespace, &written);
+    let (role_bindings, role_binding_events) = owned_metadata::<RoleBinding>(&client, namespace, &written);
+    let (deployments, deployment_events) = owned_metadata::<Deployment>(&client, namespace, &written);
+    let (pod_disruption_budgets, pdb_events) = owned_metadata::<PodDisruptionBudget>(&client, namespace, &written);
+    let (network_policies, network_policy_events) = owned_metadata::<NetworkPolicy>(&client, namespace, &written);
+    let caches = Arc::new(Caches {
+        secrets,
+        other_secrets,
+        config_maps,
+        services,
+        service_accounts,
+        roles,
+        role_bindings,
+        stateful_sets,
+        deployments,
+        pod_disruption_budgets,
+        network_policies,
+        pods,
+        written,
+        secret_ref_checks: Default::default(),
+    });
 
     let reporter = Reporter { controller: "clusterapp-operator".to_string(), instance: Some(config.identity.clone()) };
     let context = Arc::new(Context {
         client: client.clone(),
         build: BuildContext { balancer_image: config.balancer_image.clone() },
         state: state.clone(),
-        pods: pods.clone(),
-        stateful_sets: stateful_sets.clone(),
+        caches: caches.clone(),
         recorder: Recorder::new(client.clone(), reporter),
     });
 
-    // Ready once the caches the status is computed from are filled.
+    // Ready once the caches the reconciles read are filled.
     let readiness = {
-        let (pods, stateful_sets, state) = (pods.clone(), stateful_sets.clone(), state.clone());
+        let (caches, state) = (caches.clone(), state.clone());
         async move {
-            let _ = pods.wait_until_ready().await;
-            let _ = stateful_sets.wait_until_ready().await;
+            caches.wait_until_ready().await;
             state.ready.store(true, Ordering::Relaxed);
         }
     };
 
-    let controller = Controller::new(scoped::<ClusterApp>(&client, namespace), watcher::Config::default())
+    let (apps, apps_writer) = reflector::store::<ClusterApp>();
+    let app_events = watcher(scoped::<ClusterApp>(&client, namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(cache::strip_managed_fields)
+        .reflect(apps_writer)
+        .applied_objects();
+    let tuning = controller::Config::default().concurrency(config.tuning.concurrency).debounce(config.tuning.debounce);
+    let apps_of_secret = apps.clone();
+    let controller = Controller::for_stream(app_events, apps)
+        .with_config(tuning)
         .owns_stream(sts_events)
-        .owns_stream(owned_metadata::<Secret>(&client, namespace))
-        .owns_stream(owned_metadata::<ConfigMap>(&client, namespace))
-        .owns_stream(owned_metadata::<Service>(&client, namespace))
-        .owns_stream(owned_metadata::<ServiceAccount>(&client, namespace))
-        .owns_stream(owned_metadata::<Role>(&client, namespace))
-        .owns_stream(owned_metadata::<RoleBinding>(&client, namespace))
-        .owns_stream(owned_metadata::<Deployment>(&client, namespace))
-        .owns_stream(owned_metadata::<PodDisruptionBudget>(&client, namespace))
-        .owns_stream(owned_metadata::<NetworkPolicy>(&client, namespace))
+        .owns_stream(secret_events)
+        .owns_stream(config_map_events)
+        .owns_stream(service_events)
+        .owns_stream(service_account_events)
+        .owns_stream(role_events)
+        .owns_stream(role_binding_events)
+        .owns_stream(deployment_events)
+        .owns_stream(pdb_events)
+        .owns_stream(network_policy_events)
         .watches_stream(pod_events, |pod| reconcile::app_of_pod(&pod))
+        .watches_stream(other_secret_events, move |secret| apps_referencing(&apps_of_secret, &secret))
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {
             if let Err(e) = result {

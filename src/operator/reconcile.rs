@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::future::{BoxFuture, try_join_all};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::{ByteString, NamespaceResourceScope};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 
 use crate::crd::{ClusterApp, ClusterAppStatus};
 use crate::operator::build::{BuildContext, Children, SecretMaterial, build_children};
+use crate::operator::cache::{APPLIED_HASH_ANNOTATION, CachedMeta, Caches, ChangeTracking, SecretRefCheck, Written, desired_hash, needs_apply};
 use crate::operator::error::Error;
 use crate::operator::metrics::OperatorState;
 use crate::operator::names::{AJP_SECRET_KEY, AppNames, FIELD_MANAGER, LABEL_INSTANCE, TRIBES_KEY_KEY};
@@ -28,9 +29,10 @@ use crate::operator::status::{DEGRADED, Problem, READY, compute_status, find_con
 
 /// Requeue of a healthy app: a safety net, not how changes are found.
 const REQUEUE_HEALTHY: Duration = Duration::from_secs(300);
-/// Requeue while a user-fixable problem lasts (a Secret we do not watch
-/// may appear at any time).
-const REQUEUE_PROBLEM: Duration = Duration::from_secs(5);
+/// Requeue while a user-fixable problem lasts. The Secrets a problem is
+/// about are watched (their changes trigger a reconcile at once): this is
+/// only a safety net.
+const REQUEUE_PROBLEM: Duration = Duration::from_secs(60);
 /// Retry after an error (API unreachable, conflict, ...).
 const REQUEUE_ERROR: Duration = Duration::from_secs(5);
 
@@ -39,10 +41,8 @@ pub struct Context {
     pub client: Client,
     pub build: BuildContext,
     pub state: Arc<OperatorState>,
-    /// Session node pods of every ClusterApp in scope (for `members`).
-    pub pods: Store<Pod>,
-    /// StatefulSets we own (for `Progressing` and the `Scaled` event).
-    pub stateful_sets: Store<StatefulSet>,
+    /// Children, session node pods and referenced Secrets as last seen.
+    pub caches: Arc<Caches>,
     pub recorder: Recorder,
 }
 
@@ -62,38 +62,47 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
     let Some(namespace) = app.namespace() else {
         return Err(Error::Build(crate::operator::build::BuildError::MissingNamespace));
     };
+    // Being deleted: the garbage collector removes the children; applying
+    // them again would only fight it.
+    if app.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    // Reads come from the caches: wait until they are filled (at start).
+    ctx.caches.wait_until_ready().await;
     let names = AppNames::new(&app.name_any());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
     // read
-    let own_secret = secrets
-        .get_opt(&names.secret())
-        .await
-        .map_err(|source| Error::Read { what: format!("Secret {namespace}/{}", names.secret()), source })?;
-    let pods = pods_of(&ctx.pods, &namespace, &names.app);
-    let stateful_set = ctx.stateful_sets.get(&ObjectRef::new(&names.stateful_set()).within(&namespace));
+    let own_secret = own_secret(ctx, &secrets, &namespace, &names).await?;
+    let pods = pods_of(&ctx.caches.pods, &namespace, &names.app);
+    let stateful_set = ctx.caches.stateful_sets.get(&ObjectRef::new(&names.stateful_set()).within(&namespace));
 
     // validate
     let (material, mut problem) = key_material(own_secret.as_ref(), &namespace, &names)?;
     if problem.is_none() {
-        problem = check_secret_ref(app, &secrets, &namespace).await?;
+        problem = check_secret_ref(app, ctx, &secrets, &namespace).await?;
     }
 
     // build + apply (not while a problem would make the nodes unable to start)
     if problem.is_none() {
         let children = build_children(app, &material, &ctx.build)?;
-        if let Err(error) = apply_children(&ctx.client, &namespace, &children, &ctx.state).await {
-            let failure = Problem { reason: "ApplyFailed".to_string(), message: error.to_string() };
-            write_status(app, ctx, &pods, stateful_set.as_deref(), Some(&failure)).await?;
-            return Err(error);
-        }
-        if let (Some(sts), Some(wanted)) = (stateful_set.as_deref(), Some(app.spec.replicas)) {
-            let had = sts.spec.replicas.unwrap_or(1);
+        let applied = match apply_children(ctx, &namespace, &children).await {
+            Ok(applied) => applied,
+            Err(error) => {
+                let failure = Problem { reason: "ApplyFailed".to_string(), message: error.to_string() };
+                write_status(app, ctx, &pods, stateful_set.as_deref(), Some(&failure)).await?;
+                return Err(error);
+            }
+        };
+        if applied.stateful_set
+            && let Some(sts) = stateful_set.as_deref()
+        {
+            let (had, wanted) = (sts.spec.replicas.unwrap_or(1), app.spec.replicas);
             if had != wanted {
                 publish(ctx, app, EventType::Normal, "Scaled", "Scale", format!("Scaling session nodes from {had} to {wanted}")).await;
             }
         }
-        if app.status.is_none() {
+        if app.status.is_none() && applied.any {
             publish(
                 ctx,
                 app,
@@ -120,6 +129,22 @@ fn pods_of(store: &Store<Pod>, namespace: &str, app: &str) -> Vec<Pod> {
         .filter(|p| p.labels().get(LABEL_INSTANCE).map(String::as_str) == Some(app))
         .map(|p| (**p).clone())
         .collect()
+}
+
+/// The app's generated Secret: from the cache when it holds both keys;
+/// read from the API server otherwise, because new keys are generated for
+/// missing ones and a cache that lags behind must never rotate them.
+async fn own_secret(ctx: &Context, secrets: &Api<Secret>, namespace: &str, names: &AppNames) -> Result<Option<Secret>, Error> {
+    let cached = ctx.caches.secrets.get(&ObjectRef::new(&names.secret()).within(namespace));
+    let cached = cached.as_deref();
+    if secret_value(cached, AJP_SECRET_KEY).is_some() && secret_value(cached, TRIBES_KEY_KEY).is_some() {
+        return Ok(cached.cloned());
+    }
+    ctx.state.api_requests.inc();
+    secrets
+        .get_opt(&names.secret())
+        .await
+        .map_err(|source| Error::Read { what: format!("Secret {namespace}/{}", names.secret()), source })
 }
 
 /// `n` random bytes as lowercase hex.
@@ -166,13 +191,37 @@ fn key_material(secret: Option<&Secret>, namespace: &str, names: &AppNames) -> R
 }
 
 /// A `spec.ajp.secretRef` must name an existing key of an existing Secret.
-async fn check_secret_ref(app: &ClusterApp, secrets: &Api<Secret>, namespace: &str) -> Result<Option<Problem>, Error> {
+/// Existence comes from the metadata cache of Secrets (whose watch also
+/// triggers this reconcile when the Secret appears or changes); the key is
+/// checked by reading the Secret once per resourceVersion.
+async fn check_secret_ref(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>, namespace: &str) -> Result<Option<Problem>, Error> {
     let Some(reference) = &app.spec.ajp.secret_ref else { return Ok(None) };
-    let secret = secrets
-        .get_opt(&reference.name)
-        .await
-        .map_err(|source| Error::Read { what: format!("Secret {namespace}/{}", reference.name), source })?;
-    Ok(match secret {
+    let has_key = if let Some(ours) = ctx.caches.secrets.get(&ObjectRef::new(&reference.name).within(namespace)) {
+        // One of our generated Secrets (its data is cached).
+        Some(secret_value(Some(&ours), &reference.key).is_some())
+    } else if let Some(meta) = ctx.caches.other_secrets.cached_meta(namespace, &reference.name) {
+        let version = meta.resource_version.unwrap_or_default();
+        match ctx.caches.secret_ref_check(namespace, &reference.name) {
+            Some(check) if check.resource_version == version && check.key == reference.key => Some(check.has_key),
+            _ => {
+                ctx.state.api_requests.inc();
+                let secret = secrets
+                    .get_opt(&reference.name)
+                    .await
+                    .map_err(|source| Error::Read { what: format!("Secret {namespace}/{}", reference.name), source })?;
+                secret.map(|secret| {
+                    let has_key = secret_value(Some(&secret), &reference.key).is_some();
+                    let resource_version = secret.metadata.resource_version.clone().unwrap_or_default();
+                    let check = SecretRefCheck { resource_version, key: reference.key.clone(), has_key };
+                    ctx.caches.remember_secret_ref_check(namespace, &reference.name, check);
+                    has_key
+                })
+            }
+        }
+    } else {
+        None
+    };
+    Ok(match has_key {
         None => Some(Problem {
             reason: "SecretNotFound".to_string(),
             message: format!(
@@ -180,34 +229,54 @@ async fn check_secret_ref(app: &ClusterApp, secrets: &Api<Secret>, namespace: &s
                 reference.name, reference.key
             ),
         }),
-        Some(secret) if secret_value(Some(&secret), &reference.key).is_none() => Some(Problem {
+        Some(false) => Some(Problem {
             reason: "SecretKeyNotFound".to_string(),
             message: format!(
                 "Secret {namespace}/{} named by spec.ajp.secretRef has no non-empty key {}",
                 reference.name, reference.key
             ),
         }),
-        Some(_) => None,
+        Some(true) => None,
     })
 }
 
-/// Server-side apply of one object with our field manager. Unchanged
-/// objects are not written by the API server (no resourceVersion change).
-async fn apply<K>(client: Client, namespace: String, object: K, state: Arc<OperatorState>) -> Result<(), Error>
+/// Server-side apply of one object with our field manager, unless the
+/// cached child shows it is already as built (see [`needs_apply`]). The
+/// object carries a hash of itself in an annotation. Returns whether a
+/// request was sent.
+async fn apply<K>(
+    ctx: Arc<ApplyContext>,
+    namespace: String,
+    mut object: K,
+    cached: Option<ObjectMeta>,
+    tracking: ChangeTracking,
+) -> Result<bool, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync,
 {
-    let api: Api<K> = Api::namespaced(client, &namespace);
     let name = object.meta().name.clone().unwrap_or_default();
+    let kind = kind_name::<K>();
+    let hash = desired_hash(&object).map_err(|source| Error::Serialize { kind, name: name.clone(), source })?;
+    object.meta_mut().annotations.get_or_insert_with(Default::default).insert(APPLIED_HASH_ANNOTATION.to_string(), hash.clone());
+    let written = ctx.caches.written.get(kind, &namespace, &name);
+    if !needs_apply(object.meta(), cached.as_ref(), written.as_ref(), tracking) {
+        return Ok(false);
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    state.api_writes.inc();
-    api.patch(&name, &params, &Patch::Apply(&object))
+    ctx.state.api_writes.inc();
+    ctx.state.api_requests.inc();
+    let stored = api
+        .patch(&name, &params, &Patch::Apply(&object))
         .await
-        .map_err(|source| Error::Apply { kind: kind_name::<K>(), name, source })?;
-    Ok(())
+        .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
+    let meta = stored.meta();
+    let record = Written { hash, resource_version: meta.resource_version.clone(), generation: meta.generation };
+    ctx.caches.written.record(kind, &namespace, &name, record);
+    Ok(true)
 }
 
-fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
+pub(crate) fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
     // Resource::kind returns a Cow; the k8s-openapi kinds are static.
     match K::kind(&()) {
         std::borrow::Cow::Borrowed(kind) => kind,
@@ -215,41 +284,76 @@ fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
     }
 }
 
-async fn apply_children(client: &Client, namespace: &str, children: &Children, state: &Arc<OperatorState>) -> Result<(), Error> {
-    fn boxed<K>(client: &Client, namespace: &str, object: &K, state: &Arc<OperatorState>) -> BoxFuture<'static, Result<(), Error>>
-    where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static,
-    {
-        Box::pin(apply(client.clone(), namespace.to_string(), object.clone(), state.clone()))
-    }
+/// What the apply futures share (owned, so they can run concurrently).
+struct ApplyContext {
+    client: Client,
+    state: Arc<OperatorState>,
+    caches: Arc<Caches>,
+}
+
+/// Which children a pass actually wrote.
+#[derive(Clone, Copy, Debug, Default)]
+struct Applied {
+    any: bool,
+    stateful_set: bool,
+}
+
+async fn apply_children(ctx: &Context, namespace: &str, children: &Children) -> Result<Applied, Error> {
+    type Pending = BoxFuture<'static, Result<bool, Error>>;
+    let shared = Arc::new(ApplyContext { client: ctx.client.clone(), state: ctx.state.clone(), caches: ctx.caches.clone() });
+    let caches = &ctx.caches;
+    let one = |object: &dyn ChildObject, cached: &dyn CachedMeta, tracking: ChangeTracking| -> Pending {
+        let name = object.name();
+        object.apply(shared.clone(), namespace.to_string(), cached.cached_meta(namespace, &name), tracking)
+    };
+    use ChangeTracking::{Generation, ResourceVersion};
     let c = children;
     // Independent objects, applied concurrently: the pods wait for their
-    // Secret/ConfigMap/ServiceAccount anyway.
-    try_join_all(vec![
-        boxed(client, namespace, &c.secret, state),
-        boxed(client, namespace, &c.config_map, state),
-        boxed(client, namespace, &c.peers_service, state),
-        boxed(client, namespace, &c.nodes_service, state),
-        boxed(client, namespace, &c.node_service_account, state),
-        boxed(client, namespace, &c.node_role, state),
-        boxed(client, namespace, &c.stateful_set, state),
-        boxed(client, namespace, &c.balancer_service_account, state),
-        boxed(client, namespace, &c.balancer_role, state),
-        boxed(client, namespace, &c.balancer_deployment, state),
-        boxed(client, namespace, &c.balancer_service, state),
-        boxed(client, namespace, &c.pod_disruption_budget, state),
-        boxed(client, namespace, &c.network_policy, state),
+    // Secret/ConfigMap/ServiceAccount anyway. The StatefulSet first in the
+    // list: its result decides the `Scaled` event.
+    let first = try_join_all(vec![
+        one(&c.stateful_set, &caches.stateful_sets, Generation),
+        one(&c.secret, &caches.secrets, ResourceVersion),
+        one(&c.config_map, &caches.config_maps, ResourceVersion),
+        one(&c.peers_service, &caches.services, ResourceVersion),
+        one(&c.nodes_service, &caches.services, ResourceVersion),
+        one(&c.node_service_account, &caches.service_accounts, ResourceVersion),
+        one(&c.node_role, &caches.roles, ResourceVersion),
+        one(&c.balancer_service_account, &caches.service_accounts, ResourceVersion),
+        one(&c.balancer_role, &caches.roles, ResourceVersion),
+        one(&c.balancer_deployment, &caches.deployments, Generation),
+        one(&c.balancer_service, &caches.services, ResourceVersion),
+        one(&c.pod_disruption_budget, &caches.pod_disruption_budgets, Generation),
+        one(&c.network_policy, &caches.network_policies, Generation),
     ])
     .await?;
     // RoleBindings after their Roles: the API server checks that we hold
     // every permission of the referenced Role, and a Role it cannot find yet
     // fails the binding (reported as the binding "not found").
-    try_join_all(vec![
-        boxed(client, namespace, &c.node_role_binding, state),
-        boxed(client, namespace, &c.balancer_role_binding, state),
+    let second = try_join_all(vec![
+        one(&c.node_role_binding, &caches.role_bindings, ResourceVersion),
+        one(&c.balancer_role_binding, &caches.role_bindings, ResourceVersion),
     ])
     .await?;
-    Ok(())
+    Ok(Applied { any: first.iter().chain(&second).any(|w| *w), stateful_set: first.first().copied().unwrap_or(false) })
+}
+
+/// A child object of any kind, applied by [`apply`].
+trait ChildObject {
+    fn name(&self) -> String;
+    fn apply(&self, ctx: Arc<ApplyContext>, namespace: String, cached: Option<ObjectMeta>, tracking: ChangeTracking) -> BoxFuture<'static, Result<bool, Error>>;
+}
+
+impl<K> ChildObject for K
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static,
+{
+    fn name(&self) -> String {
+        self.meta().name.clone().unwrap_or_default()
+    }
+    fn apply(&self, ctx: Arc<ApplyContext>, namespace: String, cached: Option<ObjectMeta>, tracking: ChangeTracking) -> BoxFuture<'static, Result<bool, Error>> {
+        Box::pin(apply(ctx, namespace, self.clone(), cached, tracking))
+    }
 }
 
 /// Computes the status and writes it when it differs from the stored one;
@@ -270,6 +374,7 @@ async fn write_status(
     let apps: Api<ClusterApp> = Api::namespaced(ctx.client.clone(), app.metadata.namespace.as_deref().unwrap_or_default());
     let patch = StatusPatch { api_version: "clusterapp.io/v1alpha1", kind: "ClusterApp", status: &status };
     ctx.state.api_writes.inc();
+    ctx.state.api_requests.inc();
     apps.patch_status(&app.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map_err(Error::WriteStatus)?;
@@ -308,6 +413,7 @@ async fn condition_events(app: &ClusterApp, ctx: &Context, new: &ClusterAppStatu
 async fn publish(ctx: &Context, app: &ClusterApp, type_: EventType, reason: &str, action: &str, note: String) {
     let event = Event { type_, reason: reason.to_string(), note: Some(note), action: action.to_string(), secondary: None };
     ctx.state.api_writes.inc();
+    ctx.state.api_requests.inc();
     if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {
         tracing::warn!(error = %e, app = %app.name_any(), "publishing an event failed");
     }

@@ -80,6 +80,65 @@ impl Drop for RunningOperator {
     }
 }
 
+/// A test namespace for operator tests. Besides the namespace (deleted by
+/// the inner guard), it removes the cluster-wide ClusterRoleBinding
+/// `clusterapp-operator-<ns>` that [`operator_client`] makes: namespace
+/// deletion does not remove cluster-scoped objects, and a long `make test`
+/// would otherwise pile them up.
+pub struct OperatorNamespace {
+    pub ns: support::TestNamespace,
+}
+
+impl OperatorNamespace {
+    pub async fn new(prefix: &str) -> OperatorNamespace {
+        OperatorNamespace { ns: support::TestNamespace::new(prefix).await }
+    }
+}
+
+impl std::ops::Deref for OperatorNamespace {
+    type Target = support::TestNamespace;
+    fn deref(&self) -> &support::TestNamespace {
+        &self.ns
+    }
+}
+
+impl Drop for OperatorNamespace {
+    fn drop(&mut self) {
+        // Synchronous, as the namespace guard's: Drop cannot await, and this
+        // must also run while a test unwinds. The namespace goes right after
+        // (the inner guard's drop).
+        let _ = support::kubectl()
+            .args(["delete", "clusterrolebinding", &cluster_role_binding_name(&self.ns.name), "--ignore-not-found", "--wait=false"])
+            .output();
+    }
+}
+
+fn cluster_role_binding_name(namespace: &str) -> String {
+    format!("clusterapp-operator-{namespace}")
+}
+
+/// Deletes test ClusterRoleBindings whose namespace is gone or going (left
+/// by a test binary that was killed before its guards ran).
+async fn sweep_stale_cluster_role_bindings(admin: &Client) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let Ok(list) = bindings.list(&kube::api::ListParams::default().labels("clusterapp.io/test=true")).await else { return };
+    for binding in list.items {
+        let Some(name) = binding.metadata.name.clone() else { continue };
+        let Some(namespace) = binding.subjects.as_ref().and_then(|s| s.first()).and_then(|s| s.namespace.clone()) else { continue };
+        let alive = match namespaces.get_opt(&namespace).await {
+            Ok(Some(ns)) => ns.metadata.deletion_timestamp.is_none(),
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        if !alive {
+            let _ = bindings.delete(&name, &Default::default()).await;
+        }
+    }
+}
+
 /// Reads the documents of deploy/operator-rbac.yaml.
 fn operator_rbac() -> (k8s_openapi::api::rbac::v1::ClusterRole, k8s_openapi::api::rbac::v1::Role) {
     use serde::Deserialize;
@@ -99,11 +158,13 @@ fn operator_rbac() -> (k8s_openapi::api::rbac::v1::ClusterRole, k8s_openapi::api
 
 /// A client authenticated as ServiceAccount `clusterapp-operator` of `ns`,
 /// bound to the shipped ClusterRole (cluster-wide) and leader-election Role.
-pub async fn operator_client(ns: &support::TestNamespace) -> Client {
+/// Takes an [`OperatorNamespace`], whose drop removes the ClusterRoleBinding.
+pub async fn operator_client(ns: &OperatorNamespace) -> Client {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     let apply = PatchParams::apply("clusterapp-tests").force();
     let admin = ns.client.clone();
+    sweep_stale_cluster_role_bindings(&admin).await;
     let (cluster_role, mut role) = operator_rbac();
     let cluster_role_name = cluster_role.metadata.name.clone().expect("ClusterRole name");
     Api::<ClusterRole>::all(admin.clone())
@@ -120,13 +181,13 @@ pub async fn operator_client(ns: &support::TestNamespace) -> Client {
     let subject = serde_json::json!([{"kind": "ServiceAccount", "name": sa_name, "namespace": ns.name}]);
     let crb: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": format!("clusterapp-operator-{}", ns.name), "labels": {"clusterapp.io/test": "true"}},
+        "metadata": {"name": cluster_role_binding_name(&ns.name), "labels": {"clusterapp.io/test": "true"}},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role_name},
         "subjects": subject
     }))
     .expect("crb");
     Api::<ClusterRoleBinding>::all(admin.clone())
-        .patch(&format!("clusterapp-operator-{}", ns.name), &apply, &Patch::Apply(&crb))
+        .patch(&cluster_role_binding_name(&ns.name), &apply, &Patch::Apply(&crb))
         .await
         .expect("binding the ClusterRole");
     let rb: RoleBinding = serde_json::from_value(serde_json::json!({
@@ -190,6 +251,7 @@ pub fn start_operator(client: Client, ns: &str, identity: &str) -> RunningOperat
         lease_name: "clusterapp-operator".to_string(),
         identity: identity.to_string(),
         lease_timing: fast_lease(),
+        tuning: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(clusterapp::operator::run(client, config, state.clone(), async move {
@@ -199,7 +261,7 @@ pub fn start_operator(client: Client, ns: &str, identity: &str) -> RunningOperat
 }
 
 /// CRD installed, operator running under its ServiceAccount in `ns`.
-pub async fn operator_in(ns: &support::TestNamespace) -> RunningOperator {
+pub async fn operator_in(ns: &OperatorNamespace) -> RunningOperator {
     install_crd(&ns.client).await;
     let client = operator_client(ns).await;
     start_operator(client, &ns.name, "operator-a")

@@ -1,0 +1,375 @@
+//! What the operator knows about its children without asking the API
+//! server: reflector stores fed by label-selected watches (metadata only
+//! where the body is not needed, managedFields stripped everywhere), and a
+//! record of what it last wrote. With both, a reconcile of a converged app
+//! sends no request at all: an apply is skipped when the cached child
+//! carries the hash of the desired object and nobody changed it since our
+//! last write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+
+/// Annotation on every applied child: a hash of the desired object as we
+/// built it (before this annotation was added).
+pub const APPLIED_HASH_ANNOTATION: &str = "clusterapp.io/applied-hash";
+
+/// Hex SHA-256 of the JSON of the desired object. serde_json writes struct
+/// fields in declaration order and maps in key order: stable across runs.
+pub fn desired_hash<K: Serialize>(object: &K) -> Result<String, serde_json::Error> {
+    let bytes = serde_json::to_vec(object)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What our last apply of one child returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub hash: String,
+    pub resource_version: Option<String>,
+    pub generation: Option<i64>,
+}
+
+/// Key of a written record: kind, namespace, name.
+type ChildKey = (&'static str, String, String);
+
+/// The records of our last writes. Forgotten when the child's watch reports
+/// it deleted, so records do not outlive their objects.
+#[derive(Default)]
+pub struct WrittenRecords {
+    records: Mutex<HashMap<ChildKey, Written>>,
+}
+
+impl WrittenRecords {
+    pub fn get(&self, kind: &'static str, namespace: &str, name: &str) -> Option<Written> {
+        let records = self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        records.get(&(kind, namespace.to_string(), name.to_string())).cloned()
+    }
+
+    pub fn record(&self, kind: &'static str, namespace: &str, name: &str, written: Written) {
+        let mut records = self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        records.insert((kind, namespace.to_string(), name.to_string()), written);
+    }
+
+    pub fn forget(&self, kind: &'static str, namespace: &str, name: &str) {
+        let mut records = self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        records.remove(&(kind, namespace.to_string(), name.to_string()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a kind reports changes by others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeTracking {
+    /// `metadata.generation` moves on every spec change and only then
+    /// (StatefulSet, Deployment, PodDisruptionBudget, NetworkPolicy): status
+    /// updates by the controllers (new resourceVersion, same generation) are
+    /// not edits.
+    Generation,
+    /// No generation: any new resourceVersion may be an edit.
+    ResourceVersion,
+}
+
+/// Whether `desired` (carrying its hash annotation) must be applied, given
+/// the cached child and our record of the last write. Errs on the side of
+/// applying: a needless apply costs a request, a skipped one a wrong child.
+pub fn needs_apply(desired: &ObjectMeta, cached: Option<&ObjectMeta>, written: Option<&Written>, tracking: ChangeTracking) -> bool {
+    // Missing (deleted, or not created yet).
+    let Some(cached) = cached else { return true };
+    let hash = desired.annotations.as_ref().and_then(|a| a.get(APPLIED_HASH_ANNOTATION));
+    // The cache has not seen our own write of this very object yet: the
+    // watch event of that write will come and trigger another reconcile.
+    if let Some(written) = written
+        && hash == Some(&written.hash)
+        && older(cached.resource_version.as_deref(), written.resource_version.as_deref())
+    {
+        return false;
+    }
+    let cached_hash = cached.annotations.as_ref().and_then(|a| a.get(APPLIED_HASH_ANNOTATION));
+    // Built differently than what the cluster holds (new spec, operator upgrade).
+    if hash.is_none() || hash != cached_hash {
+        return true;
+    }
+    // Someone removed or changed one of our labels, annotations or owner references.
+    if !contains_all(desired.labels.as_ref(), cached.labels.as_ref())
+        || !contains_all(desired.annotations.as_ref(), cached.annotations.as_ref())
+        || !owners_contained(desired.owner_references.as_deref(), cached.owner_references.as_deref())
+    {
+        return true;
+    }
+    // Without a record (the operator restarted) we cannot tell whether the
+    // object was edited since it was applied: apply once.
+    let Some(written) = written else { return true };
+    if hash != Some(&written.hash) {
+        return true;
+    }
+    if cached.resource_version.is_some() && cached.resource_version == written.resource_version {
+        return false;
+    }
+    if tracking == ChangeTracking::Generation && cached.generation.is_some() && cached.generation == written.generation {
+        return false;
+    }
+    true
+}
+
+/// `a` is an older resourceVersion than `b`. Since Kubernetes 1.34 resource
+/// versions are documented as comparable integers; anything that does not
+/// parse counts as "not older" (so the caller applies).
+fn older(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a.and_then(|a| a.parse::<u64>().ok()), b.and_then(|b| b.parse::<u64>().ok())) {
+        (Some(a), Some(b)) => a < b,
+        _ => false,
+    }
+}
+
+fn contains_all(wanted: Option<&BTreeMap<String, String>>, have: Option<&BTreeMap<String, String>>) -> bool {
+    let Some(wanted) = wanted else { return true };
+    let empty = BTreeMap::new();
+    let have = have.unwrap_or(&empty);
+    wanted.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+fn owners_contained(wanted: Option<&[OwnerReference]>, have: Option<&[OwnerReference]>) -> bool {
+    let have = have.unwrap_or_default();
+    wanted.unwrap_or_default().iter().all(|w| have.iter().any(|h| h.uid == w.uid && h.controller == w.controller))
+}
+
+/// Metadata of a cached child, whether the store holds full objects or
+/// metadata only.
+pub trait CachedMeta {
+    fn cached_meta(&self, namespace: &str, name: &str) -> Option<ObjectMeta>;
+}
+
+impl<K> CachedMeta for Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    fn cached_meta(&self, namespace: &str, name: &str) -> Option<ObjectMeta> {
+        self.get(&ObjectRef::new(name).within(namespace)).map(|object| object.meta().clone())
+    }
+}
+
+/// The caches a reconcile reads instead of the API server.
+pub struct Caches {
+    /// Our generated Secrets, with data (the keys are kept from them).
+    pub secrets: Store<Secret>,
+    /// Every other Secret in scope, metadata only: whether a
+    /// `spec.ajp.secretRef` exists, and a trigger when it appears.
+    pub other_secrets: Store<PartialObjectMeta<Secret>>,
+    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub roles: Store<PartialObjectMeta<Role>>,
+    pub role_bindings: Store<PartialObjectMeta<RoleBinding>>,
+    /// Full objects (without their pod template): status reads them.
+    pub stateful_sets: Store<StatefulSet>,
+    pub deployments: Store<PartialObjectMeta<Deployment>>,
+    pub pod_disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+    /// Session node pods (stripped to what `status.members` needs).
+    pub pods: Store<Pod>,
+    pub written: Arc<WrittenRecords>,
+    /// Whether a referenced Secret (namespace, name) held a non-empty key,
+    /// by the resourceVersion it was read at: a Secret is read again only
+    /// when it changed.
+    pub secret_ref_checks: Mutex<HashMap<(String, String), SecretRefCheck>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretRefCheck {
+    pub resource_version: String,
+    pub key: String,
+    pub has_key: bool,
+}
+
+impl Caches {
+    /// Every store has been filled by its first list.
+    pub async fn wait_until_ready(&self) {
+        let _ = futures::join!(
+            self.secrets.wait_until_ready(),
+            self.other_secrets.wait_until_ready(),
+            self.config_maps.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.service_accounts.wait_until_ready(),
+            self.roles.wait_until_ready(),
+            self.role_bindings.wait_until_ready(),
+            self.stateful_sets.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.pod_disruption_budgets.wait_until_ready(),
+            self.network_policies.wait_until_ready(),
+            self.pods.wait_until_ready(),
+        );
+    }
+
+    pub fn secret_ref_check(&self, namespace: &str, name: &str) -> Option<SecretRefCheck> {
+        let checks = self.secret_ref_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        checks.get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    pub fn remember_secret_ref_check(&self, namespace: &str, name: &str, check: SecretRefCheck) {
+        let mut checks = self.secret_ref_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        checks.insert((namespace.to_string(), name.to_string()), check);
+    }
+}
+
+// --- what the caches keep of each object -------------------------------------
+
+/// Every cached object: no managedFields (often larger than the rest of the
+/// metadata, and never read by the operator).
+pub fn strip_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// A cached session-node Pod keeps what `status.members` is made of: name,
+/// labels, deletionTimestamp, podIP and conditions.
+pub fn strip_pod(pod: &mut Pod) {
+    strip_managed_fields(pod);
+    pod.spec = None;
+    pod.metadata.annotations = None;
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            conditions: status.conditions.map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+            ..Default::default()
+        });
+    }
+}
+
+/// A cached StatefulSet keeps metadata, replicas and status (for
+/// `Progressing` and the `Scaled` event), not its pod template.
+pub fn strip_stateful_set(sts: &mut StatefulSet) {
+    strip_managed_fields(sts);
+    sts.spec.template = Default::default();
+    sts.spec.volume_claim_templates = None;
+}
+
+/// A cached Secret of ours keeps its data: the generated keys are read from
+/// it instead of the API server. Only label-selected Secrets are cached so.
+pub fn strip_secret(secret: &mut Secret) {
+    strip_managed_fields(secret);
+    secret.string_data = None;
+}
+
+/// A cached metadata-only object.
+pub fn strip_partial<K>(object: &mut PartialObjectMeta<K>) {
+    object.metadata.managed_fields = None;
+}
+
+/// Namespace and name of an object, for records keyed by them.
+pub fn namespace_and_name<K: Resource>(object: &K) -> (String, String) {
+    (object.namespace().unwrap_or_default(), object.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(hash: &str, rv: &str, generation: Option<i64>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some("shop".to_string()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/instance".to_string(), "shop".to_string())])),
+            annotations: Some(BTreeMap::from([(APPLIED_HASH_ANNOTATION.to_string(), hash.to_string())])),
+            owner_references: Some(vec![OwnerReference { uid: "u1".to_string(), controller: Some(true), ..Default::default() }]),
+            resource_version: Some(rv.to_string()),
+            generation,
+            ..Default::default()
+        }
+    }
+
+    fn written(hash: &str, rv: &str, generation: Option<i64>) -> Written {
+        Written { hash: hash.to_string(), resource_version: Some(rv.to_string()), generation }
+    }
+
+    const RV: ChangeTracking = ChangeTracking::ResourceVersion;
+    const GEN: ChangeTracking = ChangeTracking::Generation;
+
+    #[test]
+    fn unchanged_child_with_our_hash_is_skipped() {
+        let desired = meta("h1", "", None);
+        assert!(!needs_apply(&desired, Some(&meta("h1", "10", None)), Some(&written("h1", "10", None)), RV));
+    }
+
+    #[test]
+    fn missing_child_or_new_hash_is_applied() {
+        let desired = meta("h2", "", None);
+        assert!(needs_apply(&desired, None, Some(&written("h2", "10", None)), RV));
+        assert!(needs_apply(&desired, Some(&meta("h1", "10", None)), Some(&written("h1", "10", None)), RV));
+    }
+
+    #[test]
+    fn edit_by_someone_else_is_applied() {
+        let desired = meta("h1", "", None);
+        // A newer resourceVersion of a kind without a generation.
+        assert!(needs_apply(&desired, Some(&meta("h1", "12", None)), Some(&written("h1", "10", None)), RV));
+        // A spec edit of a kind with a generation.
+        assert!(needs_apply(&desired, Some(&meta("h1", "12", Some(3))), Some(&written("h1", "10", Some(2))), GEN));
+        // A removed label.
+        let mut cached = meta("h1", "10", None);
+        cached.labels = None;
+        assert!(needs_apply(&desired, Some(&cached), Some(&written("h1", "10", None)), RV));
+        // A removed owner reference.
+        let mut cached = meta("h1", "10", None);
+        cached.owner_references = None;
+        assert!(needs_apply(&desired, Some(&cached), Some(&written("h1", "10", None)), RV));
+    }
+
+    #[test]
+    fn status_update_by_a_controller_is_not_an_edit() {
+        let desired = meta("h1", "", None);
+        assert!(!needs_apply(&desired, Some(&meta("h1", "15", Some(2))), Some(&written("h1", "10", Some(2))), GEN));
+    }
+
+    #[test]
+    fn cache_behind_our_own_write_waits_for_its_event() {
+        let desired = meta("h1", "", None);
+        assert!(!needs_apply(&desired, Some(&meta("h1", "8", None)), Some(&written("h1", "10", None)), RV));
+    }
+
+    #[test]
+    fn no_record_after_a_restart_applies_once() {
+        let desired = meta("h1", "", None);
+        assert!(needs_apply(&desired, Some(&meta("h1", "10", None)), None, RV));
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        let a = desired_hash(&meta("h1", "1", None)).expect("hash");
+        assert_eq!(a, desired_hash(&meta("h1", "1", None)).expect("hash"));
+        assert_ne!(a, desired_hash(&meta("h2", "1", None)).expect("hash"));
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn stripped_pod_keeps_what_members_need() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "shop-0", "labels": {"a": "b"}, "managedFields": [{"manager": "x"}]},
+            "spec": {"containers": [{"name": "tomcat", "image": "x"}]},
+            "status": {"podIP": "10.0.0.1", "hostIP": "1.2.3.4", "conditions": [{"type": "Ready", "status": "True"}, {"type": "PodScheduled", "status": "True"}]}
+        }))
+        .expect("pod");
+        strip_pod(&mut pod);
+        assert!(pod.spec.is_none() && pod.metadata.managed_fields.is_none());
+        let status = pod.status.expect("status");
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(status.conditions.map(|c| c.len()), Some(1));
+        assert!(status.host_ip.is_none());
+    }
+}
