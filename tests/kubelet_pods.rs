@@ -381,3 +381,34 @@ async fn unknown_image_waits_like_a_failed_pull_and_run_to_completion_pods_finis
     assert_eq!(cs.state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code), Some(3));
     assert_eq!(cs.restart_count, 0);
 }
+
+#[tokio::test]
+async fn run_as_user_and_fs_group_apply_to_the_process_and_its_volumes() {
+    kubelet();
+    let ns = TestNamespace::new("kubelet-user").await;
+    create(&ns.api::<Secret>(), json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "key"}, "stringData": {"key": "k3y"}})).await;
+    let pods = ns.api::<Pod>();
+    let script = "echo UID=$(id -u) GID=$(id -g) GROUPS=$(id -G); echo SECRET=$(cat /etc/secret/key); touch /data/written && echo WROTE; exec sleep 3600";
+    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "user"},
+        "spec": {"terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000, "runAsNonRoot": true},
+            "containers": [{"name": "main", "image": "local/busybox", "command": ["sh", "-c", script],
+                "volumeMounts": [{"name": "secret", "mountPath": "/etc/secret", "readOnly": true}, {"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "secret", "secret": {"secretName": "key", "defaultMode": 256}}, {"name": "data", "emptyDir": {}}]}}))
+    .await;
+    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root-refused"},
+        "spec": {"securityContext": {"runAsNonRoot": true},
+            "containers": [{"name": "main", "image": "local/busybox", "command": ["sh", "-c", "sleep 3600"]}]}}))
+    .await;
+    let log = wait_log(&ns.name, "user", "main", "WROTE", Duration::from_secs(30)).await;
+    assert!(log.contains("UID=1000 GID=1000 GROUPS=1000 2000"), "{log}");
+    assert!(log.contains("SECRET=k3y"), "a 0400 secret is readable through fsGroup: {log}");
+    let pod = wait_pod(&pods, "root-refused", "refused", Duration::from_secs(30), |p| {
+        p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()).any(|c| {
+            c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CreateContainerConfigError")
+        })
+    })
+    .await;
+    assert_eq!(phase(&pod), "Pending");
+}

@@ -150,13 +150,32 @@ async fn tomcat_pod_serves_the_counter_app_with_a_configmap_server_xml() {
         "data": {"server.xml": server_xml}})).await;
     let pods = ns.api::<Pod>();
     let started = Instant::now();
+    // The shape of the operator's session-node Pod: non-root with fsGroup,
+    // emptyDirs over logs/temp/work, probes, a preStop sleep.
+    create(&ns.api::<k8s_openapi::api::core::v1::Secret>(), json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tomcat-secret"},
+        "stringData": {"ajp-secret": "not-used-here"}})).await;
+    let probe = |failures: i32| json!({"httpGet": {"path": "/counter/", "port": "http"}, "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": failures});
     create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tomcat", "labels": {"app": "tomcat"}},
         "spec": {"terminationGracePeriodSeconds": 5,
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "runAsNonRoot": true},
             "containers": [{"name": "tomcat", "image": "ghcr.io/clusterapp/counter-app:1.0",
+                "env": [{"name": "AJP_SECRET", "valueFrom": {"secretKeyRef": {"name": "tomcat-secret", "key": "ajp-secret"}}}],
                 "ports": [{"name": "http", "containerPort": 8081}],
-                "readinessProbe": {"httpGet": {"path": "/counter/", "port": "http"}, "periodSeconds": 1},
-                "volumeMounts": [{"name": "conf", "mountPath": "/usr/local/tomcat/conf/server.xml", "subPath": "server.xml"}]}],
-            "volumes": [{"name": "conf", "configMap": {"name": "tomcat-conf"}}]}}))
+                "startupProbe": probe(60),
+                "readinessProbe": probe(3),
+                "livenessProbe": probe(6),
+                "lifecycle": {"preStop": {"sleep": {"seconds": 1}}},
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [
+                    {"name": "conf", "mountPath": "/usr/local/tomcat/conf/server.xml", "subPath": "server.xml", "readOnly": true},
+                    {"name": "logs", "mountPath": "/usr/local/tomcat/logs"},
+                    {"name": "temp", "mountPath": "/usr/local/tomcat/temp"},
+                    {"name": "work", "mountPath": "/usr/local/tomcat/work"},
+                    {"name": "conf-catalina", "mountPath": "/usr/local/tomcat/conf/Catalina"},
+                ]}],
+            "volumes": [{"name": "conf", "configMap": {"name": "tomcat-conf"}},
+                        {"name": "logs", "emptyDir": {}}, {"name": "temp", "emptyDir": {}},
+                        {"name": "work", "emptyDir": {}}, {"name": "conf-catalina", "emptyDir": {}}]}}))
     .await;
     let pod = wait_ready_pods(&pods, "app=tomcat", 1, Duration::from_secs(120)).await.remove(0);
     println!("Tomcat pod Ready {} ms after create", started.elapsed().as_millis());
@@ -183,4 +202,19 @@ async fn tomcat_pod_serves_the_counter_app_with_a_configmap_server_xml() {
     assert!(log.contains("CATALINA_BASE:") && log.contains("/usr/local/tomcat"), "Tomcat runs with CATALINA_BASE=/usr/local/tomcat:\n{log}");
     assert!(log.contains("\"http-nio-8081\""), "the ConfigMap's server.xml is in effect:\n{log}");
     assert!(!std::path::Path::new("/usr/local/tomcat").exists(), "CATALINA_BASE must exist only inside the pod");
+    // Tomcat runs as runAsUser 1000 with group 1000 (runAsGroup, fsGroup).
+    let started_line = kubelet()
+        .log_text()
+        .lines()
+        .find(|l| l.contains("container started") && l.contains(&format!("pod=\"{}/tomcat\"", ns.name)))
+        .map(str::to_string)
+        .expect("kubelet logged the container start");
+    let pid = started_line.split_whitespace().find_map(|w| w.strip_prefix("pid=")).expect("pid in the log line");
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Tomcat's /proc status");
+    let field = |name: &str| proc_status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().next().unwrap_or("").to_string());
+    assert_eq!(field("Uid:").as_deref(), Some("1000"), "{proc_status}");
+    assert_eq!(field("Gid:").as_deref(), Some("1000"), "{proc_status}");
+    // Its logs went into the emptyDir, written as uid 1000.
+    let logs = kubelet().pod_dir(&ns.name, "tomcat").join("volumes/logs");
+    assert!(std::fs::read_dir(&logs).expect("logs emptyDir").count() > 0, "Tomcat wrote no log file into the emptyDir");
 }

@@ -41,6 +41,9 @@ pub struct EnterSpec {
     pub pod_dir: PathBuf,
     pub run_as_user: Option<u32>,
     pub run_as_group: Option<u32>,
+    /// fsGroup and supplementalGroups (with runAsUser).
+    #[serde(default)]
+    pub supplemental_groups: Vec<u32>,
     pub working_dir: Option<String>,
 }
 
@@ -81,13 +84,14 @@ pub fn enter(spec_file: &Path, argv: &[String]) -> anyhow::Result<()> {
     if let Some(dir) = &spec.working_dir {
         command.current_dir(dir);
     }
-    if let Some(gid) = spec.run_as_group.or(spec.run_as_user) {
-        command.gid(gid);
-    }
+    // Switch identity here, not with Command::uid/gid: those drop every
+    // supplementary group when started as root, and fsGroup must stay.
     if let Some(uid) = spec.run_as_user {
-        // Drop supplementary groups too, or root's groups would stay.
-        unsafe_clear_groups()?;
-        command.uid(uid);
+        set_groups(&spec.supplemental_groups)?;
+        // Without runAsGroup the image's group applies; ours is root's (0).
+        set_ids(spec.run_as_group.unwrap_or(0), uid)?;
+    } else if let Some(gid) = spec.run_as_group {
+        set_ids(gid, 0)?;
     }
     let error = command.exec();
     anyhow::bail!("executing {program}: {error}")
@@ -99,9 +103,18 @@ fn set_hostname(name: &str) -> io::Result<()> {
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-fn unsafe_clear_groups() -> io::Result<()> {
-    // SAFETY: setgroups with a zero length does not read the pointer.
-    let rc = unsafe { libc::setgroups(0, std::ptr::null()) };
+fn set_ids(gid: u32, uid: u32) -> io::Result<()> {
+    // SAFETY: plain syscalls; group first, while we may still change it.
+    if unsafe { libc::setgid(gid) } != 0 || unsafe { libc::setuid(uid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_groups(groups: &[u32]) -> io::Result<()> {
+    let groups: Vec<libc::gid_t> = groups.iter().map(|g| *g as libc::gid_t).collect();
+    // SAFETY: pointer and length describe a live slice of gid_t.
+    let rc = unsafe { libc::setgroups(groups.len(), groups.as_ptr()) };
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 

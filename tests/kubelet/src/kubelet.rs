@@ -159,6 +159,7 @@ async fn serve(
         args.memory.clone(),
     ));
     ctx.prebuild_webapps();
+    node::wait_schedulable(&client, &args.node_name, Duration::from_secs(15)).await;
     // Harnesses wait for this file: the Node is registered and Ready.
     let _ = std::fs::write(ctx.state_dir.join("ready"), format!("{}\n", std::process::id()));
     let service_proxy = tokio::spawn(proxy::run_service_proxy(client.clone(), network.clone(), registry));

@@ -80,6 +80,9 @@ pub async fn register(client: &Client, info: &NodeInfo) -> anyhow::Result<Time> 
             "kubernetes.io/arch": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
             "node.clusterapp.io/process-kubelet": "true",
         }},
+        // Ready from the start, so the node lifecycle controller does not
+        // taint it not-ready first (the scheduler would then back off).
+        "status": status_json(info, &now_time(), true),
     }))?;
     match nodes.create(&PostParams::default(), &node).await {
         Ok(_) => info!(node = info.name, "registered the Node"),
@@ -96,6 +99,28 @@ pub async fn update_status(client: &Client, info: &NodeInfo, transition: &Time, 
     let patch = json!({"status": status_json(info, transition, ready)});
     nodes.patch_status(&info.name, &PatchParams::default(), &Patch::Strategic(&patch)).await?;
     Ok(())
+}
+
+/// Waits (up to `timeout`) until no `node.kubernetes.io/not-ready` or
+/// `unreachable` taint is left on the Node, so Pods created next schedule at once.
+pub async fn wait_schedulable(client: &Client, name: &str, timeout: Duration) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        match nodes.get(name).await {
+            Ok(node) => {
+                let blocked = node.spec.and_then(|s| s.taints).unwrap_or_default().iter().any(|t| {
+                    t.key == "node.kubernetes.io/not-ready" || t.key == "node.kubernetes.io/unreachable"
+                });
+                if !blocked {
+                    return;
+                }
+            }
+            Err(e) => warn!(node = name, "reading the Node: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    warn!(node = name, "the Node still has a not-ready taint after {timeout:?}");
 }
 
 /// Renews the Lease every LEASE_SECONDS/4 and refreshes the Ready condition's

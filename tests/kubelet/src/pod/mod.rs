@@ -396,7 +396,8 @@ impl PodWorker {
         if self.volumes.is_none() {
             let mut objects = ApiObjects::new(&self.ctx.client, &namespace);
             let facts = self.facts();
-            let volumes = volumes::materialize(&self.ctx.client, &mut objects, &facts, &self.dir, (&self.ctx.node_cpu, &self.ctx.node_memory))
+            let fs_group = spec.security_context.as_ref().and_then(|s| s.fs_group).and_then(|g| u32::try_from(g).ok());
+            let volumes = volumes::materialize(&self.ctx.client, &mut objects, &facts, &self.dir, (&self.ctx.node_cpu, &self.ctx.node_memory), fs_group)
                 .await
                 .map_err(|m| ("ContainerCreating".to_string(), format!("MountVolume.SetUp failed: {m}")))?;
             self.volumes = Some(volumes);
@@ -622,6 +623,12 @@ impl PodWorker {
             return Err(("CreateContainerConfigError".into(), "container has runAsNonRoot and image will run as root".into()));
         }
         let to_id = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok());
+        let supplemental_groups: Vec<u32> = pod_security
+            .and_then(|s| s.fs_group)
+            .into_iter()
+            .chain(pod_security.and_then(|s| s.supplemental_groups.clone()).into_iter().flatten())
+            .filter_map(|g| u32::try_from(g).ok())
+            .collect();
         let enter_spec = EnterSpec {
             hostname: self.hostname.clone(),
             mounts,
@@ -629,6 +636,7 @@ impl PodWorker {
             pod_dir: self.dir.clone(),
             run_as_user: to_id(run_as_user),
             run_as_group: to_id(run_as_group),
+            supplemental_groups,
             working_dir: spec.working_dir.clone().filter(|w| !w.is_empty()),
         };
         let spec_file = self.dir.join(format!("{}.enter.json", spec.name));
@@ -1081,8 +1089,13 @@ async fn kill_leftovers_in(netns: &str) {
     }
 }
 
+/// Copies a folder; the copies are readable by everyone, as an image's files
+/// are (Debian's /etc/tomcat10 is 0640 root:tomcat, and Pods may run with
+/// `runAsUser`).
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(to)?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755))?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
@@ -1091,9 +1104,16 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
             copy_tree(&entry.path(), &target)?;
         } else if kind.is_symlink() {
             let resolved = std::fs::canonicalize(entry.path())?;
-            if resolved.is_dir() { copy_tree(&resolved, &target)? } else { std::fs::copy(&resolved, &target).map(drop)? }
+            if resolved.is_dir() {
+                copy_tree(&resolved, &target)?
+            } else {
+                std::fs::copy(&resolved, &target)?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644))?;
+            }
         } else {
+            let mode = entry.metadata()?.permissions().mode();
             std::fs::copy(entry.path(), &target)?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 }))?;
         }
     }
     Ok(())

@@ -32,6 +32,7 @@ pub struct Volumes {
     /// Volume name → folder (or, for hostPath, the host path).
     pub paths: HashMap<String, PathBuf>,
     pub tokens: Vec<TokenFile>,
+    pub fs_group: Option<u32>,
 }
 
 /// Refuses paths that would escape the volume folder.
@@ -138,6 +139,7 @@ pub async fn materialize(
     facts: &PodFacts<'_>,
     pod_dir: &Path,
     node: (&str, &str),
+    fs_group: Option<u32>,
 ) -> Result<Volumes, String> {
     let mut volumes = Volumes::default();
     let spec = facts.pod.spec.as_ref().ok_or("pod without spec")?;
@@ -149,10 +151,35 @@ pub async fn materialize(
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         materialize_one(client, objects, facts, volume, &dir, node, &mut volumes).await?;
         if !volumes.paths.contains_key(&volume.name) {
+            if let Some(gid) = fs_group {
+                apply_fs_group(&dir, gid).map_err(|e| format!("volume {:?}: applying fsGroup {gid}: {e}", volume.name))?;
+            }
             volumes.paths.insert(volume.name.clone(), dir);
         }
     }
+    volumes.fs_group = fs_group;
     Ok(volumes)
+}
+
+/// fsGroup as a kubelet applies it: the group owns the volume's files and
+/// may read them (and write where the owner may), folders get setgid.
+fn apply_fs_group(path: &Path, gid: u32) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, None, Some(gid))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let owner_bits = (mode & 0o700) >> 3;
+    if meta.is_dir() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | owner_bits | 0o2050))?;
+        for entry in std::fs::read_dir(path)? {
+            apply_fs_group(&entry?.path(), gid)?;
+        }
+    } else {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | owner_bits | 0o040))?;
+    }
+    Ok(())
 }
 
 async fn materialize_one(
@@ -233,6 +260,9 @@ pub async fn refresh_tokens(client: &Client, pod: &Pod, volumes: &mut Volumes) -
         let dir = token.path.parent().ok_or("token path without folder")?;
         let name = token.path.file_name().and_then(|n| n.to_str()).ok_or("token path without name")?;
         write_file(dir, name, value.as_bytes(), Some(0o644))?;
+        if let Some(gid) = volumes.fs_group {
+            apply_fs_group(&token.path, gid).map_err(|e| format!("applying fsGroup to {}: {e}", token.path.display()))?;
+        }
         token.refresh_at = refresh_instant(lifetime);
         refreshed += 1;
         info!(path = %token.path.display(), "refreshed a ServiceAccount token");
