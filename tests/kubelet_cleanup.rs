@@ -55,8 +55,16 @@ async fn stopping_the_kubelet_stops_every_pod_process_and_removes_its_network_an
     }
     assert_eq!(pids.len(), 6);
     assert!(pids.iter().all(|p| alive(*p)), "pod processes running before the stop");
+    // Each pod's network namespace is there (named after its IP's last octet;
+    // other test binaries' leftover pods may add more on a shared cluster).
     let namespaces_before = ip(&["netns", "list"]);
-    assert_eq!(namespaces_before.lines().filter(|l| l.starts_with("cabr0-")).count(), 2, "{namespaces_before}");
+    for name in ["one", "two"] {
+        let pod = pods.get(name).await.expect("pod");
+        let pod_ip: std::net::Ipv4Addr =
+            pod.status.and_then(|s| s.pod_ip).and_then(|ip| ip.parse().ok()).expect("pod IP");
+        let netns = format!("cabr0-{}", pod_ip.octets()[3]);
+        assert!(namespaces_before.lines().any(|l| l.split_whitespace().next() == Some(netns.as_str())), "{netns} missing: {namespaces_before}");
+    }
     assert!(ip(&["-o", "link", "show", "cabr0"]).contains("cabr0"));
 
     let stopped_at = Instant::now();

@@ -412,3 +412,18 @@ async fn run_as_user_and_fs_group_apply_to_the_process_and_its_volumes() {
     .await;
     assert_eq!(phase(&pod), "Pending");
 }
+
+#[tokio::test]
+async fn clusterapp_image_runs_the_binary_built_from_this_repository() {
+    kubelet();
+    let ns = TestNamespace::new("kubelet-bin").await;
+    let pods = ns.api::<Pod>();
+    // As the operator's balancer Deployment does it: args only, the image's
+    // ENTRYPOINT is `clusterapp`.
+    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crd"},
+        "spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": "ghcr.io/clusterapp/clusterapp:0.1.0", "args": ["crd"]}]}})).await;
+    wait_pod(&pods, "crd", "Succeeded", Duration::from_secs(30), |p| phase(p) == "Succeeded").await;
+    let log = kubelet().container_log(&ns.name, "crd", "main");
+    assert!(log.contains("kind: CustomResourceDefinition") && log.contains("clusterapp.io"), "{log}");
+}
