@@ -203,17 +203,22 @@ fn trim(v: &[u8]) -> &[u8] {
 /// Appends bytes to `line` up to and including the end of a head (a blank
 /// line). Returns how many bytes were taken and whether the end was found.
 fn take_until_blank_line(line: &mut Vec<u8>, bytes: &[u8]) -> (usize, bool) {
-    for (i, &b) in bytes.iter().enumerate() {
-        line.push(b);
-        if b == b'\n' && (line.ends_with(b"\r\n\r\n") || line.ends_with(b"\n\n")) {
+    // Copies a line at a time; the blank-line check runs only at line ends.
+    let mut start = 0;
+    while let Some(offset) = bytes[start..].iter().position(|&b| b == b'\n') {
+        let end = start + offset + 1;
+        line.extend_from_slice(&bytes[start..end]);
+        start = end;
+        if line.ends_with(b"\r\n\r\n") || line.ends_with(b"\n\n") {
             // A blank line right at the start is the optional CRLF before a request line.
             if line.iter().all(|&c| c == b'\r' || c == b'\n') {
                 line.clear();
                 continue;
             }
-            return (i + 1, true);
+            return (end, true);
         }
     }
+    line.extend_from_slice(&bytes[start..]);
     (bytes.len(), false)
 }
 

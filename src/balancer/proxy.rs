@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use http::header::{CONTENT_LENGTH, HeaderValue, RETRY_AFTER, SET_COOKIE, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, SET_COOKIE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -694,8 +694,19 @@ fn response_content_length(headers: &HeaderMap) -> Option<u64> {
     first.to_str().ok()?.parse().ok()
 }
 
+/// Response headers that belong to the member's hop, not the client's.
+/// Named constants: removing by `&str` would parse each name per request.
+const HOP_BY_HOP_RESPONSE: [HeaderName; 6] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    TRANSFER_ENCODING,
+    HeaderName::from_static("proxy-connection"),
+    http::header::UPGRADE,
+    http::header::TRAILER,
+];
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in ["connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "trailer"] {
+    for name in &HOP_BY_HOP_RESPONSE {
         headers.remove(name);
     }
 }
@@ -807,5 +818,131 @@ mod tests {
         let mut h = headers(&[("connection", "close"), ("transfer-encoding", "chunked"), ("x-route", "s1")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+    }
+}
+
+/// The exchange against a fake AJP member: a response with a
+/// `Content-Length` must leave its connection in the pool, whether
+/// `END_RESPONSE` arrives with the body or after it.
+#[cfg(test)]
+mod reuse_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::balancer::config::LbMethod;
+    use crate::balancer::front::{FrontSettings, serve_front};
+    use crate::balancer::member::{MemberSpec, MemberState};
+
+    fn packet(payload: &[u8]) -> Vec<u8> {
+        let mut p = b"AB".to_vec();
+        p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// Answers every FORWARD_REQUEST with 200, `Content-Length: 5`, "hello".
+    async fn fake_member(listener: TcpListener, accepted: Arc<AtomicUsize>, split_end: bool) {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                loop {
+                    let mut header = [0u8; 4];
+                    if conn.read_exact(&mut header).await.is_err() {
+                        return;
+                    }
+                    let mut payload = vec![0u8; u16::from_be_bytes([header[2], header[3]]) as usize];
+                    if conn.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    if payload.first() == Some(&ajp::to_container::CPING) {
+                        let _ = conn.write_all(&packet(&[9])).await;
+                        continue;
+                    }
+                    let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 1, 0xA0, 0x03, 0, 1, b'5', 0]);
+                    out.extend(packet(&[3, 0, 5, b'h', b'e', b'l', b'l', b'o', 0]));
+                    let end = packet(&[5, 1]);
+                    if split_end {
+                        let _ = conn.write_all(&out).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = conn.write_all(&end).await;
+                    } else {
+                        out.extend(end);
+                        let _ = conn.write_all(&out).await;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn requests_use_one_connection(split_end: bool) {
+        let member_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let member_address = member_listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(fake_member(member_listener, accepted.clone(), split_end));
+
+        let settings = ProxySettings {
+            packet_size: ajp::DEFAULT_PACKET_SIZE,
+            sticky_cookie: "JSESSIONID".into(),
+            sticky_path_param: "jsessionid".into(),
+            backend_timeout: Duration::from_secs(5),
+            max_body_bytes: None,
+        };
+        let pool_settings = PoolSettings {
+            packet_size: ajp::DEFAULT_PACKET_SIZE,
+            connect_timeout: Duration::from_secs(1),
+            cping_after_idle: Duration::from_secs(60),
+            cping_timeout: Duration::from_secs(1),
+            slot_wait: Duration::from_secs(1),
+        };
+        let bal = Arc::new(Balancer::new(settings, pool_settings, 8, Router::new(LbMethod::Byrequests, true), AjpSecret::new("s".into())));
+        bal.members.apply(&[MemberSpec { route: "m1".into(), address: member_address, state: MemberState::Ready }], &bal.metrics);
+        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let front_address = front.local_addr().expect("addr");
+        let (_shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let front_settings = FrontSettings {
+            max_connections: 16,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(1),
+        };
+        tokio::spawn(serve_front(bal.clone(), front, front_settings, shutdown_rx));
+
+        let mut client = TcpStream::connect(front_address).await.expect("connect");
+        for round in 0..3 {
+            client.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").await.expect("write");
+            let mut seen = Vec::new();
+            while !seen.ends_with(b"\r\n\r\nhello") {
+                let mut buf = [0u8; 1024];
+                let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("response in time").expect("read");
+                assert!(n > 0, "balancer closed the client connection");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            assert!(seen.starts_with(b"HTTP/1.1 200"), "round {round}: {}", String::from_utf8_lossy(&seen));
+            // The connection is back in the pool once the response is complete.
+            let member = bal.members.snapshot()[0].clone();
+            for _ in 0..100 {
+                if member.pool.idle_count() == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(member.pool.idle_count(), 1, "round {round}: connection back in the pool");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "every request reused the first AJP connection");
+    }
+
+    #[tokio::test]
+    async fn content_length_response_keeps_connection_end_in_same_segment() {
+        requests_use_one_connection(false).await;
+    }
+
+    #[tokio::test]
+    async fn content_length_response_keeps_connection_end_in_later_segment() {
+        requests_use_one_connection(true).await;
     }
 }

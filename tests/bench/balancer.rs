@@ -35,6 +35,11 @@ struct Httpd {
 
 const HTTPD_SERVERS: u32 = 2;
 const HTTPD_THREADS_PER_CHILD: u32 = 64;
+/// httpd keeps up to ThreadsPerChild connections per member in each child
+/// process; the balancer gets the same ceiling per member.
+const BALANCER_POOL_PER_MEMBER: u32 = HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD;
+const TOMCAT_THREADS: u32 = 200;
+const WRK_THREADS: u32 = 2;
 
 impl Httpd {
     fn start(members: &[(String, u16)]) -> Httpd {
@@ -173,6 +178,10 @@ struct Sample {
     p99_ms: f64,
     cpu_per_10k: Option<f64>,
     rss_mb: Option<f64>,
+    /// CPU seconds per 10k requests of the three Tomcats together.
+    tomcat_cpu_per_10k: f64,
+    /// CPU seconds per 10k requests of wrk itself.
+    wrk_cpu_per_10k: f64,
 }
 
 fn parse_latency(s: &str) -> f64 {
@@ -187,10 +196,16 @@ fn parse_latency(s: &str) -> f64 {
     }
 }
 
-fn wrk(port: u16, cookie: Option<&str>, seconds: u64, connections: u64, proxy_pid: Option<u32>) -> Sample {
+/// Runs wrk against `port` and measures it, with the CPU time every part
+/// spent on the run: the proxy (`proxy_pid`'s tree), the Tomcats, wrk.
+fn wrk(port: u16, cookie: Option<&str>, seconds: u64, connections: u64, proxy_pid: Option<u32>, tomcat_pids: &[u32]) -> Sample {
     let cpu_before = proxy_pid.map(cpu_seconds);
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t", "2", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency"]);
+    let tomcat_before: f64 = tomcat_pids.iter().map(|&p| cpu_seconds(p)).sum();
+    // wrk runs under `sh`, which reports its waited-for children's CPU
+    // (cutime + cstime in /proc/self/stat) once wrk has exited.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "wrk \"$@\" && echo \"WRKSTAT $(cat /proc/$$/stat)\"", "sh"]);
+    cmd.args(["-t", &WRK_THREADS.to_string(), "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency"]);
     if let Some(c) = cookie {
         cmd.args(["-H", &format!("Cookie: JSESSIONID={c}")]);
     }
@@ -199,6 +214,7 @@ fn wrk(port: u16, cookie: Option<&str>, seconds: u64, connections: u64, proxy_pi
     let text = String::from_utf8_lossy(&out.stdout);
     let mut s = Sample::default();
     let mut requests = 0.0;
+    let mut wrk_cpu = f64::NAN;
     for line in text.lines() {
         let t = line.trim();
         if let Some(v) = t.strip_prefix("Requests/sec:") {
@@ -211,7 +227,18 @@ fn wrk(port: u16, cookie: Option<&str>, seconds: u64, connections: u64, proxy_pi
             requests = t.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0.0);
         } else if t.starts_with("Non-2xx") || t.starts_with("Socket errors") {
             eprintln!("wrk on :{port}: {t}");
+        } else if let Some(stat) = t.strip_prefix("WRKSTAT ") {
+            // Fields after the command name: cutime and cstime are the 14th and 15th.
+            let f: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            if let (Some(u), Some(st)) = (f.get(13).and_then(|v| v.parse::<f64>().ok()), f.get(14).and_then(|v| v.parse::<f64>().ok())) {
+                wrk_cpu = (u + st) / 100.0;
+            }
         }
+    }
+    if requests > 0.0 {
+        let tomcat_after: f64 = tomcat_pids.iter().map(|&p| cpu_seconds(p)).sum();
+        s.tomcat_cpu_per_10k = (tomcat_after - tomcat_before) / requests * 10_000.0;
+        s.wrk_cpu_per_10k = wrk_cpu / requests * 10_000.0;
     }
     if let (Some(pid), Some(before)) = (proxy_pid, cpu_before) {
         if requests > 0.0 {
@@ -241,10 +268,16 @@ fn main() {
 
     let mut options = TomcatOptions::new(SECRET);
     options.jvm_opts = vec!["-Xms512m".into(), "-Xmx512m".into(), "-XX:+UseParallelGC".into()];
-    options.max_threads = 200;
+    options.max_threads = TOMCAT_THREADS;
     let nodes = start_cluster(&["s1", "s2", "s3"], &options);
     let members: Vec<(String, u16)> = nodes.iter().map(|n| (n.route.clone(), n.ajp_port)).collect();
-    let balancer = Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0], &nodes[1], &nodes[2]]));
+    let balancer = Balancer::start(
+        BalancerOptions::new(SECRET)
+            .members(&[&nodes[0], &nodes[1], &nodes[2]])
+            .arg("--pool-max-per-member")
+            .arg(BALANCER_POOL_PER_MEMBER.to_string()),
+    );
+    let tomcat_pids: Vec<u32> = nodes.iter().filter_map(|n| n.pid()).collect();
     let httpd = Httpd::start(&members);
     let direct_port = nodes[1].http_port;
     let sticky = "benchsession.s2";
@@ -272,12 +305,17 @@ fn main() {
     println!("# balancer vs Apache httpd {} (event MPM, {} servers x {} threads = {} workers, mod_proxy_ajp + mod_proxy_balancer, access logs off)",
         String::from_utf8_lossy(&Command::new("/usr/sbin/apache2").arg("-v").output().map(|o| o.stdout).unwrap_or_default()).lines().next().unwrap_or("").trim_start_matches("Server version: "),
         HTTPD_SERVERS, HTTPD_THREADS_PER_CHILD, HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD);
-    println!("# balancer: tokio multi-thread runtime, {} worker threads (one per core); access log off", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!("# 3 Tomcat 10.1 nodes (200 threads each), GET {PATH}, wrk -t2 -c{connections} -d{seconds}s, {rounds} interleaved rounds, medians");
-
+    println!(
+        "# balancer: tokio multi-thread runtime, {} worker threads (one per core), at most {BALANCER_POOL_PER_MEMBER} AJP connections per member (httpd: {HTTPD_SERVERS} children x {HTTPD_THREADS_PER_CHILD}); access log off",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!(
+        "# 3 Tomcat 10.1 nodes ({TOMCAT_THREADS} connector threads each, AJP packetSize 8192), GET {PATH}, wrk -t{WRK_THREADS} -c{connections} -d{seconds}s, {rounds} interleaved rounds, medians"
+    );
+    println!("# machine: {} cores shared by wrk, the proxy and the Tomcats; cpu columns are CPU seconds per 10k requests of each part", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // Warm up the JITs and pools.
     for port in [direct_port, httpd.port, balancer.listen.port()] {
-        wrk(port, Some(sticky), 3, connections, None);
+        wrk(port, Some(sticky), 3, connections, None, &tomcat_pids);
     }
 
     type Key = &'static str;
@@ -292,11 +330,14 @@ fn main() {
             ("5 balancer non-sticky", balancer.listen.port(), None, Some(balancer.pid())),
         ];
         for (name, port, cookie, pid) in runs {
-            results.entry(name).or_default().push(wrk(port, cookie, seconds, connections, pid));
+            results.entry(name).or_default().push(wrk(port, cookie, seconds, connections, pid, &tomcat_pids));
         }
     }
 
-    println!("{:<24} {:>10} {:>9} {:>9} {:>14} {:>9}", "target", "req/s", "p50 ms", "p99 ms", "cpu s/10k req", "rss MB");
+    println!(
+        "{:<24} {:>10} {:>9} {:>9} {:>14} {:>9} {:>11} {:>9}",
+        "target", "req/s", "p50 ms", "p99 ms", "cpu s/10k req", "rss MB", "tomcat cpu", "wrk cpu"
+    );
     let mut med: BTreeMap<Key, Sample> = BTreeMap::new();
     for (name, samples) in &results {
         let m = Sample {
@@ -305,16 +346,20 @@ fn main() {
             p99_ms: median(samples.iter().map(|s| s.p99_ms).collect()),
             cpu_per_10k: samples[0].cpu_per_10k.map(|_| median(samples.iter().filter_map(|s| s.cpu_per_10k).collect())),
             rss_mb: samples.iter().filter_map(|s| s.rss_mb).reduce(f64::max),
+            tomcat_cpu_per_10k: median(samples.iter().map(|s| s.tomcat_cpu_per_10k).collect()),
+            wrk_cpu_per_10k: median(samples.iter().map(|s| s.wrk_cpu_per_10k).collect()),
         };
         let fmt_opt = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:>10.0} {:>9.2} {:>9.2} {:>14} {:>9}",
+            "{:<24} {:>10.0} {:>9.2} {:>9.2} {:>14} {:>9} {:>11.3} {:>9.3}",
             &name[2..],
             m.rps,
             m.p50_ms,
             m.p99_ms,
             fmt_opt(m.cpu_per_10k, 3),
-            fmt_opt(m.rss_mb, 1)
+            fmt_opt(m.rss_mb, 1),
+            m.tomcat_cpu_per_10k,
+            m.wrk_cpu_per_10k
         );
         med.insert(name, m);
     }
@@ -326,6 +371,23 @@ fn main() {
     let with_idle = balancer.rss_kib();
     println!("# {} idle connections held: balancer rss {:.1} MB -> {:.1} MB", idle.len(), before as f64 / 1024.0, with_idle as f64 / 1024.0);
     drop(idle);
+
+    // Where the CPU of one request goes: with every core busy, req/s is
+    // bounded by cores / (CPU per request of all parts together).
+    let cores = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+    for (name, m) in &med {
+        let proxy = m.cpu_per_10k.unwrap_or(0.0);
+        let total_us = (m.wrk_cpu_per_10k + m.tomcat_cpu_per_10k + proxy) * 100.0;
+        println!(
+            "# cpu per request {:<22} wrk {:>5.1} us + tomcat {:>5.1} us + proxy {:>5.1} us = {:>5.1} us -> at most {:>6.0} req/s on {cores} cores",
+            &name[2..],
+            m.wrk_cpu_per_10k * 100.0,
+            m.tomcat_cpu_per_10k * 100.0,
+            proxy * 100.0,
+            total_us,
+            cores * 1e6 / total_us
+        );
+    }
 
     let b_sticky = &med["3 balancer sticky"];
     let h_sticky = &med["2 httpd sticky"];

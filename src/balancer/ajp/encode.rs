@@ -61,16 +61,19 @@ pub const fn max_body_chunk_len(packet_size: usize) -> usize {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are meaningful only on the client's
 /// connection; AJP frames the body itself, so `Transfer-Encoding` goes too.
-fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
+/// `connection_listed` says whether the request has a `Connection` header
+/// at all, so the common request without one costs no lookup per header.
+fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap, connection_listed: bool) -> bool {
     const HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
     let n = name.as_str();
     if HOP.contains(&n) {
         return true;
     }
     // Headers the client named in `Connection` are hop-by-hop as well.
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str().map(|s| s.split(',').any(|token| token.trim().eq_ignore_ascii_case(n))).unwrap_or(false)
-    })
+    connection_listed
+        && headers.get_all(CONNECTION).iter().any(|v| {
+            v.to_str().map(|s| s.split(',').any(|token| token.trim().eq_ignore_ascii_case(n))).unwrap_or(false)
+        })
 }
 
 fn put_string(buf: &mut BytesMut, s: &[u8]) {
@@ -110,8 +113,9 @@ pub fn encode_forward_request(buf: &mut BytesMut, req: &ForwardRequest<'_>, pack
     let count_at = buf.len();
     buf.put_u16(0); // header count, patched below
     let mut count: usize = 0;
+    let connection_listed = req.headers.contains_key(CONNECTION);
     for (name, value) in req.headers.iter() {
-        if is_hop_by_hop(name, req.headers) {
+        if is_hop_by_hop(name, req.headers, connection_listed) {
             continue;
         }
         match request_header_code(name.as_str()) {
