@@ -171,3 +171,27 @@ fn a_second_install_builds_nothing() {
     assert!(dirs.contains(&paths.kube_bin.display().to_string()));
     assert!(dirs.contains(&paths.helm_bin.display().to_string()));
 }
+
+#[test]
+fn a_port_taken_under_us_is_retried_with_other_ports() {
+    let state = temp_dir("porttaken");
+    let _down = Down(state.clone());
+    // Hold a port and force kube-apiserver onto it (a later flag wins): each
+    // attempt hits "address already in use", is retried, and after the last
+    // attempt the failure is reported.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let out = Command::new("bash")
+        .arg(script("cluster.sh"))
+        .arg("up")
+        .env("CLUSTERAPP_STATE", &state)
+        .env("CLUSTERAPP_APISERVER_EXTRA_ARGS", format!("--secure-port={port}"))
+        .output()
+        .expect("cluster.sh");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.matches("retrying with other ports").count(), 2, "{err}");
+    assert!(err.contains("could not bind its port"), "{err}");
+    assert!(recorded_pids(&state).iter().all(|(_, p)| !alive(*p)));
+    drop(holder);
+}

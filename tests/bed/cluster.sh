@@ -126,6 +126,13 @@ check_alive() {
   local name pid
   while read -r name pid; do
     if ! is_ours "$pid"; then
+      # Ports are picked free, but another program can take one between
+      # the check and the bind: then start again with other ports.
+      if grep -qi "address already in use" "$LOGS/$name.log" 2>/dev/null; then
+        log "$name could not bind its port (taken meanwhile); its log is $LOGS/$name.log"
+        stop_all
+        exit 75
+      fi
       log "$name (pid $pid) exited; its log is $LOGS/$name.log — last lines:"
       tail -n 15 "$LOGS/$name.log" >&2 || true
       stop_all
@@ -208,6 +215,81 @@ EOF
 
 # --- commands -----------------------------------------------------------------
 
+# Starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler on
+# fresh ports and waits until they are ready. Runs in a subshell: exit 75
+# means a port was taken under us and the caller may try again.
+start_control_plane() {
+  stop_all
+  rm -rf "$STATE/etcd" "$PKI" "$LOGS" "$PORTS" "$STATE"/*.kubeconfig
+  mkdir -p "$LOGS"
+  local started=$SECONDS
+  cat > "$PORTS" <<EOF
+ETCD_PORT=$(free_port)
+ETCD_PEER_PORT=$(free_port)
+APISERVER_PORT=$(free_port)
+CONTROLLER_MANAGER_PORT=$(free_port)
+SCHEDULER_PORT=$(free_port)
+EOF
+  # shellcheck disable=SC1090
+  source "$PORTS"
+  make_pki
+  kubeconfig "$ADMIN_KUBECONFIG" admin
+  kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
+  kubeconfig "$STATE/scheduler.kubeconfig" scheduler
+  kubeconfig "$STATE/node.kubeconfig" node
+
+  log "starting etcd on 127.0.0.1:$ETCD_PORT"
+  start etcd "$ETCD_BIN/etcd" --name local --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "local=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --unsafe-no-fsync --log-level warn
+  wait_for etcd 30 curl -sf --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" -o /dev/null
+
+  log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
+  start kube-apiserver "$KUBE_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --endpoint-reconciler-type none \
+    --allow-privileged \
+    --profiling=false \
+    --cert-dir "$STATE/apiserver-certs" \
+    ${CLUSTERAPP_APISERVER_EXTRA_ARGS:-}
+  wait_for kube-apiserver 60 apiserver_ready
+
+  log "starting kube-controller-manager and kube-scheduler"
+  start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
+    --kubeconfig "$STATE/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$STATE/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$CONTROLLER_MANAGER_PORT" \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --use-service-account-credentials \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --leader-elect=false --profiling=false \
+    --cert-dir "$STATE/controller-manager-certs"
+  start kube-scheduler "$KUBE_BIN/kube-scheduler" \
+    --kubeconfig "$STATE/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$STATE/scheduler.kubeconfig" \
+    --authorization-kubeconfig "$STATE/scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT" \
+    --leader-elect=false --profiling=false \
+    --cert-dir "$STATE/scheduler-certs"
+  wait_for kube-controller-manager 30 curl -skf --max-time 1 "https://127.0.0.1:$CONTROLLER_MANAGER_PORT/healthz" -o /dev/null
+  wait_for kube-scheduler 30 curl -skf --max-time 1 "https://127.0.0.1:$SCHEDULER_PORT/healthz" -o /dev/null
+  # The namespace "default" gets its ServiceAccount from the controller
+  # manager; tests rely on it, so wait for it too.
+  wait_for "default ServiceAccount" 30 default_service_account_exists
+  log "control plane ready in $((SECONDS - started)) s (logs: $LOGS)"
+}
+
 up() {
   local owner=""
   while (( $# )); do
@@ -222,75 +304,14 @@ up() {
   else
     bash "$here/install.sh" --check >/dev/null 2>&1 || bash "$here/install.sh" >/dev/null
     if [[ -f $PIDS ]]; then log "cleaning a stale control plane in $STATE"; fi
-    stop_all
-    rm -rf "$STATE/etcd" "$PKI" "$LOGS" "$PORTS" "$STATE"/*.kubeconfig
-    mkdir -p "$LOGS"
-    local started=$SECONDS
-    cat > "$PORTS" <<EOF
-ETCD_PORT=$(free_port)
-ETCD_PEER_PORT=$(free_port)
-APISERVER_PORT=$(free_port)
-CONTROLLER_MANAGER_PORT=$(free_port)
-SCHEDULER_PORT=$(free_port)
-EOF
-    # shellcheck disable=SC1090
-    source "$PORTS"
-    make_pki
-    kubeconfig "$ADMIN_KUBECONFIG" admin
-    kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
-    kubeconfig "$STATE/scheduler.kubeconfig" scheduler
-    kubeconfig "$STATE/node.kubeconfig" node
-
-    log "starting etcd on 127.0.0.1:$ETCD_PORT"
-    start etcd "$ETCD_BIN/etcd" --name local --data-dir "$STATE/etcd" \
-      --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-      --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-      --initial-cluster "local=http://127.0.0.1:$ETCD_PEER_PORT" \
-      --unsafe-no-fsync --log-level warn
-    wait_for etcd 30 curl -sf --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" -o /dev/null
-
-    log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
-    start kube-apiserver "$KUBE_BIN/kube-apiserver" \
-      --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
-      --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
-      --client-ca-file "$PKI/ca.crt" \
-      --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
-      --service-account-issuer https://kubernetes.default.svc.cluster.local \
-      --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-      --service-cluster-ip-range "$SERVICE_CIDR" \
-      --endpoint-reconciler-type none \
-      --allow-privileged \
-      --profiling=false \
-      --cert-dir "$STATE/apiserver-certs" \
-      ${CLUSTERAPP_APISERVER_EXTRA_ARGS:-}
-    wait_for kube-apiserver 60 apiserver_ready
-
-    log "starting kube-controller-manager and kube-scheduler"
-    start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
-      --kubeconfig "$STATE/controller-manager.kubeconfig" \
-      --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
-      --authorization-kubeconfig "$STATE/controller-manager.kubeconfig" \
-      --bind-address 127.0.0.1 --secure-port "$CONTROLLER_MANAGER_PORT" \
-      --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
-      --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
-      --use-service-account-credentials \
-      --service-cluster-ip-range "$SERVICE_CIDR" \
-      --leader-elect=false --profiling=false \
-      --cert-dir "$STATE/controller-manager-certs"
-    start kube-scheduler "$KUBE_BIN/kube-scheduler" \
-      --kubeconfig "$STATE/scheduler.kubeconfig" \
-      --authentication-kubeconfig "$STATE/scheduler.kubeconfig" \
-      --authorization-kubeconfig "$STATE/scheduler.kubeconfig" \
-      --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT" \
-      --leader-elect=false --profiling=false \
-      --cert-dir "$STATE/scheduler-certs"
-    wait_for kube-controller-manager 30 curl -skf --max-time 1 "https://127.0.0.1:$CONTROLLER_MANAGER_PORT/healthz" -o /dev/null
-    wait_for kube-scheduler 30 curl -skf --max-time 1 "https://127.0.0.1:$SCHEDULER_PORT/healthz" -o /dev/null
-    # The namespace "default" gets its ServiceAccount from the controller
-    # manager; tests rely on it, so wait for it too.
-    wait_for "default ServiceAccount" 30 default_service_account_exists
-    log "control plane ready in $((SECONDS - started)) s (logs: $LOGS)"
+    local attempt rc
+    for attempt in 1 2 3; do
+      rc=0
+      ( start_control_plane ) || rc=$?
+      (( rc == 75 && attempt < 3 )) && { log "retrying with other ports"; continue; }
+      (( rc == 0 )) || exit "$rc"
+      break
+    done
   fi
 
   if [[ -n $owner ]]; then

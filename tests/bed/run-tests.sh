@@ -15,4 +15,7 @@ export CLUSTERAPP_TEST_KUBECONFIG="${line#KUBECONFIG=}"
 echo "[test] control plane up in $((SECONDS - started)) s: $CLUSTERAPP_TEST_KUBECONFIG" >&2
 
 cargo build --locked --workspace --all-targets
+# the process kubelet the tests start (built above with the workspace's
+# feature set; otherwise each test binary would build it once more)
+export CLUSTERAPP_KUBELET_BIN="$repo/target/debug/clusterapp-kubelet"
 cargo test --locked --workspace --no-fail-fast -- --test-threads="${CLUSTERAPP_TEST_THREADS:-4}"
