@@ -17,5 +17,5 @@ echo "[test] control plane up in $((SECONDS - started)) s: $CLUSTERAPP_TEST_KUBE
 cargo build --locked --workspace --all-targets
 # the process kubelet the tests start (built above with the workspace's
 # feature set; otherwise each test binary would build it once more)
-export CLUSTERAPP_KUBELET_BIN="$repo/target/debug/clusterapp-kubelet"
+export CLUSTERAPP_KUBELET_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/clusterapp-kubelet"
 cargo test --locked --workspace --no-fail-fast -- --test-threads="${CLUSTERAPP_TEST_THREADS:-4}"
