@@ -88,6 +88,13 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
         let children = build_children(app, &material, &ctx.build)?;
         let applied = match apply_children(ctx, &namespace, &children).await {
             Ok(applied) => applied,
+            // The namespace is being deleted (and the app with it): its
+            // children are going on purpose; retrying would only load the
+            // API server until the app is gone.
+            Err(error) if error.is_namespace_terminating() => {
+                tracing::debug!(app = %names.app, namespace = %namespace, "namespace terminating; not applying");
+                return Ok(Action::await_change());
+            }
             Err(error) => {
                 let failure = Problem { reason: "ApplyFailed".to_string(), message: error.to_string() };
                 write_status(app, ctx, &pods, stateful_set.as_deref(), Some(&failure)).await?;
