@@ -70,8 +70,9 @@ pub struct BalancerArgs {
     /// Longest wait for the next AJP packet from a member (httpd's `timeout`).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub backend_timeout: Duration,
-    /// An idle pooled connection older than this is checked with CPing before reuse.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// A pooled connection idle this long or longer is checked with CPing
+    /// before reuse (0: always, as httpd's `ping=`; new connections always are).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub cping_after_idle: Duration,
     /// Longest wait for a CPong.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]

@@ -3,9 +3,12 @@
 //! A connection goes back to the pool only after `END_RESPONSE` with
 //! reuse = 1. Before reuse it is checked: a peer that closed it (Tomcat
 //! restarted, node killed) is noticed without a round trip by a
-//! non-blocking read; one idle longer than `cping_after_idle` is also asked
-//! for a CPong (httpd's `ping=`), so a request is never written into a dead
-//! connection that could then not be retried.
+//! non-blocking read (only as fresh as the reactor's last turn); one idle
+//! for `cping_after_idle` or longer (default 0: every reuse, httpd's
+//! `ping=`) is also asked for a CPong, and so is every new connection, so a
+//! request is never written into a dead connection that could then not be
+//! retried: a SIGKILLed JVM closes its sockets only after it has unmapped
+//! its heap, and until then writes into them succeed.
 
 use std::io;
 use std::net::SocketAddr;
@@ -215,7 +218,14 @@ impl Pool {
             }
             return Ok(Lease { conn, reused: true, _slot: slot });
         }
-        let conn = AjpConnection::connect(address, settings).await?;
+        let mut conn = AjpConnection::connect(address, settings).await?;
+        // A killed Tomcat's listening socket can still complete handshakes
+        // in the kernel until the dying process's files are closed: only a
+        // CPong proves a live container. A failure here counts as a failed
+        // connect (the member is marked down, the request goes elsewhere).
+        if let Err(e) = conn.cping(settings.cping_timeout).await {
+            return Err(AcquireError::Connect(io::Error::new(io::ErrorKind::ConnectionAborted, format!("no CPong on a new connection: {e}"))));
+        }
         Ok(Lease { conn, reused: false, _slot: slot })
     }
 

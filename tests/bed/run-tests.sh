@@ -18,4 +18,15 @@ cargo build --locked --workspace --all-targets
 # the process kubelet the tests start (built above with the workspace's
 # feature set; otherwise each test binary would build it once more)
 export CLUSTERAPP_KUBELET_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/clusterapp-kubelet"
-cargo test --locked --workspace --no-fail-fast -- --test-threads="${CLUSTERAPP_TEST_THREADS:-4}"
+# The end-to-end tests (tests/e2e_*.rs) append their figures here.
+summary="$repo/target/e2e-summary.txt"
+rm -f "$summary"
+status=0
+cargo test --locked --workspace --no-fail-fast -- --test-threads="${CLUSTERAPP_TEST_THREADS:-4}" || status=$?
+if [[ -s "$summary" ]]; then
+  echo
+  echo "[test] end-to-end summary (target/e2e-summary.txt):"
+  echo "test                               requests failures   lost   converge  notes"
+  cat "$summary"
+fi
+exit "$status"

@@ -1,0 +1,326 @@
+//! Helpers of the end-to-end tests (tests/e2e_*.rs, issue 5): the operator
+//! under its own ServiceAccount, a ClusterApp of real Tomcat session nodes
+//! (the counter app) on the process kubelet, real HTTP clients against the
+//! balancer's NodePort on 127.0.0.1, and the suite's summary table.
+//!
+//! Every e2e test takes [`serial`] first: the tests of a binary share one
+//! kubelet (one Pod network, 2 cores), so they run one after another.
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clusterapp::crd::ClusterApp;
+use http_body_util::{BodyExt, Empty};
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use kube::api::PostParams;
+use tokio::net::TcpStream;
+
+use crate::operator_common::{self, OperatorNamespace, RunningOperator};
+use crate::support;
+use crate::support::kubelet::kubelet;
+
+/// Held for the whole test: e2e tests of one binary run one at a time.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running ClusterApp with its operator.
+pub struct App {
+    pub ns: OperatorNamespace,
+    pub operator: RunningOperator,
+    pub name: String,
+    /// The balancer Service's nodePort on 127.0.0.1.
+    pub port: u16,
+    /// From create to Ready n/n and the balancer answering 200.
+    pub ready_after: Duration,
+}
+
+impl App {
+    /// CRD, operator (under its ServiceAccount), a ClusterApp `name` of
+    /// `replicas` counter-app nodes with a NodePort balancer; waits until it
+    /// is Ready and the balancer answers 200. `extra` is merged into `spec`.
+    pub async fn start(prefix: &str, name: &str, replicas: i32, extra: serde_json::Value) -> App {
+        kubelet();
+        let ns = OperatorNamespace::new(prefix).await;
+        let operator = operator_common::operator_in(&ns).await;
+        let mut spec = serde_json::json!({
+            "replicas": replicas, "image": "ghcr.io/clusterapp/counter-app:1.0",
+            "balancer": {"replicas": 2, "service": {"type": "NodePort"}}
+        });
+        merge(&mut spec, extra);
+        let app: ClusterApp = serde_json::from_value(serde_json::json!({
+            "apiVersion": "clusterapp.io/v1alpha1", "kind": "ClusterApp", "metadata": {"name": name}, "spec": spec
+        }))
+        .expect("ClusterApp json");
+        let created = Instant::now();
+        let apps: Api<ClusterApp> = ns.api();
+        apps.create(&PostParams::default(), &app).await.expect("creating the ClusterApp");
+        let mut app = App { ns, operator, name: name.to_string(), port: 0, ready_after: Duration::ZERO };
+        app.wait_ready(replicas, Duration::from_secs(240)).await;
+        let services: Api<Service> = app.ns.api();
+        let service = services.get(name).await.expect("balancer Service");
+        app.port = service
+            .spec
+            .and_then(|s| s.ports)
+            .and_then(|p| p.first().and_then(|p| p.node_port))
+            .and_then(|p| u16::try_from(p).ok())
+            .expect("the balancer Service has a nodePort");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !get_counter(app.port, None).await.is_ok_and(|r| r.status == 200) {
+            assert!(Instant::now() < deadline, "the balancer on 127.0.0.1:{} never answered 200\n{}", app.port, kubelet().log_tail(30));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        app.ready_after = created.elapsed();
+        app
+    }
+
+    pub fn apps(&self) -> Api<ClusterApp> {
+        self.ns.api()
+    }
+
+    pub async fn get(&self) -> ClusterApp {
+        self.apps().get(&self.name).await.expect("reading the ClusterApp")
+    }
+
+    /// Waits until the ClusterApp (at its current generation) says Ready
+    /// and not Progressing, with `replicas` ready nodes of `replicas` and as
+    /// many members; returns how long that took.
+    pub async fn wait_ready(&self, replicas: i32, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        let apps = self.apps();
+        let name = self.name.clone();
+        support::wait_until(timeout, &format!("ClusterApp {name} Ready {replicas}/{replicas}"), || {
+            let apps = apps.clone();
+            let name = name.clone();
+            async move {
+                let Some(app) = apps.get(&name).await.ok() else { return false };
+                let generation = app.metadata.generation;
+                let Some(status) = app.status else { return false };
+                status.observed_generation == generation
+                    && status.ready_replicas == replicas
+                    && status.replicas == replicas
+                    && status.members.len() == replicas as usize
+                    && status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                    && status.conditions.iter().any(|c| c.type_ == "Progressing" && c.status == "False")
+            }
+        })
+        .await;
+        started.elapsed()
+    }
+
+    pub async fn patch_spec(&self, spec: serde_json::Value) {
+        let patch = serde_json::json!({"spec": spec});
+        self.apps()
+            .patch(&self.name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .expect("patching the ClusterApp");
+    }
+
+    /// What a session node's Tomcat wrote (catalina.sh run: stdout).
+    pub fn node_log(&self, pod: &str) -> String {
+        kubelet().container_log(&self.ns.name, pod, "tomcat")
+    }
+
+    /// kill -9 of a node's Tomcat (the PID the kubelet logged at its last
+    /// start); returns the PID.
+    pub fn kill_node(&self, pod: &str) -> String {
+        let pid = container_pid(&self.ns.name, pod, "tomcat").unwrap_or_else(|| panic!("the kubelet logged no PID for {pod}"));
+        support::run_ok(Command::new("kill").args(["-KILL", &pid]));
+        pid
+    }
+}
+
+/// The PID of the last start of a container, from the kubelet's log.
+pub fn container_pid(namespace: &str, pod: &str, container: &str) -> Option<String> {
+    kubelet()
+        .log_text()
+        .lines()
+        .filter(|l| {
+            l.contains("container started")
+                && l.contains(&format!("pod=\"{namespace}/{pod}\""))
+                && l.contains(&format!("container=\"{container}\""))
+        })
+        .last()
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")).map(str::to_string))
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    match (into, from) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// One answer of GET /counter/.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub counter: Option<u64>,
+    pub route: Option<String>,
+    /// From Set-Cookie, else X-Session-Id.
+    pub session: Option<String>,
+}
+
+/// One GET /counter/ through the balancer on a fresh connection (so the
+/// NodePort spreads requests over both balancer Pods).
+pub async fn get_counter(port: u16, session: Option<&str>) -> Result<Reply, String> {
+    let exchange = async {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let mut request = http::Request::get("/counter/").header("host", format!("127.0.0.1:{port}"));
+        if let Some(id) = session {
+            request = request.header("cookie", format!("JSESSIONID={id}"));
+        }
+        let request = request.body(Empty::<bytes::Bytes>::new()).expect("request");
+        let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let session = response
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| c.strip_prefix("JSESSIONID=").map(|v| v.split(';').next().unwrap_or("").to_string()))
+            .or_else(|| header("x-session-id"));
+        let reply = Reply {
+            status: response.status().as_u16(),
+            counter: header("x-counter").and_then(|v| v.trim().parse().ok()),
+            route: header("x-route"),
+            session,
+        };
+        response.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
+        Ok(reply)
+    };
+    tokio::time::timeout(Duration::from_secs(15), exchange).await.unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
+}
+
+/// The route part of a session id: what follows the first '.'.
+pub fn route_of_session_id(id: &str) -> Option<&str> {
+    id.split_once('.').map(|(_, route)| route)
+}
+
+/// What one client saw.
+#[derive(Debug, Default, Clone)]
+pub struct ClientStats {
+    pub requests: u64,
+    pub ok: u64,
+    pub failures: u64,
+    /// Increments acknowledged (200 with counter n) that a later answer did
+    /// not build on (the counter went back).
+    pub lost: u64,
+    /// Counter jumps (a failed request's increment applied): not lost, but
+    /// not gapless.
+    pub skipped: u64,
+    pub errors: Vec<String>,
+    pub routes: std::collections::BTreeSet<String>,
+    pub last_counter: u64,
+}
+
+impl ClientStats {
+    pub fn add(&mut self, other: &ClientStats) {
+        self.requests += other.requests;
+        self.ok += other.ok;
+        self.failures += other.failures;
+        self.lost += other.lost;
+        self.skipped += other.skipped;
+        self.errors.extend(other.errors.iter().take(5).cloned());
+        self.routes.extend(other.routes.iter().cloned());
+    }
+}
+
+/// A client incrementing its own session until `stop`, `pause` between
+/// requests. Every 200 must show the previous acknowledged counter + 1.
+pub async fn client_loop(port: u16, stop: Arc<AtomicBool>, pause: Duration) -> ClientStats {
+    let mut stats = ClientStats::default();
+    let mut session: Option<String> = None;
+    let mut last = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        stats.requests += 1;
+        match get_counter(port, session.as_deref()).await {
+            Ok(reply) if reply.status == 200 => {
+                stats.ok += 1;
+                let counter = reply.counter.unwrap_or(0);
+                if counter <= last {
+                    stats.lost += last + 1 - counter;
+                    stats.errors.push(format!("counter {counter} after {last} (route {:?}, session {session:?})", reply.route));
+                } else if counter > last + 1 {
+                    stats.skipped += counter - last - 1;
+                    stats.errors.push(format!("counter {counter} after {last}: skipped (route {:?})", reply.route));
+                }
+                last = counter;
+                if let Some(id) = reply.session {
+                    session = Some(id);
+                }
+                if let Some(route) = reply.route {
+                    stats.routes.insert(route);
+                }
+            }
+            Ok(reply) => {
+                stats.failures += 1;
+                stats.errors.push(format!("HTTP {} (session {session:?})", reply.status));
+            }
+            Err(e) => {
+                stats.failures += 1;
+                stats.errors.push(format!("{e} (session {session:?})"));
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    stats.last_counter = last;
+    stats
+}
+
+/// `clients` concurrent clients; call [`Load::finish`] to stop them.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<ClientStats>>,
+    pub started: Instant,
+}
+
+impl Load {
+    pub fn start(port: u16, clients: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients).map(|_| tokio::spawn(client_loop(port, stop.clone(), pause))).collect();
+        Load { stop, tasks, started: Instant::now() }
+    }
+
+    pub async fn finish(self) -> (ClientStats, Vec<ClientStats>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = ClientStats::default();
+        let mut each = Vec::new();
+        for task in self.tasks {
+            let stats = task.await.expect("client task");
+            total.add(&stats);
+            each.push(stats);
+        }
+        (total, each)
+    }
+}
+
+/// Appends one line to target/e2e-summary.txt (printed by
+/// tests/bed/run-tests.sh at the end of `make test`) and prints it.
+pub fn summary(test: &str, requests: u64, failures: u64, lost: u64, converge: Duration, notes: &str) {
+    let line = format!(
+        "{test:<34} {requests:>8} {failures:>8} {lost:>6} {:>10.1} s  {notes}",
+        converge.as_secs_f64()
+    );
+    println!("E2E SUMMARY: {line}");
+    let path = support::repo_root().join("target/e2e-summary.txt");
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(file, "{line}");
+    }
+}
+
+/// The header of the summary table (for run-tests.sh).
+pub const SUMMARY_HEADER: &str = "test                               requests failures   lost   converge  notes";
