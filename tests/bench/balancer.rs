@@ -313,9 +313,16 @@ fn main() {
         "# 3 Tomcat 10.1 nodes ({TOMCAT_THREADS} connector threads each, AJP packetSize 8192), GET {PATH}, wrk -t{WRK_THREADS} -c{connections} -d{seconds}s, {rounds} interleaved rounds, medians"
     );
     println!("# machine: {} cores shared by wrk, the proxy and the Tomcats; cpu columns are CPU seconds per 10k requests of each part", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    // Warm up the JITs and pools.
-    for port in [direct_port, httpd.port, balancer.listen.port()] {
-        wrk(port, Some(sticky), 3, connections, None, &tomcat_pids);
+    // Warm up the JITs of every node (non-sticky requests reach all three)
+    // and both proxies' pools, so no target pays for a cold node.
+    for (port, cookie) in [
+        (direct_port, Some(sticky)),
+        (httpd.port, Some(sticky)),
+        (balancer.listen.port(), Some(sticky)),
+        (httpd.port, None),
+        (balancer.listen.port(), None),
+    ] {
+        wrk(port, cookie, 3, connections, None, &tomcat_pids);
     }
 
     type Key = &'static str;
