@@ -39,6 +39,10 @@ const HTTPD_THREADS_PER_CHILD: u32 = 64;
 /// process; the balancer gets the same ceiling per member.
 const BALANCER_POOL_PER_MEMBER: u32 = HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD;
 const TOMCAT_THREADS: u32 = 200;
+/// The balancer CPings every pooled connection before reusing it
+/// (`--cping-after-idle` 0s, its default) and waits `--cping-timeout`
+/// (500ms) for the CPong; httpd's `ping=` does the same before every request.
+const HTTPD_PING: &str = "500ms";
 const WRK_THREADS: u32 = 2;
 
 impl Httpd {
@@ -48,7 +52,7 @@ impl Httpd {
         let m = "/usr/lib/apache2/modules";
         let balancer_members: String = members
             .iter()
-            .map(|(route, ajp)| format!("  BalancerMember ajp://127.0.0.1:{ajp} route={route} secret={SECRET}\n"))
+            .map(|(route, ajp)| format!("  BalancerMember ajp://127.0.0.1:{ajp} route={route} secret={SECRET} ping={HTTPD_PING}\n"))
             .collect();
         let conf = format!(
             r#"ServerRoot {root}
@@ -306,7 +310,7 @@ fn main() {
         String::from_utf8_lossy(&Command::new("/usr/sbin/apache2").arg("-v").output().map(|o| o.stdout).unwrap_or_default()).lines().next().unwrap_or("").trim_start_matches("Server version: "),
         HTTPD_SERVERS, HTTPD_THREADS_PER_CHILD, HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD);
     println!(
-        "# balancer: tokio multi-thread runtime, {} worker threads (one per core), at most {BALANCER_POOL_PER_MEMBER} AJP connections per member (httpd: {HTTPD_SERVERS} children x {HTTPD_THREADS_PER_CHILD}); access log off",
+        "# balancer: tokio multi-thread runtime, {} worker threads (one per core), at most {BALANCER_POOL_PER_MEMBER} AJP connections per member (httpd: {HTTPD_SERVERS} children x {HTTPD_THREADS_PER_CHILD}); CPing before every request on both (balancer default --cping-after-idle 0s, httpd ping={HTTPD_PING}); access log off",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
