@@ -1,0 +1,78 @@
+//! `helm install` as a user runs it: the chart's operator runs as Pods (on
+//! the process kubelet) under the chart's ServiceAccount, and reconciles a
+//! ClusterApp of real Tomcat nodes to Ready. Installs the cluster-wide CRD,
+//! so this binary has a control plane of its own.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use support::kubelet::kubelet;
+use support::{TestNamespace, helm, kubectl, run_ok, wait_until};
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[tokio::test]
+async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_ready() {
+    support::private_cluster();
+    kubelet();
+    let system = TestNamespace::new("chart-op").await;
+    let apps_ns = TestNamespace::new("chart-app").await;
+    run_ok(
+        helm()
+            .args(["install", "op"])
+            .arg(support::repo_root().join("charts/clusterapp"))
+            .args(["--namespace", &system.name, "--set", "operator.logFormat=pretty", "--wait", "--timeout", "4m"]),
+    );
+
+    // Both operator replicas run as Pods under the chart's ServiceAccount.
+    let pods: Api<Pod> = system.api();
+    let operator_pods = pods.list(&ListParams::default().labels("app.kubernetes.io/component=operator")).await.expect("list");
+    assert_eq!(operator_pods.items.len(), 2);
+    for p in &operator_pods.items {
+        assert!(pod_ready(p), "operator pod {:?} not ready", p.metadata.name);
+        assert_eq!(p.spec.as_ref().and_then(|s| s.service_account_name.as_deref()), Some("op-clusterapp"));
+    }
+
+    // A small ClusterApp of the sample app: 1 node, 1 balancer.
+    let manifest = std::fs::read_to_string(support::repo_root().join("deploy/examples/clusterapp.yaml"))
+        .expect("sample")
+        .replace("  replicas: 3\n", "  replicas: 1\n")
+        .replace("    replicas: 2\n", "    replicas: 1\n");
+    let file = support::repo_root().join(format!("target/test-scripts/chart-install-{}.yaml", std::process::id()));
+    std::fs::create_dir_all(file.parent().expect("dir")).expect("dir");
+    std::fs::write(&file, manifest).expect("write sample");
+    run_ok(kubectl().args(["apply", "-n", &apps_ns.name, "-f"]).arg(&file));
+    let started = std::time::Instant::now();
+    let ns = apps_ns.name.clone();
+    wait_until(Duration::from_secs(240), "ClusterApp counter Ready through the Helm-installed operator", || {
+        let ns = ns.clone();
+        async move {
+            let out = kubectl()
+                .args(["get", "clusterapp", "counter", "-n", &ns, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"])
+                .output()
+                .expect("kubectl");
+            String::from_utf8_lossy(&out.stdout).trim() == "True"
+        }
+    })
+    .await;
+    let columns = run_ok(kubectl().args(["get", "clusterapp", "counter", "-n", &apps_ns.name]));
+    assert!(columns.contains("1/1") && columns.contains("counter-0"), "{columns}");
+    println!("chart install: ClusterApp Ready {:.1} s after apply", started.elapsed().as_secs_f64());
+
+    // The writes came from the chart's ServiceAccount, not from the test.
+    let managers = run_ok(kubectl().args([
+        "get", "statefulset", "counter", "-n", &apps_ns.name, "-o", "jsonpath={.metadata.managedFields[*].manager}",
+    ]));
+    assert!(managers.contains("clusterapp"), "StatefulSet not applied by the operator: {managers}");
+
+    run_ok(kubectl().args(["delete", "clusterapp", "counter", "-n", &apps_ns.name, "--wait=true", "--timeout=120s"]));
+    run_ok(helm().args(["uninstall", "op", "--namespace", &system.name, "--wait"]));
+}
