@@ -42,5 +42,8 @@ test: tools
 demo: tools
 	@bash tests/bed/demo.sh
 
+# The balancer against Apache httpd, then the operator at N = 1, 100, 300
+# ClusterApps; each prints its ratio / summary lines last.
 bench: tools
 	$(CARGO) bench --bench balancer
+	bash tests/bench/operator/run.sh 1 100 300
