@@ -25,11 +25,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, Membership};
+use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, Membership, Replication};
 use crate::operator::names::{
     AJP_SECRET_KEY, AppNames, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TRIBES_KEY_KEY,
 };
-use server_xml::{ENV_AJP_SECRET, ENV_POD_IP, ENV_POD_NAME, ENV_TRIBES_KEY};
+use server_xml::{DEPLOY_DELAY_SECONDS, ENV_AJP_SECRET, ENV_POD_IP, ENV_POD_NAME, ENV_TRIBES_KEY};
+
+/// Time a session node's JVM may take from its start to the Engine's start
+/// (server.xml parsed, cluster receiver open); see `stateful_set`.
+const STARTUP_MARGIN_SECONDS: i32 = 20;
 
 /// Annotation on the session node pod template: a hash of server.xml, so
 /// that a changed server.xml rolls the nodes (Tomcat reads it at start only).
@@ -402,11 +406,23 @@ impl Parts<'_> {
         }
 
         // A starting node blocks until it has received every session (up to
-        // stateTransferTimeout) before its connectors open; the startup probe
-        // waits that long plus two minutes of ordinary Tomcat start.
+        // stateTransferTimeout) before its application answers; the startup
+        // probe waits that long plus two minutes of ordinary Tomcat start.
         let startup_budget = sessions.state_transfer_timeout_seconds + 120;
         let startup_period = 5;
         let startup_failures = (startup_budget + startup_period - 1) / startup_period;
+        // With replication the applications are deployed only
+        // DEPLOY_DELAY_SECONDS after the Engine started (server_xml: peers
+        // must know the node before its state transfer). Before that the
+        // connectors are open, the Host is empty and HealthCheckValve answers
+        // UP, so the first startup probe waits the delay plus the JVM's start
+        // up to the Engine; from the deployment on HealthCheckValve answers
+        // DOWN until the application (and its state transfer) has started.
+        let startup_delay = if spec.sessions.replication == Replication::None {
+            0
+        } else {
+            DEPLOY_DELAY_SECONDS + STARTUP_MARGIN_SECONDS
+        };
 
         let container = Container {
             name: "tomcat".to_string(),
@@ -432,7 +448,10 @@ impl Parts<'_> {
                 // Tomcat creates conf/Catalina/localhost at start.
                 mount("conf-catalina", &format!("{base}/conf/Catalina")),
             ]),
-            startup_probe: Some(http_probe("/health", "http", startup_period, startup_failures)),
+            startup_probe: Some(Probe {
+                initial_delay_seconds: (startup_delay > 0).then_some(startup_delay),
+                ..http_probe("/health", "http", startup_period, startup_failures)
+            }),
             readiness_probe: Some(http_probe("/health", "http", 5, 3)),
             liveness_probe: Some(http_probe("/health", "http", 10, 6)),
             // The drain: the pod is already terminating (the balancer sees

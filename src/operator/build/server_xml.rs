@@ -16,6 +16,11 @@ pub const ENV_POD_IP: &str = "POD_IP";
 pub const ENV_AJP_SECRET: &str = "AJP_SECRET";
 pub const ENV_TRIBES_KEY: &str = "TRIBES_ENCRYPTION_KEY";
 
+/// Seconds between a node's cluster receiver opening and its web
+/// applications starting (and so their state transfer): two membership
+/// polls of every peer plus a failure detector re-add, with margin.
+pub const DEPLOY_DELAY_SECONDS: i32 = 20;
+
 /// Tribes `channelSendOptions`: 8 = asynchronous; 6 = `use_ack` (2) +
 /// `sync` (4): the request waits until every peer acknowledged the change.
 fn channel_send_options(mode: SendMode) -> u32 {
@@ -61,9 +66,31 @@ pub fn server_xml(app_name: &str, spec: &ClusterAppSpec) -> String {
     if spec.sessions.replication != Replication::None {
         write_cluster(&mut xml, spec);
     }
-    // The root filesystem is read-only: WARs run unpacked in memory and
-    // nothing is deployed at run time.
-    let _ = writeln!(xml, r#"      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false" deployOnStartup="true">"#);
+    // The root filesystem is read-only: WARs run unpacked in memory.
+    if spec.sessions.replication == Replication::None {
+        let _ = writeln!(xml, r#"      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false" deployOnStartup="true">"#);
+    } else {
+        // Deferred deployment. A new node's session manager copies every
+        // session from a peer when its web application starts (state
+        // transfer); deltas that peers send before they have the node in
+        // their membership are dropped for good, so sessions changed in that
+        // gap would be stale on this node forever. Peers find the node only
+        // by polling the API (every 5 s, GroupChannel's heartbeat); a peer
+        // that added the pod before its receiver was open loses it on the
+        // first failed send (TcpFailureDetector) and re-adds it only at a
+        // later heartbeat (~10 s). So the cluster (and its receiver) starts
+        // with the Engine, and the Host deploys the applications only from
+        // its own background processor, whose first run is
+        // DEPLOY_DELAY_SECONDS after the Host started: by then every peer
+        // has the node in its membership. autoDeploy then only rechecks the
+        // (read-only) appBase. The startup probe waits for that (see
+        // stateful_set): until the first deployment the Host is empty and
+        // HealthCheckValve would answer UP.
+        let _ = writeln!(
+            xml,
+            r#"      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="true" deployOnStartup="false" backgroundProcessorDelay="{DEPLOY_DELAY_SECONDS}">"#
+        );
+    }
     let _ = writeln!(xml, r#"        <Valve className="org.apache.catalina.valves.ErrorReportValve" showReport="false" showServerInfo="false"/>"#);
     let _ = writeln!(xml, "      </Host>");
     let _ = writeln!(xml, "    </Engine>");
