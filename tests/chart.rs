@@ -141,7 +141,9 @@ async fn rendered_chart_and_deploy_manifests_pass_a_server_side_dry_run() {
     support::private_cluster();
     let ns = TestNamespace::new("chart-dry").await;
     let rendered = run_ok(helm().arg("template").arg("dry").arg(chart_dir()).args(["--namespace", &ns.name]));
-    let out = kubectl_apply_stdin(&["--dry-run=server"], &rendered);
+    // Server-side apply: create-or-update in one request, so the CRD that
+    // the lifecycle test installs at the same time is no race.
+    let out = kubectl_apply_stdin(&["--dry-run=server", "--server-side", "--force-conflicts"], &rendered);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "server dry run failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
     for kind in ["deployment.apps/dry-clusterapp", "clusterrole.rbac.authorization.k8s.io/dry-clusterapp", "customresourcedefinition"] {
