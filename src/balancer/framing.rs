@@ -91,15 +91,9 @@ impl HeadScanner {
                     self.state = if left == n { ScanState::Head } else { ScanState::Fixed(left - n) };
                 }
                 ScanState::ChunkSize => {
-                    let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
-                        self.line.extend_from_slice(bytes);
-                        if self.line.len() > MAX_LINE {
-                            self.off();
-                        }
+                    if !self.take_line(&mut bytes) {
                         return;
-                    };
-                    self.line.extend_from_slice(&bytes[..end]);
-                    bytes = &bytes[end + 1..];
+                    }
                     match parse_chunk_size(&self.line) {
                         Some(0) => self.state = ScanState::Trailers,
                         Some(n) => self.state = ScanState::ChunkData(n),
@@ -123,15 +117,9 @@ impl HeadScanner {
                 }
                 ScanState::Trailers => {
                     // Trailer lines, ended by an empty line.
-                    let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
-                        self.line.extend_from_slice(bytes);
-                        if self.line.len() > MAX_LINE {
-                            self.off();
-                        }
+                    if !self.take_line(&mut bytes) {
                         return;
-                    };
-                    self.line.extend_from_slice(&bytes[..end]);
-                    bytes = &bytes[end + 1..];
+                    }
                     let empty = self.line.is_empty() || self.line == b"\r";
                     self.line.clear();
                     if empty {
@@ -140,6 +128,22 @@ impl HeadScanner {
                 }
             }
         }
+    }
+
+    /// Moves bytes up to the next `\n` into `self.line` and past them in
+    /// `bytes`. False when the line is not complete yet (all of `bytes` was
+    /// taken; an overlong line turns the scanner off).
+    fn take_line(&mut self, bytes: &mut &[u8]) -> bool {
+        let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+            self.line.extend_from_slice(bytes);
+            if self.line.len() > MAX_LINE {
+                self.off();
+            }
+            return false;
+        };
+        self.line.extend_from_slice(&bytes[..end]);
+        *bytes = &bytes[end + 1..];
+        true
     }
 
     fn off(&mut self) {
