@@ -10,18 +10,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use serde_json::json;
 use support::TestNamespace;
-use support::kubelet::kubelet;
-
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(value).expect("object json");
-    api.create(&PostParams::default(), &object).await.expect("creating object")
-}
+use support::kubelet::{create, kubelet};
 
 /// Waits until `check` holds for the Pod; returns that Pod.
 async fn wait_pod(pods: &Api<Pod>, name: &str, what: &str, timeout: Duration, check: impl Fn(&Pod) -> bool) -> Pod {

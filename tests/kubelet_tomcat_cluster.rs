@@ -14,10 +14,10 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use serde_json::json;
 use support::TestNamespace;
-use support::kubelet::kubelet;
+use support::kubelet::{create, kubelet, pod_ready as ready};
 
 const SERVER_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <Server port="-1" shutdown="SHUTDOWN">
@@ -45,18 +45,6 @@ const SERVER_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
   </Service>
 </Server>
 "#;
-
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(value).expect("object json");
-    api.create(&PostParams::default(), &object).await.expect("creating object")
-}
-
-fn ready(pod: &Pod) -> bool {
-    pod.status.iter().flat_map(|s| s.conditions.iter().flatten()).any(|c| c.type_ == "Ready" && c.status == "True")
-}
 
 /// How Tribes names a member in "Replication member added:[…MemberImpl[tcp://10.244.0.7:4000,…".
 fn tribes_address(ip: Ipv4Addr) -> String {

@@ -13,22 +13,10 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use serde_json::json;
 use support::TestNamespace;
-use support::kubelet::kubelet;
-
-async fn create<K>(api: &Api<K>, value: serde_json::Value) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(value).expect("object json");
-    api.create(&PostParams::default(), &object).await.expect("creating object")
-}
-
-fn ready(pod: &Pod) -> bool {
-    pod.status.iter().flat_map(|s| s.conditions.iter().flatten()).any(|c| c.type_ == "Ready" && c.status == "True")
-}
+use support::kubelet::{create, kubelet, pod_ready as ready};
 
 fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
     pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok())

@@ -135,3 +135,17 @@ pub fn kubelet() -> &'static KubeletProcess {
     static KUBELET: OnceLock<KubeletProcess> = OnceLock::new();
     KUBELET.get_or_init(|| KubeletProcess::start(&test_binary_name(), &[]))
 }
+
+/// Creates an object from JSON in `api`, panicking with the API's answer.
+pub async fn create<K>(api: &kube::Api<K>, value: serde_json::Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value).expect("object json");
+    api.create(&kube::api::PostParams::default(), &object).await.expect("creating object")
+}
+
+/// The Pod's Ready condition is True.
+pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status.iter().flat_map(|s| s.conditions.iter().flatten()).any(|c| c.type_ == "Ready" && c.status == "True")
+}
