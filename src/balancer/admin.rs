@@ -1,6 +1,9 @@
 //! Admin server: `/metrics`, `/healthz`, `/readyz`, the status page `/`
 //! and its data `/status.json`.
 //!
+//! A member's `state` there is what routing acts on: `ready`, `draining`,
+//! `drained` (terminating past the drain timeout: takes nothing) or `down`.
+//!
 //! Session ids are credentials, so the status page shows only a prefix and
 //! the route of recently created sessions.
 
@@ -39,6 +42,7 @@ fn masked_session_id(id: &str) -> String {
 }
 
 pub fn status_json(bal: &Balancer) -> serde_json::Value {
+    let now = std::time::Instant::now();
     let members: Vec<_> = bal
         .members
         .snapshot()
@@ -48,7 +52,9 @@ pub fn status_json(bal: &Balancer) -> serde_json::Value {
             json!({
                 "route": m.route,
                 "address": m.address.to_string(),
-                "state": m.state().as_str(),
+                "state": m.routing_state(now),
+                "terminating": m.is_terminating(),
+                "drain_remaining_seconds": m.drain_remaining(now).map(|d| d.as_secs_f64()),
                 "healthy": m.is_healthy(),
                 "in_flight": m.in_flight(),
                 "requests": m.metrics.requests_total(),
@@ -65,6 +71,7 @@ pub fn status_json(bal: &Balancer) -> serde_json::Value {
         "members": members,
         "method": bal.router.method,
         "failover": bal.router.failover,
+        "drain_timeout_seconds": bal.members.drain_timeout().as_secs_f64(),
         "synced": bal.members.is_synced(),
         "shutting_down": bal.is_shutting_down(),
         "client_connections": bal.metrics.client_connections.get(),

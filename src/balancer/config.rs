@@ -63,6 +63,15 @@ pub struct BalancerArgs {
     /// A sticky request whose member is unusable gets 503 instead of moving.
     #[arg(long)]
     pub no_failover: bool,
+    /// How long a member whose pod is terminating (Kubernetes membership:
+    /// endpoint `serving` + `terminating`) keeps its sticky sessions, from
+    /// when the balancer first sees it terminating; after that its sessions
+    /// fail over to other members (replicated; Tomcat rewrites the route)
+    /// while its in-flight requests finish. Set it well below the pod's
+    /// `preStop` wait, so the node is idle before it gets SIGTERM. 0: fail
+    /// over at once. Members drained in a `--members-file` never time out.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "BALANCER_DRAIN_TIMEOUT")]
+    pub drain_timeout: Duration,
 
     /// Connect timeout to a member; keeps the cost of a dead node low.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
@@ -114,7 +123,7 @@ pub fn parse_static_member(s: &str) -> Result<MemberSpec, String> {
         return Err(format!("invalid route {route:?}"));
     }
     let address = resolve(addr)?;
-    Ok(MemberSpec { route: route.to_string(), address, state: MemberState::Ready })
+    Ok(MemberSpec { route: route.to_string(), address, state: MemberState::Ready, terminating: false })
 }
 
 /// Resolves `HOST:PORT` once (static and file members are not re-resolved).

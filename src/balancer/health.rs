@@ -52,6 +52,12 @@ pub async fn run_health_checks(bal: Arc<Balancer>, interval: Duration, mut shutd
             _ = shutdown.changed() => return,
         }
         let snapshot = bal.members.snapshot();
+        // A terminating member's drain timeout is logged and published
+        // within one interval even when no request asks for it.
+        let now = std::time::Instant::now();
+        for member in snapshot.iter() {
+            member.drain_expired_at(now);
+        }
         let checks = snapshot.iter().map(|m| check_member(&bal, m));
         futures::future::join_all(checks).await;
     }

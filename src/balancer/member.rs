@@ -4,12 +4,22 @@
 //! membership changes: a request holds the snapshot (and its member) it
 //! started with, so a change never disturbs a request in flight. A member
 //! that stays (same route and address) keeps its `Arc`, pool and counters.
+//!
+//! A member whose pod is terminating (Kubernetes membership: endpoint
+//! `serving` + `terminating`) drains for a limited time only: it keeps its
+//! sticky sessions for `drain_timeout` after the balancer first saw it
+//! terminating, then routing treats it as down and its sessions fail over,
+//! so that the node is idle before it gets SIGTERM. (Tomcat, once it pauses
+//! its connectors, closes a keep-alive AJP connection without reading the
+//! request that arrives on it: a request sent then is lost, and a sent
+//! request is never replayed.) A manually drained member (file or static
+//! membership) drains for as long as it is marked so.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +70,18 @@ pub struct MemberSpec {
     pub address: SocketAddr,
     #[serde(default)]
     pub state: MemberState,
+    /// The member is leaving (its pod is terminating): its draining lasts
+    /// at most the table's drain timeout. Set by Kubernetes membership only.
+    #[serde(skip)]
+    pub terminating: bool,
+}
+
+/// Deadlines live in atomics as milliseconds since a process-wide base
+/// instant, plus one (0 means none).
+fn deadline_code(t: Instant) -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    u64::try_from(t.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX - 1) + 1
 }
 
 /// How many recently created session ids the status page shows per member.
@@ -77,6 +99,11 @@ pub struct Member {
     pub traffic_bytes: AtomicU64,
     pub new_sessions: AtomicU64,
     recent_sessions: Mutex<VecDeque<(String, u64)>>,
+    /// When a terminating member stops taking its sticky sessions
+    /// ([`deadline_code`]; 0: not terminating).
+    drain_deadline: AtomicU64,
+    /// The deadline passed and that was logged and published.
+    drain_expired: AtomicBool,
 }
 
 impl std::fmt::Debug for Member {
@@ -97,6 +124,8 @@ impl Member {
             traffic_bytes: AtomicU64::new(0),
             new_sessions: AtomicU64::new(0),
             recent_sessions: Mutex::new(VecDeque::with_capacity(RECENT_SESSIONS)),
+            drain_deadline: AtomicU64::new(0),
+            drain_expired: AtomicBool::new(false),
         };
         member.publish_state();
         member
@@ -126,7 +155,66 @@ impl Member {
 
     /// May serve requests of sessions it already holds.
     pub fn takes_sticky(&self) -> bool {
-        self.is_healthy() && matches!(self.state(), MemberState::Ready | MemberState::Draining)
+        self.is_healthy()
+            && match self.state() {
+                MemberState::Ready => true,
+                MemberState::Draining => !self.drain_expired_at(Instant::now()),
+                MemberState::Down => false,
+            }
+    }
+
+    /// The member is terminating: starts its drain clock unless it runs
+    /// already (the first sighting counts, later updates do not extend it).
+    pub fn start_terminating(&self, timeout: Duration, now: Instant) {
+        let deadline = now.checked_add(timeout).map_or(u64::MAX, deadline_code);
+        if self.drain_deadline.compare_exchange(0, deadline, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::info!(route = %self.route, address = %self.address, timeout = ?timeout, "member terminating: keeps its sticky sessions until the drain timeout");
+            // A zero timeout expires at once; say so now rather than at the next request.
+            self.drain_expired_at(now);
+        }
+    }
+
+    /// The member is no longer terminating (a hand-edited slice, say).
+    pub fn stop_terminating(&self) {
+        if self.drain_deadline.swap(0, Ordering::Relaxed) != 0 {
+            self.drain_expired.store(false, Ordering::Relaxed);
+            tracing::info!(route = %self.route, "member no longer terminating");
+            self.publish_state();
+        }
+    }
+
+    pub fn is_terminating(&self) -> bool {
+        self.drain_deadline.load(Ordering::Relaxed) != 0
+    }
+
+    /// True once a terminating member's drain timeout has passed at `now`:
+    /// it takes no requests any more. The first call that sees it logs it.
+    pub fn drain_expired_at(&self, now: Instant) -> bool {
+        let deadline = self.drain_deadline.load(Ordering::Relaxed);
+        if deadline == 0 || deadline_code(now) < deadline {
+            return false;
+        }
+        if !self.drain_expired.swap(true, Ordering::Relaxed) {
+            tracing::info!(route = %self.route, address = %self.address, "drain timeout passed: the terminating member's sessions fail over to other members");
+            self.publish_state();
+        }
+        true
+    }
+
+    /// Time left before a terminating member stops taking its sticky
+    /// sessions; `None` when it is not terminating.
+    pub fn drain_remaining(&self, now: Instant) -> Option<Duration> {
+        let deadline = self.drain_deadline.load(Ordering::Relaxed);
+        (deadline != 0).then(|| Duration::from_millis(deadline.saturating_sub(deadline_code(now))))
+    }
+
+    /// The state routing acts on: the membership state, except that a
+    /// terminating member past its drain timeout is `drained` (gets nothing).
+    pub fn routing_state(&self, now: Instant) -> &'static str {
+        match self.state() {
+            MemberState::Draining if self.drain_expired_at(now) => "drained",
+            state => state.as_str(),
+        }
     }
 
     /// May be given new sessions.
@@ -141,6 +229,7 @@ impl Member {
     fn publish_state(&self) {
         let value = match (self.state(), self.is_healthy()) {
             (_, false) | (MemberState::Down, _) => 0,
+            (MemberState::Draining, true) if self.drain_expired.load(Ordering::Relaxed) => 0,
             (MemberState::Draining, true) => 1,
             (MemberState::Ready, true) => 2,
         };
@@ -170,11 +259,17 @@ pub struct MemberTable {
     /// Set once the membership source delivered its first member set.
     synced: AtomicBool,
     pool_max: usize,
+    /// How long a terminating member keeps its sticky sessions.
+    drain_timeout: Duration,
 }
 
 impl MemberTable {
-    pub fn new(pool_max: usize) -> Self {
-        MemberTable { current: RwLock::new(Arc::new(Vec::new())), synced: AtomicBool::new(false), pool_max }
+    pub fn new(pool_max: usize, drain_timeout: Duration) -> Self {
+        MemberTable { current: RwLock::new(Arc::new(Vec::new())), synced: AtomicBool::new(false), pool_max, drain_timeout }
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
     }
 
     pub fn snapshot(&self) -> MemberSnapshot {
@@ -188,6 +283,11 @@ impl MemberTable {
     /// Replaces the member set atomically. Members whose route and address
     /// are unchanged keep their identity; a changed state applies in place.
     pub fn apply(&self, specs: &[MemberSpec], metrics: &Metrics) {
+        self.apply_at(specs, metrics, Instant::now());
+    }
+
+    /// [`apply`](Self::apply) with the clock given (tests).
+    pub fn apply_at(&self, specs: &[MemberSpec], metrics: &Metrics, now: Instant) {
         let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
         let old = guard.clone();
         let mut next: Vec<Arc<Member>> = Vec::with_capacity(specs.len());
@@ -209,6 +309,13 @@ impl MemberTable {
                     next.push(Arc::new(Member::new(spec, self.pool_max, metrics)));
                 }
             }
+            if let Some(member) = next.last() {
+                if spec.terminating {
+                    member.start_terminating(self.drain_timeout, now);
+                } else {
+                    member.stop_terminating();
+                }
+            }
         }
         for gone in old.iter().filter(|m| !next.iter().any(|n| Arc::ptr_eq(n, m))) {
             tracing::info!(route = %gone.route, address = %gone.address, "member removed");
@@ -226,13 +333,17 @@ mod tests {
     use super::*;
 
     fn spec(route: &str, port: u16, state: MemberState) -> MemberSpec {
-        MemberSpec { route: route.into(), address: SocketAddr::from(([127, 0, 0, 1], port)), state }
+        MemberSpec { route: route.into(), address: SocketAddr::from(([127, 0, 0, 1], port)), state, terminating: false }
+    }
+
+    fn terminating(route: &str, port: u16) -> MemberSpec {
+        MemberSpec { terminating: true, ..spec(route, port, MemberState::Draining) }
     }
 
     #[test]
     fn apply_keeps_identity_and_updates_state() {
         let metrics = Metrics::new();
-        let table = MemberTable::new(4);
+        let table = MemberTable::new(4, Duration::from_secs(5));
         assert!(!table.is_synced());
         table.apply(&[spec("s1", 1, MemberState::Ready), spec("s2", 2, MemberState::Ready)], &metrics);
         let first = table.snapshot();
@@ -244,6 +355,66 @@ mod tests {
         assert!(!Arc::ptr_eq(&first[1], &second[1]), "s2 moved: a new member");
         assert_eq!(first[1].address.port(), 2, "the old snapshot is untouched");
         assert!(second[0].takes_sticky() && !second[0].takes_new());
+    }
+
+    #[test]
+    fn terminating_member_keeps_sticky_sessions_until_the_drain_timeout() {
+        let metrics = Metrics::new();
+        let table = MemberTable::new(4, Duration::from_secs(5));
+        let t0 = Instant::now();
+        table.apply_at(&[spec("s1", 1, MemberState::Ready), spec("s2", 2, MemberState::Ready)], &metrics, t0);
+        let s1 = table.snapshot()[0].clone();
+        assert_eq!(s1.drain_remaining(t0), None);
+
+        table.apply_at(&[terminating("s1", 1), spec("s2", 2, MemberState::Ready)], &metrics, t0);
+        assert!(s1.is_terminating());
+        assert!(s1.takes_sticky() && !s1.takes_new(), "draining: sticky only");
+        assert_eq!(s1.routing_state(t0), "draining");
+        assert_eq!(s1.metrics.state.get(), 1);
+        assert_eq!(s1.drain_remaining(t0 + Duration::from_secs(1)), Some(Duration::from_secs(4)));
+
+        // Later updates (watch events, re-lists) do not restart the clock.
+        table.apply_at(&[terminating("s1", 1), spec("s2", 2, MemberState::Ready)], &metrics, t0 + Duration::from_secs(3));
+        assert!(Arc::ptr_eq(&s1, &table.snapshot()[0]));
+        assert_eq!(s1.drain_remaining(t0 + Duration::from_secs(3)), Some(Duration::from_secs(2)));
+        assert!(!s1.drain_expired_at(t0 + Duration::from_millis(4999)));
+        assert_eq!(s1.metrics.state.get(), 1, "still draining");
+
+        assert!(s1.drain_expired_at(t0 + Duration::from_secs(5)));
+        assert_eq!(s1.routing_state(t0 + Duration::from_secs(5)), "drained");
+        assert_eq!(s1.metrics.state.get(), 0, "published as taking nothing");
+        assert_eq!(s1.drain_remaining(t0 + Duration::from_secs(6)), Some(Duration::ZERO));
+
+        // No longer terminating (a hand-edited slice): the clock is cleared.
+        table.apply_at(&[spec("s1", 1, MemberState::Draining), spec("s2", 2, MemberState::Ready)], &metrics, t0 + Duration::from_secs(6));
+        assert!(!s1.is_terminating());
+        assert!(!s1.drain_expired_at(t0 + Duration::from_secs(600)), "a manual drain never times out");
+        assert!(s1.takes_sticky());
+        assert_eq!(s1.metrics.state.get(), 1);
+    }
+
+    #[test]
+    fn expired_drain_stops_sticky_routing_now() {
+        let metrics = Metrics::new();
+        let table = MemberTable::new(4, Duration::from_secs(5));
+        // Seen terminating 6 s ago (when the clock allows going back that far).
+        let Some(then) = Instant::now().checked_sub(Duration::from_secs(6)) else { return };
+        table.apply_at(&[terminating("s1", 1)], &metrics, then);
+        let s1 = table.snapshot()[0].clone();
+        assert!(!s1.takes_sticky(), "past the timeout the member takes nothing");
+        assert!(!s1.takes_new());
+        assert!(s1.is_healthy(), "it is not failed, only drained");
+
+        // A zero timeout (no preStop wait): fail over at once.
+        let zero = MemberTable::new(4, Duration::ZERO);
+        zero.apply(&[terminating("s1", 1)], &metrics);
+        assert!(!zero.snapshot()[0].takes_sticky());
+        assert_eq!(zero.snapshot()[0].routing_state(Instant::now()), "drained");
+
+        // A huge timeout does not overflow.
+        let long = MemberTable::new(4, Duration::MAX);
+        long.apply(&[terminating("s1", 1)], &metrics);
+        assert!(long.snapshot()[0].takes_sticky());
     }
 
     #[test]

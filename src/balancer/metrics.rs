@@ -106,7 +106,8 @@ pub struct Metrics {
     latency: HistogramFamily,
     backend_errors: Family<ErrorLabels, Counter>,
     in_flight: Family<MemberLabels, Gauge>,
-    /// 2 ready, 1 draining, 0 down or failing health checks.
+    /// 2 ready, 1 draining, 0 down, drained (terminating past the drain
+    /// timeout) or failing health checks.
     member_state: Family<MemberLabels, Gauge>,
     rejected: Family<RejectLabels, Counter>,
     pub failovers: Counter,
@@ -136,7 +137,7 @@ impl Metrics {
         registry.register("response_head_seconds", "Time from request to response head, by member", latency.clone());
         registry.register("backend_errors", "Failed exchanges with a member, by kind", backend_errors.clone());
         registry.register("in_flight", "Requests in flight, by member", in_flight.clone());
-        registry.register("member_state", "2 ready, 1 draining, 0 down", member_state.clone());
+        registry.register("member_state", "2 ready, 1 draining, 0 down (or drained: terminating past the drain timeout)", member_state.clone());
         registry.register("rejected", "Requests answered by the balancer itself, by reason", rejected.clone());
         registry.register("failovers", "Sticky requests moved off their unusable member", failovers.clone());
         registry.register("client_connections", "Open client connections", client_connections.clone());

@@ -88,6 +88,7 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
         sticky_path_param: args.sticky_path_param.clone(),
         backend_timeout: args.backend_timeout,
         max_body_bytes: args.max_body_bytes,
+        drain_timeout: args.drain_timeout,
     };
     let pool_settings = PoolSettings {
         packet_size: args.packet_size,
@@ -137,7 +138,7 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         header_read_timeout: args.header_read_timeout,
         shutdown_grace: args.shutdown_grace,
     };
-    tracing::info!(listen = %args.listen, admin = %args.admin_listen, method = ?args.method, failover = !args.no_failover, "balancer started");
+    tracing::info!(listen = %args.listen, admin = %args.admin_listen, method = ?args.method, failover = !args.no_failover, drain_timeout = ?args.drain_timeout, "balancer started");
     let server = tokio::spawn(front::serve_front(bal.clone(), front, front_settings, shutdown_rx));
 
     use tokio::signal::unix::{SignalKind, signal};

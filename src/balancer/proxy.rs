@@ -60,6 +60,8 @@ pub struct ProxySettings {
     pub sticky_path_param: String,
     pub backend_timeout: Duration,
     pub max_body_bytes: Option<u64>,
+    /// How long a terminating member keeps its sticky sessions.
+    pub drain_timeout: Duration,
 }
 
 /// Shared state of the balancer.
@@ -76,9 +78,9 @@ pub struct Balancer {
 impl Balancer {
     pub fn new(settings: ProxySettings, pool_settings: PoolSettings, pool_max: usize, router: Router, secret: AjpSecret) -> Self {
         Balancer {
+            members: MemberTable::new(pool_max, settings.drain_timeout),
             settings,
             pool_settings,
-            members: MemberTable::new(pool_max),
             router,
             metrics: Metrics::new(),
             secret,
@@ -890,6 +892,7 @@ mod reuse_tests {
             sticky_path_param: "jsessionid".into(),
             backend_timeout: Duration::from_secs(5),
             max_body_bytes: None,
+            drain_timeout: Duration::from_secs(5),
         };
         let pool_settings = PoolSettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
@@ -899,7 +902,7 @@ mod reuse_tests {
             slot_wait: Duration::from_secs(1),
         };
         let bal = Arc::new(Balancer::new(settings, pool_settings, 8, Router::new(LbMethod::Byrequests, true), AjpSecret::new("s".into())));
-        bal.members.apply(&[MemberSpec { route: "m1".into(), address: member_address, state: MemberState::Ready }], &bal.metrics);
+        bal.members.apply(&[MemberSpec { route: "m1".into(), address: member_address, state: MemberState::Ready, terminating: false }], &bal.metrics);
         let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front_address = front.local_addr().expect("addr");
         let (_shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -150,7 +150,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, (route, state))| {
-                let spec = MemberSpec { route: route.to_string(), address: ([127, 0, 0, 1], 9000 + i as u16).into(), state: *state };
+                let spec = MemberSpec { route: route.to_string(), address: ([127, 0, 0, 1], 9000 + i as u16).into(), state: *state, terminating: false };
                 Arc::new(Member::new(&spec, 4, &metrics))
             })
             .collect()

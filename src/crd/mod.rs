@@ -84,7 +84,10 @@ pub struct ClusterAppSpec {
 
     /// Seconds a leaving session node keeps serving after Kubernetes asks it
     /// to stop (a `preStop` wait), so that the balancer sees it draining and
-    /// stops sending it new sessions before it goes away.
+    /// stops sending it new sessions before it goes away. It serves its own
+    /// sessions for the first half of this time; then the balancer moves
+    /// them to other nodes (they are replicated), so the node is idle when
+    /// Tomcat stops. 0: no wait, its sessions move at once.
     #[serde(default = "default_drain_seconds")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 600").message("drainSeconds must be between 0 and 600"))]
     pub drain_seconds: i32,

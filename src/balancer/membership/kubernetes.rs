@@ -3,7 +3,9 @@
 //! A member's route is its Pod name (the StatefulSet gives pod `shop-N` the
 //! jvmRoute `shop-N`). Endpoint conditions map to member states:
 //! `ready` → ready; `serving` and `terminating` → draining (keeps its
-//! sticky sessions while the pod's preStop wait runs); otherwise down.
+//! sticky sessions while the pod's preStop wait runs, for at most the
+//! balancer's `--drain-timeout`; see [`crate::balancer::member`]);
+//! otherwise down.
 //! The watch delivers changes as they happen; each one rebuilds the whole
 //! member set from all slices and swaps it in.
 
@@ -48,6 +50,8 @@ pub struct EndpointMember {
     pub address: EndpointAddress,
     pub port: u16,
     pub state: MemberState,
+    /// The endpoint's `terminating` condition.
+    pub terminating: bool,
 }
 
 /// The member set described by `slices` (any order), IP endpoints only.
@@ -55,7 +59,9 @@ pub fn members_from_slices<'a>(slices: impl IntoIterator<Item = &'a EndpointSlic
     endpoint_members(slices, port_name)
         .into_iter()
         .filter_map(|m| match m.address {
-            EndpointAddress::Ip(ip) => Some(MemberSpec { route: m.route, address: SocketAddr::new(ip, m.port), state: m.state }),
+            EndpointAddress::Ip(ip) => {
+                Some(MemberSpec { route: m.route, address: SocketAddr::new(ip, m.port), state: m.state, terminating: m.terminating })
+            }
             EndpointAddress::Name(_) => None,
         })
         .collect()
@@ -82,7 +88,7 @@ pub async fn resolve_members(members: Vec<EndpointMember>) -> Vec<MemberSpec> {
                 }
             },
         };
-        out.push(MemberSpec { route: m.route, address, state: m.state });
+        out.push(MemberSpec { route: m.route, address, state: m.state, terminating: m.terminating });
     }
     out
 }
@@ -143,7 +149,7 @@ pub fn endpoint_members<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>,
             } else {
                 MemberState::Down
             };
-            let spec = EndpointMember { route: route.clone(), address, port, state };
+            let spec = EndpointMember { route: route.clone(), address, port, state, terminating };
             // The same pod can briefly appear in two slices; keep its best view.
             match by_route.get(&route) {
                 Some(existing) if state_rank(existing.state) <= state_rank(state) => {}
@@ -243,14 +249,14 @@ endpoints:
 "#,
         );
         let m = members_from_slices([&s], "ajp");
-        let view: Vec<_> = m.iter().map(|m| (m.route.as_str(), m.address.to_string(), m.state)).collect();
+        let view: Vec<_> = m.iter().map(|m| (m.route.as_str(), m.address.to_string(), m.state, m.terminating)).collect();
         assert_eq!(
             view,
             [
-                ("shop-0", "10.0.0.1:8009".to_string(), MemberState::Ready),
-                ("shop-1", "10.0.0.2:8009".to_string(), MemberState::Draining),
-                ("shop-2", "10.0.0.3:8009".to_string(), MemberState::Down),
-                ("shop-3", "10.0.0.4:8009".to_string(), MemberState::Ready),
+                ("shop-0", "10.0.0.1:8009".to_string(), MemberState::Ready, false),
+                ("shop-1", "10.0.0.2:8009".to_string(), MemberState::Draining, true),
+                ("shop-2", "10.0.0.3:8009".to_string(), MemberState::Down, false),
+                ("shop-3", "10.0.0.4:8009".to_string(), MemberState::Ready, false),
             ]
         );
         assert!(members_from_slices([&s], "nope").is_empty(), "no port of that name among several");

@@ -243,6 +243,17 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount { name: name.to_string(), mount_path: path.to_string(), ..Default::default() }
 }
 
+/// How long the balancer keeps a terminating node's sticky sessions: half
+/// its `preStop` wait (`drainSeconds`). The sessions then fail over while
+/// the node still serves, so it is idle for the other half before SIGTERM
+/// (once Tomcat pauses its connectors, a request arriving on a kept-alive
+/// AJP connection is dropped unread, and a sent request is never replayed).
+/// 0 without a wait.
+pub fn balancer_drain_timeout(drain_seconds: i32) -> String {
+    let millis = i64::from(drain_seconds.max(0)) * 500;
+    if millis % 1000 == 0 { format!("{}s", millis / 1000) } else { format!("{millis}ms") }
+}
+
 fn http_probe(path: &str, port_name: &str, period: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -456,7 +467,9 @@ impl Parts<'_> {
             liveness_probe: Some(http_probe("/health", "http", 10, 6)),
             // The drain: the pod is already terminating (the balancer sees
             // its endpoint `serving` but `terminating` and stops sending it new
-            // sessions) while Tomcat still serves the sticky ones.
+            // sessions) while Tomcat still serves the sticky ones — for the
+            // first half of the wait; then the balancer moves them to other
+            // nodes (`--drain-timeout`), so the node is idle at SIGTERM.
             lifecycle: (spec.drain_seconds > 0).then(|| Lifecycle {
                 pre_stop: Some(LifecycleHandler {
                     sleep: Some(SleepAction { seconds: i64::from(spec.drain_seconds) }),
@@ -547,6 +560,8 @@ impl Parts<'_> {
             spec.sessions.path_parameter.clone(),
             "--method".to_string(),
             balancer.method.as_flag().to_string(),
+            "--drain-timeout".to_string(),
+            balancer_drain_timeout(spec.drain_seconds),
         ];
         if !balancer.failover {
             args.push("--no-failover".to_string());

@@ -200,13 +200,20 @@ fn balancer_runs_with_the_agreed_flags() {
         args,
         "balancer --kubernetes-service store/cart-nodes --listen 0.0.0.0:80 --admin-listen 0.0.0.0:9090 \
          --ajp-secret-file /etc/clusterapp/ajp/secret --packet-size 65536 --sticky-cookie CARTSESSION \
-         --sticky-path-param cartsession --method bybusyness --no-failover"
+         --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover"
     );
     assert_eq!(container.image.as_deref(), Some("registry.example/clusterapp:dev"));
     let default = build_children(&fixture("default"), &material(), &context()).expect("builds");
     let container = &default.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
     assert_eq!(container.image.as_deref(), Some("ghcr.io/clusterapp/clusterapp:0.1.0"));
     assert!(!container.args.clone().unwrap_or_default().contains(&"--no-failover".to_string()));
+    let args = container.args.clone().unwrap_or_default().join(" ");
+    assert!(args.contains("--drain-timeout 5s"), "half of the default drainSeconds (10): {args}");
+    assert_eq!(
+        [0, 1, 10, 15, 600].map(balancer_drain_timeout),
+        ["0s", "500ms", "5s", "7500ms", "300s"].map(String::from),
+        "the balancer lets go of a terminating node's sessions halfway through its preStop wait"
+    );
 }
 
 #[test]
