@@ -12,7 +12,7 @@ use http::HeaderMap;
 use http::header::COOKIE;
 
 use super::config::LbMethod;
-use super::member::Member;
+use super::member::{Member, MemberState};
 
 /// The route of a session id: after the first `.`, non-empty.
 pub fn route_of_session_id(session_id: &str) -> Option<&str> {
@@ -104,19 +104,28 @@ impl Router {
     pub fn choose(&self, members: &[Arc<Member>], route: Option<&str>, tried: &[usize]) -> Result<(Arc<Member>, Choice), NoMember> {
         let untried = |m: &Arc<Member>| !tried.contains(&member_key(m));
         let mut failing_over = false;
+        // A terminating member past its drain timeout still runs: it is the
+        // last resort for its own sessions when they cannot move (failover
+        // off, or no other member), rather than a certain 503.
+        let mut last_resort = None;
         if let Some(route) = route {
             if let Some(member) = members.iter().find(|m| m.route == route) {
                 if member.takes_sticky() && untried(member) {
                     return Ok((member.clone(), Choice::Sticky));
                 }
+                if member.is_healthy() && member.state() == MemberState::Draining && untried(member) {
+                    last_resort = Some(member);
+                }
                 if !self.failover {
-                    return Err(NoMember::StickyMemberUnusable);
+                    return last_resort.map(|m| (m.clone(), Choice::Sticky)).ok_or(NoMember::StickyMemberUnusable);
                 }
                 failing_over = true;
             }
         }
-        let chosen = self.balance(members, &untried).ok_or(NoMember::NoneUsable)?;
-        Ok((chosen, if failing_over { Choice::Failover } else { Choice::Balanced }))
+        match self.balance(members, &untried) {
+            Some(chosen) => Ok((chosen, if failing_over { Choice::Failover } else { Choice::Balanced })),
+            None => last_resort.map(|m| (m.clone(), Choice::Sticky)).ok_or(NoMember::NoneUsable),
+        }
     }
 
     fn balance(&self, members: &[Arc<Member>], untried: &dyn Fn(&Arc<Member>) -> bool) -> Option<Arc<Member>> {
@@ -140,7 +149,8 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::member::{MemberSpec, MemberState};
+    use crate::balancer::member::{MemberSpec, MemberTable};
+    use std::time::{Duration, Instant};
     use crate::balancer::metrics::Metrics;
     use http::HeaderValue;
 
@@ -208,6 +218,37 @@ mod tests {
         ms[0].set_healthy(false);
         assert_eq!(r.choose(&ms, None, &[]).unwrap_err(), NoMember::NoneUsable);
         assert_eq!(r.choose(&ms, Some("s2"), &[]).expect("sticky").0.route, "s2");
+    }
+
+    #[test]
+    fn drained_member_fails_over_but_is_the_last_resort() {
+        let metrics = Metrics::new();
+        let table = MemberTable::new(4, Duration::ZERO);
+        let spec = |route: &str, port: u16, state, terminating| MemberSpec {
+            route: route.into(),
+            address: ([127, 0, 0, 1], port).into(),
+            state,
+            terminating,
+        };
+        table.apply(&[spec("s1", 1, MemberState::Draining, true), spec("s2", 2, MemberState::Ready, false)], &metrics);
+        let ms = table.snapshot();
+        assert_eq!(ms[0].routing_state(Instant::now()), "drained");
+        let r = Router::new(LbMethod::Byrequests, true);
+        let (m, c) = r.choose(&ms, Some("s1"), &[]).expect("failover");
+        assert_eq!((m.route.as_str(), c), ("s2", Choice::Failover), "a drained member's sessions move");
+        assert_eq!(r.choose(&ms, None, &[]).expect("new").0.route, "s2");
+
+        // Nowhere to move to: the drained (still running) member serves its own.
+        ms[1].set_healthy(false);
+        let (m, c) = r.choose(&ms, Some("s1"), &[]).expect("last resort");
+        assert_eq!((m.route.as_str(), c), ("s1", Choice::Sticky));
+        assert_eq!(r.choose(&ms, None, &[]).unwrap_err(), NoMember::NoneUsable, "but takes no new sessions");
+        assert_eq!(r.choose(&ms, Some("s1"), &[member_key(&ms[0])]).unwrap_err(), NoMember::NoneUsable, "nor a retry");
+        ms[1].set_healthy(true);
+        let strict = Router::new(LbMethod::Byrequests, false);
+        assert_eq!(strict.choose(&ms, Some("s1"), &[]).expect("no failover: stays").0.route, "s1");
+        ms[0].set_healthy(false);
+        assert_eq!(strict.choose(&ms, Some("s1"), &[]).unwrap_err(), NoMember::StickyMemberUnusable);
     }
 
     #[test]
