@@ -20,7 +20,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use super::proxy::{Balancer, ProxyBody};
 
@@ -109,21 +108,27 @@ async fn route_admin(bal: Arc<Balancer>, req: Request<Incoming>) -> Result<Respo
     })
 }
 
-pub async fn serve_admin(bal: Arc<Balancer>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// Serves until the process exits: during the graceful shutdown after
+/// SIGTERM, `/readyz` answers 503 (and `/metrics` still works) while the
+/// front finishes the requests in flight.
+pub async fn serve_admin(bal: Arc<Balancer>, listener: TcpListener) {
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let bal = bal.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| route_admin(bal.clone(), req));
-                    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                        tracing::debug!(error = %e, "admin connection error");
-                    }
-                });
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
             }
-            _ = shutdown.changed() => return,
-        }
+        };
+        let bal = bal.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| route_admin(bal.clone(), req));
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "admin connection error");
+            }
+        });
     }
 }
 

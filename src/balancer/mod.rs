@@ -129,7 +129,7 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         }
     }
     tokio::spawn(health::run_health_checks(bal.clone(), args.health_interval, shutdown_rx.clone()));
-    tokio::spawn(admin::serve_admin(bal.clone(), admin, shutdown_rx.clone()));
+    tokio::spawn(admin::serve_admin(bal.clone(), admin));
 
     let front_settings = front::FrontSettings {
         max_connections: args.max_connections,

@@ -73,6 +73,7 @@ pub struct TomcatNode {
     pub receiver_port: u16,
     child: Option<Child>,
     base: TempDir,
+    jvm_opts: Vec<String>,
 }
 
 /// Connector and cluster knobs.
@@ -186,10 +187,26 @@ impl TomcatNode {
         .expect("logging.properties");
         std::fs::write(b.join("conf/Catalina/localhost/counter.xml"), format!("<Context docBase=\"{}\"/>\n", app.display()))
             .expect("context xml");
-        let log = std::fs::File::create(b.join("logs/catalina.out")).expect("log");
+        let mut node = TomcatNode {
+            route: me.route.clone(),
+            http_port: me.http_port,
+            ajp_port: me.ajp_port,
+            receiver_port: me.receiver_port,
+            child: None,
+            base,
+            jvm_opts: options.jvm_opts.clone(),
+        };
+        node.launch();
+        node
+    }
+
+    /// Starts the JVM on this node's base and ports and waits until the app answers.
+    fn launch(&mut self) {
+        let b = self.base.path();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(b.join("logs/catalina.out")).expect("log");
         let home = Path::new(CATALINA_HOME);
         let child = Command::new("java")
-            .args(&options.jvm_opts)
+            .args(&self.jvm_opts)
             .arg(format!("-Dcatalina.home={CATALINA_HOME}"))
             .arg(format!("-Dcatalina.base={}", b.display()))
             .arg(format!("-Djava.io.tmpdir={}", b.join("temp").display()))
@@ -205,29 +222,27 @@ impl TomcatNode {
             .stderr(log)
             .spawn()
             .expect("spawn java (Tomcat)");
-        let mut node = TomcatNode {
-            route: me.route.clone(),
-            http_port: me.http_port,
-            ajp_port: me.ajp_port,
-            receiver_port: me.receiver_port,
-            child: Some(child),
-            base,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
-        let addr = format!("127.0.0.1:{}", me.http_port).parse().expect("addr");
+        let addr = format!("127.0.0.1:{}", self.http_port).parse().expect("addr");
         loop {
-            if let Some(child) = node.child.as_mut() {
+            if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("Tomcat {} exited with {status}:\n{}", me.route, node.log_text());
+                    panic!("Tomcat {} exited with {status}:\n{}", self.route, self.log_text());
                 }
             }
             if http::blocking_status(addr, "/counter/echo") == Some(200) {
                 break;
             }
-            assert!(Instant::now() < deadline, "Tomcat {} did not start:\n{}", me.route, node.log_text());
+            assert!(Instant::now() < deadline, "Tomcat {} did not start:\n{}", self.route, self.log_text());
             std::thread::sleep(Duration::from_millis(100));
         }
-        node
+    }
+
+    /// Starts a stopped node again on the same ports and configuration.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.launch();
     }
 
     pub fn pid(&self) -> Option<u32> {
