@@ -278,8 +278,13 @@ impl PodWorker {
             if self.deleting() {
                 let grace = self.deletion_grace();
                 self.terminate(grace, true).await;
+                // Clean up before the object goes: a StatefulSet creates the
+                // next Pod of the same name (same directory) right after,
+                // and its worker must not see this one's files vanish.
+                self.cleanup().await;
                 self.delete_pod_object().await;
-                break;
+                info!(pod = self.key, "pod worker finished");
+                return;
             }
             tokio::select! {
                 event = self.events.recv() => match event {
@@ -1012,7 +1017,11 @@ impl PodWorker {
 
     async fn cleanup(&mut self) {
         self.release_runtime().await;
-        // Keep the logs (tests and people read them); drop the rest.
+        // Keep the logs (tests and people read them); drop the rest — unless
+        // a newer Pod of the same name owns the directory by now.
+        if std::fs::read_to_string(self.dir.join("uid")).ok().as_deref() != Some(self.uid.as_str()) {
+            return;
+        }
         for sub in ["volumes", "tomcat", "stash"] {
             let _ = std::fs::remove_dir_all(self.dir.join(sub));
         }
