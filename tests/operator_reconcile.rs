@@ -112,6 +112,36 @@ async fn make_pod_ready(ns: &TestNamespace, name: &str, ip: &str) {
     pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("setting pod status");
 }
 
+/// Plays the kubelet for the balancer: marks its `count` pods (made by the
+/// ReplicaSet controller) Running and Ready.
+async fn make_balancer_pods_ready(ns: &TestNamespace, app: &str, count: usize) {
+    let pods = ns.api::<Pod>();
+    let selector = format!("app.kubernetes.io/instance={app},app.kubernetes.io/component=balancer");
+    let list = ListParams::default().labels(&selector);
+    wait_until(WAIT, &format!("{count} balancer pods"), || async {
+        pods.list(&list).await.map(|l| l.items.len() >= count).unwrap_or(false)
+    })
+    .await;
+    let names: Vec<String> = pods.list(&list).await.expect("balancer pods").items.into_iter().filter_map(|p| p.metadata.name).collect();
+    for (i, name) in names.iter().enumerate() {
+        make_pod_ready(ns, name, &format!("10.0.1.{}", i + 10)).await;
+    }
+}
+
+/// Warning events about app `name`: (reason, note).
+async fn warnings_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
+    let events: Api<Event> = ns.api();
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.type_.as_deref() == Some("Warning"))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
 async fn events_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
     let events: Api<Event> = ns.api();
     events
@@ -195,7 +225,16 @@ async fn scale_subresource_drives_replicas_and_members_follow_pods() {
     // OrderedReady: the controller manager creates shop-1 once shop-0 is ready.
     make_pod_ready(&ns, "shop-1", "10.0.0.11").await;
     make_pod_ready(&ns, "shop-2", "10.0.0.12").await;
+    // Every node is ready, but no balancer pod is (there is no kubelet):
+    // users cannot reach the nodes, so the app is not Ready.
     let app = wait_for_status(&ns, "shop", "3/3 ready", |a| a.status.as_ref().is_some_and(|s| s.ready == "3/3")).await;
+    let (ready, reason, message) = condition(&app, "Ready").expect("Ready");
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "BalancerUnavailable"), "{message}");
+    assert!(message.contains("shop-balancer has no available replica") && message.contains("0 of 2 available"), "{message}");
+    // The balancer's pods become ready: the Deployment's availableReplicas
+    // follow (controller manager), and Ready follows them.
+    make_balancer_pods_ready(&ns, "shop", 2).await;
+    let app = wait_for_status(&ns, "shop", "Ready", |a| condition(a, "Ready").is_some_and(|c| c.0 == "True")).await;
     let status = app.status.clone().expect("status");
     assert_eq!((status.replicas, status.ready_replicas), (3, 3));
     assert_eq!(status.routes, "shop-0,shop-1,shop-2");
@@ -424,6 +463,188 @@ async fn missing_secret_ref_degrades_and_creating_it_heals() {
     assert_eq!((ajp.name.as_str(), ajp.key.as_str()), ("shop-ajp", "secret"));
     let text = serde_json::to_string(&app_get(&ns, "shop").await).expect("json");
     assert!(!text.contains("user-chosen-ajp-secret"));
+    wait_until(WAIT, "a Recovered event", || async {
+        events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "Recovered")
+    })
+    .await;
+}
+
+fn rules_of(role: &Role) -> Vec<(Vec<String>, Vec<String>)> {
+    role.rules.clone().unwrap_or_default().into_iter().map(|r| (r.resources.unwrap_or_default(), r.verbs)).collect()
+}
+
+fn list_pods() -> Vec<(Vec<String>, Vec<String>)> {
+    vec![(vec!["pods".to_string()], vec!["list".to_string()])]
+}
+
+#[tokio::test]
+async fn node_rbac_edits_are_restored_with_a_warning_event() {
+    let ns = operator_common::OperatorNamespace::new("capp-rbac").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
+    wait_for_children(&ns, "shop").await;
+    wait_for_status(&ns, "shop", "Degraded False", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
+    // Creating the Role and RoleBinding is no restore, and the check after
+    // it passed.
+    let early = warnings_of(&ns, "shop").await;
+    assert!(
+        !early.iter().any(|(reason, _)| reason.starts_with("Membership")),
+        "membership warnings before any edit: {early:?}"
+    );
+
+    // A user takes `list pods` away from the node Role.
+    let roles = ns.api::<Role>();
+    roles
+        .patch("shop-node", &PatchParams::default(), &Patch::Merge(json!({"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]})))
+        .await
+        .expect("editing the node Role");
+    wait_until(WAIT, "the node Role restored", || async {
+        roles.get("shop-node").await.is_ok_and(|r| rules_of(&r) == list_pods())
+    })
+    .await;
+    let restored = |kind: &'static str, what: &'static str| {
+        let ns = &ns;
+        move || async move {
+            warnings_of(ns, "shop").await.iter().any(|(reason, note)| {
+                reason == "MembershipRBACRestored" && note.starts_with(&format!("{kind} {}/shop-node {what}", ns.name))
+            })
+        }
+    };
+    wait_until(WAIT, "a MembershipRBACRestored warning about the Role", restored("Role", "was changed (it allowed get pods)")).await;
+    let warnings = warnings_of(&ns, "shop").await;
+    let (_, note) = warnings.iter().find(|(reason, _)| reason == "MembershipRBACRestored").expect("the warning");
+    assert!(note.contains(&format!("session nodes need `list pods` in namespace {} to find their peers", ns.name)), "{note}");
+    assert!(note.contains("The operator restored it"), "{note}");
+
+    // The RoleBinding deleted: recreated, and said so.
+    ns.api::<RoleBinding>().delete("shop-node", &DeleteParams::default()).await.expect("deleting the node RoleBinding");
+    wait_until(WAIT, "a MembershipRBACRestored warning about the RoleBinding", restored("RoleBinding", "was deleted")).await;
+    assert!(ns.api::<RoleBinding>().get_opt("shop-node").await.expect("get").is_some(), "the RoleBinding is back");
+
+    // Restored in time: the permission check after the restores passed, so
+    // the app never became Degraded, and nothing else was warned about.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let app = app_get(&ns, "shop").await;
+    assert_eq!(condition(&app, "Degraded").map(|c| c.0), Some("False".to_string()));
+    let reasons: Vec<String> = warnings_of(&ns, "shop").await.into_iter().map(|(reason, _)| reason).collect();
+    assert!(reasons.iter().all(|r| r == "MembershipRBACRestored"), "{reasons:?}");
+}
+
+/// A cluster-wide MutatingAdmissionPolicy (and its binding) limited to one
+/// test namespace; deleted on drop (also while a test unwinds).
+struct AdmissionPolicy {
+    name: String,
+}
+
+impl AdmissionPolicy {
+    /// Rewrites the verbs of Role `shop-node` in `ns` to `watch` on every
+    /// write: a policy engine that breaks what the operator applies. The
+    /// operator holds `watch pods`, so the rewritten Role is no escalation.
+    async fn strip_list_pods(ns: &TestNamespace) -> AdmissionPolicy {
+        use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+        let name = format!("clusterapp-test-{}", ns.name);
+        let gvk = |kind: &str| GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+        let policies: Api<DynamicObject> = Api::all_with(
+            ns.client.clone(),
+            &ApiResource::from_gvk_with_plural(&gvk("MutatingAdmissionPolicy"), "mutatingadmissionpolicies"),
+        );
+        let bindings: Api<DynamicObject> = Api::all_with(
+            ns.client.clone(),
+            &ApiResource::from_gvk_with_plural(&gvk("MutatingAdmissionPolicyBinding"), "mutatingadmissionpolicybindings"),
+        );
+        let guard = AdmissionPolicy { name: name.clone() };
+        let policy: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "matchConstraints": {"resourceRules": [{
+                    "apiGroups": ["rbac.authorization.k8s.io"], "apiVersions": ["v1"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["roles"]
+                }]},
+                "matchConditions": [{"name": "node-role", "expression": "object.metadata.name == 'shop-node'"}],
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "Never",
+                "mutations": [{"patchType": "JSONPatch", "jsonPatch": {
+                    "expression": "[JSONPatch{op: \"replace\", path: \"/rules/0/verbs\", value: [\"watch\"]}]"
+                }}]
+            }
+        }))
+        .expect("policy");
+        policies.create(&PostParams::default(), &policy).await.expect("creating the MutatingAdmissionPolicy");
+        let binding: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {"policyName": name, "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}}}}
+        }))
+        .expect("binding");
+        bindings.create(&PostParams::default(), &binding).await.expect("creating the MutatingAdmissionPolicyBinding");
+        // Policies take effect when the API server has loaded them: probe
+        // with a Role of that name until it comes out rewritten.
+        let roles = ns.api::<Role>();
+        let probe: Role = serde_json::from_value(json!({
+            "metadata": {"name": "shop-node"}, "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+        }))
+        .expect("role");
+        wait_until(WAIT, "the admission policy to take effect", || async {
+            let stored = roles.create(&PostParams::default(), &probe).await;
+            let _ = roles.delete("shop-node", &DeleteParams::default()).await;
+            stored.is_ok_and(|r| rules_of(&r) == vec![(vec!["pods".to_string()], vec!["watch".to_string()])])
+        })
+        .await;
+        wait_until(WAIT, "the probe Role to be gone", || async { roles.get_opt("shop-node").await.ok().flatten().is_none() }).await;
+        guard
+    }
+
+    fn remove(&self) {
+        for kind in ["mutatingadmissionpolicybinding", "mutatingadmissionpolicy"] {
+            let _ = support::kubectl().args(["delete", kind, &self.name, "--ignore-not-found"]).output();
+        }
+    }
+}
+
+impl Drop for AdmissionPolicy {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+#[tokio::test]
+async fn membership_permission_that_cannot_be_restored_degrades_the_app() {
+    let ns = operator_common::OperatorNamespace::new("capp-forbid").await;
+    let policy = AdmissionPolicy::strip_list_pods(&ns).await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
+
+    // The operator applies `list pods`, the policy turns it into `watch`:
+    // the SubjectAccessReview after the apply says no.
+    let app = wait_for_status(&ns, "shop", "Degraded MembershipForbidden", |a| {
+        condition(a, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "MembershipForbidden")
+    })
+    .await;
+    let (_, _, message) = condition(&app, "Degraded").expect("degraded");
+    let account = format!("{}/shop-node", ns.name);
+    assert!(message.contains(&format!("ServiceAccount {account} may not list pods in namespace {}", ns.name)), "{message}");
+    assert!(message.contains("find their peers") && message.contains("kubectl auth can-i"), "{message}");
+    assert_eq!(condition(&app, "Ready").map(|c| c.0), Some("False".to_string()));
+    wait_until(WAIT, "a MembershipForbidden warning event", || async {
+        warnings_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "MembershipForbidden")
+    })
+    .await;
+    // The rewrite is not mistaken for a user's edit (no restore loop).
+    assert!(
+        !warnings_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "MembershipRBACRestored"),
+        "{:?}",
+        warnings_of(&ns, "shop").await
+    );
+
+    // The policy goes: the operator's retry re-applies the Role, the check
+    // passes and the app recovers, without a restart or an edit.
+    policy.remove();
+    let removed = std::time::Instant::now();
+    wait_for_status(&ns, "shop", "Degraded False", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
+    let roles = ns.api::<Role>();
+    assert_eq!(rules_of(&roles.get("shop-node").await.expect("role")), list_pods());
+    println!("membership: recovered {} ms after the policy was removed", removed.elapsed().as_millis());
     wait_until(WAIT, "a Recovered event", || async {
         events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "Recovered")
     })

@@ -153,13 +153,13 @@ fn owners_contained(wanted: Option<&[OwnerReference]>, have: Option<&[OwnerRefer
 
 /// Metadata of a cached child, whether the store holds full objects or
 /// metadata only.
-pub trait CachedMeta {
+pub trait CachedMeta: Sync {
     fn cached_meta(&self, namespace: &str, name: &str) -> Option<ObjectMeta>;
 }
 
 impl<K> CachedMeta for Store<K>
 where
-    K: Resource<DynamicType = ()> + Clone + 'static,
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     fn cached_meta(&self, namespace: &str, name: &str) -> Option<ObjectMeta> {
         self.get(&ObjectRef::new(name).within(namespace)).map(|object| object.meta().clone())
@@ -176,11 +176,15 @@ pub struct Caches {
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pub services: Store<PartialObjectMeta<Service>>,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
-    pub roles: Store<PartialObjectMeta<Role>>,
-    pub role_bindings: Store<PartialObjectMeta<RoleBinding>>,
+    /// Full Roles and RoleBindings (small): a change of the session nodes'
+    /// `list pods` grant is reported by what it changed.
+    pub roles: Store<Role>,
+    pub role_bindings: Store<RoleBinding>,
     /// Full objects (without their pod template): status reads them.
     pub stateful_sets: Store<StatefulSet>,
-    pub deployments: Store<PartialObjectMeta<Deployment>>,
+    /// Full objects (without their pod template): `Ready` needs the
+    /// balancer's available replicas.
+    pub deployments: Store<Deployment>,
     pub pod_disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
     /// Session node pods (stripped to what `status.members` needs).
@@ -200,21 +204,24 @@ pub struct SecretRefCheck {
 }
 
 impl Caches {
-    /// Every store has been filled by its first list.
+    /// Every store has been filled by its first list. A store still empty
+    /// after [`FILL_WARNING`] is named in a warning (a watch that cannot
+    /// list, e.g. for want of RBAC, would otherwise stall every reconcile
+    /// in silence).
     pub async fn wait_until_ready(&self) {
         let _ = futures::join!(
-            self.secrets.wait_until_ready(),
-            self.other_secrets.wait_until_ready(),
-            self.config_maps.wait_until_ready(),
-            self.services.wait_until_ready(),
-            self.service_accounts.wait_until_ready(),
-            self.roles.wait_until_ready(),
-            self.role_bindings.wait_until_ready(),
-            self.stateful_sets.wait_until_ready(),
-            self.deployments.wait_until_ready(),
-            self.pod_disruption_budgets.wait_until_ready(),
-            self.network_policies.wait_until_ready(),
-            self.pods.wait_until_ready(),
+            filled("Secrets (ours)", self.secrets.wait_until_ready()),
+            filled("Secrets (referenced)", self.other_secrets.wait_until_ready()),
+            filled("ConfigMaps", self.config_maps.wait_until_ready()),
+            filled("Services", self.services.wait_until_ready()),
+            filled("ServiceAccounts", self.service_accounts.wait_until_ready()),
+            filled("Roles", self.roles.wait_until_ready()),
+            filled("RoleBindings", self.role_bindings.wait_until_ready()),
+            filled("StatefulSets", self.stateful_sets.wait_until_ready()),
+            filled("Deployments", self.deployments.wait_until_ready()),
+            filled("PodDisruptionBudgets", self.pod_disruption_budgets.wait_until_ready()),
+            filled("NetworkPolicies", self.network_policies.wait_until_ready()),
+            filled("Pods", self.pods.wait_until_ready()),
         );
     }
 
@@ -227,6 +234,20 @@ impl Caches {
         let mut checks = self.secret_ref_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         checks.insert((namespace.to_string(), name.to_string()), check);
     }
+}
+
+/// How long a cache may take to fill before a warning names it.
+pub const FILL_WARNING: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for one store, warning once when it takes longer than [`FILL_WARNING`].
+async fn filled<T>(what: &'static str, ready: impl Future<Output = T>) -> T {
+    tokio::pin!(ready);
+    tokio::select! {
+        out = &mut ready => return out,
+        () = tokio::time::sleep(FILL_WARNING) => {}
+    }
+    tracing::warn!(cache = what, waited_s = FILL_WARNING.as_secs(), "cache not filled yet: its watch has not listed; reconciles wait for it");
+    ready.await
 }
 
 // --- what the caches keep of each object -------------------------------------
@@ -259,6 +280,13 @@ pub fn strip_stateful_set(sts: &mut StatefulSet) {
     strip_managed_fields(sts);
     sts.spec.template = Default::default();
     sts.spec.volume_claim_templates = None;
+}
+
+/// A cached Deployment keeps metadata, replicas and status (whether the
+/// balancer is available), not its pod template.
+pub fn strip_deployment(deployment: &mut Deployment) {
+    strip_managed_fields(deployment);
+    deployment.spec.template = Default::default();
 }
 
 /// A cached Secret of ours keeps its data: the generated keys are read from

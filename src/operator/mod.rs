@@ -8,6 +8,7 @@ pub mod build;
 pub mod cache;
 pub mod error;
 pub mod leader;
+pub mod membership;
 pub mod metrics;
 pub mod names;
 pub mod reconcile;
@@ -300,9 +301,9 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
     let (config_maps, config_map_events) = owned_metadata::<ConfigMap>(&client, namespace, &written);
     let (services, service_events) = owned_metadata::<Service>(&client, namespace, &written);
     let (service_accounts, service_account_events) = owned_metadata::<ServiceAccount>(&client, namespace, &written);
-    let (roles, role_events) = owned_metadata::<Role>(&client, namespace, &written);
-    let (role_bindings, role_binding_events) = owned_metadata::<RoleBinding>(&client, namespace, &written);
-    let (deployments, deployment_events) = owned_metadata::<Deployment>(&client, namespace, &written);
+    let (roles, role_events) = owned_full::<Role>(&client, namespace, &written, cache::strip_managed_fields);
+    let (role_bindings, role_binding_events) = owned_full::<RoleBinding>(&client, namespace, &written, cache::strip_managed_fields);
+    let (deployments, deployment_events) = owned_full::<Deployment>(&client, namespace, &written, cache::strip_deployment);
     let (pod_disruption_budgets, pdb_events) = owned_metadata::<PodDisruptionBudget>(&client, namespace, &written);
     let (network_policies, network_policy_events) = owned_metadata::<NetworkPolicy>(&client, namespace, &written);
     let caches = Arc::new(Caches {
@@ -329,6 +330,7 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
         state: state.clone(),
         caches: caches.clone(),
         recorder: Recorder::new(client.clone(), reporter),
+        membership: Default::default(),
     });
 
     // Ready once the caches the reconciles read are filled.

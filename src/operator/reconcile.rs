@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, try_join_all};
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::{ByteString, NamespaceResourceScope};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -23,9 +23,10 @@ use crate::crd::{ClusterApp, ClusterAppStatus};
 use crate::operator::build::{BuildContext, Children, SecretMaterial, build_children};
 use crate::operator::cache::{APPLIED_HASH_ANNOTATION, CachedMeta, Caches, ChangeTracking, SecretRefCheck, Written, desired_hash, needs_apply};
 use crate::operator::error::Error;
+use crate::operator::membership::{self, Change, MembershipChecks, Verdict};
 use crate::operator::metrics::OperatorState;
 use crate::operator::names::{AJP_SECRET_KEY, AppNames, FIELD_MANAGER, LABEL_INSTANCE, TRIBES_KEY_KEY};
-use crate::operator::status::{DEGRADED, Problem, READY, compute_status, find_condition};
+use crate::operator::status::{DEGRADED, Observed, Problem, READY, compute_status, find_condition};
 
 /// Requeue of a healthy app: a safety net, not how changes are found.
 const REQUEUE_HEALTHY: Duration = Duration::from_secs(300);
@@ -44,6 +45,8 @@ pub struct Context {
     /// Children, session node pods and referenced Secrets as last seen.
     pub caches: Arc<Caches>,
     pub recorder: Recorder,
+    /// Apps whose node ServiceAccount was last found unable to list pods.
+    pub membership: MembershipChecks,
 }
 
 pub async fn reconcile(app: Arc<ClusterApp>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -62,20 +65,24 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
     let Some(namespace) = app.namespace() else {
         return Err(Error::Build(crate::operator::build::BuildError::MissingNamespace));
     };
+    let names = AppNames::new(&app.name_any());
     // Being deleted: the garbage collector removes the children; applying
     // them again would only fight it.
     if app.metadata.deletion_timestamp.is_some() {
+        ctx.membership.set(&namespace, &names.app, None);
         return Ok(Action::await_change());
     }
     // Reads come from the caches: wait until they are filled (at start).
+    tracing::debug!(app = %names.app, namespace = %namespace, "reconciling");
     ctx.caches.wait_until_ready().await;
-    let names = AppNames::new(&app.name_any());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
     // read
     let own_secret = own_secret(ctx, &secrets, &namespace, &names).await?;
     let pods = pods_of(&ctx.caches.pods, &namespace, &names.app);
     let stateful_set = ctx.caches.stateful_sets.get(&ObjectRef::new(&names.stateful_set()).within(&namespace));
+    let balancer = ctx.caches.deployments.get(&ObjectRef::new(&names.balancer()).within(&namespace));
+    let observed = Observed { pods: &pods, stateful_set: stateful_set.as_deref(), balancer: balancer.as_deref() };
 
     // validate
     let (material, mut problem) = key_material(own_secret.as_ref(), &namespace, &names)?;
@@ -84,9 +91,14 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
     }
 
     // build + apply (not while a problem would make the nodes unable to start)
+    let mut requeue = None;
     if problem.is_none() {
         let children = build_children(app, &material, &ctx.build)?;
-        let applied = match apply_children(ctx, &namespace, &children).await {
+        // A membership check that has not passed yet is retried with a
+        // fresh apply of the node Role and RoleBinding.
+        let recheck = membership::uses_api(app) && ctx.membership.get(&namespace, &names.app).is_some();
+        let drift = node_rbac_drift(app, ctx, &namespace, &children)?;
+        let applied = match apply_children(ctx, &namespace, &children, recheck).await {
             Ok(applied) => applied,
             // The namespace is being deleted (and the app with it): its
             // children are going on purpose; retrying would only load the
@@ -97,11 +109,35 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
             }
             Err(error) => {
                 let failure = Problem { reason: "ApplyFailed".to_string(), message: error.to_string() };
-                write_status(app, ctx, &pods, stateful_set.as_deref(), Some(&failure)).await?;
+                write_status(app, ctx, observed, Some(&failure)).await?;
                 return Err(error);
             }
         };
-        if applied.stateful_set
+        for (kind, change) in &drift {
+            if applied.restored(kind, &names.node_account()) {
+                let note = membership::restored_note(kind, &namespace, &names, change, membership::uses_api(app));
+                // The object as the event's `related`: the recorder folds
+                // events of one key (which ignores the note) into a series,
+                // so each object and each kind of change gets its own.
+                let related = ObjectReference {
+                    api_version: Some("rbac.authorization.k8s.io/v1".to_string()),
+                    kind: Some(kind.to_string()),
+                    namespace: Some(namespace.clone()),
+                    name: Some(names.node_account()),
+                    ..Default::default()
+                };
+                let action = if *change == Change::Deleted { "Recreate" } else { "Restore" };
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: membership::RESTORED_REASON.to_string(),
+                    note: Some(note),
+                    action: action.to_string(),
+                    secondary: Some(related),
+                };
+                publish_event(ctx, app, event).await;
+            }
+        }
+        if applied.wrote("StatefulSet", &names.stateful_set())
             && let Some(sts) = stateful_set.as_deref()
         {
             let (had, wanted) = (sts.spec.replicas.unwrap_or(1), app.spec.replicas);
@@ -109,7 +145,7 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
                 publish(ctx, app, EventType::Normal, "Scaled", "Scale", format!("Scaling session nodes from {had} to {wanted}")).await;
             }
         }
-        if app.status.is_none() && applied.any {
+        if app.status.is_none() && applied.any() {
             publish(
                 ctx,
                 app,
@@ -120,11 +156,83 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
             )
             .await;
         }
+        // After the node Role or RoleBinding was written (created, restored,
+        // changed), or while an earlier check has not passed: may the nodes
+        // list pods? A converged app skips this (no request).
+        let wrote_rbac = applied.wrote("Role", &names.node_account()) || applied.wrote("RoleBinding", &names.node_account());
+        if membership::uses_api(app) && (wrote_rbac || recheck) {
+            match check_membership(ctx, &namespace, &names).await {
+                Some(Verdict::Allowed) | None => {}
+                Some(Verdict::Pending) => requeue = Some(membership::RETRY_PENDING),
+                Some(Verdict::Forbidden(forbidden)) => {
+                    problem = Some(forbidden);
+                    requeue = Some(membership::RETRY_FORBIDDEN);
+                }
+            }
+        } else if !membership::uses_api(app) {
+            ctx.membership.set(&namespace, &names.app, None);
+        }
     }
 
     // status
-    write_status(app, ctx, &pods, stateful_set.as_deref(), problem.as_ref()).await?;
-    Ok(Action::requeue(if problem.is_some() { REQUEUE_PROBLEM } else { REQUEUE_HEALTHY }))
+    write_status(app, ctx, observed, problem.as_ref()).await?;
+    let requeue = requeue.unwrap_or(if problem.is_some() { REQUEUE_PROBLEM } else { REQUEUE_HEALTHY });
+    tracing::debug!(app = %names.app, namespace = %namespace, requeue_s = requeue.as_secs_f64(), problem = ?problem.as_ref().map(|p| &p.reason), "reconciled");
+    Ok(Action::requeue(requeue))
+}
+
+/// Changes by others of the node Role and RoleBinding, judged from the
+/// caches before this pass applies (and so restores) them.
+fn node_rbac_drift(app: &ClusterApp, ctx: &Context, namespace: &str, children: &Children) -> Result<Vec<(&'static str, Change)>, Error> {
+    let name = children.node_role.meta().name.clone().unwrap_or_default();
+    let converged = membership::was_converged(app);
+    let role_hash = desired_hash(&children.node_role).map_err(|source| Error::Serialize { kind: "Role", name: name.clone(), source })?;
+    let binding_hash =
+        desired_hash(&children.node_role_binding).map_err(|source| Error::Serialize { kind: "RoleBinding", name: name.clone(), source })?;
+    let cached_role = ctx.caches.roles.get(&ObjectRef::new(&name).within(namespace));
+    let cached_binding = ctx.caches.role_bindings.get(&ObjectRef::new(&name).within(namespace));
+    let written = &ctx.caches.written;
+    let mut drift = Vec::new();
+    if let Some(change) =
+        membership::role_change(&children.node_role, &role_hash, cached_role.as_deref(), written.get("Role", namespace, &name).as_ref(), converged)
+    {
+        drift.push(("Role", change));
+    }
+    if let Some(change) = membership::role_binding_change(
+        &children.node_role_binding,
+        &binding_hash,
+        cached_binding.as_deref(),
+        written.get("RoleBinding", namespace, &name).as_ref(),
+        converged,
+    ) {
+        drift.push(("RoleBinding", change));
+    }
+    Ok(drift)
+}
+
+/// Asks the API server whether the node ServiceAccount may list pods and
+/// judges the answer against the earlier ones. None when the question
+/// could not be asked (logged; asked again after the next write of the
+/// Role or RoleBinding).
+async fn check_membership(ctx: &Context, namespace: &str, names: &AppNames) -> Option<Verdict> {
+    let reviews: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
+    ctx.state.api_requests.inc();
+    let answer = match reviews.create(&PostParams::default(), &membership::review(namespace, names)).await {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::warn!(app = %names.app, namespace = %namespace, error = %error, "cannot check whether the session nodes may list pods");
+            ctx.membership.set(namespace, &names.app, None);
+            return None;
+        }
+    };
+    let (allowed, why) = membership::answer(&answer);
+    let earlier = ctx.membership.get(namespace, &names.app);
+    let (state, verdict) = membership::judge(earlier.as_ref(), allowed, &why, namespace, names, Instant::now());
+    ctx.membership.set(namespace, &names.app, state);
+    if verdict != Verdict::Allowed {
+        tracing::info!(app = %names.app, namespace = %namespace, reason = %why, reported = matches!(verdict, Verdict::Forbidden(_)), "session nodes may not list pods");
+    }
+    Some(verdict)
 }
 
 /// Session node pods of the app from the cache.
@@ -247,40 +355,50 @@ async fn check_secret_ref(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>
     })
 }
 
-/// Server-side apply of one object with our field manager, unless the
-/// cached child shows it is already as built (see [`needs_apply`]). The
-/// object carries a hash of itself in an annotation. Returns whether a
-/// request was sent.
-async fn apply<K>(
-    ctx: Arc<ApplyContext>,
-    namespace: String,
+/// A pending server-side apply of one child.
+type Pending = BoxFuture<'static, Result<(), Error>>;
+
+/// Prepares the server-side apply of one object with our field manager,
+/// unless the cached child shows it is already as built (see
+/// [`needs_apply`]) and `force` is off. The object carries a hash of itself
+/// in an annotation. Returns the request (None: nothing to send) and
+/// whether the cache alone called for it.
+fn plan_apply<K>(
+    ctx: &Arc<ApplyContext>,
+    namespace: &str,
     mut object: K,
     cached: Option<ObjectMeta>,
     tracking: ChangeTracking,
-) -> Result<bool, Error>
+    force: bool,
+) -> Result<Option<(Pending, bool)>, Error>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static,
 {
     let name = object.meta().name.clone().unwrap_or_default();
     let kind = kind_name::<K>();
     let hash = desired_hash(&object).map_err(|source| Error::Serialize { kind, name: name.clone(), source })?;
     object.meta_mut().annotations.get_or_insert_with(Default::default).insert(APPLIED_HASH_ANNOTATION.to_string(), hash.clone());
-    let written = ctx.caches.written.get(kind, &namespace, &name);
-    if !needs_apply(object.meta(), cached.as_ref(), written.as_ref(), tracking) {
-        return Ok(false);
+    let written = ctx.caches.written.get(kind, namespace, &name);
+    let needed = needs_apply(object.meta(), cached.as_ref(), written.as_ref(), tracking);
+    if !needed && !force {
+        return Ok(None);
     }
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    ctx.state.api_writes.inc();
-    ctx.state.api_requests.inc();
-    let stored = api
-        .patch(&name, &params, &Patch::Apply(&object))
-        .await
-        .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
-    let meta = stored.meta();
-    let record = Written { hash, resource_version: meta.resource_version.clone(), generation: meta.generation };
-    ctx.caches.written.record(kind, &namespace, &name, record);
-    Ok(true)
+    let (ctx, namespace) = (ctx.clone(), namespace.to_string());
+    let request = async move {
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        ctx.state.api_writes.inc();
+        ctx.state.api_requests.inc();
+        let stored = api
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
+        let meta = stored.meta();
+        let record = Written { hash, resource_version: meta.resource_version.clone(), generation: meta.generation };
+        ctx.caches.written.record(kind, &namespace, &name, record);
+        Ok(())
+    };
+    Ok(Some((Box::pin(request), needed)))
 }
 
 pub(crate) fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
@@ -291,89 +409,127 @@ pub(crate) fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
     }
 }
 
-/// What the apply futures share (owned, so they can run concurrently).
+/// What the apply requests share (owned, so they can run concurrently).
 struct ApplyContext {
     client: Client,
     state: Arc<OperatorState>,
     caches: Arc<Caches>,
 }
 
-/// Which children a pass actually wrote.
-#[derive(Clone, Copy, Debug, Default)]
+/// The children one pass wrote: (kind, name, whether the cache called for
+/// it rather than a forced re-apply).
+#[derive(Clone, Debug, Default)]
 struct Applied {
-    any: bool,
-    stateful_set: bool,
+    written: Vec<(&'static str, String, bool)>,
 }
 
-async fn apply_children(ctx: &Context, namespace: &str, children: &Children) -> Result<Applied, Error> {
-    type Pending = BoxFuture<'static, Result<bool, Error>>;
-    let shared = Arc::new(ApplyContext { client: ctx.client.clone(), state: ctx.state.clone(), caches: ctx.caches.clone() });
-    let caches = &ctx.caches;
-    let one = |object: &dyn ChildObject, cached: &dyn CachedMeta, tracking: ChangeTracking| -> Pending {
-        let name = object.name();
-        object.apply(shared.clone(), namespace.to_string(), cached.cached_meta(namespace, &name), tracking)
-    };
+impl Applied {
+    fn any(&self) -> bool {
+        !self.written.is_empty()
+    }
+    fn wrote(&self, kind: &str, name: &str) -> bool {
+        self.written.iter().any(|(k, n, _)| *k == kind && n == name)
+    }
+    /// Written because the cache showed it missing or changed.
+    fn restored(&self, kind: &str, name: &str) -> bool {
+        self.written.iter().any(|(k, n, needed)| *k == kind && n == name && *needed)
+    }
+}
+
+/// Applies every child that needs it, in two stages. `force_node_rbac`
+/// re-applies the node Role and RoleBinding even when the cache shows them
+/// as built (a membership check that has not passed).
+async fn apply_children(ctx: &Context, namespace: &str, children: &Children, force_node_rbac: bool) -> Result<Applied, Error> {
     use ChangeTracking::{Generation, ResourceVersion};
-    let c = children;
-    // Independent objects, applied concurrently: the pods wait for their
-    // Secret/ConfigMap/ServiceAccount anyway. The StatefulSet first in the
-    // list: its result decides the `Scaled` event.
-    let first = try_join_all(vec![
-        one(&c.stateful_set, &caches.stateful_sets, Generation),
-        one(&c.secret, &caches.secrets, ResourceVersion),
-        one(&c.config_map, &caches.config_maps, ResourceVersion),
-        one(&c.peers_service, &caches.services, ResourceVersion),
-        one(&c.nodes_service, &caches.services, ResourceVersion),
-        one(&c.node_service_account, &caches.service_accounts, ResourceVersion),
-        one(&c.node_role, &caches.roles, ResourceVersion),
-        one(&c.balancer_service_account, &caches.service_accounts, ResourceVersion),
-        one(&c.balancer_role, &caches.roles, ResourceVersion),
-        one(&c.balancer_deployment, &caches.deployments, Generation),
-        one(&c.balancer_service, &caches.services, ResourceVersion),
-        one(&c.pod_disruption_budget, &caches.pod_disruption_budgets, Generation),
-        one(&c.network_policy, &caches.network_policies, Generation),
-    ])
-    .await?;
-    // RoleBindings after their Roles: the API server checks that we hold
-    // every permission of the referenced Role, and a Role it cannot find yet
-    // fails the binding (reported as the binding "not found").
-    let second = try_join_all(vec![
-        one(&c.node_role_binding, &caches.role_bindings, ResourceVersion),
-        one(&c.balancer_role_binding, &caches.role_bindings, ResourceVersion),
-    ])
-    .await?;
-    Ok(Applied { any: first.iter().chain(&second).any(|w| *w), stateful_set: first.first().copied().unwrap_or(false) })
+    let shared = Arc::new(ApplyContext { client: ctx.client.clone(), state: ctx.state.clone(), caches: ctx.caches.clone() });
+    let (c, caches) = (children, &ctx.caches);
+    let node_rbac = force_node_rbac;
+    // Stage one: independent objects, applied concurrently (the pods wait
+    // for their Secret/ConfigMap/ServiceAccount anyway). Stage two: the
+    // RoleBindings after their Roles, because the API server checks that we
+    // hold every permission of the referenced Role, and a Role it cannot
+    // find yet fails the binding (reported as the binding "not found").
+    let stages: [Vec<Step<'_>>; 2] = [
+        vec![
+            (&c.stateful_set, &caches.stateful_sets, Generation, false),
+            (&c.secret, &caches.secrets, ResourceVersion, false),
+            (&c.config_map, &caches.config_maps, ResourceVersion, false),
+            (&c.peers_service, &caches.services, ResourceVersion, false),
+            (&c.nodes_service, &caches.services, ResourceVersion, false),
+            (&c.node_service_account, &caches.service_accounts, ResourceVersion, false),
+            (&c.node_role, &caches.roles, ResourceVersion, node_rbac),
+            (&c.balancer_service_account, &caches.service_accounts, ResourceVersion, false),
+            (&c.balancer_role, &caches.roles, ResourceVersion, false),
+            (&c.balancer_deployment, &caches.deployments, Generation, false),
+            (&c.balancer_service, &caches.services, ResourceVersion, false),
+            (&c.pod_disruption_budget, &caches.pod_disruption_budgets, Generation, false),
+            (&c.network_policy, &caches.network_policies, Generation, false),
+        ],
+        vec![
+            (&c.node_role_binding, &caches.role_bindings, ResourceVersion, node_rbac),
+            (&c.balancer_role_binding, &caches.role_bindings, ResourceVersion, false),
+        ],
+    ];
+    let mut applied = Applied::default();
+    for stage in stages {
+        let mut requests = Vec::new();
+        for (object, cache, tracking, force) in stage {
+            let name = object.name();
+            if let Some((request, needed)) = object.plan(&shared, namespace, cache.cached_meta(namespace, &name), tracking, force)? {
+                applied.written.push((object.kind(), name, needed));
+                requests.push(request);
+            }
+        }
+        try_join_all(requests).await?;
+    }
+    Ok(applied)
 }
 
-/// A child object of any kind, applied by [`apply`].
-trait ChildObject {
+/// One child in an apply stage: the object, its cache, how it reports
+/// changes, and whether to apply it even when the cache shows it as built.
+type Step<'a> = (&'a dyn ChildObject, &'a dyn CachedMeta, ChangeTracking, bool);
+
+/// A child object of any kind, applied by [`plan_apply`].
+trait ChildObject: Sync {
+    fn kind(&self) -> &'static str;
     fn name(&self) -> String;
-    fn apply(&self, ctx: Arc<ApplyContext>, namespace: String, cached: Option<ObjectMeta>, tracking: ChangeTracking) -> BoxFuture<'static, Result<bool, Error>>;
+    fn plan(
+        &self,
+        ctx: &Arc<ApplyContext>,
+        namespace: &str,
+        cached: Option<ObjectMeta>,
+        tracking: ChangeTracking,
+        force: bool,
+    ) -> Result<Option<(Pending, bool)>, Error>;
 }
 
 impl<K> ChildObject for K
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static,
 {
+    fn kind(&self) -> &'static str {
+        kind_name::<K>()
+    }
     fn name(&self) -> String {
         self.meta().name.clone().unwrap_or_default()
     }
-    fn apply(&self, ctx: Arc<ApplyContext>, namespace: String, cached: Option<ObjectMeta>, tracking: ChangeTracking) -> BoxFuture<'static, Result<bool, Error>> {
-        Box::pin(apply(ctx, namespace, self.clone(), cached, tracking))
+    fn plan(
+        &self,
+        ctx: &Arc<ApplyContext>,
+        namespace: &str,
+        cached: Option<ObjectMeta>,
+        tracking: ChangeTracking,
+        force: bool,
+    ) -> Result<Option<(Pending, bool)>, Error> {
+        plan_apply(ctx, namespace, self.clone(), cached, tracking, force)
     }
 }
 
 /// Computes the status and writes it when it differs from the stored one;
 /// publishes events for condition changes a user wants to know about.
-async fn write_status(
-    app: &ClusterApp,
-    ctx: &Context,
-    pods: &[Pod],
-    stateful_set: Option<&StatefulSet>,
-    problem: Option<&Problem>,
-) -> Result<(), Error> {
+async fn write_status(app: &ClusterApp, ctx: &Context, observed: Observed<'_>, problem: Option<&Problem>) -> Result<(), Error> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let status = compute_status(app, pods, stateful_set, problem, now);
+    let status = compute_status(app, observed, problem, now);
     if app.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -419,6 +575,10 @@ async fn condition_events(app: &ClusterApp, ctx: &Context, new: &ClusterAppStatu
 /// Publishes an event about the app; failures are logged, never fatal.
 async fn publish(ctx: &Context, app: &ClusterApp, type_: EventType, reason: &str, action: &str, note: String) {
     let event = Event { type_, reason: reason.to_string(), note: Some(note), action: action.to_string(), secondary: None };
+    publish_event(ctx, app, event).await;
+}
+
+async fn publish_event(ctx: &Context, app: &ClusterApp, event: Event) {
     ctx.state.api_writes.inc();
     ctx.state.api_requests.inc();
     if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {

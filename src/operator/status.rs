@@ -2,7 +2,7 @@
 //! deterministic: the same observation gives the same status, and a
 //! condition's `lastTransitionTime` moves only when its `status` changes.
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -98,14 +98,38 @@ fn carry_transition_times(conditions: &mut [Condition], previous: &[Condition], 
     }
 }
 
-/// The status to write. `problem` is what validation or apply found wrong.
-pub fn compute_status(
-    app: &ClusterApp,
-    pods: &[Pod],
-    stateful_set: Option<&StatefulSet>,
-    problem: Option<&Problem>,
-    now: Time,
-) -> ClusterAppStatus {
+/// Why the balancer cannot serve yet, if it cannot: it serves once one of
+/// its replicas is available (ready for `minReadySeconds`).
+fn balancer_unavailable(names: &AppNames, balancer: Option<&Deployment>) -> Option<String> {
+    let name = names.balancer();
+    let Some(deployment) = balancer else {
+        return Some(format!("the balancer Deployment {name} does not exist yet"));
+    };
+    let status = deployment.status.clone().unwrap_or_default();
+    let available = status.available_replicas.unwrap_or(0);
+    if available >= 1 {
+        return None;
+    }
+    let wanted = deployment.spec.replicas.unwrap_or(1);
+    let ready = status.ready_replicas.unwrap_or(0);
+    Some(format!(
+        "the balancer Deployment {name} has no available replica ({available} of {wanted} available, {ready} ready): requests cannot reach the session nodes"
+    ))
+}
+
+/// What the cluster observed about one ClusterApp: its session node pods and
+/// the StatefulSet and balancer Deployment as last cached.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Observed<'a> {
+    pub pods: &'a [Pod],
+    pub stateful_set: Option<&'a StatefulSet>,
+    pub balancer: Option<&'a Deployment>,
+}
+
+/// The status to write. `problem` is what validation, apply or the
+/// membership check found wrong.
+pub fn compute_status(app: &ClusterApp, observed: Observed<'_>, problem: Option<&Problem>, now: Time) -> ClusterAppStatus {
+    let Observed { pods, stateful_set, balancer } = observed;
     let names = AppNames::new(app.metadata.name.as_deref().unwrap_or_default());
     let generation = app.metadata.generation;
     let members = members(pods);
@@ -119,14 +143,16 @@ pub fn compute_status(
         Some(p) => condition(DEGRADED, true, &p.reason, p.message.clone(), generation),
         None => condition(DEGRADED, false, "AsExpected", "every object of the ClusterApp is applied".to_string(), generation),
     };
-    let all_ready = ready_replicas >= desired && problem.is_none();
-    let ready = condition(
-        READY,
-        all_ready,
-        if all_ready { "NodesReady" } else { "NodesNotReady" },
-        format!("{ready_replicas} of {desired} session nodes are ready"),
-        generation,
-    );
+    let nodes = format!("{ready_replicas} of {desired} session nodes are ready");
+    let ready = if ready_replicas < desired {
+        condition(READY, false, "NodesNotReady", nodes, generation)
+    } else if let Some(p) = problem {
+        condition(READY, false, "Degraded", format!("{nodes}, but the ClusterApp is degraded: {}", p.message), generation)
+    } else if let Some(why) = balancer_unavailable(&names, balancer) {
+        condition(READY, false, "BalancerUnavailable", format!("{nodes}, but {why}"), generation)
+    } else {
+        condition(READY, true, "NodesReady", format!("{nodes} and the balancer is available"), generation)
+    };
     let progressing = match progress(app, stateful_set, &members) {
         Some((reason, message)) => condition(PROGRESSING, true, &reason, message, generation),
         None => condition(PROGRESSING, false, "Stable", "the session nodes match the spec".to_string(), generation),
@@ -168,6 +194,20 @@ mod tests {
         .expect("pod")
     }
 
+    fn balancer(available: i32) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "shop-balancer"},
+            "spec": {"replicas": 2, "selector": {}, "template": {}},
+            "status": {"replicas": 2, "readyReplicas": available, "availableReplicas": available}
+        }))
+        .expect("deployment")
+    }
+
+    /// Pods with an available balancer.
+    fn seen<'a>(pods: &'a [Pod], balancer: &'a Deployment) -> Observed<'a> {
+        Observed { pods, stateful_set: None, balancer: Some(balancer) }
+    }
+
     const APP: &str = "metadata: {name: shop, namespace: store, generation: 3}\nspec: {image: x, replicas: 3}";
 
     fn t(seconds: i64) -> Time {
@@ -187,16 +227,17 @@ mod tests {
     #[test]
     fn transition_time_moves_only_on_status_change() {
         let mut app = app(APP);
+        let up = balancer(2);
         let pods = vec![pod("shop-0", true, false), pod("shop-1", true, false)];
-        let first = compute_status(&app, &pods, None, None, t(100));
+        let first = compute_status(&app, seen(&pods, &up), None, t(100));
         assert_eq!(first.ready, "2/3");
         assert_eq!(find_condition(Some(&first), READY).map(|c| c.status.as_str()), Some("False"));
         app.status = Some(first.clone());
         // Same observation later: identical status (no churn).
-        assert_eq!(compute_status(&app, &pods, None, None, t(200)), first);
+        assert_eq!(compute_status(&app, seen(&pods, &up), None, t(200)), first);
         // Ready flips: only Ready's time moves.
         let pods = vec![pod("shop-0", true, false), pod("shop-1", true, false), pod("shop-2", true, false)];
-        let second = compute_status(&app, &pods, None, None, t(300));
+        let second = compute_status(&app, seen(&pods, &up), None, t(300));
         let ready = find_condition(Some(&second), READY).expect("ready");
         assert_eq!((ready.status.as_str(), ready.last_transition_time.clone()), ("True", t(300)));
         let degraded = find_condition(Some(&second), DEGRADED).expect("degraded");
@@ -210,9 +251,39 @@ mod tests {
         let app = app(APP);
         let problem = Problem { reason: "SecretNotFound".to_string(), message: "Secret store/ajp does not exist".to_string() };
         let pods = vec![pod("shop-0", true, false), pod("shop-1", true, false), pod("shop-2", true, false)];
-        let status = compute_status(&app, &pods, None, Some(&problem), t(1));
+        let up = balancer(2);
+        let status = compute_status(&app, seen(&pods, &up), Some(&problem), t(1));
         let degraded = find_condition(Some(&status), DEGRADED).expect("degraded");
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "SecretNotFound"));
-        assert_eq!(find_condition(Some(&status), READY).map(|c| c.status.as_str()), Some("False"));
+        let ready = find_condition(Some(&status), READY).expect("ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Degraded"));
+        assert!(ready.message.contains("Secret store/ajp does not exist"), "{}", ready.message);
+    }
+
+    #[test]
+    fn ready_waits_for_an_available_balancer() {
+        let app = app(APP);
+        let pods = vec![pod("shop-0", true, false), pod("shop-1", true, false), pod("shop-2", true, false)];
+        let reason = |observed: Observed<'_>| {
+            let status = compute_status(&app, observed, None, t(1));
+            let ready = find_condition(Some(&status), READY).expect("ready").clone();
+            (ready.status, ready.reason, ready.message)
+        };
+        // No Deployment in the cache yet.
+        let (status, why, message) = reason(Observed { pods: &pods, stateful_set: None, balancer: None });
+        assert_eq!((status.as_str(), why.as_str()), ("False", "BalancerUnavailable"));
+        assert!(message.contains("shop-balancer does not exist yet"), "{message}");
+        // Created, nothing available (no kubelet, image pull, crash loop).
+        let down = balancer(0);
+        let (status, why, message) = reason(seen(&pods, &down));
+        assert_eq!((status.as_str(), why.as_str()), ("False", "BalancerUnavailable"));
+        assert!(message.contains("3 of 3 session nodes are ready") && message.contains("0 of 2 available"), "{message}");
+        // One available replica serves.
+        let one = balancer(1);
+        let (status, why, _) = reason(seen(&pods, &one));
+        assert_eq!((status.as_str(), why.as_str()), ("True", "NodesReady"));
+        // Nodes not ready say so first, whatever the balancer does.
+        let (status, why, _) = reason(seen(&pods[..2], &down));
+        assert_eq!((status.as_str(), why.as_str()), ("False", "NodesNotReady"));
     }
 }
