@@ -2,12 +2,12 @@
 //!
 //! A connection goes back to the pool only after `END_RESPONSE` with
 //! reuse = 1. Before reuse it is checked: a peer that closed it (Tomcat
-//! restarted, node killed) is noticed without a round trip by a
-//! non-blocking read (only as fresh as the reactor's last turn); one idle
-//! for `cping_after_idle` or longer (default 0: every reuse, httpd's
-//! `ping=`) is also asked for a CPong, and so is every new connection, so a
-//! request is never written into a dead connection that could then not be
-//! retried: a SIGKILLed JVM closes its sockets only after it has unmapped
+//! restarted, node killed) fails the CPing at once; one idle for
+//! `cping_after_idle` or longer (default 0: every reuse, httpd's `ping=`)
+//! is asked for a CPong, and so is every new connection; one reused sooner
+//! is checked by a non-blocking read (only as fresh as the reactor's last
+//! turn). So a request is never written into a dead connection that could
+//! then not be retried: a SIGKILLed JVM closes its sockets only after it has unmapped
 //! its heap, and until then writes into them succeed.
 
 use std::io;
@@ -206,15 +206,20 @@ impl Pool {
                 .map_err(|_| AcquireError::SlotTimeout(settings.slot_wait))?,
         };
         while let Some(mut conn) = self.pop_idle() {
-            if conn.closed_while_idle() {
-                tracing::debug!(%address, "dropping pooled connection the member closed");
+            if !conn.read_buf.is_empty() {
+                tracing::debug!(%address, "dropping pooled connection with unsolicited bytes");
                 continue;
             }
             if conn.idle_since.elapsed() >= settings.cping_after_idle {
+                // The CPing also finds a connection the member closed (EOF
+                // or reset at once), so no separate probe is spent on it.
                 if let Err(e) = conn.cping(settings.cping_timeout).await {
                     tracing::debug!(%address, error = %e, "dropping pooled connection that failed CPing");
                     continue;
                 }
+            } else if conn.closed_while_idle() {
+                tracing::debug!(%address, "dropping pooled connection the member closed");
+                continue;
             }
             return Ok(Lease { conn, reused: true, _slot: slot });
         }
