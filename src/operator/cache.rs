@@ -194,6 +194,8 @@ pub struct Caches {
     /// by the resourceVersion it was read at: a Secret is read again only
     /// when it changed.
     pub secret_ref_checks: Mutex<HashMap<(String, String), SecretRefCheck>>,
+    /// True once [`Caches::fill`] saw every store filled.
+    pub filled: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,11 +206,16 @@ pub struct SecretRefCheck {
 }
 
 impl Caches {
-    /// Every store has been filled by its first list. A store still empty
-    /// after [`FILL_WARNING`] is named in a warning (a watch that cannot
-    /// list, e.g. for want of RBAC, would otherwise stall every reconcile
-    /// in silence).
-    pub async fn wait_until_ready(&self) {
+    /// Waits until every store has been filled by its first list, then
+    /// tells every [`Caches::wait_until_filled`] caller. Run by exactly one
+    /// task: kube's `Store::wait_until_ready` wakes only the last task that
+    /// polled it (its readiness is a oneshot channel, which keeps one
+    /// waker), so two tasks waiting on one store lose a wakeup — which left
+    /// the first reconciles after a start waiting forever, next to the
+    /// readiness task. A store still empty after [`FILL_WARNING`] is named
+    /// in a warning (a watch that cannot list, e.g. for want of RBAC, would
+    /// otherwise stall every reconcile in silence).
+    pub async fn fill(&self) {
         let _ = futures::join!(
             filled("Secrets (ours)", self.secrets.wait_until_ready()),
             filled("Secrets (referenced)", self.other_secrets.wait_until_ready()),
@@ -223,6 +230,15 @@ impl Caches {
             filled("NetworkPolicies", self.network_policies.wait_until_ready()),
             filled("Pods", self.pods.wait_until_ready()),
         );
+        self.filled.send_replace(true);
+    }
+
+    /// Waits until [`Caches::fill`] has seen every store filled; any number
+    /// of tasks may wait at once.
+    pub async fn wait_until_filled(&self) {
+        let mut filled = self.filled.subscribe();
+        // Err only when the sender is gone, and it lives in self.
+        let _ = filled.wait_for(|filled| *filled).await;
     }
 
     pub fn secret_ref_check(&self, namespace: &str, name: &str) -> Option<SecretRefCheck> {
@@ -383,6 +399,70 @@ mod tests {
         assert_eq!(a, desired_hash(&meta("h1", "1", None)).expect("hash"));
         assert_ne!(a, desired_hash(&meta("h2", "1", None)).expect("hash"));
         assert_eq!(a.len(), 64);
+    }
+
+    /// Caches whose stores are filled by calling the returned closures (one
+    /// per store, as their watches' first lists would).
+    fn unfilled_caches() -> (Caches, Vec<Box<dyn FnMut() + Send>>) {
+        use kube::runtime::{reflector, watcher};
+        let mut fillers: Vec<Box<dyn FnMut() + Send>> = Vec::new();
+        macro_rules! store {
+            ($kind:ty) => {{
+                let (store, mut writer) = reflector::store::<$kind>();
+                fillers.push(Box::new(move || writer.apply_watcher_event(&watcher::Event::InitDone)));
+                store
+            }};
+        }
+        let caches = Caches {
+            secrets: store!(Secret),
+            other_secrets: store!(PartialObjectMeta<Secret>),
+            config_maps: store!(PartialObjectMeta<ConfigMap>),
+            services: store!(PartialObjectMeta<Service>),
+            service_accounts: store!(PartialObjectMeta<ServiceAccount>),
+            roles: store!(Role),
+            role_bindings: store!(RoleBinding),
+            stateful_sets: store!(StatefulSet),
+            deployments: store!(Deployment),
+            pod_disruption_budgets: store!(PartialObjectMeta<PodDisruptionBudget>),
+            network_policies: store!(PartialObjectMeta<NetworkPolicy>),
+            pods: store!(Pod),
+            written: Default::default(),
+            secret_ref_checks: Default::default(),
+            filled: tokio::sync::watch::Sender::new(false),
+        };
+        (caches, fillers)
+    }
+
+    /// Every reconcile that started before the caches were filled goes on
+    /// once they are: many tasks wait at once (kube's own store readiness
+    /// would wake only the last of them).
+    #[tokio::test]
+    async fn every_waiter_goes_on_once_the_caches_are_filled() {
+        let (caches, mut fillers) = unfilled_caches();
+        let caches = Arc::new(caches);
+        let filler = tokio::spawn({
+            let caches = caches.clone();
+            async move { caches.fill().await }
+        });
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let caches = caches.clone();
+                tokio::spawn(async move { caches.wait_until_filled().await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(waiters.iter().all(|w| !w.is_finished()), "a waiter went on before the caches were filled");
+        for fill in &mut fillers {
+            fill();
+        }
+        for waiter in waiters.into_iter().chain([filler]) {
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter was never woken")
+                .expect("task");
+        }
+        // Later callers go on at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), caches.wait_until_filled()).await.expect("filled");
     }
 
     #[test]

@@ -129,33 +129,107 @@ impl LeaseLock {
         }
     }
 
-    /// Waits until this candidate holds the Lease.
+    /// Waits until this candidate holds the Lease. A step that takes
+    /// longer than the renew deadline is given up and retried (an API
+    /// request can hang until the server's own 60 s timeout).
     pub async fn acquire(&mut self) {
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, lease = %self.name, "leader election step failed"),
+            match tokio::time::timeout(self.timing.renew_deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => return,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, lease = %self.name, "leader election step failed"),
+                Err(_) => tracing::warn!(lease = %self.name, "leader election step timed out"),
             }
             tokio::time::sleep(self.timing.retry_period).await;
         }
     }
 
-    /// Renews while leading; returns when leadership is lost.
+    /// Renews while leading; returns when leadership is lost: another
+    /// holder, or no successful renewal within the renew deadline. Each
+    /// renewal is bounded by what is left of that deadline: a renewal that
+    /// hangs must not keep us writing after a standby may have taken over.
     pub async fn keep(&mut self) -> LeaderError {
         let mut last_renewal = Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => return LeaderError::Lost(self.name.clone()),
-                Err(e) => {
+            let budget = self.timing.renew_deadline.saturating_sub(last_renewal.elapsed());
+            match tokio::time::timeout(budget, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewal = Instant::now(),
+                Ok(Ok(false)) => return LeaderError::Lost(self.name.clone()),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, lease = %self.name, "renewing the leader Lease failed");
                     if last_renewal.elapsed() > self.timing.renew_deadline {
                         return LeaderError::Lost(self.name.clone());
                     }
                 }
+                Err(_) => {
+                    tracing::warn!(lease = %self.name, "renewing the leader Lease timed out at the renew deadline");
+                    return LeaderError::Lost(self.name.clone());
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API server that accepts connections and never answers (what a
+    /// request stuck in a loaded kube-apiserver looks like to us).
+    /// Returns a client of it and the number of connections it accepted.
+    async fn silent_api_server() -> (kube::Client, std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                let mut held = Vec::new();
+                while let Ok((stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    held.push(stream);
+                }
+            }
+        });
+        let url: http::Uri = format!("http://{address}").parse().expect("url");
+        let client = kube::Client::try_from(kube::Config::new(url)).expect("client");
+        (client, accepted, server)
+    }
+
+    #[tokio::test]
+    async fn a_hung_renewal_loses_leadership_at_the_renew_deadline() {
+        let (client, _, server) = silent_api_server().await;
+        let timing = LeaseTiming {
+            lease_duration: Duration::from_secs(4),
+            retry_period: Duration::from_millis(100),
+            renew_deadline: Duration::from_millis(800),
+        };
+        let mut lock = LeaseLock::new(Api::namespaced(client, "default"), "lease", "me", timing);
+        let started = Instant::now();
+        let lost = tokio::time::timeout(Duration::from_secs(5), lock.keep()).await;
+        assert!(matches!(lost, Ok(LeaderError::Lost(_))), "still leading after 5 s of hung renewals");
+        // Given up at the deadline, well before a standby may take over.
+        assert!(started.elapsed() < timing.lease_duration, "lost after {:?}", started.elapsed());
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_hung_election_step_is_retried() {
+        let (client, accepted, server) = silent_api_server().await;
+        let timing = LeaseTiming {
+            lease_duration: Duration::from_secs(4),
+            retry_period: Duration::from_millis(100),
+            renew_deadline: Duration::from_millis(300),
+        };
+        let mut lock = LeaseLock::new(Api::namespaced(client, "default"), "lease", "me", timing);
+        // Never acquired (nobody answers), but each step gives up after the
+        // renew deadline and the next one asks again (on a new connection:
+        // the abandoned one is closed).
+        let acquired = tokio::time::timeout(Duration::from_millis(1500), lock.acquire()).await;
+        assert!(acquired.is_err(), "acquired a Lease nobody answered for");
+        let steps = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(steps >= 3, "{steps} election steps in 1.5 s: one request hung instead of being retried");
+        server.abort();
     }
 }

@@ -321,6 +321,7 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
         pods,
         written,
         secret_ref_checks: Default::default(),
+        filled: tokio::sync::watch::Sender::new(false),
     });
 
     let reporter = Reporter { controller: "clusterapp-operator".to_string(), instance: Some(config.identity.clone()) };
@@ -337,7 +338,7 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
     let readiness = {
         let (caches, state) = (caches.clone(), state.clone());
         async move {
-            caches.wait_until_ready().await;
+            caches.fill().await;
             state.ready.store(true, Ordering::Relaxed);
         }
     };

@@ -74,7 +74,7 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
     }
     // Reads come from the caches: wait until they are filled (at start).
     tracing::debug!(app = %names.app, namespace = %namespace, "reconciling");
-    ctx.caches.wait_until_ready().await;
+    ctx.caches.wait_until_filled().await;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
     // read
