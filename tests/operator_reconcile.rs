@@ -128,7 +128,8 @@ async fn make_balancer_pods_ready(ns: &TestNamespace, app: &str, count: usize) {
     }
 }
 
-/// Warning events about app `name`: (reason, note).
+/// Warning events about ClusterApp `name` (not its StatefulSet, which has
+/// the same name): (reason, note).
 async fn warnings_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
     let events: Api<Event> = ns.api();
     events
@@ -137,7 +138,12 @@ async fn warnings_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
         .map(|l| l.items)
         .unwrap_or_default()
         .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.type_.as_deref() == Some("Warning"))
+        .filter(|e| {
+            let regarding = e.regarding.as_ref();
+            regarding.and_then(|r| r.name.as_deref()) == Some(name)
+                && regarding.and_then(|r| r.kind.as_deref()) == Some("ClusterApp")
+                && e.type_.as_deref() == Some("Warning")
+        })
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
