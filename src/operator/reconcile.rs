@@ -1,5 +1,7 @@
 //! One reconcile of one ClusterApp: read -> validate -> build -> apply ->
-//! status. Only `read`, `apply` and `write_status` talk to the API server.
+//! (membership check) -> status. Only the reads, the applies, the
+//! membership check, the events and `write_status` talk to the API server;
+//! a converged app sends nothing.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -443,7 +445,6 @@ async fn apply_children(ctx: &Context, namespace: &str, children: &Children, for
     use ChangeTracking::{Generation, ResourceVersion};
     let shared = Arc::new(ApplyContext { client: ctx.client.clone(), state: ctx.state.clone(), caches: ctx.caches.clone() });
     let (c, caches) = (children, &ctx.caches);
-    let node_rbac = force_node_rbac;
     // Stage one: independent objects, applied concurrently (the pods wait
     // for their Secret/ConfigMap/ServiceAccount anyway). Stage two: the
     // RoleBindings after their Roles, because the API server checks that we
@@ -457,7 +458,7 @@ async fn apply_children(ctx: &Context, namespace: &str, children: &Children, for
             (&c.peers_service, &caches.services, ResourceVersion, false),
             (&c.nodes_service, &caches.services, ResourceVersion, false),
             (&c.node_service_account, &caches.service_accounts, ResourceVersion, false),
-            (&c.node_role, &caches.roles, ResourceVersion, node_rbac),
+            (&c.node_role, &caches.roles, ResourceVersion, force_node_rbac),
             (&c.balancer_service_account, &caches.service_accounts, ResourceVersion, false),
             (&c.balancer_role, &caches.roles, ResourceVersion, false),
             (&c.balancer_deployment, &caches.deployments, Generation, false),
@@ -466,7 +467,7 @@ async fn apply_children(ctx: &Context, namespace: &str, children: &Children, for
             (&c.network_policy, &caches.network_policies, Generation, false),
         ],
         vec![
-            (&c.node_role_binding, &caches.role_bindings, ResourceVersion, node_rbac),
+            (&c.node_role_binding, &caches.role_bindings, ResourceVersion, force_node_rbac),
             (&c.balancer_role_binding, &caches.role_bindings, ResourceVersion, false),
         ],
     ];
