@@ -195,3 +195,40 @@ fn a_port_taken_under_us_is_retried_with_other_ports() {
     assert!(recorded_pids(&state).iter().all(|(_, p)| !alive(*p)));
     drop(holder);
 }
+
+/// A test binary that ends and the next run of the same binary (same state
+/// folder) right after: the first owner's watchdog must not stop the
+/// control plane the second run is using.
+#[test]
+fn a_finished_owners_watchdog_leaves_the_next_runs_control_plane_alone() {
+    let state = temp_dir("handover");
+    let _down = Down(state.clone());
+    let mut first_owner = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let first = cluster_sh(&state, &["up", "--owner-pid", &first_owner.id().to_string()]);
+    assert!(first.status.success(), "first up failed: {}", text(&first.stderr));
+
+    // The first owner exits; the next run comes up at once with its own owner.
+    let _ = first_owner.kill();
+    let _ = first_owner.wait();
+    let mut second_owner = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let second = cluster_sh(&state, &["up", "--owner-pid", &second_owner.id().to_string()]);
+    assert!(second.status.success(), "second up failed: {}", text(&second.stderr));
+    let pids = recorded_pids(&state);
+    assert_eq!(pids.len(), 4);
+
+    // Well past the watchdog's poll interval: still the same, running processes.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(recorded_pids(&state), pids, "the control plane was restarted or stopped");
+    assert!(pids.iter().all(|(_, p)| alive(*p)), "a control-plane process was stopped by the old watchdog");
+    let status = cluster_sh(&state, &["status"]);
+    assert!(status.status.success(), "not running: {}", text(&status.stderr));
+
+    // The second owner's watchdog still works: it stops everything when its owner exits.
+    let _ = second_owner.kill();
+    let _ = second_owner.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while pids.iter().any(|(_, p)| alive(*p)) {
+        assert!(std::time::Instant::now() < deadline, "the second owner's watchdog did not stop the control plane");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

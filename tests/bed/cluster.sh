@@ -36,6 +36,13 @@ SERVICE_IP="10.96.0.1"         # the "kubernetes" Service; the process kubelet f
 NODE_NAME="${CLUSTERAPP_NODE_NAME:-clusterapp-node}"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
+# One `up` or `down` at a time per state folder: a watchdog's `down` for an
+# owner that just exited must not interleave with the next run's `up`.
+# Started processes do not inherit the lock (9>&-).
+lock_state() {
+  exec 9>"$STATE/.lock"
+  flock 9
+}
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
 
 for tool in openssl curl; do
@@ -116,7 +123,7 @@ free_port() {
 
 start() {
   local name="$1"; shift
-  "$@" >"$LOGS/$name.log" 2>&1 &
+  "$@" 9>&- >"$LOGS/$name.log" 2>&1 &
   local pid=$!
   echo "$name $pid" >> "$PIDS"
 }
@@ -299,6 +306,20 @@ up() {
     esac
   done
 
+  lock_state
+  # A watchdog whose owner is gone would stop whatever runs here next: it
+  # is retired (its pending `down` sees its file gone and does nothing).
+  local f
+  for f in "$STATE"/watchdog.*.pid; do
+    [[ -e $f ]] || continue
+    local old_owner=${f##*/watchdog.}; old_owner=${old_owner%.pid}
+    kill -0 "$old_owner" 2>/dev/null && continue
+    local wpid; wpid="$(cat "$f")"
+    if [[ -r /proc/$wpid/cmdline ]] && tr '\0' ' ' < "/proc/$wpid/cmdline" | grep -qF "cluster.sh"; then
+      kill -TERM "$wpid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+  done
   if all_running && apiserver_ready; then
     log "reusing the running control plane in $STATE"
   else
@@ -319,14 +340,21 @@ up() {
     setsid bash -c '
       owner=$1; script=$2; state=$3
       while kill -0 "$owner" 2>/dev/null; do sleep 1; done
-      WATCHDOG_SELF=$$ CLUSTERAPP_STATE="$state" bash "$script" down >/dev/null 2>&1
-    ' cluster.sh-watchdog "$owner" "$here/cluster.sh" "$STATE" </dev/null >/dev/null 2>&1 &
+      WATCHDOG_SELF=$$ CLUSTERAPP_STATE="$state" bash "$script" down --owner "$owner" >/dev/null 2>&1
+    ' cluster.sh-watchdog "$owner" "$here/cluster.sh" "$STATE" </dev/null >/dev/null 2>&1 9>&- &
     echo $! > "$STATE/watchdog.$owner.pid"
   fi
   echo "KUBECONFIG=$ADMIN_KUBECONFIG"
 }
 
 down() {
+  local owner=""
+  [[ ${1:-} != --owner ]] || owner="${2:-}"
+  lock_state
+  if [[ -n $owner && ! -e "$STATE/watchdog.$owner.pid" ]]; then
+    log "the control plane in $STATE was taken over by a later run; leaving it"
+    return 0
+  fi
   watchdogs_stop
   if [[ -f $PIDS ]]; then
     stop_all
@@ -349,7 +377,7 @@ status() {
 
 case "${1:-}" in
   up) shift; up "$@" ;;
-  down) down ;;
+  down) shift; down "$@" ;;
   status) status ;;
   *) echo "usage: $0 up [--owner-pid PID] | down | status" >&2; exit 2 ;;
 esac
