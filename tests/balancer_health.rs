@@ -128,16 +128,7 @@ async fn readyz_is_503_during_shutdown_while_in_flight_requests_finish() {
         let mut conn: Conn = Conn::open(listen).await;
         let resp = conn.send(request("/counter/download?bytes=40000000")).await.expect("download head");
         let _ = head_tx.send(resp.status().as_u16());
-        let mut body = resp.into_body();
-        let mut n = 0usize;
-        let started = Instant::now();
-        while let Some(frame) = body.frame().await {
-            n += frame.expect("frame").into_data().map(|d| d.len()).unwrap_or(0);
-            let due = Duration::from_secs_f64(n as f64 / 4e6);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
+        let n = balancer_common::http::read_paced(resp, 4e6).await;
         (n, Instant::now())
     });
     assert_eq!(head_rx.await.expect("head"), 200);

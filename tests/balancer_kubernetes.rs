@@ -217,17 +217,8 @@ async fn terminating_member_keeps_sticky_sessions_for_the_drain_timeout_then_fai
         let resp = conn.send(req).await.expect("download head");
         assert_eq!(resp.status(), 200);
         let route = resp.headers().get("x-route").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let mut body = resp.into_body();
-        let mut n = 0usize;
-        let started = Instant::now();
-        while let Some(frame) = body.frame().await {
-            n += frame.expect("frame").into_data().map(|d| d.len()).unwrap_or(0);
-            // 4 MB/s: the 16 MB take about 4 s, past the drain timeout.
-            let due = Duration::from_secs_f64(n as f64 / 4e6);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
+        // 4 MB/s: the 16 MB take about 4 s, past the drain timeout.
+        let n = balancer_common::http::read_paced(resp, 4e6).await;
         (route, n, Instant::now())
     });
 

@@ -128,9 +128,9 @@ async fn make_balancer_pods_ready(ns: &TestNamespace, app: &str, count: usize) {
     }
 }
 
-/// Warning events about ClusterApp `name` (not its StatefulSet, which has
-/// the same name): (reason, note).
-async fn warnings_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
+/// Events about ClusterApp `name` (not its StatefulSet, which has the same
+/// name): (reason, note); only the Warning ones when `warnings` is set.
+async fn app_events(ns: &TestNamespace, name: &str, warnings: bool) -> Vec<(String, String)> {
     let events: Api<Event> = ns.api();
     events
         .list(&ListParams::default())
@@ -142,23 +142,18 @@ async fn warnings_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
             let regarding = e.regarding.as_ref();
             regarding.and_then(|r| r.name.as_deref()) == Some(name)
                 && regarding.and_then(|r| r.kind.as_deref()) == Some("ClusterApp")
-                && e.type_.as_deref() == Some("Warning")
+                && (!warnings || e.type_.as_deref() == Some("Warning"))
         })
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
 
+async fn warnings_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
+    app_events(ns, name, true).await
+}
+
 async fn events_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
-    let events: Api<Event> = ns.api();
-    events
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
+    app_events(ns, name, false).await
 }
 
 #[tokio::test]

@@ -110,3 +110,20 @@ pub async fn get(addr: SocketAddr, path: &str, session: Option<&str>) -> Reply {
     let resp = conn.send(req.body(Full::new(Bytes::new())).expect("request")).await.expect("send");
     read_reply(resp).await
 }
+
+/// Reads a response body at about `bytes_per_second` (a slow client, so a
+/// transfer spans what a test changes meanwhile); returns the bytes read.
+/// Panics when the body breaks off.
+pub async fn read_paced(resp: hyper::Response<Incoming>, bytes_per_second: f64) -> usize {
+    let mut body = resp.into_body();
+    let mut n = 0usize;
+    let started = std::time::Instant::now();
+    while let Some(frame) = body.frame().await {
+        n += frame.expect("frame").into_data().map(|d| d.len()).unwrap_or(0);
+        let due = Duration::from_secs_f64(n as f64 / bytes_per_second);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    n
+}
