@@ -180,7 +180,10 @@ pub fn decode_send_headers(payload: &[u8], headers: &mut HeaderMap) -> Result<St
     // The reason phrase: validated as a string, not used (hyper writes the canonical one).
     c.string("status message")?;
     let count = c.u16("header count")?;
-    headers.reserve(count as usize);
+    // The count is the member's word: reserve only what the bytes present
+    // can hold (a header takes at least 4), never up to 65535 entries —
+    // HeaderMap panics past its maximum size. Found by cargo fuzz.
+    headers.reserve((count as usize).min(c.remaining() / 4));
     for _ in 0..count {
         let probe = c.peek_u16("header name")?;
         let name = if probe & 0xFF00 == 0xA000 {
@@ -281,6 +284,10 @@ mod tests {
         let n = p.len();
         p[n - 1] = 3;
         assert_eq!(decode_send_headers(&p, &mut h), Err(DecodeError::Truncated("header name")));
+        // A huge header count with nothing behind it: an error, not a panic
+        // (the fuzzer's input: count 65530, then one byte).
+        let p = [4u8, 0, 254, 255, 255, 255, 250, 4];
+        assert_eq!(decode_send_headers(&p, &mut HeaderMap::new()), Err(DecodeError::Truncated("header name")));
         // Trailing garbage.
         let mut p = send_headers(200, &[]);
         p.push(7);
