@@ -5,12 +5,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CLUSTERAPP_CACHE ?= $(HOME)/.cache/clusterapp
 
-.PHONY: help deps tools build cluster cluster-down test demo bench deploy
+.PHONY: help deps tools build cluster cluster-down test demo bench deploy fuzz
 
 help:
 	@echo "make demo          run the operator on a local cluster with a sample ClusterApp"
 	@echo "make test          install what is missing, then run every test"
 	@echo "make bench         benchmarks (balancer vs Apache httpd, operator at scale)"
+	@echo "make fuzz          the balancer's cargo-fuzz targets, FUZZ_SECONDS (60) each"
 	@echo "make cluster       start the local control plane (last line: KUBECONFIG=...)"
 	@echo "make cluster-down  stop it"
 
@@ -47,3 +48,9 @@ demo: tools
 bench: tools
 	$(CARGO) bench --bench balancer
 	bash tests/bench/operator/run.sh 1 100 300
+
+# cargo-fuzz targets for the balancer's parsers (AJP decoder, route parser,
+# request-framing scanner); installs nightly and cargo-fuzz when missing.
+FUZZ_SECONDS ?= 60
+fuzz:
+	bash tests/bed/fuzz.sh $(FUZZ_SECONDS)

@@ -121,9 +121,14 @@ free_port() {
   die "no free TCP port found on 127.0.0.1"
 }
 
+# Each in a session of its own: a Ctrl-C in the terminal (e.g. `make demo`)
+# reaches the script that started the control plane, which then stops things
+# in order — not etcd and the API server first, under their users' feet.
+# (No job control here, so the child is no group leader and setsid keeps
+# its PID.)
 start() {
   local name="$1"; shift
-  "$@" 9>&- >"$LOGS/$name.log" 2>&1 &
+  setsid "$@" 9>&- >"$LOGS/$name.log" 2>&1 &
   local pid=$!
   echo "$name $pid" >> "$PIDS"
 }

@@ -39,7 +39,9 @@ export KUBECONFIG="${line#KUBECONFIG=}"
 step "starting the process kubelet (Pods run as local processes, one network namespace each)"
 mkdir -p "$CLUSTERAPP_STATE/kubelet-demo"
 rm -f "$CLUSTERAPP_STATE/kubelet-demo/kubelet/ready"
-"$repo/target/debug/clusterapp-kubelet" run \
+# In its own session, like the control plane: Ctrl-C reaches this script,
+# whose cleanup stops the kubelet (and its Pods) while the API server runs.
+setsid "$repo/target/debug/clusterapp-kubelet" run \
   --kubeconfig "$CLUSTERAPP_STATE/node.kubeconfig" --admin-kubeconfig "$KUBECONFIG" \
   --state-dir "$CLUSTERAPP_STATE/kubelet-demo" --images "$repo/tests/kubelet/images.yaml" \
   --clusterapp-bin "$repo/target/debug/clusterapp" --owner-pid $$ \
