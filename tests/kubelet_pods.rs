@@ -293,8 +293,18 @@ async fn liveness_failure_restarts_the_container() {
     let cs = &pod.status.expect("status").container_statuses.expect("statuses")[0];
     let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("lastState.terminated after a restart");
     assert_eq!(last.exit_code, 143, "killed by SIGTERM after the liveness failure: {last:?}");
-    let starts = std::fs::read_to_string(kubelet().pod_dir(&ns.name, "flaky").join("volumes/data/starts")).expect("starts file");
-    assert!(starts.lines().count() >= 3, "the emptyDir keeps data across restarts and shows each start:\n{starts}");
+    // restartCount is 2 as soon as the third run starts; its shell writes
+    // its line a moment later.
+    let starts_file = kubelet().pod_dir(&ns.name, "flaky").join("volumes/data/starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let starts = std::fs::read_to_string(&starts_file).expect("starts file");
+        if starts.lines().count() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the emptyDir keeps data across restarts and shows each start:\n{starts}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
