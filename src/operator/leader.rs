@@ -197,14 +197,15 @@ mod tests {
         (client, accepted, server)
     }
 
+    /// A 4 s lease retried every 100 ms, with the given renew deadline.
+    fn fast_timing(renew_deadline: Duration) -> LeaseTiming {
+        LeaseTiming { lease_duration: Duration::from_secs(4), retry_period: Duration::from_millis(100), renew_deadline }
+    }
+
     #[tokio::test]
     async fn a_hung_renewal_loses_leadership_at_the_renew_deadline() {
         let (client, _, server) = silent_api_server().await;
-        let timing = LeaseTiming {
-            lease_duration: Duration::from_secs(4),
-            retry_period: Duration::from_millis(100),
-            renew_deadline: Duration::from_millis(800),
-        };
+        let timing = fast_timing(Duration::from_millis(800));
         let mut lock = LeaseLock::new(Api::namespaced(client, "default"), "lease", "me", timing);
         let started = Instant::now();
         let lost = tokio::time::timeout(Duration::from_secs(5), lock.keep()).await;
@@ -217,11 +218,7 @@ mod tests {
     #[tokio::test]
     async fn a_hung_election_step_is_retried() {
         let (client, accepted, server) = silent_api_server().await;
-        let timing = LeaseTiming {
-            lease_duration: Duration::from_secs(4),
-            retry_period: Duration::from_millis(100),
-            renew_deadline: Duration::from_millis(300),
-        };
+        let timing = fast_timing(Duration::from_millis(300));
         let mut lock = LeaseLock::new(Api::namespaced(client, "default"), "lease", "me", timing);
         // Never acquired (nobody answers), but each step gives up after the
         // renew deadline and the next one asks again (on a new connection:
