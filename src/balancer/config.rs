@@ -44,6 +44,26 @@ pub struct BalancerArgs {
     #[arg(long, default_value = "ajp")]
     pub kubernetes_port_name: String,
 
+    /// Address of an HTTPS front (TLS terminated here; Tomcat sees the
+    /// request as secure, with the cipher, protocol and client certificate).
+    /// Serves alongside `--listen`.
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert_file", "tls_key_file"], env = "BALANCER_TLS_LISTEN")]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the HTTPS front (e.g. a mounted `kubernetes.io/tls`
+    /// Secret's `tls.crt`); reloaded when it changes.
+    #[arg(long, value_name = "FILE", requires = "tls_listen", env = "BALANCER_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `--tls-cert-file` (PKCS#8, PKCS#1 or SEC1); reloaded when it changes.
+    #[arg(long, value_name = "FILE", requires = "tls_listen", env = "BALANCER_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: clients are asked for a certificate, and one they
+    /// send must chain to these; it reaches Tomcat as the request's X509Certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_listen")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate from `--tls-client-ca-file`.
+    #[arg(long, requires = "tls_client_ca_file")]
+    pub tls_require_client_cert: bool,
+
     /// File holding the AJP connector's `secret` (required: the secret is always on).
     #[arg(long, value_name = "FILE", env = "BALANCER_AJP_SECRET_FILE")]
     pub ajp_secret_file: PathBuf,

@@ -5,21 +5,27 @@
 //! timeout that defeats slowloris. On shutdown the listener closes first,
 //! then in-flight requests get `shutdown_grace` to finish.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use super::framing::{HeadScanner, ScanningStream};
 use super::proxy::{self, Balancer, ClientConn};
+use super::tls::{self, TlsFacts};
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Clone)]
 pub struct FrontSettings {
+    /// Client connections served at once, shared by the HTTP and HTTPS listeners.
+    pub connection_slots: Arc<Semaphore>,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -33,9 +39,15 @@ const SCANNER_HEAD_SLACK: usize = 1024;
 /// hyper's own default header count; setting it moves the header array to the heap.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
-pub async fn serve_front(bal: Arc<Balancer>, listener: TcpListener, settings: FrontSettings, mut shutdown: watch::Receiver<bool>) {
+/// Serves one listener: plain HTTP, or HTTPS when `tls` is given.
+pub async fn serve_front(
+    bal: Arc<Balancer>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    settings: FrontSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
-    let connection_slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -45,6 +57,7 @@ pub async fn serve_front(bal: Arc<Balancer>, listener: TcpListener, settings: Fr
     if settings.max_headers != HYPER_DEFAULT_MAX_HEADERS {
         builder.max_headers(settings.max_headers);
     }
+    let builder = Arc::new(builder);
 
     loop {
         tokio::select! {
@@ -58,7 +71,7 @@ pub async fn serve_front(bal: Arc<Balancer>, listener: TcpListener, settings: Fr
                         continue;
                     }
                 };
-                let Ok(slot) = connection_slots.clone().try_acquire_owned() else {
+                let Ok(slot) = settings.connection_slots.clone().try_acquire_owned() else {
                     tracing::warn!(%remote, limit = settings.max_connections, "connection limit reached; closing new connection");
                     continue;
                 };
@@ -70,22 +83,48 @@ pub async fn serve_front(bal: Arc<Balancer>, listener: TcpListener, settings: Fr
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let client = Arc::new(ClientConn::new(remote, local, false));
-                let scanner = HeadScanner::new(settings.max_header_bytes + SCANNER_HEAD_SLACK, client.framing.clone());
-                let stream = ScanningStream::new(stream, scanner);
-                let service_bal = bal.clone();
-                let service = service_fn(move |req| proxy::handle(service_bal.clone(), client.clone(), req));
-                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                let gauge = bal.metrics.client_connections.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    gauge.inc();
-                    if let Err(e) = connection.await {
-                        // hyper has already answered malformed requests with 4xx.
-                        tracing::info!(%remote, error = %e, "client connection ended with an error");
+                let conn = Accepted {
+                    bal: bal.clone(),
+                    builder: builder.clone(),
+                    watcher: graceful.watcher(),
+                    remote,
+                    local,
+                    scanner_limit: settings.max_header_bytes + SCANNER_HEAD_SLACK,
+                };
+                match &tls {
+                    None => {
+                        let task = conn.serve(stream, None);
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            task.await;
+                        });
                     }
-                    gauge.dec();
-                });
+                    Some(acceptor) => {
+                        let handshake = acceptor.accept(stream);
+                        let deadline = settings.header_read_timeout;
+                        let failures = bal.metrics.tls_handshake_failures.clone();
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            // The head read timeout starts after the handshake; the
+                            // handshake gets the same time (a slow handshake is slowloris too).
+                            let stream = match tokio::time::timeout(deadline, handshake).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    failures.inc();
+                                    tracing::info!(%remote, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    failures.inc();
+                                    tracing::info!(%remote, timeout = ?deadline, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let facts = tls::facts(stream.get_ref().1);
+                            conn.serve(stream, Some(facts)).await;
+                        });
+                    }
+                }
             }
             _ = shutdown.changed() => break,
         }
@@ -95,5 +134,39 @@ pub async fn serve_front(bal: Arc<Balancer>, listener: TcpListener, settings: Fr
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all client connections closed"),
         _ = tokio::time::sleep(settings.shutdown_grace) => tracing::warn!("shutdown grace expired with connections open"),
+    }
+}
+
+/// An accepted connection on its way to being served.
+struct Accepted {
+    bal: Arc<Balancer>,
+    builder: Arc<http1::Builder>,
+    watcher: Watcher,
+    remote: SocketAddr,
+    local: SocketAddr,
+    scanner_limit: usize,
+}
+
+impl Accepted {
+    fn serve<S>(self, stream: S, tls: Option<TlsFacts>) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Accepted { bal, builder, watcher, remote, local, scanner_limit } = self;
+        let client = Arc::new(ClientConn::new(remote, local, tls));
+        let scanner = HeadScanner::new(scanner_limit, client.framing.clone());
+        let stream = ScanningStream::new(stream, scanner);
+        let service_bal = bal.clone();
+        let service = service_fn(move |req| proxy::handle(service_bal.clone(), client.clone(), req));
+        let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let gauge = bal.metrics.client_connections.clone();
+        async move {
+            gauge.inc();
+            if let Err(e) = connection.await {
+                // hyper has already answered malformed requests with 4xx.
+                tracing::info!(%remote, error = %e, "client connection ended with an error");
+            }
+            gauge.dec();
+        }
     }
 }

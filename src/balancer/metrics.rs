@@ -113,6 +113,7 @@ pub struct Metrics {
     pub failovers: Counter,
     pub client_connections: Gauge,
     pub membership_updates: Counter,
+    pub tls_handshake_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -133,6 +134,7 @@ impl Metrics {
         let failovers = Counter::default();
         let client_connections = Gauge::default();
         let membership_updates = Counter::default();
+        let tls_handshake_failures = Counter::default();
         registry.register("requests", "Requests proxied, by member and status class", requests.clone());
         registry.register("response_head_seconds", "Time from request to response head, by member", latency.clone());
         registry.register("backend_errors", "Failed exchanges with a member, by kind", backend_errors.clone());
@@ -142,7 +144,20 @@ impl Metrics {
         registry.register("failovers", "Sticky requests moved off their unusable member", failovers.clone());
         registry.register("client_connections", "Open client connections", client_connections.clone());
         registry.register("membership_updates", "Member sets applied", membership_updates.clone());
-        Metrics { registry, requests, latency, backend_errors, in_flight, member_state, rejected, failovers, client_connections, membership_updates }
+        registry.register("tls_handshake_failures", "TLS handshakes that failed or timed out", tls_handshake_failures.clone());
+        Metrics {
+            registry,
+            requests,
+            latency,
+            backend_errors,
+            in_flight,
+            member_state,
+            rejected,
+            failovers,
+            client_connections,
+            membership_updates,
+            tls_handshake_failures,
+        }
     }
 
     pub fn for_member(&self, route: &str) -> MemberMetrics {

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod routing;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,8 @@ pub enum BalancerError {
     Bind { what: &'static str, address: std::net::SocketAddr, source: std::io::Error },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -79,6 +82,16 @@ fn membership_source(args: &BalancerArgs) -> Result<MembershipSource, BalancerEr
     Ok(MembershipSource::Static(args.members.clone()))
 }
 
+fn tls_files(args: &BalancerArgs) -> Option<tls::TlsFiles> {
+    args.tls_listen?;
+    Some(tls::TlsFiles {
+        cert: args.tls_cert_file.clone()?,
+        key: args.tls_key_file.clone()?,
+        client_ca: args.tls_client_ca_file.clone(),
+        require_client_cert: args.tls_require_client_cert,
+    })
+}
+
 /// Builds the shared state from the command line.
 pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
     let secret = read_secret(&args.ajp_secret_file)?;
@@ -106,6 +119,16 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
     let source = membership_source(&args)?;
     let bal = build(&args)?;
     let front = TcpListener::bind(args.listen).await.map_err(|source| BalancerError::Bind { what: "--listen", address: args.listen, source })?;
+    let tls = match tls_files(&args) {
+        Some(files) => {
+            let tls = tls::build(&files)?;
+            let address = args.tls_listen.unwrap_or(args.listen);
+            let listener =
+                TcpListener::bind(address).await.map_err(|source| BalancerError::Bind { what: "--tls-listen", address, source })?;
+            Some((tls, files, listener))
+        }
+        None => None,
+    };
     let admin = TcpListener::bind(args.admin_listen)
         .await
         .map_err(|source| BalancerError::Bind { what: "--admin-listen", address: args.admin_listen, source })?;
@@ -132,6 +155,7 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
     tokio::spawn(admin::serve_admin(bal.clone(), admin));
 
     let front_settings = front::FrontSettings {
+        connection_slots: Arc::new(tokio::sync::Semaphore::new(args.max_connections)),
         max_connections: args.max_connections,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
@@ -139,7 +163,13 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         shutdown_grace: args.shutdown_grace,
     };
     tracing::info!(listen = %args.listen, admin = %args.admin_listen, method = ?args.method, failover = !args.no_failover, drain_timeout = ?args.drain_timeout, "balancer started");
-    let server = tokio::spawn(front::serve_front(bal.clone(), front, front_settings, shutdown_rx));
+    let mut servers = vec![];
+    if let Some((tls, files, listener)) = tls {
+        tracing::info!(tls_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), cert = %files.cert.display(), client_ca = ?files.client_ca, "HTTPS front started");
+        tokio::spawn(tls::watch_files(tls.store.clone(), files, shutdown_rx.clone()));
+        servers.push(tokio::spawn(front::serve_front(bal.clone(), listener, Some(tls.acceptor), front_settings.clone(), shutdown_rx.clone())));
+    }
+    servers.push(tokio::spawn(front::serve_front(bal.clone(), front, None, front_settings, shutdown_rx)));
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(BalancerError::Signals)?;
@@ -150,7 +180,9 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
     }
     bal.begin_shutdown();
     let _ = shutdown_tx.send(true);
-    let _ = server.await;
+    for server in servers {
+        let _ = server.await;
+    }
     tracing::info!("balancer stopped");
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,12 +28,13 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest, from_container};
+use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest, SslAttributes, from_container};
 use super::framing::FramingVerdicts;
 use super::member::{Member, MemberTable};
 use super::metrics::{BackendErrorKind, Metrics, RejectReason};
 use super::pool::{AcquireError, ConnError, Lease, PoolSettings};
 use super::routing::{Choice, NoMember, Router, member_key, route_of_request};
+use super::tls::TlsFacts;
 
 /// The connector secret. Its `Debug` never shows the value.
 pub struct AjpSecret(String);
@@ -73,6 +74,36 @@ pub struct Balancer {
     pub metrics: Metrics,
     secret: AjpSecret,
     shutting_down: AtomicBool,
+    /// Failovers come one per moved session; the log gets at most one line a second.
+    failover_log: LogLimiter,
+}
+
+/// Lets a repetitive log line through at most once per interval and counts
+/// the ones it held back.
+#[derive(Debug)]
+pub struct LogLimiter {
+    epoch: Instant,
+    interval_ms: u64,
+    /// Milliseconds after `epoch` from which the next line may pass.
+    next_ms: AtomicU64,
+    held_back: AtomicU64,
+}
+
+impl LogLimiter {
+    pub fn new(interval: Duration) -> Self {
+        LogLimiter { epoch: Instant::now(), interval_ms: interval.as_millis() as u64, next_ms: AtomicU64::new(0), held_back: AtomicU64::new(0) }
+    }
+
+    /// `Some(lines held back since the last one)` when this line may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            return Some(self.held_back.swap(0, Ordering::Relaxed));
+        }
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 impl Balancer {
@@ -85,6 +116,7 @@ impl Balancer {
             metrics: Metrics::new(),
             secret,
             shutting_down: AtomicBool::new(false),
+            failover_log: LogLimiter::new(Duration::from_secs(1)),
         }
     }
 
@@ -114,12 +146,22 @@ pub struct ClientConn {
     pub local: SocketAddr,
     remote_ip: String,
     local_ip: String,
-    pub is_tls: bool,
+    /// What the TLS handshake negotiated, when TLS was terminated here.
+    pub tls: Option<TlsFacts>,
 }
 
 impl ClientConn {
-    pub fn new(remote: SocketAddr, local: SocketAddr, is_tls: bool) -> Self {
-        ClientConn { framing: Arc::default(), remote, local, remote_ip: remote.ip().to_string(), local_ip: local.ip().to_string(), is_tls }
+    pub fn new(remote: SocketAddr, local: SocketAddr, tls: Option<TlsFacts>) -> Self {
+        ClientConn { framing: Arc::default(), remote, local, remote_ip: remote.ip().to_string(), local_ip: local.ip().to_string(), tls }
+    }
+
+    fn ssl_attributes(&self) -> Option<SslAttributes<'_>> {
+        self.tls.as_ref().map(|t| SslAttributes {
+            cipher: t.cipher,
+            protocol: t.protocol,
+            key_size: t.key_size,
+            client_cert: t.client_cert_pem.as_deref(),
+        })
     }
 }
 
@@ -509,7 +551,9 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
         let (member, choice) = bal.router.choose(&snapshot, route, &tried).map_err(Rejection::NoMember)?;
         if choice == Choice::Failover && tried.is_empty() {
             bal.metrics.failovers.inc();
-            tracing::info!(from = route.unwrap_or(""), to = %member.route, "sticky member unusable, failing over");
+            if let Some(held_back) = bal.failover_log.allow() {
+                tracing::info!(from = route.unwrap_or(""), to = %member.route, more_since_last_line = held_back, "sticky member unusable, failing over");
+            }
         }
         let mut lease = match member.pool.acquire(member.address, &bal.pool_settings).await {
             Ok(lease) => lease,
@@ -531,11 +575,11 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
             local_name: &client.local_ip,
             local_addr: &client.local_ip,
             local_port: client.local.port(),
-            is_ssl: client.is_tls,
+            is_ssl: client.tls.is_some(),
             headers: &parts.headers,
             route: Some(&member.route),
             secret: bal.secret.expose(),
-            ssl: None,
+            ssl: client.ssl_attributes(),
         };
         lease.conn.write_buf.clear();
         if let Err(e) = ajp::encode_forward_request(&mut lease.conn.write_buf, &forward, settings.packet_size) {
@@ -792,6 +836,18 @@ mod tests {
     }
 
     #[test]
+    fn log_limiter_lets_one_line_a_period_through_and_counts_the_rest() {
+        let limiter = LogLimiter::new(Duration::from_millis(200));
+        assert_eq!(limiter.allow(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(limiter.allow(), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(limiter.allow(), Some(5), "the next line reports the five held back");
+        assert_eq!(limiter.allow(), None);
+    }
+
+    #[test]
     fn framing_rules() {
         assert_eq!(check_framing(&headers(&[])).ok(), Some(Some(0)));
         assert_eq!(check_framing(&headers(&[("content-length", "12")])).ok(), Some(Some(12)));
@@ -907,13 +963,14 @@ mod reuse_tests {
         let front_address = front.local_addr().expect("addr");
         let (_shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let front_settings = FrontSettings {
+            connection_slots: Arc::new(tokio::sync::Semaphore::new(16)),
             max_connections: 16,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
         };
-        tokio::spawn(serve_front(bal.clone(), front, front_settings, shutdown_rx));
+        tokio::spawn(serve_front(bal.clone(), front, None, front_settings, shutdown_rx));
 
         let mut client = TcpStream::connect(front_address).await.expect("connect");
         for round in 0..3 {

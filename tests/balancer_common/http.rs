@@ -80,6 +80,15 @@ where
     pub async fn open(addr: SocketAddr) -> Self {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to balancer");
         let local = stream.local_addr().expect("local");
+        Self::over(stream, local).await
+    }
+
+    /// HTTP/1.1 over an established stream (e.g. a TLS session); `local` is
+    /// the client's socket address.
+    pub async fn over<S>(stream: S, local: SocketAddr) -> Self
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
         tokio::spawn(async move {
             let _ = conn.await;

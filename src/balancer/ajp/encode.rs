@@ -27,6 +27,8 @@ pub struct SslAttributes<'a> {
     pub cipher: &'a str,
     pub protocol: &'a str,
     pub key_size: u16,
+    /// The client's certificate, PEM (Tomcat's `X509Certificate` attribute).
+    pub client_cert: Option<&'a str>,
 }
 
 /// Everything `FORWARD_REQUEST` carries. Borrowed, so building one does not allocate.
@@ -151,6 +153,10 @@ pub fn encode_forward_request(buf: &mut BytesMut, req: &ForwardRequest<'_>, pack
     put_string(buf, attribute::NAME_LOCAL_ADDR.as_bytes());
     put_string(buf, req.local_addr.as_bytes());
     if let Some(ssl) = req.ssl {
+        if let Some(cert) = ssl.client_cert {
+            buf.put_u8(attribute::SSL_CERT);
+            put_string(buf, cert.as_bytes());
+        }
         buf.put_u8(attribute::SSL_CIPHER);
         put_string(buf, ssl.cipher.as_bytes());
         buf.put_u8(attribute::SSL_KEY_SIZE);
@@ -350,12 +356,23 @@ mod tests {
         let headers = HeaderMap::new();
         let mut req = request("GET", &headers);
         req.is_ssl = true;
-        req.ssl = Some(SslAttributes { cipher: "TLS_AES_128_GCM_SHA256", protocol: "TLSv1.3", key_size: 128 });
+        req.ssl = Some(SslAttributes { cipher: "TLS_AES_128_GCM_SHA256", protocol: "TLSv1.3", key_size: 128, client_cert: None });
         let mut buf = BytesMut::new();
         encode_forward_request(&mut buf, &req, 8192).expect("encode");
         let cipher = b"\x08\x00\x16TLS_AES_128_GCM_SHA256\x00\x0b\x00\x80";
         assert!(buf.windows(cipher.len()).any(|w| w == cipher));
         assert!(buf.windows(16).any(|w| w == b"AJP_SSL_PROTOCOL"));
+        let without_cert = buf.len();
+
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        req.ssl = Some(SslAttributes { cipher: "TLS_AES_128_GCM_SHA256", protocol: "TLSv1.3", key_size: 128, client_cert: Some(pem) });
+        buf.clear();
+        encode_forward_request(&mut buf, &req, 8192).expect("encode");
+        let mut cert = vec![super::attribute::SSL_CERT, 0, pem.len() as u8];
+        cert.extend_from_slice(pem.as_bytes());
+        cert.push(0);
+        assert!(buf.windows(cert.len()).any(|w| w == cert.as_slice()));
+        assert_eq!(buf.len() - without_cert, cert.len(), "the certificate adds exactly its attribute");
     }
 
     #[test]

@@ -4,6 +4,7 @@ import java.io.IOException;
 import java.io.InputStream;
 import java.security.MessageDigest;
 import java.security.NoSuchAlgorithmException;
+import java.security.cert.X509Certificate;
 import java.util.Enumeration;
 
 import jakarta.servlet.http.HttpServlet;
@@ -66,12 +67,27 @@ public class EchoServlet extends HttpServlet {
         json.append("\"secure\":").append(req.isSecure()).append(',');
         field(json, "serverName", req.getServerName()).append(',');
         json.append("\"serverPort\":").append(req.getServerPort()).append(',');
+        // What a TLS-terminating proxy forwarded (null over plain HTTP).
+        field(json, "cipherSuite", attribute(req, "jakarta.servlet.request.cipher_suite")).append(',');
+        field(json, "keySize", attribute(req, "jakarta.servlet.request.key_size")).append(',');
+        field(json, "tlsProtocol", attribute(req, "org.apache.tomcat.util.net.secure_protocol_version")).append(',');
+        Object certs = req.getAttribute("jakarta.servlet.request.X509Certificate");
+        String clientCert = null;
+        if (certs instanceof X509Certificate[] chain && chain.length > 0) {
+            clientCert = chain[0].getSubjectX500Principal().getName();
+        }
+        field(json, "clientCertSubject", clientCert).append(',');
         field(json, "route", Route.jvmRoute());
         json.append("}\n");
 
         resp.setHeader("X-Route", Route.jvmRoute());
         resp.setContentType("application/json;charset=UTF-8");
         resp.getWriter().write(json.toString());
+    }
+
+    private static String attribute(HttpServletRequest req, String name) {
+        Object value = req.getAttribute(name);
+        return value == null ? null : value.toString();
     }
 
     private static StringBuilder field(StringBuilder json, String name, String value) {
