@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use balancer_common::http::{Conn, read_reply};
-use balancer_common::tomcat::{TomcatOptions, start_cluster};
+use balancer_common::tomcat::{TomcatNode, TomcatOptions, start_cluster};
 use balancer_common::{Balancer, BalancerOptions, TempDir, free_port};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -95,6 +95,28 @@ async fn https(addr: SocketAddr, config: Arc<ClientConfig>) -> (Conn, String, St
     (Conn::over(stream, local).await, suite, version, server_cert)
 }
 
+/// One echo request on a new TLS connection; any failure is an error.
+async fn try_request(addr: SocketAddr, config: Arc<ClientConfig>, host: &str) -> std::io::Result<hyper::Response<hyper::body::Incoming>> {
+    let stream = tls_connect(addr, config).await?;
+    let local = stream.get_ref().0.local_addr()?;
+    let mut conn: Conn = Conn::over(stream, local).await;
+    conn.send(echo_request(host)).await.map_err(std::io::Error::other)
+}
+
+/// A balancer in front of `node` with an HTTPS front on `tls_addr` asking for client certificates.
+fn tls_options(node: &TomcatNode, tls_addr: SocketAddr, cert: &Path, key: &Path, client_ca: &Path) -> BalancerOptions {
+    BalancerOptions::new(SECRET)
+        .members(&[node])
+        .arg("--tls-listen")
+        .arg(tls_addr.to_string())
+        .arg("--tls-cert-file")
+        .arg(cert.to_string_lossy())
+        .arg("--tls-key-file")
+        .arg(key.to_string_lossy())
+        .arg("--tls-client-ca-file")
+        .arg(client_ca.to_string_lossy())
+}
+
 fn echo_request(host: &str) -> Request<Full<Bytes>> {
     Request::get("/counter/echo?tls=1").header("host", host).body(Full::new(Bytes::new())).expect("request")
 }
@@ -129,20 +151,8 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     let tls_port = free_port();
     let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().expect("addr");
-    let balancer = Balancer::start(
-        BalancerOptions::new(SECRET)
-            .members(&[&nodes[0]])
-            .arg("--tls-listen")
-            .arg(tls_addr.to_string())
-            .arg("--tls-cert-file")
-            .arg(cert_file.to_string_lossy())
-            .arg("--tls-key-file")
-            .arg(key_file.to_string_lossy())
-            .arg("--tls-client-ca-file")
-            .arg(client_ca_file.to_string_lossy())
-            .arg("--header-read-timeout")
-            .arg("2s"),
-    );
+    let balancer =
+        Balancer::start(tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &client_ca_file).arg("--header-read-timeout").arg("2s"));
     let host = format!("balancer.test:{tls_port}");
 
     // --- TLS 1.3 with a client certificate ---
@@ -207,13 +217,7 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     // A client certificate from a CA the balancer does not trust.
     let mallory = Pki::new("other CA").leaf("mallory", &[]);
     let untrusted = client_config(&pki.ca_pem(), Some(&mallory), &[&rustls::version::TLS13]);
-    let refused = async {
-        let stream = tls_connect(tls_addr, untrusted).await?;
-        let local = stream.get_ref().0.local_addr()?;
-        let mut conn: Conn = Conn::over(stream, local).await;
-        conn.send(echo_request(&host)).await.map_err(std::io::Error::other)
-    }
-    .await;
+    let refused = try_request(tls_addr, untrusted, &host).await;
     assert!(refused.is_err(), "an untrusted client certificate is refused");
     // A client that connects and never says hello is cut off by the head read
     // timeout (which also ends idle keep-alive connections, here after 2 s).
@@ -309,27 +313,9 @@ async fn required_client_certificates_and_bad_files_at_start() {
     // --tls-require-client-cert: no certificate, no service.
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let _balancer = Balancer::start(
-        BalancerOptions::new(SECRET)
-            .members(&[&nodes[0]])
-            .arg("--tls-listen")
-            .arg(tls_addr.to_string())
-            .arg("--tls-cert-file")
-            .arg(cert_file.to_string_lossy())
-            .arg("--tls-key-file")
-            .arg(key_file.to_string_lossy())
-            .arg("--tls-client-ca-file")
-            .arg(ca_file.to_string_lossy())
-            .arg("--tls-require-client-cert"),
-    );
+    let _balancer = Balancer::start(tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &ca_file).arg("--tls-require-client-cert"));
     let anonymous = client_config(&pki.ca_pem(), None, &[&rustls::version::TLS13, &rustls::version::TLS12]);
-    let refused = async {
-        let stream = tls_connect(tls_addr, anonymous).await?;
-        let local = stream.get_ref().0.local_addr()?;
-        let mut conn: Conn = Conn::over(stream, local).await;
-        conn.send(echo_request("balancer.test")).await.map_err(std::io::Error::other)
-    }
-    .await;
+    let refused = try_request(tls_addr, anonymous, "balancer.test").await;
     assert!(refused.is_err(), "a client without a certificate is refused");
     let (mut conn, _, _, _) = https(tls_addr, client_config(&pki.ca_pem(), Some(&alice), &[&rustls::version::TLS13])).await;
     let echo = read_reply(conn.send(echo_request("balancer.test")).await.expect("send")).await.json();

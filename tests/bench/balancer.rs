@@ -281,6 +281,17 @@ fn main() {
             .arg("--pool-max-per-member")
             .arg(BALANCER_POOL_PER_MEMBER.to_string()),
     );
+    // The same balancer, CPinging only connections idle for 1 s or more:
+    // shows what the CPing round trip before every request costs (httpd's
+    // `ping=` has no such threshold).
+    let balancer_idle_ping = Balancer::start(
+        BalancerOptions::new(SECRET)
+            .members(&[&nodes[0], &nodes[1], &nodes[2]])
+            .arg("--pool-max-per-member")
+            .arg(BALANCER_POOL_PER_MEMBER.to_string())
+            .arg("--cping-after-idle")
+            .arg("1s"),
+    );
     let tomcat_pids: Vec<u32> = nodes.iter().filter_map(|n| n.pid()).collect();
     let httpd = Httpd::start(&members);
     let direct_port = nodes[1].http_port;
@@ -325,6 +336,7 @@ fn main() {
         (balancer.listen.port(), Some(sticky)),
         (httpd.port, None),
         (balancer.listen.port(), None),
+        (balancer_idle_ping.listen.port(), Some(sticky)),
     ] {
         wrk(port, cookie, 3, connections, None, &tomcat_pids);
     }
@@ -333,12 +345,13 @@ fn main() {
     let mut results: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        let runs: [(Key, u16, Option<&str>, Option<u32>); 5] = [
+        let runs: [(Key, u16, Option<&str>, Option<u32>); 6] = [
             ("1 direct tomcat", direct_port, Some(sticky), None),
             ("2 httpd sticky", httpd.port, Some(sticky), Some(httpd.pid())),
             ("3 balancer sticky", balancer.listen.port(), Some(sticky), Some(balancer.pid())),
             ("4 httpd non-sticky", httpd.port, None, Some(httpd.pid())),
             ("5 balancer non-sticky", balancer.listen.port(), None, Some(balancer.pid())),
+            ("6 balancer sticky, CPing if idle>=1s", balancer_idle_ping.listen.port(), Some(sticky), Some(balancer_idle_ping.pid())),
         ];
         for (name, port, cookie, pid) in runs {
             results.entry(name).or_default().push(wrk(port, cookie, seconds, connections, pid, &tomcat_pids));
@@ -346,7 +359,7 @@ fn main() {
     }
 
     println!(
-        "{:<24} {:>10} {:>9} {:>9} {:>14} {:>9} {:>11} {:>9}",
+        "{:<36} {:>10} {:>9} {:>9} {:>14} {:>9} {:>11} {:>9}",
         "target", "req/s", "p50 ms", "p99 ms", "cpu s/10k req", "rss MB", "tomcat cpu", "wrk cpu"
     );
     let mut med: BTreeMap<Key, Sample> = BTreeMap::new();
@@ -362,7 +375,7 @@ fn main() {
         };
         let fmt_opt = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:>10.0} {:>9.2} {:>9.2} {:>14} {:>9} {:>11.3} {:>9.3}",
+            "{:<36} {:>10.0} {:>9.2} {:>9.2} {:>14} {:>9} {:>11.3} {:>9.3}",
             &name[2..],
             m.rps,
             m.p50_ms,
@@ -390,7 +403,7 @@ fn main() {
         let proxy = m.cpu_per_10k.unwrap_or(0.0);
         let total_us = (m.wrk_cpu_per_10k + m.tomcat_cpu_per_10k + proxy) * 100.0;
         println!(
-            "# cpu per request {:<22} wrk {:>5.1} us + tomcat {:>5.1} us + proxy {:>5.1} us = {:>5.1} us -> at most {:>6.0} req/s on {cores} cores",
+            "# cpu per request {:<36} wrk {:>5.1} us + tomcat {:>5.1} us + proxy {:>5.1} us = {:>5.1} us -> at most {:>6.0} req/s on {cores} cores",
             &name[2..],
             m.wrk_cpu_per_10k * 100.0,
             m.tomcat_cpu_per_10k * 100.0,
