@@ -92,6 +92,14 @@ rejected!(state_transfer_timeout_in_range, "spec.sessions.stateTransferTimeoutSe
 rejected!(drain_seconds_in_range, "spec.drainSeconds", json!(601), "drainSeconds must be between 0 and 600");
 rejected!(secret_ref_name_must_be_secret_name, "spec.ajp.secretRef", json!({"name": "My_Secret", "key": "secret"}), "ajp.secretRef.name must be a Secret name");
 rejected!(secret_ref_key_must_be_secret_key, "spec.ajp.secretRef", json!({"name": "ajp", "key": "a/b"}), "ajp.secretRef.key must be a Secret key");
+rejected!(tls_secret_name_must_be_secret_name, "spec.balancer.tls", json!({"secretName": "Shop_TLS"}), "balancer.tls.secretName must be a Secret name");
+rejected!(tls_secret_name_is_required, "spec.balancer.tls", json!({"port": 8443}), "spec.balancer.tls.secretName: Required value");
+rejected!(tls_port_out_of_range_rejected, "spec.balancer.tls", json!({"secretName": "shop-tls", "port": 0}), "spec.balancer.tls.port: Invalid value: 0: must be a TCP port between 1 and 65535");
+rejected!(tls_port_must_differ_from_balancer_port, "spec.balancer", json!({"port": 8443, "tls": {"secretName": "shop-tls"}}), "balancer.tls.port must differ from balancer.port");
+rejected!(tls_port_must_not_be_admin_port, "spec.balancer.tls", json!({"secretName": "shop-tls", "port": 9090}), "balancer.tls.port must not be 9090");
+rejected!(client_ca_secret_name_must_be_secret_name, "spec.balancer.tls", json!({"secretName": "shop-tls", "clientCASecretName": "CA!"}), "balancer.tls.clientCASecretName must be a Secret name");
+rejected!(required_client_certificate_needs_a_ca, "spec.balancer.tls", json!({"secretName": "shop-tls", "requireClientCertificate": true}), "balancer.tls.requireClientCertificate needs balancer.tls.clientCASecretName");
+rejected!(required_client_certificate_needs_a_non_null_ca, "spec.balancer.tls", json!({"secretName": "shop-tls", "clientCASecretName": null, "requireClientCertificate": true}), "balancer.tls.requireClientCertificate needs balancer.tls.clientCASecretName");
 
 #[tokio::test]
 async fn name_must_be_a_short_dns_label() {
@@ -125,4 +133,24 @@ async fn valid_app_is_accepted_and_defaulted() {
     assert_eq!(created["spec"]["sessions"]["encryptionAlgorithm"], json!("AES/GCM/NoPadding"));
     assert_eq!(created["spec"]["ajp"]["packetSize"], json!(8192));
     assert_eq!(created["spec"]["balancer"]["replicas"], json!(2));
+}
+
+#[tokio::test]
+async fn tls_is_accepted_and_defaulted() {
+    let ns = support::TestNamespace::new("capp-cel").await;
+    operator_common::install_crd(&ns.client).await;
+    let mut app = operator_common::valid_app("shop");
+    set_path(&mut app, "spec.balancer.tls", json!({"secretName": "shop.example-tls"}));
+    let created = create_raw(&ns, app).await.expect("a tls block with only secretName is valid");
+    let created: ClusterApp = serde_json::from_value(serde_json::to_value(created).expect("json")).expect("reads back as a ClusterApp");
+    let tls = created.spec.balancer.tls.expect("tls kept");
+    assert_eq!((tls.secret_name.as_str(), tls.port, tls.client_ca_secret_name, tls.require_client_certificate), ("shop.example-tls", 8443, None, false));
+    // Client certificates asked for and required, on a port of its own.
+    let mut app = operator_common::valid_app("shop-mtls");
+    set_path(
+        &mut app,
+        "spec.balancer",
+        json!({"port": 80, "tls": {"secretName": "shop-tls", "port": 443, "clientCASecretName": "shop-ca", "requireClientCertificate": true}}),
+    );
+    create_raw(&ns, app).await.expect("client certificates with a CA are valid");
 }

@@ -14,6 +14,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -468,6 +469,142 @@ async fn missing_secret_ref_degrades_and_creating_it_heals() {
         events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "Recovered")
     })
     .await;
+}
+
+/// A Degraded condition with reason TLSSecretMissing whose message contains
+/// every one of `words`.
+async fn wait_for_tls_problem(ns: &TestNamespace, words: &[&str]) -> String {
+    let what = format!("Degraded TLSSecretMissing saying {words:?}");
+    let app = wait_for_status(ns, "shop", &what, |a| {
+        condition(a, "Degraded").is_some_and(|(status, reason, message)| {
+            status == "True" && reason == "TLSSecretMissing" && words.iter().all(|w| message.contains(w))
+        })
+    })
+    .await;
+    assert_eq!(condition(&app, "Ready").map(|c| c.0), Some("False".to_string()));
+    condition(&app, "Degraded").expect("degraded").2
+}
+
+#[tokio::test]
+async fn missing_tls_secret_degrades_and_creating_it_turns_on_https() {
+    let ns = operator_common::OperatorNamespace::new("capp-tls").await;
+    let operator = operator_common::operator_in(&ns).await;
+    create_app(
+        &ns,
+        "shop",
+        json!({"replicas": 1, "image": "registry.example/shop:1.4",
+               "balancer": {"tls": {"secretName": "shop-tls", "clientCASecretName": "shop-ca", "requireClientCertificate": true}}}),
+    )
+    .await;
+    let secrets = ns.api::<Secret>();
+    let tls_secret = |certificate: &str| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "shop-tls"}, "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": certificate, "tls.key": "PRIVATE-KEY-NEVER-IN-STATUS"}
+        }))
+        .expect("secret")
+    };
+
+    // No Secret at all: the first one is named, with the keys it needs and how to make it.
+    let named = format!("Secret {}/shop-tls", ns.name);
+    let message = wait_for_tls_problem(&ns, &[&named, "spec.balancer.tls.secretName", "does not exist", "tls.crt and tls.key"]).await;
+    assert!(message.contains("kubectl create secret tls shop-tls"), "{message}");
+    // Nothing was applied while the balancer could not start.
+    assert!(ns.api::<Deployment>().get_opt("shop-balancer").await.expect("get").is_none());
+    wait_until(WAIT, "a TLSSecretMissing warning event", || async {
+        warnings_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "TLSSecretMissing")
+    })
+    .await;
+
+    // The TLS Secret: now the client CA Secret is what is missing.
+    secrets.create(&PostParams::default(), &tls_secret("CERTIFICATE-ONE")).await.expect("creating the TLS Secret");
+    let named = format!("Secret {}/shop-ca", ns.name);
+    wait_for_tls_problem(&ns, &[&named, "spec.balancer.tls.clientCASecretName", "does not exist", "ca.crt"]).await;
+
+    // A CA Secret with the wrong key: the missing key is named.
+    let ca: Secret = serde_json::from_value(json!({"metadata": {"name": "shop-ca"}, "stringData": {"ca.pem": "CA-BUNDLE"}})).expect("secret");
+    secrets.create(&PostParams::default(), &ca).await.expect("creating the CA Secret");
+    wait_for_tls_problem(&ns, &[&named, "has no non-empty key ca.crt"]).await;
+
+    // The right key: healed by the Secret's watch event, within seconds.
+    let fixed = json!({"stringData": {"ca.crt": "CA-BUNDLE"}});
+    secrets.patch("shop-ca", &PatchParams::default(), &Patch::Merge(&fixed)).await.expect("adding ca.crt");
+    let patched = std::time::Instant::now();
+    wait_for_status(&ns, "shop", "Degraded False", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
+    assert!(patched.elapsed() < Duration::from_secs(5), "healing took {:?}", patched.elapsed());
+    assert_eq!(wait_for_children(&ns, "shop").await.len(), 15);
+
+    // The balancer serves HTTPS from the mounted Secrets.
+    let deployment = ns.api::<Deployment>().get("shop-balancer").await.expect("deployment");
+    let pod = deployment.spec.template.spec.clone().expect("pod spec");
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap_or_default().join(" ");
+    assert!(
+        args.contains(
+            "--tls-listen 0.0.0.0:8443 --tls-cert-file /etc/clusterapp/tls/tls.crt --tls-key-file /etc/clusterapp/tls/tls.key \
+             --tls-client-ca-file /etc/clusterapp/tls-client-ca/ca.crt --tls-require-client-cert"
+        ),
+        "{args}"
+    );
+    let https = container.ports.clone().unwrap_or_default().into_iter().find(|p| p.name.as_deref() == Some("https")).expect("https port");
+    assert_eq!(https.container_port, 8443);
+    let volumes: BTreeMap<String, String> = pod
+        .volumes
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| Some((v.name, v.secret?.secret_name?)))
+        .collect();
+    assert_eq!(volumes.get("tls").map(String::as_str), Some("shop-tls"));
+    assert_eq!(volumes.get("tls-client-ca").map(String::as_str), Some("shop-ca"));
+    let mounts: BTreeMap<String, (String, Option<bool>)> =
+        container.volume_mounts.clone().unwrap_or_default().into_iter().map(|m| (m.name, (m.mount_path, m.read_only))).collect();
+    assert_eq!(mounts.get("tls"), Some(&("/etc/clusterapp/tls".to_string(), Some(true))));
+    assert_eq!(mounts.get("tls-client-ca"), Some(&("/etc/clusterapp/tls-client-ca".to_string(), Some(true))));
+    let service = ns.api::<Service>().get("shop").await.expect("service");
+    let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
+    let https = ports.into_iter().find(|p| p.name.as_deref() == Some("https")).expect("https service port");
+    assert_eq!((https.port, https.target_port), (8443, Some(IntOrString::String("https".to_string()))));
+    // Secret contents stay out of the status and the events.
+    let text = serde_json::to_string(&app_get(&ns, "shop").await).expect("json");
+    assert!(!text.contains("PRIVATE-KEY") && !text.contains("CA-BUNDLE") && !text.contains("CERTIFICATE-ONE"));
+    let notes = format!("{:?}", events_of(&ns, "shop").await);
+    assert!(!notes.contains("PRIVATE-KEY") && !notes.contains("CA-BUNDLE"), "{notes}");
+
+    // A renewed certificate does not roll the balancer (it reloads the
+    // files); its check is one read of the changed Secret, after which a
+    // reconcile sends nothing again.
+    wait_for_status(&ns, "shop", "a converged status", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = resource_versions(&children(&ns, "shop").await.expect("children"));
+    let reconciles = operator.state.reconcile_count();
+    let renewed = json!({"stringData": {"tls.crt": "CERTIFICATE-TWO"}});
+    secrets.patch("shop-tls", &PatchParams::default(), &Patch::Merge(&renewed)).await.expect("renewing the certificate");
+    wait_until(WAIT, "a reconcile after the renewal", || async { operator.state.reconcile_count() > reconciles }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(resource_versions(&children(&ns, "shop").await.expect("children")), before, "a renewed certificate changed a child");
+    let requests = operator.state.api_requests.get();
+    let reconciles = operator.state.reconcile_count();
+    ns.api::<ClusterApp>()
+        .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "1"}}})))
+        .await
+        .expect("touch");
+    wait_until(WAIT, "a reconcile of the touched app", || async { operator.state.reconcile_count() > reconciles }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(operator.state.api_requests.get(), requests, "a steady-state reconcile of an app with TLS sent requests");
+
+    // Turning client certificates off changes the balancer's template (a rollout).
+    let generation = ns.api::<Deployment>().get("shop-balancer").await.expect("deployment").metadata.generation;
+    let off = json!({"spec": {"balancer": {"tls": {"secretName": "shop-tls", "clientCASecretName": null, "requireClientCertificate": false}}}});
+    ns.api::<ClusterApp>().patch("shop", &PatchParams::default(), &Patch::Merge(off)).await.expect("turning client certificates off");
+    wait_until(WAIT, "the balancer without client certificates", || async {
+        ns.api::<Deployment>().get("shop-balancer").await.ok().is_some_and(|d| {
+            let args = d.spec.template.spec.map(|p| p.containers[0].args.clone().unwrap_or_default()).unwrap_or_default();
+            args.contains(&"--tls-listen".to_string()) && !args.contains(&"--tls-client-ca-file".to_string())
+        })
+    })
+    .await;
+    assert!(ns.api::<Deployment>().get("shop-balancer").await.expect("deployment").metadata.generation > generation);
 }
 
 fn rules_of(role: &Role) -> Vec<(Vec<String>, Vec<String>)> {

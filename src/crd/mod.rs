@@ -23,6 +23,10 @@ pub const BALANCER_ADMIN_PORT: i32 = 9090;
 const PORT_RULE: &str = "self >= 1 && self <= 65535";
 const PORT_MESSAGE: &str = "must be a TCP port between 1 and 65535";
 
+/// A Secret's name: a lowercase DNS subdomain (with a 253 character limit
+/// on the field).
+const SECRET_NAME_RULE: &str = "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+
 /// RFC 9110 `token`: what a cookie name or a path parameter name may contain.
 const HTTP_TOKEN_RULE: &str = "self.matches('^[!#$%&*+.^_`|~0-9A-Za-z-]+$')";
 
@@ -236,7 +240,7 @@ pub struct Ajp {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret.
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("ajp.secretRef.name must be a Secret name (lowercase DNS subdomain)"))]
+    #[x_kube(validation = Rule::new(SECRET_NAME_RULE).message("ajp.secretRef.name must be a Secret name (lowercase DNS subdomain)"))]
     #[schemars(length(max = 253))]
     pub name: String,
 
@@ -250,6 +254,8 @@ pub struct SecretKeyRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.port != 9090").message("balancer.port must not be 9090: the balancer's admin server listens there"))]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.tls.port != self.port").message("balancer.tls.port must differ from balancer.port: the balancer serves HTTP and HTTPS on two ports"))]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.tls.port != 9090").message("balancer.tls.port must not be 9090: the balancer's admin server listens there"))]
 pub struct Balancer {
     /// Number of balancer pods. Any balancer can serve any request: routing
     /// state lives in the session id.
@@ -285,6 +291,49 @@ pub struct Balancer {
     /// The Service in front of the balancer pods.
     #[serde(default)]
     pub service: BalancerService,
+
+    /// HTTPS on the balancer, next to plain HTTP on `port`: the balancer
+    /// terminates TLS with the certificate of a Secret and Tomcat sees the
+    /// requests as secure (`https`). Without it the balancer serves HTTP
+    /// only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BalancerTls>,
+}
+
+/// HTTPS on the balancer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.requireClientCertificate || has(self.clientCASecretName)").message("balancer.tls.requireClientCertificate needs balancer.tls.clientCASecretName: the CA certificates client certificates are checked against"))]
+pub struct BalancerTls {
+    /// Name of a `kubernetes.io/tls` Secret in the ClusterApp's namespace
+    /// with the balancer's certificate chain in `tls.crt` and its private
+    /// key in `tls.key` (PEM), e.g. made by `kubectl create secret tls` or
+    /// cert-manager. A renewed Secret is served without restarting the
+    /// balancer pods, once Kubernetes has updated their mounted copy of it.
+    #[x_kube(validation = Rule::new(SECRET_NAME_RULE).message("balancer.tls.secretName must be a Secret name (lowercase DNS subdomain)"))]
+    #[schemars(length(max = 253))]
+    pub secret_name: String,
+
+    /// HTTPS port of the balancer, on its pods and on its Service. It must
+    /// differ from `balancer.port`.
+    #[serde(default = "default_balancer_tls_port")]
+    #[x_kube(validation = Rule::new(PORT_RULE).message(PORT_MESSAGE))]
+    pub port: i32,
+
+    /// Name of a Secret in the ClusterApp's namespace whose key `ca.crt`
+    /// holds PEM CA certificates. When set, the balancer asks HTTPS clients
+    /// for a certificate issued by one of them and hands it to Tomcat
+    /// (`jakarta.servlet.request.X509Certificate`); clients without one are
+    /// still served unless `requireClientCertificate` is set.
+    #[serde(default, rename = "clientCASecretName", skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(SECRET_NAME_RULE).message("balancer.tls.clientCASecretName must be a Secret name (lowercase DNS subdomain)"))]
+    #[schemars(length(max = 253))]
+    pub client_ca_secret_name: Option<String>,
+
+    /// Refuse HTTPS clients without a certificate issued by the CAs of
+    /// `clientCASecretName` (which it requires).
+    #[serde(default)]
+    pub require_client_certificate: bool,
 }
 
 /// Load-balancing method for new sessions.
@@ -431,6 +480,9 @@ fn default_balancer_replicas() -> i32 {
 fn default_balancer_port() -> i32 {
     8080
 }
+fn default_balancer_tls_port() -> i32 {
+    8443
+}
 
 impl Default for Sessions {
     fn default() -> Self {
@@ -464,6 +516,7 @@ impl Default for Balancer {
             image: None,
             resources: None,
             service: BalancerService::default(),
+            tls: None,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! carries the hash of the desired object and nobody changed it since our
 //! last write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -170,8 +170,9 @@ where
 pub struct Caches {
     /// Our generated Secrets, with data (the keys are kept from them).
     pub secrets: Store<Secret>,
-    /// Every other Secret in scope, metadata only: whether a
-    /// `spec.ajp.secretRef` exists, and a trigger when it appears.
+    /// Every other Secret in scope, metadata only: whether a Secret the app
+    /// names (`spec.ajp.secretRef`, `spec.balancer.tls`) exists, and a
+    /// trigger when it appears or changes.
     pub other_secrets: Store<PartialObjectMeta<Secret>>,
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pub services: Store<PartialObjectMeta<Service>>,
@@ -190,19 +191,19 @@ pub struct Caches {
     /// Session node pods (stripped to what `status.members` needs).
     pub pods: Store<Pod>,
     pub written: Arc<WrittenRecords>,
-    /// Whether a referenced Secret (namespace, name) held a non-empty key,
-    /// by the resourceVersion it was read at: a Secret is read again only
-    /// when it changed.
-    pub secret_ref_checks: Mutex<HashMap<(String, String), SecretRefCheck>>,
+    /// Which keys of a referenced Secret (namespace, name) held a non-empty
+    /// value, by the resourceVersion it was read at: a Secret is read again
+    /// only when it changed. Key names only, never values.
+    pub secret_keys: Mutex<HashMap<(String, String), SecretKeys>>,
     /// True once [`Caches::fill`] saw every store filled.
     pub filled: tokio::sync::watch::Sender<bool>,
 }
 
+/// The keys of one referenced Secret that hold a non-empty value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretRefCheck {
+pub struct SecretKeys {
     pub resource_version: String,
-    pub key: String,
-    pub has_key: bool,
+    pub keys: BTreeSet<String>,
 }
 
 impl Caches {
@@ -241,14 +242,14 @@ impl Caches {
         let _ = filled.wait_for(|filled| *filled).await;
     }
 
-    pub fn secret_ref_check(&self, namespace: &str, name: &str) -> Option<SecretRefCheck> {
-        let checks = self.secret_ref_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn secret_keys(&self, namespace: &str, name: &str) -> Option<SecretKeys> {
+        let checks = self.secret_keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         checks.get(&(namespace.to_string(), name.to_string())).cloned()
     }
 
-    pub fn remember_secret_ref_check(&self, namespace: &str, name: &str, check: SecretRefCheck) {
-        let mut checks = self.secret_ref_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        checks.insert((namespace.to_string(), name.to_string()), check);
+    pub fn remember_secret_keys(&self, namespace: &str, name: &str, keys: SecretKeys) {
+        let mut checks = self.secret_keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        checks.insert((namespace.to_string(), name.to_string()), keys);
     }
 }
 
@@ -427,7 +428,7 @@ mod tests {
             network_policies: store!(PartialObjectMeta<NetworkPolicy>),
             pods: store!(Pod),
             written: Default::default(),
-            secret_ref_checks: Default::default(),
+            secret_keys: Default::default(),
             filled: tokio::sync::watch::Sender::new(false),
         };
         (caches, fillers)

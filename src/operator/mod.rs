@@ -263,19 +263,22 @@ fn forget_deleted<K: Resource>(written: &Arc<WrittenRecords>, kind: &'static str
     }
 }
 
-/// The ClusterApps whose `spec.ajp.secretRef` names `secret`.
+/// The ClusterApps that name `secret` (`spec.ajp.secretRef`,
+/// `spec.balancer.tls`).
 fn apps_referencing(apps: &Store<ClusterApp>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<ClusterApp>> {
-    let (namespace, name) = (secret.metadata.namespace.as_deref(), secret.metadata.name.as_deref());
+    let (namespace, Some(name)) = (secret.metadata.namespace.as_deref(), secret.metadata.name.as_deref()) else {
+        return Vec::new();
+    };
     apps.state()
         .iter()
         .filter(|app| app.metadata.namespace.as_deref() == namespace)
-        .filter(|app| app.spec.ajp.secret_ref.as_ref().map(|r| r.name.as_str()) == name)
+        .filter(|app| reconcile::referenced_secrets(app).contains(&name))
         .map(|app| ObjectRef::from_obj(app.as_ref()))
         .collect()
 }
 
 /// The controller: watches ClusterApps, everything they own, their session
-/// node pods and the Secrets their `secretRef`s name; runs until its
+/// node pods and the Secrets they name; runs until its
 /// watches end.
 pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<OperatorState>) {
     let namespace = config.watch_namespace.as_deref();
@@ -320,7 +323,7 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
         network_policies,
         pods,
         written,
-        secret_ref_checks: Default::default(),
+        secret_keys: Default::default(),
         filled: tokio::sync::watch::Sender::new(false),
     });
 

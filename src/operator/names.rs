@@ -33,6 +33,12 @@ pub fn all_session_nodes_selector() -> String {
 pub const AJP_SECRET_KEY: &str = "ajp-secret";
 pub const TRIBES_KEY_KEY: &str = "tribes-encryption-key";
 
+/// Keys of a `kubernetes.io/tls` Secret (`spec.balancer.tls.secretName`).
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
+/// Key of the client CA Secret (`spec.balancer.tls.clientCASecretName`).
+pub const CLIENT_CA_KEY: &str = "ca.crt";
+
 /// Names of the children of the ClusterApp called `app`.
 #[derive(Clone, Debug)]
 pub struct AppNames {

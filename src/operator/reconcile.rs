@@ -3,7 +3,7 @@
 //! membership check, the events and `write_status` talk to the API server;
 //! a converged app sends nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,11 +23,13 @@ use serde::de::DeserializeOwned;
 
 use crate::crd::{ClusterApp, ClusterAppStatus};
 use crate::operator::build::{BuildContext, Children, SecretMaterial, build_children};
-use crate::operator::cache::{APPLIED_HASH_ANNOTATION, CachedMeta, Caches, ChangeTracking, SecretRefCheck, Written, desired_hash, needs_apply};
+use crate::operator::cache::{APPLIED_HASH_ANNOTATION, CachedMeta, Caches, ChangeTracking, SecretKeys, Written, desired_hash, needs_apply};
 use crate::operator::error::Error;
 use crate::operator::membership::{self, Change, MembershipChecks, Verdict};
 use crate::operator::metrics::OperatorState;
-use crate::operator::names::{AJP_SECRET_KEY, AppNames, FIELD_MANAGER, LABEL_INSTANCE, TRIBES_KEY_KEY};
+use crate::operator::names::{
+    AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, FIELD_MANAGER, LABEL_INSTANCE, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY, TRIBES_KEY_KEY,
+};
 use crate::operator::status::{DEGRADED, Observed, Problem, READY, compute_status, find_condition};
 
 /// Requeue of a healthy app: a safety net, not how changes are found.
@@ -38,6 +40,10 @@ const REQUEUE_HEALTHY: Duration = Duration::from_secs(300);
 const REQUEUE_PROBLEM: Duration = Duration::from_secs(60);
 /// Retry after an error (API unreachable, conflict, ...).
 const REQUEUE_ERROR: Duration = Duration::from_secs(5);
+
+/// Reason of `Degraded` while a Secret named by `spec.balancer.tls` is
+/// missing or lacks a key the balancer reads.
+pub const TLS_SECRET_MISSING: &str = "TLSSecretMissing";
 
 /// Everything a reconcile needs besides the ClusterApp.
 pub struct Context {
@@ -90,6 +96,9 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
     let (material, mut problem) = key_material(own_secret.as_ref(), &namespace, &names)?;
     if problem.is_none() {
         problem = check_secret_ref(app, ctx, &secrets, &namespace).await?;
+    }
+    if problem.is_none() {
+        problem = check_tls_secrets(app, ctx, &secrets, &namespace).await?;
     }
 
     // build + apply (not while a problem would make the nodes unable to start)
@@ -307,38 +316,57 @@ fn key_material(secret: Option<&Secret>, namespace: &str, names: &AppNames) -> R
     Ok((SecretMaterial { ajp_secret, tribes_key }, problem))
 }
 
+/// The Secrets an app names besides its own: `spec.ajp.secretRef` and
+/// `spec.balancer.tls` (a change of one triggers a reconcile of the app).
+pub fn referenced_secrets(app: &ClusterApp) -> Vec<&str> {
+    let spec = &app.spec;
+    let mut names: Vec<&str> = spec.ajp.secret_ref.iter().map(|r| r.name.as_str()).collect();
+    if let Some(tls) = &spec.balancer.tls {
+        names.push(&tls.secret_name);
+        names.extend(tls.client_ca_secret_name.as_deref());
+    }
+    names
+}
+
+/// The keys of Secret `name` that hold a non-empty value; None when the
+/// Secret does not exist. Existence comes from the caches (whose watch of
+/// other Secrets also triggers a reconcile when one appears or changes);
+/// the keys of a Secret not ours are read from the API server once per
+/// resourceVersion, so a converged app sends no request. Only key names
+/// are kept, never values.
+async fn secret_keys(ctx: &Context, secrets: &Api<Secret>, namespace: &str, name: &str) -> Result<Option<BTreeSet<String>>, Error> {
+    // The rule of `secret_value`: non-empty UTF-8 text.
+    let non_empty = |secret: &Secret| -> BTreeSet<String> {
+        let data = secret.data.iter().flatten();
+        data.filter(|(_, value)| std::str::from_utf8(&value.0).is_ok_and(|text| !text.is_empty())).map(|(key, _)| key.clone()).collect()
+    };
+    if let Some(ours) = ctx.caches.secrets.get(&ObjectRef::new(name).within(namespace)) {
+        // One of our generated Secrets (its data is cached).
+        return Ok(Some(non_empty(&ours)));
+    }
+    let Some(meta) = ctx.caches.other_secrets.cached_meta(namespace, name) else { return Ok(None) };
+    let version = meta.resource_version.unwrap_or_default();
+    if let Some(known) = ctx.caches.secret_keys(namespace, name)
+        && known.resource_version == version
+    {
+        return Ok(Some(known.keys));
+    }
+    ctx.state.api_requests.inc();
+    let secret =
+        secrets.get_opt(name).await.map_err(|source| Error::Read { what: format!("Secret {namespace}/{name}"), source })?;
+    Ok(secret.map(|secret| {
+        let keys = non_empty(&secret);
+        let resource_version = secret.metadata.resource_version.clone().unwrap_or_default();
+        ctx.caches.remember_secret_keys(namespace, name, SecretKeys { resource_version, keys: keys.clone() });
+        keys
+    }))
+}
+
 /// A `spec.ajp.secretRef` must name an existing key of an existing Secret.
-/// Existence comes from the metadata cache of Secrets (whose watch also
-/// triggers this reconcile when the Secret appears or changes); the key is
-/// checked by reading the Secret once per resourceVersion.
 async fn check_secret_ref(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>, namespace: &str) -> Result<Option<Problem>, Error> {
     let Some(reference) = &app.spec.ajp.secret_ref else { return Ok(None) };
-    let has_key = if let Some(ours) = ctx.caches.secrets.get(&ObjectRef::new(&reference.name).within(namespace)) {
-        // One of our generated Secrets (its data is cached).
-        Some(secret_value(Some(&ours), &reference.key).is_some())
-    } else if let Some(meta) = ctx.caches.other_secrets.cached_meta(namespace, &reference.name) {
-        let version = meta.resource_version.unwrap_or_default();
-        match ctx.caches.secret_ref_check(namespace, &reference.name) {
-            Some(check) if check.resource_version == version && check.key == reference.key => Some(check.has_key),
-            _ => {
-                ctx.state.api_requests.inc();
-                let secret = secrets
-                    .get_opt(&reference.name)
-                    .await
-                    .map_err(|source| Error::Read { what: format!("Secret {namespace}/{}", reference.name), source })?;
-                secret.map(|secret| {
-                    let has_key = secret_value(Some(&secret), &reference.key).is_some();
-                    let resource_version = secret.metadata.resource_version.clone().unwrap_or_default();
-                    let check = SecretRefCheck { resource_version, key: reference.key.clone(), has_key };
-                    ctx.caches.remember_secret_ref_check(namespace, &reference.name, check);
-                    has_key
-                })
-            }
-        }
-    } else {
-        None
-    };
-    Ok(match has_key {
+    let keys = secret_keys(ctx, secrets, namespace, &reference.name).await?;
+    Ok(match keys {
         None => Some(Problem {
             reason: "SecretNotFound".to_string(),
             message: format!(
@@ -346,15 +374,61 @@ async fn check_secret_ref(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>
                 reference.name, reference.key
             ),
         }),
-        Some(false) => Some(Problem {
+        Some(keys) if !keys.contains(&reference.key) => Some(Problem {
             reason: "SecretKeyNotFound".to_string(),
             message: format!(
                 "Secret {namespace}/{} named by spec.ajp.secretRef has no non-empty key {}",
                 reference.name, reference.key
             ),
         }),
-        Some(true) => None,
+        Some(_) => None,
     })
+}
+
+/// The Secrets of `spec.balancer.tls` must exist and hold the keys the
+/// balancer reads (`tls.crt` and `tls.key`; `ca.crt` of the client CA
+/// Secret): a balancer pod whose Secret volume cannot be mounted does not
+/// start. Their contents are not checked here: the balancer reloads the
+/// files and keeps the last good pair.
+async fn check_tls_secrets(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>, namespace: &str) -> Result<Option<Problem>, Error> {
+    let Some(tls) = &app.spec.balancer.tls else { return Ok(None) };
+    let mut wanted: Vec<(&str, &str, &[&str], String)> = vec![(
+        "spec.balancer.tls.secretName",
+        &tls.secret_name,
+        &[TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY],
+        format!("kubectl create secret tls {} --cert=CERT.pem --key=KEY.pem -n {namespace}", tls.secret_name),
+    )];
+    if let Some(client_ca) = &tls.client_ca_secret_name {
+        wanted.push((
+            "spec.balancer.tls.clientCASecretName",
+            client_ca,
+            &[CLIENT_CA_KEY],
+            format!("kubectl create secret generic {client_ca} --from-file={CLIENT_CA_KEY}=CA.pem -n {namespace}"),
+        ));
+    }
+    for (field, name, needed, how) in wanted {
+        let message = match secret_keys(ctx, secrets, namespace, name).await? {
+            None => format!(
+                "Secret {namespace}/{name} named by {field} does not exist; create it with the key{} {}, e.g. `{how}`",
+                if needed.len() > 1 { "s" } else { "" },
+                needed.join(" and ")
+            ),
+            Some(keys) => {
+                let missing: Vec<&str> = needed.iter().copied().filter(|key| !keys.contains(*key)).collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                format!(
+                    "Secret {namespace}/{name} named by {field} has no non-empty key{} {}; the balancer reads {}",
+                    if missing.len() > 1 { "s" } else { "" },
+                    missing.join(" and "),
+                    needed.join(" and ")
+                )
+            }
+        };
+        return Ok(Some(Problem { reason: TLS_SECRET_MISSING.to_string(), message }));
+    }
+    Ok(None)
 }
 
 /// A pending server-side apply of one child.

@@ -27,7 +27,8 @@ use kube::Resource;
 
 use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, Membership, Replication};
 use crate::operator::names::{
-    AJP_SECRET_KEY, AppNames, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TRIBES_KEY_KEY,
+    AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY,
+    TRIBES_KEY_KEY,
 };
 use server_xml::{DEPLOY_DELAY_SECONDS, ENV_AJP_SECRET, ENV_POD_IP, ENV_POD_NAME, ENV_TRIBES_KEY};
 
@@ -41,6 +42,14 @@ pub const CONFIG_HASH_ANNOTATION: &str = "clusterapp.io/server-xml-sha256";
 
 /// Where the balancer finds the AJP secret (`--ajp-secret-file`).
 pub const BALANCER_AJP_SECRET_DIR: &str = "/etc/clusterapp/ajp";
+
+/// Where the balancer finds its certificate and key (`spec.balancer.tls`):
+/// the whole Secret volume, not a subPath, so that the kubelet's update of
+/// a renewed Secret reaches the files (the balancer reloads them).
+pub const BALANCER_TLS_DIR: &str = "/etc/clusterapp/tls";
+
+/// Where the balancer finds the CA certificates of client certificates.
+pub const BALANCER_TLS_CLIENT_CA_DIR: &str = "/etc/clusterapp/tls-client-ca";
 
 /// Tomcat's system property that makes `${NAME}` in server.xml read
 /// environment variables.
@@ -241,6 +250,27 @@ fn empty_dir(name: &str) -> Volume {
 
 fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount { name: name.to_string(), mount_path: path.to_string(), ..Default::default() }
+}
+
+fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount { read_only: Some(true), ..mount(name, path) }
+}
+
+/// A volume of the given keys of Secret `secret`, each a file of its own
+/// name, readable by the container's user only.
+fn secret_volume(name: &str, secret: &str, keys: &[&str]) -> Volume {
+    Volume {
+        name: name.to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_string()),
+            items: Some(
+                keys.iter().map(|key| KeyToPath { key: key.to_string(), path: key.to_string(), ..Default::default() }).collect(),
+            ),
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// How long the balancer keeps a terminating node's sticky sessions: half
@@ -566,19 +596,51 @@ impl Parts<'_> {
         if !balancer.failover {
             args.push("--no-failover".to_string());
         }
+        let mut ports = vec![port("http", balancer.port)];
+        let mut volume_mounts = vec![read_only_mount("ajp-secret", BALANCER_AJP_SECRET_DIR)];
+        let mut volumes = vec![Volume {
+            name: "ajp-secret".to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ajp_secret.name),
+                items: Some(vec![KeyToPath { key: ajp_secret.key, path: "secret".to_string(), ..Default::default() }]),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        // HTTPS: the Secrets are mounted, not copied into the template, so a
+        // renewed certificate changes no template (the pods do not roll; the
+        // balancer reloads the files) while a changed `tls` setting does.
+        if let Some(tls) = &balancer.tls {
+            args.extend([
+                "--tls-listen".to_string(),
+                format!("0.0.0.0:{}", tls.port),
+                "--tls-cert-file".to_string(),
+                format!("{BALANCER_TLS_DIR}/{TLS_CERT_KEY}"),
+                "--tls-key-file".to_string(),
+                format!("{BALANCER_TLS_DIR}/{TLS_PRIVATE_KEY_KEY}"),
+            ]);
+            ports.push(port("https", tls.port));
+            volume_mounts.push(read_only_mount("tls", BALANCER_TLS_DIR));
+            volumes.push(secret_volume("tls", &tls.secret_name, &[TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY]));
+            if let Some(client_ca) = &tls.client_ca_secret_name {
+                args.extend(["--tls-client-ca-file".to_string(), format!("{BALANCER_TLS_CLIENT_CA_DIR}/{CLIENT_CA_KEY}")]);
+                if tls.require_client_certificate {
+                    args.push("--tls-require-client-cert".to_string());
+                }
+                volume_mounts.push(read_only_mount("tls-client-ca", BALANCER_TLS_CLIENT_CA_DIR));
+                volumes.push(secret_volume("tls-client-ca", client_ca, &[CLIENT_CA_KEY]));
+            }
+        }
+        ports.push(port("admin", BALANCER_ADMIN_PORT));
         let container = Container {
             name: "balancer".to_string(),
             image: Some(balancer.image.clone().unwrap_or_else(|| context.balancer_image.clone())),
             args: Some(args),
             env: Some(vec![env_value("LOG_FORMAT", "json")]),
-            ports: Some(vec![port("http", balancer.port), port("admin", BALANCER_ADMIN_PORT)]),
+            ports: Some(ports),
             resources: balancer.resources.clone(),
-            volume_mounts: Some(vec![VolumeMount {
-                name: "ajp-secret".to_string(),
-                mount_path: BALANCER_AJP_SECRET_DIR.to_string(),
-                read_only: Some(true),
-                ..Default::default()
-            }]),
+            volume_mounts: Some(volume_mounts),
             readiness_probe: Some(http_probe("/readyz", "admin", 5, 2)),
             liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
             security_context: Some(container_security_context()),
@@ -601,20 +663,7 @@ impl Parts<'_> {
                         automount_service_account_token: Some(true),
                         security_context: Some(pod_security_context()),
                         containers: vec![container],
-                        volumes: Some(vec![Volume {
-                            name: "ajp-secret".to_string(),
-                            secret: Some(SecretVolumeSource {
-                                secret_name: Some(ajp_secret.name),
-                                items: Some(vec![KeyToPath {
-                                    key: ajp_secret.key,
-                                    path: "secret".to_string(),
-                                    ..Default::default()
-                                }]),
-                                default_mode: Some(0o400),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }]),
+                        volumes: Some(volumes),
                         ..Default::default()
                     }),
                 },
@@ -631,11 +680,20 @@ impl Parts<'_> {
             spec: Some(ServiceSpec {
                 type_: Some(balancer.service.type_.as_str().to_string()),
                 selector: Some(self.names.selector_labels(COMPONENT_BALANCER)),
-                ports: Some(vec![service_port("http", balancer.port, "http")]),
+                ports: Some(self.balancer_service_ports()),
                 ..Default::default()
             }),
             ..Default::default()
         }
+    }
+
+    fn balancer_service_ports(&self) -> Vec<ServicePort> {
+        let balancer = &self.app.spec.balancer;
+        let mut ports = vec![service_port("http", balancer.port, "http")];
+        if let Some(tls) = &balancer.tls {
+            ports.push(service_port("https", tls.port, "https"));
+        }
+        ports
     }
 
     fn pod_disruption_budget(&self) -> PodDisruptionBudget {

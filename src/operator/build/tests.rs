@@ -200,7 +200,9 @@ fn balancer_runs_with_the_agreed_flags() {
         args,
         "balancer --kubernetes-service store/cart-nodes --listen 0.0.0.0:80 --admin-listen 0.0.0.0:9090 \
          --ajp-secret-file /etc/clusterapp/ajp/secret --packet-size 65536 --sticky-cookie CARTSESSION \
-         --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover"
+         --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover \
+         --tls-listen 0.0.0.0:443 --tls-cert-file /etc/clusterapp/tls/tls.crt --tls-key-file /etc/clusterapp/tls/tls.key \
+         --tls-client-ca-file /etc/clusterapp/tls-client-ca/ca.crt --tls-require-client-cert"
     );
     assert_eq!(container.image.as_deref(), Some("registry.example/clusterapp:dev"));
     let default = build_children(&fixture("default"), &material(), &context()).expect("builds");
@@ -214,6 +216,72 @@ fn balancer_runs_with_the_agreed_flags() {
         ["0s", "500ms", "5s", "7500ms", "300s"].map(String::from),
         "the balancer lets go of a terminating node's sessions halfway through its preStop wait"
     );
+}
+
+/// The balancer's own command line, to check that what the operator
+/// passes is something the balancer accepts.
+#[derive(clap::Parser, Debug)]
+struct BalancerCommandLine {
+    #[command(flatten)]
+    args: crate::balancer::BalancerArgs,
+}
+
+fn parse_balancer_args(children: &Children) -> crate::balancer::BalancerArgs {
+    use clap::Parser;
+    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("balancer"));
+    match BalancerCommandLine::try_parse_from(&args) {
+        Ok(line) => line.args,
+        Err(error) => panic!("the balancer rejects the operator's arguments {args:?}: {error}"),
+    }
+}
+
+#[test]
+fn the_balancer_accepts_the_operators_arguments() {
+    for name in ["default", "every-option", "no-replication"] {
+        parse_balancer_args(&build_children(&fixture(name), &material(), &context()).expect("builds"));
+    }
+    let every = parse_balancer_args(&build_children(&fixture("every-option"), &material(), &context()).expect("builds"));
+    assert_eq!(every.tls_listen, Some("0.0.0.0:443".parse().expect("address")));
+    assert!(every.tls_require_client_cert);
+    assert_eq!(every.tls_client_ca_file.as_deref(), Some(std::path::Path::new("/etc/clusterapp/tls-client-ca/ca.crt")));
+}
+
+/// A child's JSON by kind (the first of that kind).
+fn child<'a>(values: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    values.iter().find(|v| v["kind"] == kind && v["metadata"]["name"] == name).unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn tls_adds_the_https_port_and_mounts_only_the_named_secrets() {
+    let mut app = fixture("default");
+    let plain = build_children(&app, &material(), &context()).expect("builds").to_values().expect("json");
+    app.spec.balancer.tls = Some(crate::crd::BalancerTls {
+        secret_name: "shop-tls".to_string(),
+        port: 8443,
+        client_ca_secret_name: None,
+        require_client_certificate: false,
+    });
+    let children = build_children(&app, &material(), &context()).expect("builds");
+    let args = parse_balancer_args(&children);
+    assert_eq!(args.tls_cert_file.as_deref(), Some(std::path::Path::new("/etc/clusterapp/tls/tls.crt")));
+    assert_eq!(args.tls_key_file.as_deref(), Some(std::path::Path::new("/etc/clusterapp/tls/tls.key")));
+    assert!(args.tls_client_ca_file.is_none() && !args.tls_require_client_cert);
+    let with_tls = children.to_values().expect("json");
+    // Only the balancer's Deployment and Service change; the session nodes
+    // (and their NetworkPolicy, which does not select balancer pods) do not.
+    let differing: Vec<_> = plain.iter().zip(&with_tls).filter(|(p, t)| p != t).map(|(p, _)| p["kind"].clone()).collect();
+    assert_eq!(differing, ["Deployment", "Service"]);
+    let pod = &child(&with_tls, "Deployment", "shop-balancer")["spec"]["template"]["spec"];
+    let ports = pod["containers"][0]["ports"].as_array().expect("ports");
+    let ports: Vec<_> = ports.iter().map(|p| (p["name"].clone(), p["containerPort"].clone())).collect();
+    assert_eq!(ports, [("http".into(), 8080.into()), ("https".into(), 8443.into()), ("admin".into(), 9090.into())]);
+    let volumes: Vec<_> = pod["volumes"].as_array().expect("volumes").iter().map(|v| v["secret"]["secretName"].clone()).collect();
+    assert_eq!(volumes, ["shop-secrets", "shop-tls"]);
+    let service = child(&with_tls, "Service", "shop");
+    let https = &service["spec"]["ports"][1];
+    assert_eq!((&https["name"], &https["port"], &https["targetPort"]), (&"https".into(), &8443.into(), &"https".into()));
 }
 
 #[test]
