@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use super::framing::{HeadScanner, ScanningStream};
-use super::proxy::{self, Balancer, ClientConn};
+use super::proxy::{self, Balancer, ClientConn, LogLimiter};
 use super::tls::{self, TlsFacts};
 use tokio_rustls::TlsAcceptor;
 
@@ -58,6 +58,8 @@ pub async fn serve_front(
         builder.max_headers(settings.max_headers);
     }
     let builder = Arc::new(builder);
+    // Scanners and broken clients fail handshakes by the thousand: one line a second.
+    let handshake_failure_log = Arc::new(LogLimiter::new(Duration::from_secs(1)));
 
     loop {
         tokio::select! {
@@ -103,6 +105,7 @@ pub async fn serve_front(
                         let handshake = acceptor.accept(stream);
                         let deadline = settings.header_read_timeout;
                         let failures = bal.metrics.tls_handshake_failures.clone();
+                        let failure_log = handshake_failure_log.clone();
                         tokio::spawn(async move {
                             let _slot = slot;
                             // The head read timeout starts after the handshake; the
@@ -111,12 +114,16 @@ pub async fn serve_front(
                                 Ok(Ok(stream)) => stream,
                                 Ok(Err(e)) => {
                                     failures.inc();
-                                    tracing::info!(%remote, error = %e, "TLS handshake failed");
+                                    if let Some(more) = failure_log.allow() {
+                                        tracing::info!(%remote, error = %e, more_since_last_line = more, "TLS handshake failed");
+                                    }
                                     return;
                                 }
                                 Err(_) => {
                                     failures.inc();
-                                    tracing::info!(%remote, timeout = ?deadline, "TLS handshake timed out");
+                                    if let Some(more) = failure_log.allow() {
+                                        tracing::info!(%remote, timeout = ?deadline, more_since_last_line = more, "TLS handshake timed out");
+                                    }
                                     return;
                                 }
                             };
