@@ -1,6 +1,7 @@
 //! The balancer against a real Tomcat: what Tomcat sees of a request equals
 //! what the client sent; large bodies stream both ways with bounded balancer
-//! memory; the AJP secret is enforced by Tomcat.
+//! memory; the AJP secret is enforced by Tomcat; the access log has a line
+//! per request with what was sent.
 
 mod balancer_common;
 
@@ -214,4 +215,93 @@ async fn requests_round_trip_exactly_and_bodies_stream() {
     assert_eq!(reply.header("x-route"), Some("solo"));
     drop(conn);
     let _ = Duration::from_secs(0);
+}
+
+/// The balancer's access log lines (LOG_FORMAT=json), parsed.
+fn access_lines(balancer: &Balancer) -> Vec<serde_json::Value> {
+    balancer
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "clusterapp::access")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_line_per_request_when_its_response_is_done() {
+    let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
+    // `ghost` has no Tomcat: its sessions fail over to `solo`.
+    let ghost_port = balancer_common::free_port();
+    let mut options = BalancerOptions::new(SECRET).members(&[&nodes[0]]).arg("--member").arg(format!("ghost=127.0.0.1:{ghost_port}")).arg("--access-log");
+    options.envs.push(("LOG_FORMAT".into(), "json".into()));
+    let balancer = Balancer::start(options);
+    let wait_for_lines = |n: usize| {
+        balancer_common::wait_until(Duration::from_secs(5), &format!("{n} access lines"), || access_lines(&balancer).len() >= n);
+        access_lines(&balancer)
+    };
+
+    // A plain request: everything a line has.
+    let mut conn: Conn<Body> = Conn::open(balancer.listen).await;
+    let req = Request::get("/counter/echo?q=1")
+        .header("host", "balancer.test")
+        .header("user-agent", "access-test/1.0")
+        .header("cookie", "JSESSIONID=CAFE1234.solo")
+        .body(full(Bytes::new()))
+        .expect("request");
+    let reply = read_reply(conn.send(req).await.expect("send")).await;
+    assert_eq!(reply.status, 200);
+    let line = wait_for_lines(1).remove(0);
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["uri"], "/counter/echo?q=1");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes"], reply.body.len() as u64);
+    assert_eq!(line["member"], "solo");
+    assert_eq!(line["failover"], false);
+    assert_eq!(line["complete"], true);
+    assert_eq!(line["tls"], false);
+    assert_eq!(line["user_agent"], "access-test/1.0");
+    assert_eq!(line["remote"], conn.local.to_string());
+    assert!(line["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{line}");
+
+    // A streamed download: counted to its last byte.
+    let req = Request::get("/counter/download?bytes=3000000").header("host", "t").body(full(Bytes::new())).expect("request");
+    let reply = read_reply(conn.send(req).await.expect("send")).await;
+    assert_eq!(reply.body.len(), 3_000_000);
+    let line = wait_for_lines(2).remove(1);
+    assert_eq!((line["bytes"].as_u64(), line["complete"].as_bool()), (Some(3_000_000), Some(true)), "{line}");
+
+    // A download the client abandons: logged as incomplete, with what was sent.
+    let mut quitter: Conn<Body> = Conn::open(balancer.listen).await;
+    let req = Request::get("/counter/download?bytes=200000000").header("host", "t").body(full(Bytes::new())).expect("request");
+    let response = quitter.send(req).await.expect("send");
+    let mut body = response.into_body();
+    let mut got = 0;
+    while got < 1_000_000 {
+        got += body.frame().await.expect("frame").expect("data").into_data().map(|d| d.len()).unwrap_or(0);
+    }
+    drop(body);
+    drop(quitter);
+    let line = wait_for_lines(3).remove(2);
+    assert_eq!(line["complete"], false, "{line}");
+    let sent = line["bytes"].as_u64().expect("bytes");
+    assert!((1_000_000..200_000_000).contains(&sent), "bytes {sent}");
+
+    // A sticky request whose member is gone: failover is marked.
+    let req = Request::get("/counter/echo").header("host", "t").header("cookie", "JSESSIONID=BEEF.ghost").body(full(Bytes::new())).expect("request");
+    assert_eq!(read_reply(conn.send(req).await.expect("send")).await.status, 200);
+    let line = wait_for_lines(4).remove(3);
+    assert_eq!((line["member"].as_str(), line["failover"].as_bool()), (Some("solo"), Some(true)), "{line}");
+
+    // A request the balancer refuses itself: logged with its status, no member.
+    let raw = balancer_common::http::raw_exchange(
+        balancer.listen,
+        b"POST /counter/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(2),
+    );
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    let line = wait_for_lines(5).remove(4);
+    assert_eq!((line["status"].as_u64(), line["member"].as_str()), (Some(400), Some("")), "{line}");
+
+    let log = balancer.log_text();
+    assert!(!log.contains("CAFE1234") && !log.contains("BEEF"), "session ids (cookies) never reach the log");
 }

@@ -131,6 +131,11 @@ pub struct BalancerArgs {
     /// Largest request body in bytes; unlimited when unset (like httpd).
     #[arg(long)]
     pub max_body_bytes: Option<u64>,
+    /// Log one line per request when its response is done (target
+    /// `clusterapp::access`: client, method, URI, status, bytes, duration,
+    /// member, failover, complete, user agent; no cookies or credentials).
+    #[arg(long, env = "BALANCER_ACCESS_LOG")]
+    pub access_log: bool,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

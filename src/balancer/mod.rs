@@ -7,6 +7,7 @@
 //! [`proxy`] the request exchange · [`front`] client server · [`admin`]
 //! metrics, probes and status page · [`config`] command line.
 
+pub mod access;
 pub mod admin;
 pub mod ajp;
 pub mod config;
@@ -102,6 +103,7 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
         backend_timeout: args.backend_timeout,
         max_body_bytes: args.max_body_bytes,
         drain_timeout: args.drain_timeout,
+        access_log: args.access_log,
     };
     let pool_settings = PoolSettings {
         packet_size: args.packet_size,

@@ -28,6 +28,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::access::{AccessEntry, ServedBy};
 use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest, SslAttributes, from_container};
 use super::framing::FramingVerdicts;
 use super::member::{Member, MemberTable};
@@ -63,6 +64,8 @@ pub struct ProxySettings {
     pub max_body_bytes: Option<u64>,
     /// How long a terminating member keeps its sticky sessions.
     pub drain_timeout: Duration,
+    /// Write an access log line per request.
+    pub access_log: bool,
 }
 
 /// Shared state of the balancer.
@@ -221,9 +224,14 @@ impl Rejection {
 
 /// hyper service entry point.
 pub async fn handle(bal: Arc<Balancer>, client: Arc<ClientConn>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-    Ok(match proxy(&bal, &client, req).await {
+    let entry = bal.settings.access_log.then(|| AccessEntry::start(client.remote, client.tls.is_some(), &req));
+    let response = match proxy(&bal, &client, req).await {
         Ok(response) => response,
         Err(rejection) => rejection.into_response(&bal.metrics),
+    };
+    Ok(match entry {
+        Some(entry) => entry.attach(response),
+        None => response,
     })
 }
 
@@ -547,8 +555,10 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
     let mut write_failures = 0;
     let started = Instant::now();
 
+    let mut failed_over = false;
     let (member, lease) = loop {
         let (member, choice) = bal.router.choose(&snapshot, route, &tried).map_err(Rejection::NoMember)?;
+        failed_over |= choice == Choice::Failover;
         if choice == Choice::Failover && tried.is_empty() {
             bal.metrics.failovers.inc();
             if let Some(held_back) = bal.failover_log.allow() {
@@ -648,6 +658,9 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
         }
     };
     *response.status_mut() = status;
+    if settings.access_log {
+        response.extensions_mut().insert(ServedBy { route: member.route.clone(), failover: failed_over });
+    }
     strip_hop_by_hop(response.headers_mut());
     note_new_session(&member, response.headers(), &settings.sticky_cookie);
     member.metrics.count_response(status.as_u16());
@@ -949,6 +962,7 @@ mod reuse_tests {
             backend_timeout: Duration::from_secs(5),
             max_body_bytes: None,
             drain_timeout: Duration::from_secs(5),
+            access_log: false,
         };
         let pool_settings = PoolSettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
