@@ -279,6 +279,12 @@ pub struct Balancer {
     #[serde(default = "default_true")]
     pub failover: bool,
 
+    /// Write an access log line per request to the balancer's log (client,
+    /// method, URI, status, bytes, duration, node, failover; no cookies or
+    /// credentials), as JSON like its other lines.
+    #[serde(default)]
+    pub access_log: bool,
+
     /// Balancer image; by default the operator's own release of clusterapp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
@@ -513,6 +519,7 @@ impl Default for Balancer {
             port: default_balancer_port(),
             method: BalancerMethod::default(),
             failover: true,
+            access_log: false,
             image: None,
             resources: None,
             service: BalancerService::default(),

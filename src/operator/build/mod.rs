@@ -596,6 +596,9 @@ impl Parts<'_> {
         if !balancer.failover {
             args.push("--no-failover".to_string());
         }
+        if balancer.access_log {
+            args.push("--access-log".to_string());
+        }
         let mut ports = vec![port("http", balancer.port)];
         let mut volume_mounts = vec![read_only_mount("ajp-secret", BALANCER_AJP_SECRET_DIR)];
         let mut volumes = vec![Volume {

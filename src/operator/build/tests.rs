@@ -200,7 +200,7 @@ fn balancer_runs_with_the_agreed_flags() {
         args,
         "balancer --kubernetes-service store/cart-nodes --listen 0.0.0.0:80 --admin-listen 0.0.0.0:9090 \
          --ajp-secret-file /etc/clusterapp/ajp/secret --packet-size 65536 --sticky-cookie CARTSESSION \
-         --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover \
+         --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover --access-log \
          --tls-listen 0.0.0.0:443 --tls-cert-file /etc/clusterapp/tls/tls.crt --tls-key-file /etc/clusterapp/tls/tls.key \
          --tls-client-ca-file /etc/clusterapp/tls-client-ca/ca.crt --tls-require-client-cert"
     );
@@ -209,6 +209,7 @@ fn balancer_runs_with_the_agreed_flags() {
     let container = &default.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
     assert_eq!(container.image.as_deref(), Some("ghcr.io/clusterapp/clusterapp:0.1.0"));
     assert!(!container.args.clone().unwrap_or_default().contains(&"--no-failover".to_string()));
+    assert!(!container.args.clone().unwrap_or_default().contains(&"--access-log".to_string()), "access log off by default");
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(args.contains("--drain-timeout 5s"), "half of the default drainSeconds (10): {args}");
     assert_eq!(
