@@ -30,7 +30,30 @@ fn env_or(name: &str, default: u64) -> u64 {
 struct Httpd {
     child: Option<Child>,
     port: u16,
+    /// HTTPS (mod_ssl) in front of the same balancer.
+    tls_port: u16,
     dir: TempDir,
+}
+
+/// A certificate (ECDSA P-256, self-signed) both proxies serve HTTPS with.
+struct TlsFiles {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl TlsFiles {
+    fn new() -> TlsFiles {
+        let dir = TempDir::new("bench-tls");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["bench.local".to_string()]).expect("params").self_signed(&key).expect("certificate");
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        // httpd's children run as www-data.
+        let _ = Command::new("chmod").args(["-R", "a+rX"]).arg(dir.path()).status();
+        TlsFiles { cert: cert_path, key: key_path, _dir: dir }
+    }
 }
 
 const HTTPD_SERVERS: u32 = 2;
@@ -46,9 +69,10 @@ const HTTPD_PING: &str = "500ms";
 const WRK_THREADS: u32 = 2;
 
 impl Httpd {
-    fn start(members: &[(String, u16)]) -> Httpd {
+    fn start(members: &[(String, u16)], tls: &TlsFiles) -> Httpd {
         let dir = TempDir::new("httpd");
         let port = free_port();
+        let tls_port = free_port();
         let m = "/usr/lib/apache2/modules";
         let balancer_members: String = members
             .iter()
@@ -70,6 +94,15 @@ LoadModule proxy_module {m}/mod_proxy.so
 LoadModule proxy_ajp_module {m}/mod_proxy_ajp.so
 LoadModule proxy_balancer_module {m}/mod_proxy_balancer.so
 LoadModule lbmethod_byrequests_module {m}/mod_lbmethod_byrequests.so
+LoadModule socache_shmcb_module {m}/mod_socache_shmcb.so
+LoadModule ssl_module {m}/mod_ssl.so
+Listen 127.0.0.1:{tls_port} https
+SSLSessionCache shmcb:{root}/ssl_scache(512000)
+<VirtualHost 127.0.0.1:{tls_port}>
+  SSLEngine on
+  SSLCertificateFile {cert}
+  SSLCertificateKeyFile {key}
+</VirtualHost>
 User www-data
 Group www-data
 StartServers {servers}
@@ -92,6 +125,8 @@ ProxyPass / balancer://tomcats/
             servers = HTTPD_SERVERS,
             threads = HTTPD_THREADS_PER_CHILD,
             max_threads = HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD,
+            cert = tls.cert.display(),
+            key = tls.key.display(),
         );
         let conf_path = dir.path().join("httpd.conf");
         std::fs::write(&conf_path, conf).expect("httpd.conf");
@@ -106,7 +141,7 @@ ProxyPass / balancer://tomcats/
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start apache2");
-        let mut h = Httpd { child: Some(child), port, dir };
+        let mut h = Httpd { child: Some(child), port, tls_port, dir };
         wait_until(Duration::from_secs(15), "httpd", || {
             balancer_common::http::blocking_status(format!("127.0.0.1:{port}").parse().expect("addr"), PATH) == Some(200)
         });
@@ -202,7 +237,8 @@ fn parse_latency(s: &str) -> f64 {
 
 /// Runs wrk against `port` and measures it, with the CPU time every part
 /// spent on the run: the proxy (`proxy_pid`'s tree), the Tomcats, wrk.
-fn wrk(port: u16, cookie: Option<&str>, seconds: u64, connections: u64, proxy_pid: Option<u32>, tomcat_pids: &[u32]) -> Sample {
+fn wrk(target: (&str, u16), cookie: Option<&str>, seconds: u64, connections: u64, proxy_pid: Option<u32>, tomcat_pids: &[u32]) -> Sample {
+    let (scheme, port) = target;
     let cpu_before = proxy_pid.map(cpu_seconds);
     let tomcat_before: f64 = tomcat_pids.iter().map(|&p| cpu_seconds(p)).sum();
     // wrk runs under `sh`, which reports its waited-for children's CPU
@@ -213,7 +249,7 @@ fn wrk(port: u16, cookie: Option<&str>, seconds: u64, connections: u64, proxy_pi
     if let Some(c) = cookie {
         cmd.args(["-H", &format!("Cookie: JSESSIONID={c}")]);
     }
-    cmd.arg(format!("http://127.0.0.1:{port}{PATH}"));
+    cmd.arg(format!("{scheme}://127.0.0.1:{port}{PATH}"));
     let out = cmd.output().expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut s = Sample::default();
@@ -275,11 +311,19 @@ fn main() {
     options.max_threads = TOMCAT_THREADS;
     let nodes = start_cluster(&["s1", "s2", "s3"], &options);
     let members: Vec<(String, u16)> = nodes.iter().map(|n| (n.route.clone(), n.ajp_port)).collect();
+    let tls = TlsFiles::new();
+    let balancer_tls_port = free_port();
     let balancer = Balancer::start(
         BalancerOptions::new(SECRET)
             .members(&[&nodes[0], &nodes[1], &nodes[2]])
             .arg("--pool-max-per-member")
-            .arg(BALANCER_POOL_PER_MEMBER.to_string()),
+            .arg(BALANCER_POOL_PER_MEMBER.to_string())
+            .arg("--tls-listen")
+            .arg(format!("127.0.0.1:{balancer_tls_port}"))
+            .arg("--tls-cert-file")
+            .arg(tls.cert.to_string_lossy())
+            .arg("--tls-key-file")
+            .arg(tls.key.to_string_lossy()),
     );
     // The same balancer, CPinging only connections idle for 1 s or more:
     // shows what the CPing round trip before every request costs (httpd's
@@ -293,7 +337,7 @@ fn main() {
             .arg("1s"),
     );
     let tomcat_pids: Vec<u32> = nodes.iter().filter_map(|n| n.pid()).collect();
-    let httpd = Httpd::start(&members);
+    let httpd = Httpd::start(&members, &tls);
     let direct_port = nodes[1].http_port;
     let sticky = "benchsession.s2";
 
@@ -327,34 +371,39 @@ fn main() {
     println!(
         "# 3 Tomcat 10.1 nodes ({TOMCAT_THREADS} connector threads each, AJP packetSize 8192), GET {PATH}, wrk -t{WRK_THREADS} -c{connections} -d{seconds}s, {rounds} interleaved rounds, medians"
     );
+    println!("# HTTPS rows: one self-signed ECDSA P-256 certificate on both (httpd mod_ssl/OpenSSL, balancer rustls); wrk keeps its connections, so they show the cost of encryption more than of handshakes");
     println!("# machine: {} cores shared by wrk, the proxy and the Tomcats; cpu columns are CPU seconds per 10k requests of each part", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // Warm up the JITs of every node (non-sticky requests reach all three)
     // and both proxies' pools, so no target pays for a cold node.
-    for (port, cookie) in [
-        (direct_port, Some(sticky)),
-        (httpd.port, Some(sticky)),
-        (balancer.listen.port(), Some(sticky)),
-        (httpd.port, None),
-        (balancer.listen.port(), None),
-        (balancer_idle_ping.listen.port(), Some(sticky)),
+    for (target, cookie) in [
+        (("http", direct_port), Some(sticky)),
+        (("http", httpd.port), Some(sticky)),
+        (("http", balancer.listen.port()), Some(sticky)),
+        (("http", httpd.port), None),
+        (("http", balancer.listen.port()), None),
+        (("http", balancer_idle_ping.listen.port()), Some(sticky)),
+        (("https", httpd.tls_port), Some(sticky)),
+        (("https", balancer_tls_port), Some(sticky)),
     ] {
-        wrk(port, cookie, 3, connections, None, &tomcat_pids);
+        wrk(target, cookie, 3, connections, None, &tomcat_pids);
     }
 
     type Key = &'static str;
     let mut results: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        let runs: [(Key, u16, Option<&str>, Option<u32>); 6] = [
-            ("1 direct tomcat", direct_port, Some(sticky), None),
-            ("2 httpd sticky", httpd.port, Some(sticky), Some(httpd.pid())),
-            ("3 balancer sticky", balancer.listen.port(), Some(sticky), Some(balancer.pid())),
-            ("4 httpd non-sticky", httpd.port, None, Some(httpd.pid())),
-            ("5 balancer non-sticky", balancer.listen.port(), None, Some(balancer.pid())),
-            ("6 balancer sticky, CPing if idle>=1s", balancer_idle_ping.listen.port(), Some(sticky), Some(balancer_idle_ping.pid())),
+        let runs: [(Key, (&str, u16), Option<&str>, Option<u32>); 8] = [
+            ("1 direct tomcat", ("http", direct_port), Some(sticky), None),
+            ("2 httpd sticky", ("http", httpd.port), Some(sticky), Some(httpd.pid())),
+            ("3 balancer sticky", ("http", balancer.listen.port()), Some(sticky), Some(balancer.pid())),
+            ("4 httpd non-sticky", ("http", httpd.port), None, Some(httpd.pid())),
+            ("5 balancer non-sticky", ("http", balancer.listen.port()), None, Some(balancer.pid())),
+            ("6 balancer sticky, CPing if idle>=1s", ("http", balancer_idle_ping.listen.port()), Some(sticky), Some(balancer_idle_ping.pid())),
+            ("7 httpd sticky, HTTPS", ("https", httpd.tls_port), Some(sticky), Some(httpd.pid())),
+            ("8 balancer sticky, HTTPS", ("https", balancer_tls_port), Some(sticky), Some(balancer.pid())),
         ];
-        for (name, port, cookie, pid) in runs {
-            results.entry(name).or_default().push(wrk(port, cookie, seconds, connections, pid, &tomcat_pids));
+        for (name, target, cookie, pid) in runs {
+            results.entry(name).or_default().push(wrk(target, cookie, seconds, connections, pid, &tomcat_pids));
         }
     }
 
