@@ -51,8 +51,14 @@ impl Pki {
     }
 
     fn leaf(&self, common_name: &str, names: &[&str]) -> Leaf {
+        self.leaf_until(common_name, names, (4096, 1, 1))
+    }
+
+    /// A leaf whose notAfter is the given (year, month, day), 00:00 UTC.
+    fn leaf_until(&self, common_name: &str, names: &[&str], (year, month, day): (i32, u8, u8)) -> Leaf {
         let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
         params.distinguished_name.push(DnType::CommonName, common_name);
+        params.not_after = rcgen::date_time_ymd(year, month, day);
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.ca).expect("sign");
         Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
@@ -140,7 +146,7 @@ fn metric(balancer: &Balancer, name: &str) -> f64 {
 async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     let dir = TempDir::new("tls");
     let pki = Pki::new("clusterapp test CA");
-    let server = pki.leaf("balancer.test", &["balancer.test"]);
+    let server = pki.leaf_until("balancer.test", &["balancer.test"], (2031, 5, 17));
     let client_pki = Pki::new("client CA");
     let alice = client_pki.leaf("alice", &[]);
     let (cert_file, key_file, client_ca_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"), dir.path().join("client-ca.crt"));
@@ -154,6 +160,10 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     let balancer =
         Balancer::start(tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &client_ca_file).arg("--header-read-timeout").arg("2s"));
     let host = format!("balancer.test:{tls_port}");
+    // 2031-05-17T00:00:00Z, for certificate expiry alerts.
+    balancer_common::wait_until(Duration::from_secs(3), "the certificate's expiry in /metrics", || {
+        metric(&balancer, "clusterapp_balancer_tls_certificate_not_after_seconds") == 1_936_742_400.0
+    });
 
     // --- TLS 1.3 with a client certificate ---
     let tls13 = client_config(&pki.ca_pem(), Some(&alice), &[&rustls::version::TLS13]);
@@ -234,7 +244,7 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     assert_eq!(echo["secure"], true, "served after the failed handshakes");
 
     // --- certificate renewal: new handshakes get the new certificate, no restart ---
-    let renewed = pki.leaf("renewed", &["balancer.test"]);
+    let renewed = pki.leaf_until("renewed", &["balancer.test"], (2051, 1, 2));
     write_atomically(&key_file, &renewed.key_pem);
     write_atomically(&cert_file, &renewed.cert_pem);
     let changed_at = Instant::now();
@@ -250,6 +260,9 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("renewed certificate served after {:?}", changed_at.elapsed());
+    balancer_common::wait_until(Duration::from_secs(3), "the renewed certificate's expiry in /metrics", || {
+        metric(&balancer, "clusterapp_balancer_tls_certificate_not_after_seconds") == 2_556_230_400.0
+    });
 
     // A broken replacement keeps the last good certificate and says why.
     write_atomically(&cert_file, "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n");

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub client_connections: Gauge,
     pub membership_updates: Counter,
     pub tls_handshake_failures: Counter,
+    /// Unix time the served TLS certificate expires.
+    pub tls_certificate_not_after: Gauge,
 }
 
 impl Default for Metrics {
@@ -135,6 +137,7 @@ impl Metrics {
         let client_connections = Gauge::default();
         let membership_updates = Counter::default();
         let tls_handshake_failures = Counter::default();
+        let tls_certificate_not_after = Gauge::default();
         registry.register("requests", "Requests proxied, by member and status class", requests.clone());
         registry.register("response_head_seconds", "Time from request to response head, by member", latency.clone());
         registry.register("backend_errors", "Failed exchanges with a member, by kind", backend_errors.clone());
@@ -145,6 +148,11 @@ impl Metrics {
         registry.register("client_connections", "Open client connections", client_connections.clone());
         registry.register("membership_updates", "Member sets applied", membership_updates.clone());
         registry.register("tls_handshake_failures", "TLS handshakes that failed or timed out", tls_handshake_failures.clone());
+        registry.register(
+            "tls_certificate_not_after_seconds",
+            "Unix time at which the served TLS certificate expires (0 without TLS)",
+            tls_certificate_not_after.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -157,6 +165,7 @@ impl Metrics {
             client_connections,
             membership_updates,
             tls_handshake_failures,
+            tls_certificate_not_after,
         }
     }
 

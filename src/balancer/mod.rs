@@ -168,7 +168,8 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
     let mut servers = vec![];
     if let Some((tls, files, listener)) = tls {
         tracing::info!(tls_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), cert = %files.cert.display(), client_ca = ?files.client_ca, "HTTPS front started");
-        tokio::spawn(tls::watch_files(tls.store.clone(), files, shutdown_rx.clone()));
+        let expiry = bal.metrics.tls_certificate_not_after.clone();
+        tokio::spawn(tls::watch_files(tls.store.clone(), files, expiry, shutdown_rx.clone()));
         servers.push(tokio::spawn(front::serve_front(bal.clone(), listener, Some(tls.acceptor), front_settings.clone(), shutdown_rx.clone())));
     }
     servers.push(tokio::spawn(front::serve_front(bal.clone(), front, None, front_settings, shutdown_rx)));

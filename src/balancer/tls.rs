@@ -91,6 +91,30 @@ impl CertStore {
     fn replace(&self, key: CertifiedKey) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
     }
+
+    /// `notAfter` of the served certificate (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        current.cert.first().and_then(|leaf| not_after_unix(leaf.as_ref()))
+    }
+
+    /// Publishes the served certificate's expiry and warns when it is near or past.
+    pub fn report(&self, gauge: &prometheus_client::metrics::gauge::Gauge, cert: &Path) {
+        let Some(not_after) = self.not_after() else {
+            tracing::warn!(cert = %cert.display(), "cannot read the expiry of the TLS certificate");
+            return;
+        };
+        gauge.set(not_after);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let days_left = (not_after - now).div_euclid(86_400);
+        if not_after <= now {
+            tracing::warn!(cert = %cert.display(), not_after, "the TLS certificate has expired; clients will refuse it");
+        } else if days_left < 14 {
+            tracing::warn!(cert = %cert.display(), not_after, days_left, "the TLS certificate expires soon");
+        } else {
+            tracing::info!(cert = %cert.display(), not_after, days_left, "TLS certificate in use");
+        }
+    }
 }
 
 impl ResolvesServerCert for CertStore {
@@ -144,7 +168,13 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 /// Reloads the certificate when either file changes, until shutdown.
-pub async fn watch_files(store: Arc<CertStore>, files: TlsFiles, mut shutdown: watch::Receiver<bool>) {
+pub async fn watch_files(
+    store: Arc<CertStore>,
+    files: TlsFiles,
+    expiry: prometheus_client::metrics::gauge::Gauge,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    store.report(&expiry, &files.cert);
     let mut seen = (stamp(&files.cert), stamp(&files.key));
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     loop {
@@ -161,6 +191,7 @@ pub async fn watch_files(store: Arc<CertStore>, files: TlsFiles, mut shutdown: w
                 store.replace(key);
                 seen = now;
                 tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+                store.report(&expiry, &files.cert);
             }
             // A half-written pair (cert updated, key not yet) loads on a later poll.
             Err(e) => tracing::warn!(error = %e, "TLS certificate changed but does not load; serving the previous one"),
@@ -201,6 +232,75 @@ fn cipher_facts(rustls_name: &'static str) -> (&'static str, u16) {
     (iana, key_size)
 }
 
+/// When a DER certificate stops being valid (its `notAfter`), as Unix
+/// seconds; None for anything that is not a well-formed certificate head.
+pub fn not_after_unix(der: &[u8]) -> Option<i64> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    //   serialNumber, signature, issuer, validity SEQUENCE { notBefore, notAfter }, … } … }
+    let (_, certificate, _) = der_element(der)?;
+    let (_, tbs, _) = der_element(certificate)?;
+    let mut rest = tbs;
+    let (tag, _, after) = der_element(rest)?;
+    if tag == 0xA0 {
+        rest = after; // explicit version
+    }
+    for _ in 0..3 {
+        rest = der_element(rest)?.2; // serialNumber, signature, issuer
+    }
+    let (_, validity, _) = der_element(rest)?;
+    let not_before_rest = der_element(validity)?.2;
+    let (tag, time, _) = der_element(not_before_rest)?;
+    let text = std::str::from_utf8(time).ok()?;
+    let (year, rest) = match tag {
+        // UTCTime YYMMDDHHMMSSZ: 50..99 are 19xx (RFC 5280).
+        0x17 => {
+            let yy: i64 = text.get(0..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, text.get(2..)?)
+        }
+        // GeneralizedTime YYYYMMDDHHMMSSZ.
+        0x18 => (text.get(0..4)?.parse().ok()?, text.get(4..)?),
+        _ => return None,
+    };
+    if rest.len() != 11 || !rest.ends_with('Z') || !rest[..10].bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let field = |i: usize| -> i64 { rest[i..i + 2].parse().unwrap_or(0) };
+    let (month, day, hour, minute, second) = (field(0), field(2), field(4), field(6), field(8));
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// One DER element at the start of `input`: (tag, contents, what follows).
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7F) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | b as usize), &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// PEM text of one certificate, the form Tomcat's AJP connector parses.
 fn pem_certificate(der: &CertificateDer<'_>) -> String {
     use base64::Engine;
@@ -239,6 +339,33 @@ mod tests {
         assert!(pem.lines().all(|l| l.len() <= 64));
         let back = CertificateDer::from_pem_slice(pem.as_bytes()).expect("parses");
         assert_eq!(back.as_ref(), der.as_slice());
+    }
+
+    fn certificate_expiring(year: i32, month: u8, day: u8) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(vec!["t.example".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, month, day);
+        params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn not_after_is_read_from_utc_and_generalized_times() {
+        // Before 2050 notAfter is a UTCTime, from 2050 a GeneralizedTime (RFC 5280).
+        assert_eq!(not_after_unix(&certificate_expiring(2031, 5, 17)), Some(1_936_742_400));
+        assert_eq!(not_after_unix(&certificate_expiring(2051, 1, 2)), Some(2_556_230_400));
+        assert_eq!(days_from_civil(1999, 12, 31) * 86_400, 946_598_400);
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+    }
+
+    #[test]
+    fn not_after_of_broken_input_is_none_not_a_panic() {
+        let der = certificate_expiring(2031, 5, 17);
+        for cut in 0..der.len() {
+            // Truncated anywhere before the validity ends: no answer, no panic.
+            let _ = not_after_unix(&der[..cut]);
+        }
+        assert_eq!(not_after_unix(b""), None);
+        assert_eq!(not_after_unix(b"\x30\x84\xff\xff\xff\xff"), None);
+        assert_eq!(not_after_unix(&[0x30, 0x03, 0x30, 0x01, 0x00]), None);
     }
 
     #[test]
