@@ -429,3 +429,103 @@ async fn clusterapp_image_runs_the_binary_built_from_this_repository() {
     let log = kubelet().container_log(&ns.name, "crd", "main");
     assert!(log.contains("kind: CustomResourceDefinition") && log.contains("clusterapp.io"), "{log}");
 }
+
+/// Waits until the container printed `line` (a whole line); returns how long it took.
+async fn wait_log_line(ns: &str, pod: &str, container: &str, line: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let log = kubelet().container_log(ns, pod, container);
+        if log.lines().any(|l| l == line) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < timeout, "no line {line:?} in the log of {ns}/{pod}/{container} after {timeout:?}:\n{}\nkubelet log:\n{}",
+            log.lines().rev().take(10).collect::<Vec<_>>().join("\n"), kubelet().log_tail(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// (inode, mtime) of a file: a rewrite (write + rename) changes both.
+fn file_identity(path: &std::path::Path) -> (u64, std::time::SystemTime) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.ino(), meta.modified().expect("mtime"))
+}
+
+#[tokio::test]
+async fn changed_secrets_and_configmaps_reach_the_files_of_a_running_pod() {
+    kubelet();
+    let ns = TestNamespace::new("kubelet-volsync").await;
+    let secrets = ns.api::<Secret>();
+    let configmaps = ns.api::<ConfigMap>();
+    create(&secrets, json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rotating"}, "stringData": {"pw": "v1", "stable": "same"}})).await;
+    create(&configmaps, json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "conf"}, "data": {"color": "blue", "extra": "x"}})).await;
+    // What the container itself sees, five times a second.
+    let script = r#"
+while true; do
+  echo "SECRET=$(cat /etc/secret/pw) STABLE=$(cat /etc/secret/stable)"
+  echo "PROJECTED=$(cat /etc/projected/password)/$(cat /etc/projected/colour)"
+  echo "CM=$(cat /etc/config/color) EXTRA=$(cat /etc/config/extra 2>/dev/null || echo gone)"
+  sleep 0.2
+done
+"#;
+    let pods = ns.api::<Pod>();
+    create(&pods, json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "watcher"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main", "image": "local/busybox:1.36", "command": ["sh", "-c", script],
+                "volumeMounts": [
+                    {"name": "secret", "mountPath": "/etc/secret", "readOnly": true},
+                    {"name": "config", "mountPath": "/etc/config"},
+                    {"name": "both", "mountPath": "/etc/projected"},
+                ],
+            }],
+            "volumes": [
+                {"name": "secret", "secret": {"secretName": "rotating"}},
+                {"name": "config", "configMap": {"name": "conf"}},
+                {"name": "both", "projected": {"sources": [
+                    {"secret": {"name": "rotating", "items": [{"key": "pw", "path": "password"}]}},
+                    {"configMap": {"name": "conf", "items": [{"key": "color", "path": "colour"}]}},
+                ]}},
+            ],
+        }})).await;
+    wait_pod(&pods, "watcher", "Running and Ready", Duration::from_secs(60), |p| phase(p) == "Running" && ready(p)).await;
+    let bound = Duration::from_secs(10);
+    wait_log_line(&ns.name, "watcher", "main", "SECRET=v1 STABLE=same", bound).await;
+    wait_log_line(&ns.name, "watcher", "main", "PROJECTED=v1/blue", bound).await;
+    wait_log_line(&ns.name, "watcher", "main", "CM=blue EXTRA=x", bound).await;
+    let volumes = kubelet().pod_dir(&ns.name, "watcher").join("volumes");
+    let stable_before = file_identity(&volumes.join("secret/stable"));
+    let config_before = file_identity(&volumes.join("config/color"));
+    // Several sync periods without a change: nothing is rewritten.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(file_identity(&volumes.join("config/color")), config_before, "an unchanged ConfigMap's file was rewritten");
+
+    // A changed Secret key: both volumes that use it follow; the other key's file is left alone.
+    secrets.replace("rotating", &Default::default(), &{
+        let mut s = secrets.get("rotating").await.expect("secret");
+        s.data = Some([("pw".to_string(), k8s_openapi::ByteString(b"v2".to_vec())), ("stable".to_string(), k8s_openapi::ByteString(b"same".to_vec()))].into());
+        s
+    }).await.expect("updating the secret");
+    let secret_after = wait_log_line(&ns.name, "watcher", "main", "SECRET=v2 STABLE=same", bound).await;
+    let projected_after = wait_log_line(&ns.name, "watcher", "main", "PROJECTED=v2/blue", bound).await;
+    assert_eq!(file_identity(&volumes.join("secret/stable")), stable_before, "the unchanged key's file was rewritten");
+    assert_eq!(file_identity(&volumes.join("config/color")), config_before, "an unrelated volume's file was rewritten");
+
+    // A changed ConfigMap with a key removed: the value follows, the file goes.
+    let patch = json!({"data": {"color": "green", "extra": null}});
+    configmaps.patch("conf", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("patching the configmap");
+    let config_after = wait_log_line(&ns.name, "watcher", "main", "CM=green EXTRA=gone", bound).await;
+    wait_log_line(&ns.name, "watcher", "main", "PROJECTED=v2/green", bound).await;
+    assert_eq!(file_identity(&volumes.join("secret/stable")), stable_before);
+    println!(
+        "volume sync: secret change seen in the pod after {} ms (in the projected volume {} ms after that), configmap change after {} ms",
+        secret_after.as_millis(),
+        projected_after.as_millis(),
+        config_after.as_millis()
+    );
+    pods.delete("watcher", &DeleteParams::default()).await.expect("deleting the pod");
+}

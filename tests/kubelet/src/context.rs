@@ -34,6 +34,8 @@ pub struct Context {
     pub restart_backoff_max: Duration,
     /// Cap on termination grace when the kubelet itself stops.
     pub shutdown_grace: Duration,
+    /// How often running Pods' ConfigMap/Secret volumes are re-read (0 = never).
+    pub volume_sync_period: Duration,
     pub node_cpu: String,
     pub node_memory: String,
     pub tomcat_conf: PathBuf,
@@ -54,6 +56,7 @@ impl Context {
         registry: EndpointRegistry,
         restart_backoff: Duration,
         shutdown_grace: Duration,
+        volume_sync_period: Duration,
         node_cpu: String,
         node_memory: String,
     ) -> Context {
@@ -70,6 +73,7 @@ impl Context {
             restart_backoff,
             restart_backoff_max: Duration::from_secs(60),
             shutdown_grace,
+            volume_sync_period,
             node_cpu,
             node_memory,
             tomcat_conf: PathBuf::from("/etc/tomcat10"),

@@ -155,6 +155,7 @@ async fn serve(
         registry.clone(),
         args.restart_backoff,
         args.shutdown_grace,
+        args.volume_sync_period,
         args.cpu.clone(),
         args.memory.clone(),
     ));

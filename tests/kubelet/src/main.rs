@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// Longest termination grace given to Pods when the kubelet itself stops.
     #[arg(long, default_value = "10", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
+    /// How often the ConfigMap/Secret volumes of running Pods are re-read and
+    /// changed files rewritten (a real kubelet: about a minute); 0 = never.
+    #[arg(long, env = "CLUSTERAPP_KUBELET_VOLUME_SYNC_PERIOD", default_value = "2", value_parser = parse_seconds)]
+    pub volume_sync_period: Duration,
     /// Advertised (not enforced) node capacity.
     #[arg(long, default_value = "16")]
     pub cpu: String,

@@ -467,6 +467,7 @@ impl PodWorker {
             }
         }
         self.refresh_tokens().await;
+        self.resync_volumes().await;
 
         // Init containers in order; the next starts when the previous succeeded.
         if let Some(index) = self.init_containers.iter().position(|c| !c.succeeded()) {
@@ -488,6 +489,35 @@ impl PodWorker {
         let Some(volumes) = self.volumes.as_mut() else { return };
         if let Err(e) = volumes::refresh_tokens(&self.ctx.client, &self.pod, volumes).await {
             warn!(pod = self.key, "refreshing a ServiceAccount token: {e}");
+        }
+    }
+
+    /// Every `--volume-sync-period` while a container runs: ConfigMap and
+    /// Secret volume files follow their objects (only changed files are
+    /// rewritten).
+    async fn resync_volumes(&mut self) {
+        if !self.containers.iter().chain(self.init_containers.iter()).any(|c| c.pid.is_some()) {
+            return;
+        }
+        let period = self.ctx.volume_sync_period;
+        let Some(volumes) = self.volumes.as_mut() else { return };
+        if volumes.synced.is_empty() || period.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        match volumes.next_resync {
+            None => {
+                volumes.next_resync = Some(now + period);
+                return;
+            }
+            Some(due) if due > now => return,
+            Some(_) => {}
+        }
+        volumes.next_resync = Some(now + period);
+        match volumes::resync(&self.ctx.client, &self.pod, volumes).await {
+            Ok(0) => {}
+            Ok(n) => info!(pod = self.key, files = n, "volume files updated"),
+            Err(e) => warn!(pod = self.key, "re-syncing ConfigMap/Secret volumes: {e}"),
         }
     }
 
