@@ -10,6 +10,10 @@
 //!    route rewritten — and no request fails.
 //! 5. kill -9 under load: 20 clients; no acknowledged increment is lost, and
 //!    the requests that fail are at most those in flight on the killed node.
+//!
+//! And HTTPS (`spec.balancer.tls`): Tomcat sees requests through the
+//! balancer's HTTPS nodePort as secure, and a renewed certificate in the
+//! Secret reaches new handshakes without a restart while sessions go on.
 
 mod e2e_common;
 mod operator_common;
@@ -17,7 +21,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use e2e_common::tls::{HttpsConn, Pki, tls_secret};
 use e2e_common::{App, Load, get_counter, route_of_session_id, serial, summary};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
 
 #[tokio::test]
 async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
@@ -112,4 +119,137 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
     assert!(total.failures <= on_victim, "{} failed requests, but only {on_victim} could have been in flight on {victim}: {:?}", total.failures, total.errors);
     assert!(total.ok > 1000, "the load ran: {} ok", total.ok);
     app.operator.stop().await;
+}
+
+#[tokio::test]
+async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_restart() {
+    let _serial = serial();
+    let pki = Pki::new("clusterapp e2e CA");
+    let first = pki.leaf("shop first");
+    let tls = serde_json::json!({"balancer": {"tls": {"secretName": "shop-tls"}}});
+    let app = App::start_with("e2e-tls", "shop", 2, tls, &[tls_secret("shop-tls", &first)]).await;
+    let port = app.node_port("https").await;
+    let client = pki.client();
+
+    // Tomcat sees the request as secure, with what the handshake negotiated.
+    let mut conn = HttpsConn::open(port, client.clone()).await.unwrap_or_else(|e| panic!("HTTPS on 127.0.0.1:{port}: {e}"));
+    assert_eq!(conn.server_cert, first.der, "the Secret's certificate is served");
+    let reply = conn.get("/counter/echo", None).await.expect("GET /counter/echo over HTTPS");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let echo: serde_json::Value = serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("echo JSON: {e}: {}", reply.body));
+    assert_eq!(echo["scheme"], "https", "{echo}");
+    assert_eq!(echo["secure"], true, "{echo}");
+    // rustls says TLSv1_3 / TLS13_AES_256_GCM_SHA384; Java says TLSv1.3 / TLS_AES_256_GCM_SHA384.
+    assert_eq!(echo["tlsProtocol"], conn.protocol.replace('_', "."), "{echo}");
+    assert_eq!(echo["cipherSuite"], conn.cipher_suite.replace("TLS13_", "TLS_"), "{echo}");
+    assert!(echo["keySize"].as_str().is_some_and(|k| k.parse::<u32>().is_ok_and(|bits| bits >= 128)), "{echo}");
+    assert!(echo["clientCertSubject"].is_null(), "no client certificate was sent: {echo}");
+
+    // A session over HTTPS climbs on one route (new connections: both balancer pods).
+    let mut requests = 1u64;
+    let mut session: Option<String> = None;
+    let mut route: Option<String> = None;
+    for expected in 1..=10u64 {
+        let mut c = HttpsConn::open(port, client.clone()).await.unwrap_or_else(|e| panic!("request {expected}: {e}"));
+        let r = c.get("/counter/", session.as_deref()).await.unwrap_or_else(|e| panic!("request {expected}: {e}"));
+        requests += 1;
+        assert_eq!((r.status, r.counter), (200, Some(expected)), "request {expected} of the HTTPS session: {r:?}");
+        let here = r.route.clone().expect("X-Route");
+        assert_eq!(route.get_or_insert(here.clone()), &here, "the HTTPS session stays on its route");
+        if let Some(id) = r.session {
+            session = Some(id);
+        }
+    }
+    let route = route.expect("route");
+    let mut counter = 10u64;
+
+    // Renew: same Secret, a new certificate of the same CA. A connection
+    // from before keeps serving; new handshakes get the new certificate.
+    let renewed = pki.leaf("shop renewed");
+    let mut kept = HttpsConn::open(port, client.clone()).await.expect("a connection from before the renewal");
+    assert_eq!(kept.server_cert, first.der);
+    let secrets: kube::Api<Secret> = app.ns.api();
+    let mut secret = secrets.get("shop-tls").await.expect("the TLS Secret");
+    secret.data = Some(
+        [
+            ("tls.crt".to_string(), ByteString(renewed.cert_pem.clone().into_bytes())),
+            ("tls.key".to_string(), ByteString(renewed.key_pem.clone().into_bytes())),
+        ]
+        .into(),
+    );
+    secrets.replace("shop-tls", &Default::default(), &secret).await.expect("renewing the Secret");
+    let renewed_at = Instant::now();
+    // Kubelet volume sync (2 s) + the balancer's file poll (1 s) + slack.
+    let bound = Duration::from_secs(10);
+    // Every failed request or counter that is not the previous + 1 on the session's route.
+    let mut errors: Vec<String> = Vec::new();
+    let (mut first_new, mut consecutive_new, mut old_after) = (None, 0, 0u64);
+    // Four new handshakes in a row with the new certificate: both balancer
+    // pods (the nodePort alternates between them) serve it.
+    while consecutive_new < 4 {
+        assert!(
+            renewed_at.elapsed() < bound,
+            "the renewed certificate was not served by every balancer within {bound:?} (first seen after {first_new:?}); errors {errors:?}\nkubelet log:\n{}",
+            e2e_common::kubelet_log_tail(30)
+        );
+        match HttpsConn::open(port, client.clone()).await {
+            Ok(mut fresh) => {
+                if fresh.server_cert == renewed.der {
+                    first_new.get_or_insert(renewed_at.elapsed());
+                    consecutive_new += 1;
+                } else {
+                    assert_eq!(fresh.server_cert, first.der, "an unknown certificate was served");
+                    consecutive_new = 0;
+                    if first_new.is_some() {
+                        old_after += 1;
+                    }
+                }
+                let r = fresh.get("/counter/", session.as_deref()).await;
+                expect_next(r, &mut counter, &route, &mut errors, "new connection");
+            }
+            Err(e) => errors.push(format!("new handshake: {e}")),
+        }
+        let r = kept.get("/counter/", session.as_deref()).await;
+        expect_next(r, &mut counter, &route, &mut errors, "connection from before");
+        requests += 2;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_new = renewed_at.elapsed();
+    let failures = errors.len() as u64;
+    let first_new = first_new.unwrap_or(all_new);
+    println!(
+        "HTTPS: Ready 2/2 {} ms after create; tlsProtocol {} cipherSuite {}; certificate renewal: first new handshake after {} ms, \
+         every balancer after {} ms ({old_after} old handshakes in between); session on {route} at {counter}, {requests} requests, {failures} failed {errors:?}",
+        app.ready_after.as_millis(),
+        echo["tlsProtocol"],
+        echo["cipherSuite"],
+        first_new.as_millis(),
+        all_new.as_millis(),
+    );
+    summary(
+        "TLS: certificate renewal",
+        requests,
+        failures,
+        0,
+        all_new,
+        &format!("new cert after {:.1}/{:.1} s, session {counter} on {route}", first_new.as_secs_f64(), all_new.as_secs_f64()),
+    );
+    assert_eq!(failures, 0, "requests failed or the session lost its count during the renewal: {errors:?}");
+    assert!(counter > 10, "the session kept counting: {counter}");
+    app.operator.stop().await;
+}
+
+/// Checks one counter reply of a session: 200, the previous counter + 1, on
+/// `route`; anything else goes to `errors`.
+fn expect_next(reply: Result<e2e_common::tls::HttpsReply, String>, counter: &mut u64, route: &str, errors: &mut Vec<String>, what: &str) {
+    match reply {
+        Ok(r) if r.status == 200 && r.counter == Some(*counter + 1) && r.route.as_deref() == Some(route) => *counter += 1,
+        Ok(r) => {
+            errors.push(format!("{what}: HTTP {} counter {:?} (expected {}) route {:?}", r.status, r.counter, *counter + 1, r.route));
+            if let Some(c) = r.counter {
+                *counter = c;
+            }
+        }
+        Err(e) => errors.push(format!("{what}: {e}")),
+    }
 }

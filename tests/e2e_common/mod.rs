@@ -7,6 +7,8 @@
 //! kubelet (one Pod network, 2 cores), so they run one after another.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::Write as _;
 use std::process::Command;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clusterapp::crd::ClusterApp;
 use http_body_util::{BodyExt, Empty};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::Api;
 use kube::api::PostParams;
 use tokio::net::TcpStream;
@@ -46,8 +48,19 @@ impl App {
     /// `replicas` counter-app nodes with a NodePort balancer; waits until it
     /// is Ready and the balancer answers 200. `extra` is merged into `spec`.
     pub async fn start(prefix: &str, name: &str, replicas: i32, extra: serde_json::Value) -> App {
+        App::start_with(prefix, name, replicas, extra, &[]).await
+    }
+
+    /// [`App::start`], with `secrets` (Secret manifests, e.g. the balancer's
+    /// TLS certificate) created in the namespace before the ClusterApp.
+    pub async fn start_with(prefix: &str, name: &str, replicas: i32, extra: serde_json::Value, secrets: &[serde_json::Value]) -> App {
         kubelet();
         let ns = OperatorNamespace::new(prefix).await;
+        let secret_api: Api<Secret> = ns.api();
+        for secret in secrets {
+            let secret: Secret = serde_json::from_value(secret.clone()).expect("Secret json");
+            secret_api.create(&PostParams::default(), &secret).await.expect("creating a Secret for the ClusterApp");
+        }
         let operator = operator_common::operator_in(&ns).await;
         let mut spec = serde_json::json!({
             "replicas": replicas, "image": "ghcr.io/clusterapp/counter-app:1.0",
@@ -78,6 +91,21 @@ impl App {
         }
         app.ready_after = created.elapsed();
         app
+    }
+
+    /// The nodePort of the balancer Service's port `port_name` (e.g. `https`).
+    pub async fn node_port(&self, port_name: &str) -> u16 {
+        let services: Api<Service> = self.ns.api();
+        let service = services.get(&self.name).await.expect("balancer Service");
+        service
+            .spec
+            .and_then(|s| s.ports)
+            .into_iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(port_name))
+            .and_then(|p| p.node_port)
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or_else(|| panic!("the balancer Service has no port {port_name:?} with a nodePort"))
     }
 
     pub fn apps(&self) -> Api<ClusterApp> {
@@ -134,6 +162,11 @@ impl App {
         support::run_ok(Command::new("kill").args(["-KILL", &pid]));
         pid
     }
+}
+
+/// The last lines of the shared kubelet's log (for failure messages).
+pub fn kubelet_log_tail(lines: usize) -> String {
+    kubelet().log_tail(lines)
 }
 
 /// The PID of the last start of a container, from the kubelet's log.

@@ -1,0 +1,140 @@
+//! HTTPS for the e2e tests: a CA made in the test (rcgen), `kubernetes.io/tls`
+//! Secrets of its leaf certificates, and a rustls client that reports what
+//! the handshake presented and negotiated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+
+/// The name the leaf certificates carry and the client asks for (SNI).
+pub const SERVER_NAME: &str = "shop.clusterapp.test";
+
+/// A CA made for one test.
+pub struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A leaf certificate and its key, PEM, and the DER the server presents.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Pki { ca: CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA") }
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    /// A server certificate for [`SERVER_NAME`] with a fresh key.
+    pub fn leaf(&self, common_name: &str) -> Leaf {
+        let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()]).expect("params");
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.ca).expect("sign");
+        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
+    }
+
+    /// A client that trusts this CA only (TLS 1.2 and 1.3).
+    pub fn client(&self) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(self.ca_pem().as_bytes()).expect("CA PEM")).expect("CA");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+}
+
+/// A `kubernetes.io/tls` Secret holding `leaf`.
+pub fn tls_secret(name: &str, leaf: &Leaf) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name},
+        "stringData": {"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem},
+    })
+}
+
+/// One HTTP/1.1 connection over TLS to 127.0.0.1:`port`, with what the
+/// handshake gave.
+pub struct HttpsConn {
+    sender: hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>,
+    pub port: u16,
+    /// The certificate the server presented.
+    pub server_cert: CertificateDer<'static>,
+    /// rustls' names, e.g. `TLSv1_3`, `TLS13_AES_256_GCM_SHA384`.
+    pub protocol: String,
+    pub cipher_suite: String,
+}
+
+/// What one request over HTTPS answered.
+#[derive(Debug, Clone)]
+pub struct HttpsReply {
+    pub status: u16,
+    pub counter: Option<u64>,
+    pub route: Option<String>,
+    /// From Set-Cookie, else X-Session-Id.
+    pub session: Option<String>,
+    pub body: String,
+}
+
+impl HttpsConn {
+    pub async fn open(port: u16, config: Arc<ClientConfig>) -> Result<HttpsConn, String> {
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+            let name = ServerName::try_from(SERVER_NAME).expect("server name");
+            let tls = TlsConnector::from(config).connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
+            let session = tls.get_ref().1;
+            let server_cert = session.peer_certificates().and_then(|c| c.first().cloned()).ok_or("no server certificate")?;
+            let protocol = session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+            let cipher_suite = session.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP handshake: {e}"))?;
+            tokio::spawn(conn);
+            Ok(HttpsConn { sender, port, server_cert, protocol, cipher_suite })
+        };
+        tokio::time::timeout(Duration::from_secs(15), connect).await.unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
+    }
+
+    /// GET `path` (with the session cookie, if any) on this connection.
+    pub async fn get(&mut self, path: &str, session: Option<&str>) -> Result<HttpsReply, String> {
+        let exchange = async {
+            self.sender.ready().await.map_err(|e| format!("connection: {e}"))?;
+            let mut request = http::Request::get(path).header("host", format!("{SERVER_NAME}:{}", self.port));
+            if let Some(id) = session {
+                request = request.header("cookie", format!("JSESSIONID={id}"));
+            }
+            let response = self.sender.send_request(request.body(Empty::new()).expect("request")).await.map_err(|e| format!("request: {e}"))?;
+            let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let session = response
+                .headers()
+                .get_all("set-cookie")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|c| c.strip_prefix("JSESSIONID=").map(|v| v.split(';').next().unwrap_or("").to_string()))
+                .or_else(|| header("x-session-id"));
+            let status = response.status().as_u16();
+            let counter = header("x-counter").and_then(|v| v.trim().parse().ok());
+            let route = header("x-route");
+            let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+            Ok(HttpsReply { status, counter, route, session, body: String::from_utf8_lossy(&body).into_owned() })
+        };
+        tokio::time::timeout(Duration::from_secs(15), exchange).await.unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
+    }
+}
