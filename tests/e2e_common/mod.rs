@@ -204,6 +204,20 @@ pub struct Reply {
     pub session: Option<String>,
 }
 
+impl Reply {
+    /// The counter page's answer from its status and headers.
+    pub fn of(status: u16, headers: &http::HeaderMap) -> Reply {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let session = headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| c.strip_prefix("JSESSIONID=").map(|v| v.split(';').next().unwrap_or("").to_string()))
+            .or_else(|| header("x-session-id"));
+        Reply { status, counter: header("x-counter").and_then(|v| v.trim().parse().ok()), route: header("x-route"), session }
+    }
+}
+
 /// One GET /counter/ through the balancer on a fresh connection (so the
 /// NodePort spreads requests over both balancer Pods).
 pub async fn get_counter(port: u16, session: Option<&str>) -> Result<Reply, String> {
@@ -218,20 +232,7 @@ pub async fn get_counter(port: u16, session: Option<&str>) -> Result<Reply, Stri
         }
         let request = request.body(Empty::<bytes::Bytes>::new()).expect("request");
         let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
-        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let session = response
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|c| c.strip_prefix("JSESSIONID=").map(|v| v.split(';').next().unwrap_or("").to_string()))
-            .or_else(|| header("x-session-id"));
-        let reply = Reply {
-            status: response.status().as_u16(),
-            counter: header("x-counter").and_then(|v| v.trim().parse().ok()),
-            route: header("x-route"),
-            session,
-        };
+        let reply = Reply::of(response.status().as_u16(), response.headers());
         response.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
         Ok(reply)
     };

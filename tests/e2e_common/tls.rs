@@ -121,17 +121,7 @@ impl HttpsConn {
                 request = request.header("cookie", format!("JSESSIONID={id}"));
             }
             let response = self.sender.send_request(request.body(Empty::new()).expect("request")).await.map_err(|e| format!("request: {e}"))?;
-            let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-            let session = response
-                .headers()
-                .get_all("set-cookie")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(|c| c.strip_prefix("JSESSIONID=").map(|v| v.split(';').next().unwrap_or("").to_string()))
-                .or_else(|| header("x-session-id"));
-            let status = response.status().as_u16();
-            let counter = header("x-counter").and_then(|v| v.trim().parse().ok());
-            let route = header("x-route");
+            let super::Reply { status, counter, route, session } = super::Reply::of(response.status().as_u16(), response.headers());
             let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
             Ok(HttpsReply { status, counter, route, session, body: String::from_utf8_lossy(&body).into_owned() })
         };
