@@ -53,10 +53,21 @@ done
 
 # A PID in $PIDS is ours only while it still runs a binary with our state
 # folder on its command line; a reused PID of some other process is not.
+# While a process is being replaced (exec) or is a zombie, its command line
+# reads empty (or fails): look again shortly rather than take it for gone.
 is_ours() {
-  local pid="$1"
-  [[ -r /proc/$pid/cmdline ]] || return 1
-  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$STATE/"
+  local pid="$1" cmd tries
+  for tries in 1 2 3 4 5 6 7 8 9 10; do
+    [[ -r /proc/$pid/cmdline ]] || return 1
+    cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" || cmd=""
+    if [[ -n $cmd ]]; then
+      [[ $cmd == *"$STATE/"* ]]
+      return
+    fi
+    [[ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]] || return 1
+    sleep 0.05
+  done
+  return 1
 }
 
 stop_all() {
@@ -131,6 +142,10 @@ start() {
   setsid "$@" 9>&- >"$LOGS/$name.log" 2>&1 &
   local pid=$!
   echo "$name $pid" >> "$PIDS"
+  # Until the forked shell has become the program, its command line is the
+  # shell's: wait for the exec, so no check mistakes it for another process.
+  local deadline=$((SECONDS + 5))
+  until is_ours "$pid" || ! kill -0 "$pid" 2>/dev/null || (( SECONDS >= deadline )); do sleep 0.02; done
 }
 
 # Fail with the name and log of a process that is no longer running.
