@@ -110,25 +110,18 @@ pub async fn serve_front(
                             let _slot = slot;
                             // The head read timeout starts after the handshake; the
                             // handshake gets the same time (a slow handshake is slowloris too).
-                            let stream = match tokio::time::timeout(deadline, handshake).await {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    failures.inc();
-                                    if let Some(more) = failure_log.allow() {
-                                        tracing::info!(%remote, error = %e, more_since_last_line = more, "TLS handshake failed");
-                                    }
-                                    return;
+                            let error = match tokio::time::timeout(deadline, handshake).await {
+                                Ok(Ok(stream)) => {
+                                    let facts = tls::facts(stream.get_ref().1);
+                                    return conn.serve(stream, Some(facts)).await;
                                 }
-                                Err(_) => {
-                                    failures.inc();
-                                    if let Some(more) = failure_log.allow() {
-                                        tracing::info!(%remote, timeout = ?deadline, more_since_last_line = more, "TLS handshake timed out");
-                                    }
-                                    return;
-                                }
+                                Ok(Err(e)) => e.to_string(),
+                                Err(_) => format!("no handshake within {deadline:?}"),
                             };
-                            let facts = tls::facts(stream.get_ref().1);
-                            conn.serve(stream, Some(facts)).await;
+                            failures.inc();
+                            if let Some(more) = failure_log.allow() {
+                                tracing::info!(%remote, %error, more_since_last_line = more, "TLS handshake failed");
+                            }
                         });
                     }
                 }

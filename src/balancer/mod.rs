@@ -83,14 +83,16 @@ fn membership_source(args: &BalancerArgs) -> Result<MembershipSource, BalancerEr
     Ok(MembershipSource::Static(args.members.clone()))
 }
 
-fn tls_files(args: &BalancerArgs) -> Option<tls::TlsFiles> {
-    args.tls_listen?;
-    Some(tls::TlsFiles {
+/// The HTTPS front's address and files, when `--tls-listen` is given (clap
+/// requires the certificate and key with it).
+fn tls_front(args: &BalancerArgs) -> Option<(std::net::SocketAddr, tls::TlsFiles)> {
+    let files = tls::TlsFiles {
         cert: args.tls_cert_file.clone()?,
         key: args.tls_key_file.clone()?,
         client_ca: args.tls_client_ca_file.clone(),
         require_client_cert: args.tls_require_client_cert,
-    })
+    };
+    Some((args.tls_listen?, files))
 }
 
 /// Builds the shared state from the command line.
@@ -121,10 +123,9 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
     let source = membership_source(&args)?;
     let bal = build(&args)?;
     let front = TcpListener::bind(args.listen).await.map_err(|source| BalancerError::Bind { what: "--listen", address: args.listen, source })?;
-    let tls = match tls_files(&args) {
-        Some(files) => {
+    let tls = match tls_front(&args) {
+        Some((address, files)) => {
             let tls = tls::build(&files)?;
-            let address = args.tls_listen.unwrap_or(args.listen);
             let listener =
                 TcpListener::bind(address).await.map_err(|source| BalancerError::Bind { what: "--tls-listen", address, source })?;
             Some((tls, files, listener))

@@ -186,14 +186,15 @@ pub async fn watch_files(
         if now == seen {
             continue;
         }
+        // Once per change: a half-written pair (cert updated, key not yet)
+        // changes again when the rest is written, and loads then.
+        seen = now;
         match load_certified_key(&files.cert, &files.key) {
             Ok(key) => {
                 store.replace(key);
-                seen = now;
                 tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
                 store.report(&expiry, &files.cert);
             }
-            // A half-written pair (cert updated, key not yet) loads on a later poll.
             Err(e) => tracing::warn!(error = %e, "TLS certificate changed but does not load; serving the previous one"),
         }
     }

@@ -392,27 +392,26 @@ async fn check_secret_ref(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>
 /// files and keeps the last good pair.
 async fn check_tls_secrets(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>, namespace: &str) -> Result<Option<Problem>, Error> {
     let Some(tls) = &app.spec.balancer.tls else { return Ok(None) };
-    let mut wanted: Vec<(&str, &str, &[&str], String)> = vec![(
-        "spec.balancer.tls.secretName",
-        &tls.secret_name,
-        &[TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY],
-        format!("kubectl create secret tls {} --cert=CERT.pem --key=KEY.pem -n {namespace}", tls.secret_name),
-    )];
-    if let Some(client_ca) = &tls.client_ca_secret_name {
-        wanted.push((
-            "spec.balancer.tls.clientCASecretName",
-            client_ca,
-            &[CLIENT_CA_KEY],
-            format!("kubectl create secret generic {client_ca} --from-file={CLIENT_CA_KEY}=CA.pem -n {namespace}"),
-        ));
-    }
-    for (field, name, needed, how) in wanted {
+    const TLS_PAIR: &[&str] = &[TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY];
+    const CA: &[&str] = &[CLIENT_CA_KEY];
+    let wanted = [
+        Some(("spec.balancer.tls.secretName", tls.secret_name.as_str(), TLS_PAIR)),
+        tls.client_ca_secret_name.as_deref().map(|name| ("spec.balancer.tls.clientCASecretName", name, CA)),
+    ];
+    for (field, name, needed) in wanted.into_iter().flatten() {
         let message = match secret_keys(ctx, secrets, namespace, name).await? {
-            None => format!(
-                "Secret {namespace}/{name} named by {field} does not exist; create it with the key{} {}, e.g. `{how}`",
-                if needed.len() > 1 { "s" } else { "" },
-                needed.join(" and ")
-            ),
+            None => {
+                let how = if needed == TLS_PAIR {
+                    format!("kubectl create secret tls {name} --cert=CERT.pem --key=KEY.pem -n {namespace}")
+                } else {
+                    format!("kubectl create secret generic {name} --from-file={CLIENT_CA_KEY}=CA.pem -n {namespace}")
+                };
+                format!(
+                    "Secret {namespace}/{name} named by {field} does not exist; create it with the key{} {}, e.g. `{how}`",
+                    if needed.len() > 1 { "s" } else { "" },
+                    needed.join(" and ")
+                )
+            }
             Some(keys) => {
                 let missing: Vec<&str> = needed.iter().copied().filter(|key| !keys.contains(*key)).collect();
                 if missing.is_empty() {
