@@ -5,6 +5,8 @@
 //! restart; failed handshakes are counted and cost nothing else.
 
 mod balancer_common;
+#[path = "support/pki.rs"]
+mod pki;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,70 +20,13 @@ use balancer_common::{Balancer, BalancerOptions, TempDir, free_port};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use pki::Pki;
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 const SECRET: &str = "tls-test-secret";
-
-/// A CA and what it signed, as PEM.
-struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Pki { ca: CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA") }
-    }
-
-    fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
-    fn leaf(&self, common_name: &str, names: &[&str]) -> Leaf {
-        self.leaf_until(common_name, names, (4096, 1, 1))
-    }
-
-    /// A leaf whose notAfter is the given (year, month, day), 00:00 UTC.
-    fn leaf_until(&self, common_name: &str, names: &[&str], (year, month, day): (i32, u8, u8)) -> Leaf {
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.not_after = rcgen::date_time_ymd(year, month, day);
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.ca).expect("sign");
-        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
-    }
-}
-
-fn ring() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A client trusting `ca_pem`, optionally presenting `client`, limited to `versions`.
-fn client_config(ca_pem: &str, client: Option<&Leaf>, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA PEM")).expect("CA");
-    let builder = ClientConfig::builder_with_provider(ring()).with_protocol_versions(versions).expect("versions").with_root_certificates(roots);
-    let config = match client {
-        Some(leaf) => builder
-            .with_client_auth_cert(vec![leaf.der.clone()], PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key PEM"))
-            .expect("client cert"),
-        None => builder.with_no_client_auth(),
-    };
-    Arc::new(config)
-}
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
@@ -166,7 +111,7 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     });
 
     // --- TLS 1.3 with a client certificate ---
-    let tls13 = client_config(&pki.ca_pem(), Some(&alice), &[&rustls::version::TLS13]);
+    let tls13 = pki.client(Some(&alice), &[&rustls::version::TLS13]);
     let (mut conn, suite, version, served) = https(tls_addr, tls13.clone()).await;
     assert_eq!(version, "TLSv1_3");
     assert_eq!(served, server.der, "the configured certificate is served");
@@ -200,7 +145,7 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     assert_eq!(echo["secure"], true);
 
     // --- TLS 1.2 without a client certificate (allowed: not required) ---
-    let tls12 = client_config(&pki.ca_pem(), None, &[&rustls::version::TLS12]);
+    let tls12 = pki.client(None, &[&rustls::version::TLS12]);
     let (mut conn12, suite12, version12, _) = https(tls_addr, tls12).await;
     assert_eq!(version12, "TLSv1_2");
     let echo = read_reply(conn12.send(echo_request(&host)).await.expect("send")).await.json();
@@ -226,7 +171,7 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     assert!(!String::from_utf8_lossy(&sink).contains("HTTP/1.1 200"), "no HTTP answer without TLS");
     // A client certificate from a CA the balancer does not trust.
     let mallory = Pki::new("other CA").leaf("mallory", &[]);
-    let untrusted = client_config(&pki.ca_pem(), Some(&mallory), &[&rustls::version::TLS13]);
+    let untrusted = pki.client(Some(&mallory), &[&rustls::version::TLS13]);
     let refused = try_request(tls_addr, untrusted, &host).await;
     assert!(refused.is_err(), "an untrusted client certificate is refused");
     // A client that connects and never says hello is cut off by the head read
@@ -327,10 +272,10 @@ async fn required_client_certificates_and_bad_files_at_start() {
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let _balancer = Balancer::start(tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &ca_file).arg("--tls-require-client-cert"));
-    let anonymous = client_config(&pki.ca_pem(), None, &[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let anonymous = pki.client(None, &[&rustls::version::TLS13, &rustls::version::TLS12]);
     let refused = try_request(tls_addr, anonymous, "balancer.test").await;
     assert!(refused.is_err(), "a client without a certificate is refused");
-    let (mut conn, _, _, _) = https(tls_addr, client_config(&pki.ca_pem(), Some(&alice), &[&rustls::version::TLS13])).await;
+    let (mut conn, _, _, _) = https(tls_addr, pki.client(Some(&alice), &[&rustls::version::TLS13])).await;
     let echo = read_reply(conn.send(echo_request("balancer.test")).await.expect("send")).await.json();
     assert_eq!(echo["clientCertSubject"], "CN=alice");
 }

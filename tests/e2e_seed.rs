@@ -21,7 +21,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use e2e_common::tls::{HttpsConn, Pki, tls_secret};
+use e2e_common::tls::{HttpsConn, SERVER_NAME, tls_secret};
+use support::pki::Pki;
 use e2e_common::{App, Load, get_counter, route_of_session_id, serial, summary};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -125,11 +126,11 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
 async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_restart() {
     let _serial = serial();
     let pki = Pki::new("clusterapp e2e CA");
-    let first = pki.leaf("shop first");
+    let first = pki.leaf("shop first", &[SERVER_NAME]);
     let tls = serde_json::json!({"balancer": {"tls": {"secretName": "shop-tls"}}});
     let app = App::start_with("e2e-tls", "shop", 2, tls, &[tls_secret("shop-tls", &first)]).await;
     let port = app.node_port("https").await;
-    let client = pki.client();
+    let client = pki.client(None, rustls::DEFAULT_VERSIONS);
 
     // Tomcat sees the request as secure, with what the handshake negotiated.
     let mut conn = HttpsConn::open(port, client.clone()).await.unwrap_or_else(|e| panic!("HTTPS on 127.0.0.1:{port}: {e}"));
@@ -165,7 +166,7 @@ async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_re
 
     // Renew: same Secret, a new certificate of the same CA. A connection
     // from before keeps serving; new handshakes get the new certificate.
-    let renewed = pki.leaf("shop renewed");
+    let renewed = pki.leaf("shop renewed", &[SERVER_NAME]);
     let mut kept = HttpsConn::open(port, client.clone()).await.expect("a connection from before the renewal");
     assert_eq!(kept.server_cert, first.der);
     let secrets: kube::Api<Secret> = app.ns.api();

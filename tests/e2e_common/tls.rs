@@ -6,61 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use rustls::pki_types::pem::PemObject;
+use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+
+use crate::support::pki::Leaf;
 use tokio_rustls::TlsConnector;
 
 /// The name the leaf certificates carry and the client asks for (SNI).
 pub const SERVER_NAME: &str = "shop.clusterapp.test";
-
-/// A CA made for one test.
-pub struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A leaf certificate and its key, PEM, and the DER the server presents.
-pub struct Leaf {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub der: CertificateDer<'static>,
-}
-
-impl Pki {
-    pub fn new(name: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Pki { ca: CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA") }
-    }
-
-    pub fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
-    /// A server certificate for [`SERVER_NAME`] with a fresh key.
-    pub fn leaf(&self, common_name: &str) -> Leaf {
-        let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.ca).expect("sign");
-        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
-    }
-
-    /// A client that trusts this CA only (TLS 1.2 and 1.3).
-    pub fn client(&self) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(self.ca_pem().as_bytes()).expect("CA PEM")).expect("CA");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Arc::new(config)
-    }
-}
 
 /// A `kubernetes.io/tls` Secret holding `leaf`.
 pub fn tls_secret(name: &str, leaf: &Leaf) -> serde_json::Value {

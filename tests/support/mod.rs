@@ -13,6 +13,8 @@
 
 /// The process kubelet (tests/kubelet): `support::kubelet::kubelet()`.
 pub mod kubelet;
+/// Test certificates: `support::pki::Pki`.
+pub mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
