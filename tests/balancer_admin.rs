@@ -61,7 +61,10 @@ async fn metrics_probes_and_status_page() {
     let url = format!("http://{}/", balancer.admin);
     let dom = chromium(&["--virtual-time-budget=3000", "--dump-dom", &url]);
     let dom = String::from_utf8_lossy(&dom.stdout);
-    assert!(dom.contains("data-route=\"a1\"") && dom.contains("data-route=\"a2\""), "member rows rendered by the page script:\n{dom}");
+    assert!(
+        dom.contains("data-route=\"a1\"") && dom.contains("data-route=\"a2\""),
+        "member rows rendered by the page script:\n{dom}"
+    );
     assert!(dom.contains("class=\"state ready\""), "state badges:\n{dom}");
     assert!(dom.contains("2 members"), "summary line:\n{dom}");
     assert!(dom.contains("<polyline"), "live graphs drawn:\n{dom}");
@@ -69,8 +72,14 @@ async fn metrics_probes_and_status_page() {
 
     let shot = repo_root().join("target/balancer-status.png");
     let _ = std::fs::remove_file(&shot);
-    let out = chromium(&["--virtual-time-budget=3000", "--window-size=1280,420", &format!("--screenshot={}", shot.display()), &url]);
-    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    let out = chromium(&[
+        "--virtual-time-budget=3000",
+        "--window-size=1280,420",
+        &format!("--screenshot={}", shot.display()),
+        &url,
+    ]);
+    let png = std::fs::read(&shot)
+        .unwrap_or_else(|e| panic!("no screenshot ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(png.len() > 10_000, "a real page, not a blank one ({} bytes)", png.len());
     eprintln!("status page screenshot: {}", shot.display());

@@ -21,7 +21,13 @@ async fn member_json(b: &Balancer, route: &str) -> serde_json::Value {
 }
 
 /// Waits until `check` holds for `route`'s status entry.
-async fn wait_member(b: &Balancer, route: &str, timeout: Duration, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+async fn wait_member(
+    b: &Balancer,
+    route: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
     let deadline = Instant::now() + timeout;
     loop {
         let m = member_json(b, route).await;
@@ -51,8 +57,9 @@ fn request(path: &str) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_member_returns_to_rotation_after_its_node_restarts() {
     let mut nodes = start_cluster(&["h1", "h2"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
-    let balancer =
-        Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0], &nodes[1]]).arg("--health-interval").arg("200ms"));
+    let balancer = Balancer::start(
+        BalancerOptions::new(SECRET).members(&[&nodes[0], &nodes[1]]).arg("--health-interval").arg("200ms"),
+    );
     let routes: Vec<String> = futures::future::join_all((0..4).map(|_| get(balancer.listen, "/counter/", None)))
         .await
         .iter()
@@ -89,7 +96,8 @@ async fn pooled_connections_that_died_with_a_restart_are_replaced() {
     let mut nodes = start_cluster(&["p1"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     // One member (nowhere to fail over to) and no health checks in the
     // test's time: only the request path sees the dead pooled connections.
-    let balancer = Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0]]).arg("--health-interval").arg("10m"));
+    let balancer =
+        Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0]]).arg("--health-interval").arg("10m"));
 
     // Several connections in the pool, from concurrent requests.
     let replies = futures::future::join_all((0..8).map(|_| get(balancer.listen, "/counter/echo", None))).await;
@@ -98,7 +106,11 @@ async fn pooled_connections_that_died_with_a_restart_are_replaced() {
     assert!(pooled >= 2, "connections pooled: {pooled}");
 
     nodes[0].restart();
-    assert_eq!(member_json(&balancer, "p1").await["pool_idle"].as_u64(), Some(pooled), "the dead connections are still pooled");
+    assert_eq!(
+        member_json(&balancer, "p1").await["pool_idle"].as_u64(),
+        Some(pooled),
+        "the dead connections are still pooled"
+    );
 
     // One keep-alive client connection, then a concurrent burst: every request succeeds.
     let mut conn: Conn = Conn::open(balancer.listen).await;
@@ -108,7 +120,10 @@ async fn pooled_connections_that_died_with_a_restart_are_replaced() {
     let failed: Vec<_> = replies.iter().filter(|r| r.status != 200).map(|r| (r.status, r.text())).collect();
     assert!(failed.is_empty(), "client errors after the restart: {failed:?}");
     let metrics = get(balancer.admin, "/metrics", None).await.text();
-    assert!(!metrics.lines().any(|l| l.starts_with("clusterapp_balancer_rejected_total") && !l.ends_with(" 0")), "nothing rejected:\n{metrics}");
+    assert!(
+        !metrics.lines().any(|l| l.starts_with("clusterapp_balancer_rejected_total") && !l.ends_with(" 0")),
+        "nothing rejected:\n{metrics}"
+    );
     let p1 = member_json(&balancer, "p1").await;
     assert_eq!((p1["healthy"].as_bool(), p1["errors"].as_u64()), (Some(true), Some(0)), "{p1}");
 }
@@ -116,7 +131,8 @@ async fn pooled_connections_that_died_with_a_restart_are_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_during_shutdown_while_in_flight_requests_finish() {
     let nodes = start_cluster(&["r1"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
-    let mut balancer = Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0]]).arg("--shutdown-grace").arg("20s"));
+    let mut balancer =
+        Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0]]).arg("--shutdown-grace").arg("20s"));
     assert_eq!(get(balancer.admin, "/readyz", None).await.status, 200);
 
     // A download of about 10 s (read at 4 MB/s) in flight across the

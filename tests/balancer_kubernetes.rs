@@ -46,7 +46,11 @@ fn service_slice(service: &str, node: &TomcatNode, ready: bool, serving: bool, t
 
 async fn member_state(b: &Balancer, route: &str) -> Option<String> {
     let status = get(b.admin, "/status.json", None).await.json();
-    status["members"].as_array()?.iter().find(|m| m["route"] == route).and_then(|m| m["state"].as_str().map(str::to_string))
+    status["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["route"] == route)
+        .and_then(|m| m["state"].as_str().map(str::to_string))
 }
 
 /// Waits (≤ 1 s from `since`) until the balancer shows `route` in `state` (None: absent).
@@ -69,8 +73,11 @@ async fn endpoint_slice_changes_reroute_within_one_second() {
     slices.create(&PostParams::default(), &slice(&nodes[1], true, true, false)).await.expect("slice web-1");
 
     // A drain timeout longer than this test: draining here means sticky.
-    let mut options =
-        BalancerOptions::new(SECRET).arg("--kubernetes-service").arg(format!("{}/web", ns.name)).arg("--drain-timeout").arg("10m");
+    let mut options = BalancerOptions::new(SECRET)
+        .arg("--kubernetes-service")
+        .arg(format!("{}/web", ns.name))
+        .arg("--drain-timeout")
+        .arg("10m");
     options.envs.push(("KUBECONFIG".into(), support::cluster().kubeconfig.to_string_lossy().into_owned()));
     let balancer = Balancer::start(options);
     assert_eq!(member_state(&balancer, "web-0").await.as_deref(), Some("ready"));
@@ -119,7 +126,11 @@ async fn endpoint_slice_changes_reroute_within_one_second() {
     let r = get(balancer.listen, "/counter/", Some(&session)).await;
     assert_eq!(r.header("x-route"), Some("web-0"), "draining keeps its sessions");
     for _ in 0..4 {
-        assert_eq!(get(balancer.listen, "/counter/", None).await.header("x-route"), Some("web-1"), "no new sessions on a draining member");
+        assert_eq!(
+            get(balancer.listen, "/counter/", None).await.header("x-route"),
+            Some("web-1"),
+            "no new sessions on a draining member"
+        );
     }
 
     // Not serving: down; its sessions fail over.
@@ -139,9 +150,15 @@ async fn endpoint_slice_changes_reroute_within_one_second() {
     let changed = Instant::now();
     slices.create(&PostParams::default(), &slice(&nodes[0], true, true, false)).await.expect("recreate");
     expect_within_1s(&balancer, "web-0", Some("ready"), changed).await;
-    let routes: Vec<String> =
-        futures::future::join_all((0..4).map(|_| get(balancer.listen, "/counter/", None))).await.iter().filter_map(|r| r.header("x-route").map(str::to_string)).collect();
-    assert!(routes.iter().any(|r| r == "web-0") && routes.iter().any(|r| r == "web-1"), "both members take new sessions: {routes:?}");
+    let routes: Vec<String> = futures::future::join_all((0..4).map(|_| get(balancer.listen, "/counter/", None)))
+        .await
+        .iter()
+        .filter_map(|r| r.header("x-route").map(str::to_string))
+        .collect();
+    assert!(
+        routes.iter().any(|r| r == "web-0") && routes.iter().any(|r| r == "web-1"),
+        "both members take new sessions: {routes:?}"
+    );
 
     assert_eq!(download.await.expect("download task"), 30_000_000, "the request in flight was not dropped");
     let _ = read_reply;
@@ -194,13 +211,23 @@ async fn terminating_member_keeps_sticky_sessions_for_the_drain_timeout_then_fai
     // shop-0's pod starts terminating: serving, not ready, terminating.
     let terminating_at = Instant::now();
     slices
-        .patch("shop-shop-0", &PatchParams::apply("test").force(), &Patch::Apply(service_slice("shop", &nodes[0], false, true, true)))
+        .patch(
+            "shop-shop-0",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(service_slice("shop", &nodes[0], false, true, true)),
+        )
         .await
         .expect("patch terminating");
     let took = expect_within_1s(&balancer, "shop-0", Some("draining"), terminating_at).await;
     eprintln!("terminating seen as draining after {took:?}");
     let status = get(balancer.admin, "/status.json", None).await.json();
-    let shop0 = status["members"].as_array().expect("members").iter().find(|m| m["route"] == "shop-0").cloned().expect("shop-0");
+    let shop0 = status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["route"] == "shop-0")
+        .cloned()
+        .expect("shop-0");
     assert_eq!(shop0["terminating"], true);
     let left = shop0["drain_remaining_seconds"].as_f64().expect("remaining time shown");
     assert!(left > 1.5 && left <= 3.0, "drain time left {left}");
@@ -266,25 +293,42 @@ async fn terminating_member_keeps_sticky_sessions_for_the_drain_timeout_then_fai
         assert_eq!(s.counter, expected_counter + 1, "the counter climbs by one, nothing lost: {s:?}");
         expected_counter = s.counter;
     }
-    let last_on_0 = seen.iter().filter(|s| s.route == "shop-0").map(|s| s.at).max().expect("shop-0 kept the session for a while");
-    let first_on_1 = seen.iter().filter(|s| s.route == "shop-1").map(|s| s.at).min().expect("the session moved to shop-1");
+    let last_on_0 =
+        seen.iter().filter(|s| s.route == "shop-0").map(|s| s.at).max().expect("shop-0 kept the session for a while");
+    let first_on_1 =
+        seen.iter().filter(|s| s.route == "shop-1").map(|s| s.at).min().expect("the session moved to shop-1");
     eprintln!("{} sticky requests; last on shop-0 at {last_on_0:?}, first on shop-1 at {first_on_1:?}", seen.len());
     assert!(seen.iter().all(|s| s.route == "shop-0" || s.route == "shop-1"));
-    assert!(seen.iter().filter(|s| s.at < DRAIN - Duration::from_millis(500)).all(|s| s.route == "shop-0"), "sticky to shop-0 during the drain timeout");
+    assert!(
+        seen.iter().filter(|s| s.at < DRAIN - Duration::from_millis(500)).all(|s| s.route == "shop-0"),
+        "sticky to shop-0 during the drain timeout"
+    );
     assert!(first_on_1 >= DRAIN - Duration::from_millis(500), "moved too early: {first_on_1:?}");
     assert!(last_on_0 < DRAIN + Duration::from_secs(1), "still sent to shop-0 at {last_on_0:?}, past the timeout");
-    assert!(seen.iter().filter(|s| s.at > first_on_1).all(|s| s.route == "shop-1"), "once moved, the session stays on shop-1");
+    assert!(
+        seen.iter().filter(|s| s.at > first_on_1).all(|s| s.route == "shop-1"),
+        "once moved, the session stays on shop-1"
+    );
     assert!(session.ends_with(".shop-1"), "JvmRouteBinderValve rewrote the id's route: {session}");
     assert!(sigterm_sent, "shop-0 got SIGTERM while the load ran");
 
     // The exchange in flight at the timeout finished normally.
     assert_eq!((download_route.as_str(), download_bytes), ("shop-0", 16_000_000));
     let download_end = download_done.duration_since(terminating_at);
-    assert!(download_end > last_on_0 && download_end > DRAIN, "the download spanned the timeout (ended at {download_end:?})");
+    assert!(
+        download_end > last_on_0 && download_end > DRAIN,
+        "the download spanned the timeout (ended at {download_end:?})"
+    );
 
     // Visible: drained in status and metrics until the member goes away (or fails its checks).
     let status = get(balancer.admin, "/status.json", None).await.json();
-    let shop0 = status["members"].as_array().expect("members").iter().find(|m| m["route"] == "shop-0").cloned().expect("shop-0");
+    let shop0 = status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["route"] == "shop-0")
+        .cloned()
+        .expect("shop-0");
     assert!(shop0["state"] == "drained", "status: {shop0}");
     let metrics = get(balancer.admin, "/metrics", None).await.text();
     assert!(metrics.contains("clusterapp_balancer_member_state{member=\"shop-0\"} 0"), "{metrics}");

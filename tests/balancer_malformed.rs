@@ -111,7 +111,9 @@ async fn fake_member() -> SocketAddr {
                             packet(&p)
                         }
                         "/end-first" => end_response(1),
-                        "/mid-body" => [send_headers(200, Some(10)), body_chunk(b"12345"), packet(&[3, 0, 50, b'x'])].concat(),
+                        "/mid-body" => {
+                            [send_headers(200, Some(10)), body_chunk(b"12345"), packet(&[3, 0, 50, b'x'])].concat()
+                        }
                         "/slow" => {
                             tokio::time::sleep(Duration::from_millis(1500)).await;
                             [send_headers(200, Some(4)), body_chunk(b"slow"), end_response(1)].concat()
@@ -162,7 +164,8 @@ async fn malformed_packets_get_502_and_the_balancer_keeps_serving() {
     let fake = fake_member().await;
     let mut balancer = start(fake, &[]);
     assert_eq!(get(balancer.listen, "/good", None).await.status, 200);
-    for path in ["/bad-magic", "/oversize", "/truncated", "/unterminated", "/unknown-type", "/bad-header", "/end-first"] {
+    for path in ["/bad-magic", "/oversize", "/truncated", "/unterminated", "/unknown-type", "/bad-header", "/end-first"]
+    {
         let r = get(balancer.listen, path, None).await;
         assert_eq!(r.status, 502, "{path}: {}", r.text());
         let r = get(balancer.listen, "/good", None).await;
@@ -177,7 +180,12 @@ async fn malformed_packets_get_502_and_the_balancer_keeps_serving() {
     // Broken mid-body: the client's response is cut (never a wrong complete body).
     let mut conn: balancer_common::http::Conn = balancer_common::http::Conn::open(balancer.listen).await;
     let sent = conn
-        .send(hyper::Request::get("/mid-body").header("host", "t").body(http_body_util::Full::new(bytes::Bytes::new())).expect("req"))
+        .send(
+            hyper::Request::get("/mid-body")
+                .header("host", "t")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("req"),
+        )
         .await;
     if let Ok(resp) = sent {
         use http_body_util::BodyExt;

@@ -201,7 +201,10 @@ async fn requests_round_trip_exactly_and_bodies_stream() {
         assert_eq!(seen, total);
     }
     let peak_kib = vm_kib(pid, "VmHWM:");
-    assert!(peak_kib < 48 * 1024, "balancer peak RSS {peak_kib} KiB after 50 MB up and 2x100 MB down: bodies must stream");
+    assert!(
+        peak_kib < 48 * 1024,
+        "balancer peak RSS {peak_kib} KiB after 50 MB up and 2x100 MB down: bodies must stream"
+    );
 
     // --- the secret: a balancer with the wrong one gets Tomcat's 403 ---
     let wrong = Balancer::start(BalancerOptions::new("not-the-secret").members(&[&nodes[0]]));
@@ -232,11 +235,17 @@ async fn access_log_has_one_line_per_request_when_its_response_is_done() {
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     // `ghost` has no Tomcat: its sessions fail over to `solo`.
     let ghost_port = balancer_common::free_port();
-    let mut options = BalancerOptions::new(SECRET).members(&[&nodes[0]]).arg("--member").arg(format!("ghost=127.0.0.1:{ghost_port}")).arg("--access-log");
+    let mut options = BalancerOptions::new(SECRET)
+        .members(&[&nodes[0]])
+        .arg("--member")
+        .arg(format!("ghost=127.0.0.1:{ghost_port}"))
+        .arg("--access-log");
     options.envs.push(("LOG_FORMAT".into(), "json".into()));
     let balancer = Balancer::start(options);
     let wait_for_lines = |n: usize| {
-        balancer_common::wait_until(Duration::from_secs(5), &format!("{n} access lines"), || access_lines(&balancer).len() >= n);
+        balancer_common::wait_until(Duration::from_secs(5), &format!("{n} access lines"), || {
+            access_lines(&balancer).len() >= n
+        });
         access_lines(&balancer)
     };
 
@@ -264,7 +273,8 @@ async fn access_log_has_one_line_per_request_when_its_response_is_done() {
     assert!(line["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{line}");
 
     // A streamed download: counted to its last byte.
-    let req = Request::get("/counter/download?bytes=3000000").header("host", "t").body(full(Bytes::new())).expect("request");
+    let req =
+        Request::get("/counter/download?bytes=3000000").header("host", "t").body(full(Bytes::new())).expect("request");
     let reply = read_reply(conn.send(req).await.expect("send")).await;
     assert_eq!(reply.body.len(), 3_000_000);
     let line = wait_for_lines(2).remove(1);
@@ -272,7 +282,10 @@ async fn access_log_has_one_line_per_request_when_its_response_is_done() {
 
     // A download the client abandons: logged as incomplete, with what was sent.
     let mut quitter: Conn<Body> = Conn::open(balancer.listen).await;
-    let req = Request::get("/counter/download?bytes=200000000").header("host", "t").body(full(Bytes::new())).expect("request");
+    let req = Request::get("/counter/download?bytes=200000000")
+        .header("host", "t")
+        .body(full(Bytes::new()))
+        .expect("request");
     let response = quitter.send(req).await.expect("send");
     let mut body = response.into_body();
     let mut got = 0;
@@ -287,7 +300,11 @@ async fn access_log_has_one_line_per_request_when_its_response_is_done() {
     assert!((1_000_000..200_000_000).contains(&sent), "bytes {sent}");
 
     // A sticky request whose member is gone: failover is marked.
-    let req = Request::get("/counter/echo").header("host", "t").header("cookie", "JSESSIONID=BEEF.ghost").body(full(Bytes::new())).expect("request");
+    let req = Request::get("/counter/echo")
+        .header("host", "t")
+        .header("cookie", "JSESSIONID=BEEF.ghost")
+        .body(full(Bytes::new()))
+        .expect("request");
     assert_eq!(read_reply(conn.send(req).await.expect("send")).await.status, 200);
     let line = wait_for_lines(4).remove(3);
     assert_eq!((line["member"].as_str(), line["failover"].as_bool()), (Some("solo"), Some(true)), "{line}");

@@ -73,7 +73,8 @@ async fn counter_is_sticky_and_survives_kill_9_of_its_node() {
         assert_ne!(r.header("x-route"), Some(home.as_str()));
     }
     let status = balancer_common::http::get(balancer.admin, "/status.json", None).await.json();
-    let dead = status["members"].as_array().expect("members").iter().find(|m| m["route"] == home.as_str()).expect("member");
+    let dead =
+        status["members"].as_array().expect("members").iter().find(|m| m["route"] == home.as_str()).expect("member");
     assert_eq!(dead["healthy"], false, "the killed node is marked failed");
 }
 
@@ -94,7 +95,8 @@ async fn draining_keeps_old_sessions_and_no_failover_gives_503() {
     let dir = TempDir::new("members");
     let members_file = dir.path().join("members.yaml");
     write_members(&members_file, &[("d1", nodes[0].ajp_port, "ready"), ("d2", nodes[1].ajp_port, "ready")]);
-    let balancer = Balancer::start(BalancerOptions::new(SECRET).arg("--members-file").arg(members_file.to_string_lossy()));
+    let balancer =
+        Balancer::start(BalancerOptions::new(SECRET).arg("--members-file").arg(members_file.to_string_lossy()));
 
     // Round robin spreads new sessions over both nodes.
     let mut sessions = Vec::new();
@@ -111,7 +113,8 @@ async fn draining_keeps_old_sessions_and_no_failover_gives_503() {
     write_members(&members_file, &[("d1", nodes[0].ajp_port, "draining"), ("d2", nodes[1].ajp_port, "ready")]);
     loop {
         let status = get(balancer.admin, "/status.json", None).await.json();
-        let d1 = status["members"].as_array().expect("members").iter().find(|m| m["route"] == "d1").cloned().expect("d1");
+        let d1 =
+            status["members"].as_array().expect("members").iter().find(|m| m["route"] == "d1").cloned().expect("d1");
         if d1["state"] == "draining" {
             break;
         }

@@ -47,7 +47,11 @@ async fn https(addr: SocketAddr, config: Arc<ClientConfig>) -> (Conn, String, St
 }
 
 /// One echo request on a new TLS connection; any failure is an error.
-async fn try_request(addr: SocketAddr, config: Arc<ClientConfig>, host: &str) -> std::io::Result<hyper::Response<hyper::body::Incoming>> {
+async fn try_request(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    host: &str,
+) -> std::io::Result<hyper::Response<hyper::body::Incoming>> {
     let stream = tls_connect(addr, config).await?;
     let local = stream.get_ref().0.local_addr()?;
     let mut conn: Conn = Conn::over(stream, local).await;
@@ -79,7 +83,8 @@ fn write_atomically(path: &Path, text: &str) {
 }
 
 fn metric(balancer: &Balancer, name: &str) -> f64 {
-    let text = balancer_common::http::raw_exchange(balancer.admin, b"GET /metrics HTTP/1.0\r\n\r\n", Duration::from_secs(2));
+    let text =
+        balancer_common::http::raw_exchange(balancer.admin, b"GET /metrics HTTP/1.0\r\n\r\n", Duration::from_secs(2));
     text.lines()
         .find(|l| l.starts_with(name) && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next())
@@ -94,7 +99,8 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     let server = pki.leaf_until("balancer.test", &["balancer.test"], (2031, 5, 17));
     let client_pki = Pki::new("client CA");
     let alice = client_pki.leaf("alice", &[]);
-    let (cert_file, key_file, client_ca_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"), dir.path().join("client-ca.crt"));
+    let (cert_file, key_file, client_ca_file) =
+        (dir.path().join("tls.crt"), dir.path().join("tls.key"), dir.path().join("client-ca.crt"));
     std::fs::write(&cert_file, &server.cert_pem).expect("cert");
     std::fs::write(&key_file, &server.key_pem).expect("key");
     std::fs::write(&client_ca_file, client_pki.ca_pem()).expect("client CA");
@@ -102,8 +108,9 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     let tls_port = free_port();
     let tls_addr: SocketAddr = format!("127.0.0.1:{tls_port}").parse().expect("addr");
-    let balancer =
-        Balancer::start(tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &client_ca_file).arg("--header-read-timeout").arg("2s"));
+    let balancer = Balancer::start(
+        tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &client_ca_file).arg("--header-read-timeout").arg("2s"),
+    );
     let host = format!("balancer.test:{tls_port}");
     // 2031-05-17T00:00:00Z, for certificate expiry alerts.
     balancer_common::wait_until(Duration::from_secs(3), "the certificate's expiry in /metrics", || {
@@ -180,7 +187,11 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     let started = Instant::now();
     let closed = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut [0u8; 16])).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "silent TLS client closed: {closed:?}");
-    assert!(started.elapsed() < Duration::from_secs(4), "closed after the 2 s head timeout, took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed after the 2 s head timeout, took {:?}",
+        started.elapsed()
+    );
     balancer_common::wait_until(Duration::from_secs(2), "handshake failures counted", || {
         metric(&balancer, "clusterapp_balancer_tls_handshake_failures_total") >= before + 3.0
     });
@@ -196,7 +207,8 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     loop {
         let (_, _, _, served) = https(tls_addr, tls13.clone()).await;
         // The connection from before keeps serving throughout.
-        let echo = read_reply(conn.send(echo_request(&host)).await.expect("connection from before the renewal")).await.json();
+        let echo =
+            read_reply(conn.send(echo_request(&host)).await.expect("connection from before the renewal")).await.json();
         assert_eq!(echo["secure"], true);
         if served == renewed.der {
             break;
@@ -228,8 +240,12 @@ async fn required_client_certificates_and_bad_files_at_start() {
     let server = pki.leaf("balancer.test", &["balancer.test"]);
     let alice = pki.leaf("alice", &[]);
     let other = pki.leaf("other", &["other.test"]);
-    let (cert_file, key_file, ca_file, other_key) =
-        (dir.path().join("tls.crt"), dir.path().join("tls.key"), dir.path().join("ca.crt"), dir.path().join("other.key"));
+    let (cert_file, key_file, ca_file, other_key) = (
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        dir.path().join("ca.crt"),
+        dir.path().join("other.key"),
+    );
     std::fs::write(&cert_file, &server.cert_pem).expect("cert");
     std::fs::write(&key_file, &server.key_pem).expect("key");
     std::fs::write(&ca_file, pki.ca_pem()).expect("CA");
@@ -271,7 +287,9 @@ async fn required_client_certificates_and_bad_files_at_start() {
     // --tls-require-client-cert: no certificate, no service.
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let _balancer = Balancer::start(tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &ca_file).arg("--tls-require-client-cert"));
+    let _balancer = Balancer::start(
+        tls_options(&nodes[0], tls_addr, &cert_file, &key_file, &ca_file).arg("--tls-require-client-cert"),
+    );
     let anonymous = pki.client(None, &[&rustls::version::TLS13, &rustls::version::TLS12]);
     let refused = try_request(tls_addr, anonymous, "balancer.test").await;
     assert!(refused.is_err(), "a client without a certificate is refused");

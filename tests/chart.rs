@@ -58,7 +58,8 @@ fn values_outside_the_schema_are_rejected_with_a_message() {
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("operator.noSuchValue=1", "noSuchValue"),
     ] {
-        let out = helm().arg("template").arg("x").arg(chart_dir()).args(["--set", set]).output().expect("helm template");
+        let out =
+            helm().arg("template").arg("x").arg(chart_dir()).args(["--set", set]).output().expect("helm template");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "--set {set} was accepted");
         assert!(err.contains("values don't meet the specifications of the schema"), "--set {set}: {err}");
@@ -81,7 +82,10 @@ fn operator_deployment_is_secure_by_default() {
     assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["memory"].is_string());
     assert_eq!(c["image"], "ghcr.io/clusterapp/clusterapp:0.1.0");
     let env: Vec<&str> = c["env"].as_array().expect("env").iter().filter_map(|e| e["name"].as_str()).collect();
-    assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"), "leader election needs the pod's name and namespace: {env:?}");
+    assert!(
+        env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
+        "leader election needs the pod's name and namespace: {env:?}"
+    );
     assert_eq!(c["args"][0], "operator");
     // the CRD template carries the keep policy
     let crd = find(&docs, "CustomResourceDefinition");
@@ -96,13 +100,17 @@ fn operator_deployment_is_secure_by_default() {
 #[test]
 fn chart_rbac_is_the_rbac_the_operator_tests_run_under() {
     let docs = render("capp", "clusterapp-system", &[]);
-    let from_chart: Vec<PolicyRule> = serde_json::from_value(find(&docs, "ClusterRole")["rules"].clone()).expect("rules");
-    let reference = std::fs::read_to_string(support::repo_root().join("deploy/operator-rbac.yaml")).expect("deploy/operator-rbac.yaml");
+    let from_chart: Vec<PolicyRule> =
+        serde_json::from_value(find(&docs, "ClusterRole")["rules"].clone()).expect("rules");
+    let reference = std::fs::read_to_string(support::repo_root().join("deploy/operator-rbac.yaml"))
+        .expect("deploy/operator-rbac.yaml");
     let reference = yaml_documents(&reference);
-    let from_tests: Vec<PolicyRule> = serde_json::from_value(find(&reference, "ClusterRole")["rules"].clone()).expect("rules");
+    let from_tests: Vec<PolicyRule> =
+        serde_json::from_value(find(&reference, "ClusterRole")["rules"].clone()).expect("rules");
     assert_eq!(from_chart, from_tests);
     let lease_chart: Vec<PolicyRule> = serde_json::from_value(find(&docs, "Role")["rules"].clone()).expect("rules");
-    let lease_tests: Vec<PolicyRule> = serde_json::from_value(find(&reference, "Role")["rules"].clone()).expect("rules");
+    let lease_tests: Vec<PolicyRule> =
+        serde_json::from_value(find(&reference, "Role")["rules"].clone()).expect("rules");
     assert_eq!(lease_chart, lease_tests);
 }
 
@@ -146,11 +154,16 @@ async fn rendered_chart_and_deploy_manifests_pass_a_server_side_dry_run() {
     let out = kubectl_apply_stdin(&["--dry-run=server", "--server-side", "--force-conflicts"], &rendered);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "server dry run failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    for kind in ["deployment.apps/dry-clusterapp", "clusterrole.rbac.authorization.k8s.io/dry-clusterapp", "customresourcedefinition"] {
+    for kind in [
+        "deployment.apps/dry-clusterapp",
+        "clusterrole.rbac.authorization.k8s.io/dry-clusterapp",
+        "customresourcedefinition",
+    ] {
         assert!(stdout.contains(kind) && stdout.contains("(server dry run)"), "{kind} missing in:\n{stdout}");
     }
     // deploy/clusterapp.yaml, the Namespace first so its objects have a home
-    let manifests = std::fs::read_to_string(support::repo_root().join("deploy/clusterapp.yaml")).expect("deploy/clusterapp.yaml");
+    let manifests =
+        std::fs::read_to_string(support::repo_root().join("deploy/clusterapp.yaml")).expect("deploy/clusterapp.yaml");
     // (the chart-lifecycle test may own the CRD at the same time: force)
     let out = kubectl_apply_stdin(&["--dry-run=server", "--server-side", "--force-conflicts"], &manifests);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -176,7 +189,8 @@ fn chart_with_a_new_crd_field(dir: &Path) -> PathBuf {
 async fn crd_has_upgrade_probe(crds: &Api<CustomResourceDefinition>) -> bool {
     let Some(crd) = crds.get_opt(CRD_NAME).await.expect("get crd") else { return false };
     let json = serde_json::to_value(&crd).expect("crd json");
-    !json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["upgradeProbe"].is_null()
+    !json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["upgradeProbe"]
+        .is_null()
 }
 
 #[tokio::test]
@@ -193,7 +207,11 @@ async fn helm_upgrade_updates_the_crd_and_uninstall_keeps_only_the_crd() {
     assert_eq!(annotations.get("helm.sh/resource-policy").map(String::as_str), Some("keep"));
     assert!(!crd_has_upgrade_probe(&crds).await);
     // The commented sample in deploy/examples is a valid ClusterApp.
-    run_ok(kubectl().args(["apply", "--dry-run=server", "-n", &ns.name, "-f"]).arg(support::repo_root().join("deploy/examples/clusterapp.yaml")));
+    run_ok(
+        kubectl()
+            .args(["apply", "--dry-run=server", "-n", &ns.name, "-f"])
+            .arg(support::repo_root().join("deploy/examples/clusterapp.yaml")),
+    );
     let deployments: Api<Deployment> = ns.api();
     assert_eq!(deployments.get(full).await.expect("operator deployment").spec.replicas, Some(2));
 

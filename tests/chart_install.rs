@@ -25,16 +25,20 @@ async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_r
     kubelet();
     let system = TestNamespace::new("chart-op").await;
     let apps_ns = TestNamespace::new("chart-app").await;
-    run_ok(
-        helm()
-            .args(["install", "op"])
-            .arg(support::repo_root().join("charts/clusterapp"))
-            .args(["--namespace", &system.name, "--set", "operator.logFormat=pretty", "--wait", "--timeout", "4m"]),
-    );
+    run_ok(helm().args(["install", "op"]).arg(support::repo_root().join("charts/clusterapp")).args([
+        "--namespace",
+        &system.name,
+        "--set",
+        "operator.logFormat=pretty",
+        "--wait",
+        "--timeout",
+        "4m",
+    ]));
 
     // Both operator replicas run as Pods under the chart's ServiceAccount.
     let pods: Api<Pod> = system.api();
-    let operator_pods = pods.list(&ListParams::default().labels("app.kubernetes.io/component=operator")).await.expect("list");
+    let operator_pods =
+        pods.list(&ListParams::default().labels("app.kubernetes.io/component=operator")).await.expect("list");
     assert_eq!(operator_pods.items.len(), 2);
     for p in &operator_pods.items {
         assert!(pod_ready(p), "operator pod {:?} not ready", p.metadata.name);
@@ -56,7 +60,15 @@ async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_r
         let ns = ns.clone();
         async move {
             let out = kubectl()
-                .args(["get", "clusterapp", "counter", "-n", &ns, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"])
+                .args([
+                    "get",
+                    "clusterapp",
+                    "counter",
+                    "-n",
+                    &ns,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                ])
                 .output()
                 .expect("kubectl");
             String::from_utf8_lossy(&out.stdout).trim() == "True"
@@ -69,7 +81,13 @@ async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_r
 
     // The writes came from the chart's ServiceAccount, not from the test.
     let managers = run_ok(kubectl().args([
-        "get", "statefulset", "counter", "-n", &apps_ns.name, "-o", "jsonpath={.metadata.managedFields[*].manager}",
+        "get",
+        "statefulset",
+        "counter",
+        "-n",
+        &apps_ns.name,
+        "-o",
+        "jsonpath={.metadata.managedFields[*].manager}",
     ]));
     assert!(managers.contains("clusterapp"), "StatefulSet not applied by the operator: {managers}");
 

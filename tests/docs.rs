@@ -39,7 +39,8 @@ fn default_of(schema: &Value) -> String {
 /// Rows for every field under `schema`, depth first, in the schema's order.
 fn rows(schema: &Value, path: &str, out: &mut Vec<String>) {
     let Some(props) = schema["properties"].as_object() else { return };
-    let required: Vec<&str> = schema["required"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let required: Vec<&str> =
+        schema["required"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     for (name, field) in props {
         let field_path = format!("{path}.{name}");
         let mut description = cell(field["description"].as_str().unwrap_or(""));
@@ -63,7 +64,8 @@ fn rows(schema: &Value, path: &str, out: &mut Vec<String>) {
 }
 
 fn reference() -> String {
-    let text = std::fs::read_to_string(support::repo_root().join("crds/clusterapp.yaml")).expect("crds/clusterapp.yaml");
+    let text =
+        std::fs::read_to_string(support::repo_root().join("crds/clusterapp.yaml")).expect("crds/clusterapp.yaml");
     let crd: Value = serde_yaml_ng::from_str(&text).expect("CRD YAML");
     let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
     let mut out = vec![
@@ -95,10 +97,7 @@ fn readme_field_reference_matches_the_crd() {
         std::fs::write(&readme_path, updated).expect("write README.md");
         return;
     }
-    assert!(
-        current == wanted,
-        "README.md's API reference is stale: run `CLUSTERAPP_BLESS=1 cargo test --test docs`"
-    );
+    assert!(current == wanted, "README.md's API reference is stale: run `CLUSTERAPP_BLESS=1 cargo test --test docs`");
     // Every field the CRD has is documented with words, not just named.
     for line in wanted.lines().filter(|l| l.starts_with("| `spec")) {
         let description = line.rsplit('|').nth(1).unwrap_or("").trim();

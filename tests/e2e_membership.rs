@@ -45,7 +45,11 @@ async fn warnings(app: &App) -> Vec<(String, String)> {
     let events: Api<Event> = app.ns.api();
     let list = events.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
     list.into_iter()
-        .filter(|e| e.regarding.as_ref().is_some_and(|r| r.name.as_deref() == Some(app.name.as_str()) && r.kind.as_deref() == Some("ClusterApp")))
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.name.as_deref() == Some(app.name.as_str()) && r.kind.as_deref() == Some("ClusterApp")
+            })
+        })
         .filter(|e| e.type_.as_deref() == Some("Warning"))
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
@@ -95,7 +99,9 @@ async fn membership_is_api_based_and_least_privilege() {
     assert!(found_via_api >= 1, "no node added a peer through CloudMembershipService:\n{}", logs.join("\n---\n"));
     // Least privilege: list pods, nothing else.
     assert!(node_may(&app, "list", "pods").await, "the node ServiceAccount may list pods");
-    for (verb, resource) in [("get", "secrets"), ("watch", "pods"), ("delete", "pods"), ("list", "services"), ("create", "pods")] {
+    for (verb, resource) in
+        [("get", "secrets"), ("watch", "pods"), ("delete", "pods"), ("list", "services"), ("create", "pods")]
+    {
         assert!(!node_may(&app, verb, resource).await, "the node ServiceAccount may {verb} {resource}");
     }
 
@@ -129,7 +135,10 @@ async fn membership_is_api_based_and_least_privilege() {
     };
     let warned_after = edited.elapsed();
     assert!(note.starts_with(&format!("Role {}/shop-node was changed (it allowed get pods)", app.ns.name)), "{note}");
-    assert!(note.contains("need `list pods`") && note.contains("find their peers") && note.contains("restored"), "{note}");
+    assert!(
+        note.contains("need `list pods`") && note.contains("find their peers") && note.contains("restored"),
+        "{note}"
+    );
     println!("membership: warning event after {} ms: {note}", warned_after.as_millis());
     // Restored at once: the permission check after the restore passed, the
     // app is not Degraded.
@@ -147,7 +156,10 @@ async fn membership_is_api_based_and_least_privilege() {
     app.kill_node(&route);
     let after = get_counter(app.port, Some(&session)).await.expect("after the kill");
     assert_eq!((after.status, after.counter), (200, Some(11)), "{after:?}");
-    println!("membership: 3 nodes, 2 peers each via the API; node Role edit restored after {} ms", restored.as_millis());
+    println!(
+        "membership: 3 nodes, 2 peers each via the API; node Role edit restored after {} ms",
+        restored.as_millis()
+    );
     summary("6 membership via API, RBAC", 11, 0, 0, restored, "Role edit restored and warned about");
     app.operator.stop().await;
 }

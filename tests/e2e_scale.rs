@@ -67,7 +67,10 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
             .collect();
         assert!(added.len() >= 4, "{pod} saw {} peers ({added:?}), not 4:\n{log}", added.len());
         assert!(log.contains("CloudMembership-memberAdded"), "{pod}: members not from CloudMembershipService:\n{log}");
-        assert!(log.contains("session state sent at") || log.contains("received in"), "{pod}: no state transfer:\n{log}");
+        assert!(
+            log.contains("session state sent at") || log.contains("received in"),
+            "{pod}: no state transfer:\n{log}"
+        );
     }
     // The balancer sends new sessions to the new nodes.
     let mut new_routes = routes_of_new_sessions(port).await;
@@ -107,9 +110,21 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     }
     println!(
         "scale 5 -> 2 under load: converged in {} ms; {} requests, {} failed, {} lost, {} skipped; errors {:?}",
-        converge.as_millis(), total.requests, total.failures, total.lost, total.skipped, total.errors
+        converge.as_millis(),
+        total.requests,
+        total.failures,
+        total.lost,
+        total.skipped,
+        total.errors
     );
-    summary("3 scale down 5 -> 2 (20 clients)", total.requests, total.failures, total.lost + total.skipped, converge, "");
+    summary(
+        "3 scale down 5 -> 2 (20 clients)",
+        total.requests,
+        total.failures,
+        total.lost + total.skipped,
+        converge,
+        "",
+    );
     // Checked after the rolling update, so one run reports both phases.
     let scale_down = ((total.failures, total.lost, total.skipped), total.errors.clone(), total.ok);
 
@@ -147,9 +162,21 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     let (total, _) = load.finish().await;
     println!(
         "rolling update under load: converged in {} ms; {} requests, {} failed, {} lost, {} skipped; errors {:?}",
-        converge.as_millis(), total.requests, total.failures, total.lost, total.skipped, total.errors
+        converge.as_millis(),
+        total.requests,
+        total.failures,
+        total.lost,
+        total.skipped,
+        total.errors
     );
-    summary("4 rolling update (20 clients)", total.requests, total.failures, total.lost + total.skipped, rolled_at.elapsed(), "");
+    summary(
+        "4 rolling update (20 clients)",
+        total.requests,
+        total.failures,
+        total.lost + total.skipped,
+        rolled_at.elapsed(),
+        "",
+    );
     app.operator.stop().await;
     assert_eq!(scale_down.0, (0, 0, 0), "scale-down under load: {:?}", scale_down.1);
     assert!(scale_down.2 > 500, "the load ran: {} ok", scale_down.2);

@@ -22,10 +22,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use e2e_common::tls::{HttpsConn, SERVER_NAME, tls_secret};
-use support::pki::Pki;
 use e2e_common::{App, Load, get_counter, route_of_session_id, serial, summary};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use support::pki::Pki;
 
 #[tokio::test]
 async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
@@ -41,7 +41,11 @@ async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
     assert_eq!(route_of_session_id(&session), Some(route.as_str()), "the new session's id names its node");
     for expected in 2..=20 {
         let r = get_counter(port, Some(&session)).await.unwrap_or_else(|e| panic!("request {expected}: {e}"));
-        assert_eq!((r.status, r.counter, r.route.as_deref()), (200, Some(expected), Some(route.as_str())), "request {expected} of the sticky session");
+        assert_eq!(
+            (r.status, r.counter, r.route.as_deref()),
+            (200, Some(expected), Some(route.as_str())),
+            "request {expected} of the sticky session"
+        );
     }
 
     let pid = app.kill_node(&route);
@@ -54,7 +58,12 @@ async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
     for _ in 0..20 {
         match get_counter(port, Some(&session)).await {
             Ok(r) if r.status == 200 => {
-                assert_eq!(r.counter, Some(expected), "increment lost or repeated after the kill (route {:?})", r.route);
+                assert_eq!(
+                    r.counter,
+                    Some(expected),
+                    "increment lost or repeated after the kill (route {:?})",
+                    r.route
+                );
                 assert_ne!(r.route.as_deref(), Some(route.as_str()), "served by the killed node");
                 if let Some(id) = r.session {
                     session = id;
@@ -82,10 +91,21 @@ async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
         expected - 1,
         failover.as_millis()
     );
-    summary("1 seed: kill -9 of the sticky node", 40, failures, 0, failover, &format!("{route} -> {new_route}, counter {}", expected - 1));
+    summary(
+        "1 seed: kill -9 of the sticky node",
+        40,
+        failures,
+        0,
+        failover,
+        &format!("{route} -> {new_route}, counter {}", expected - 1),
+    );
     assert_eq!(failures, 0, "requests failed after the kill -9: {errors:?}");
     assert_eq!(expected - 1, 40, "the counter went on to 40");
-    assert_eq!(route_of_session_id(&session), Some(new_route.as_str()), "the session id's route was rewritten (JvmRouteBinderValve)");
+    assert_eq!(
+        route_of_session_id(&session),
+        Some(new_route.as_str()),
+        "the session id's route was rewritten (JvmRouteBinderValve)"
+    );
     app.operator.stop().await;
 }
 
@@ -117,7 +137,12 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
         &format!("{CLIENTS} clients, {on_victim} on {victim}, {} skipped", total.skipped),
     );
     assert_eq!(total.lost, 0, "acknowledged increments lost: {:?}", total.errors);
-    assert!(total.failures <= on_victim, "{} failed requests, but only {on_victim} could have been in flight on {victim}: {:?}", total.failures, total.errors);
+    assert!(
+        total.failures <= on_victim,
+        "{} failed requests, but only {on_victim} could have been in flight on {victim}: {:?}",
+        total.failures,
+        total.errors
+    );
     assert!(total.ok > 1000, "the load ran: {} ok", total.ok);
     app.operator.stop().await;
 }
@@ -133,11 +158,13 @@ async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_re
     let client = pki.client(None, rustls::DEFAULT_VERSIONS);
 
     // Tomcat sees the request as secure, with what the handshake negotiated.
-    let mut conn = HttpsConn::open(port, client.clone()).await.unwrap_or_else(|e| panic!("HTTPS on 127.0.0.1:{port}: {e}"));
+    let mut conn =
+        HttpsConn::open(port, client.clone()).await.unwrap_or_else(|e| panic!("HTTPS on 127.0.0.1:{port}: {e}"));
     assert_eq!(conn.server_cert, first.der, "the Secret's certificate is served");
     let reply = conn.get("/counter/echo", None).await.expect("GET /counter/echo over HTTPS");
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let echo: serde_json::Value = serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("echo JSON: {e}: {}", reply.body));
+    let echo: serde_json::Value =
+        serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("echo JSON: {e}: {}", reply.body));
     assert_eq!(echo["scheme"], "https", "{echo}");
     assert_eq!(echo["secure"], true, "{echo}");
     // rustls says TLSv1_3 / TLS13_AES_256_GCM_SHA384; Java says TLSv1.3 / TLS_AES_256_GCM_SHA384.
@@ -233,7 +260,11 @@ async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_re
         failures,
         0,
         all_new,
-        &format!("new cert after {:.1}/{:.1} s, session {counter} on {route}", first_new.as_secs_f64(), all_new.as_secs_f64()),
+        &format!(
+            "new cert after {:.1}/{:.1} s, session {counter} on {route}",
+            first_new.as_secs_f64(),
+            all_new.as_secs_f64()
+        ),
     );
     assert_eq!(failures, 0, "requests failed or the session lost its count during the renewal: {errors:?}");
     assert!(counter > 10, "the session kept counting: {counter}");
@@ -242,11 +273,25 @@ async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_re
 
 /// Checks one counter reply of a session: 200, the previous counter + 1, on
 /// `route`; anything else goes to `errors`.
-fn expect_next(reply: Result<e2e_common::tls::HttpsReply, String>, counter: &mut u64, route: &str, errors: &mut Vec<String>, what: &str) {
+fn expect_next(
+    reply: Result<e2e_common::tls::HttpsReply, String>,
+    counter: &mut u64,
+    route: &str,
+    errors: &mut Vec<String>,
+    what: &str,
+) {
     match reply {
-        Ok(r) if r.status == 200 && r.counter == Some(*counter + 1) && r.route.as_deref() == Some(route) => *counter += 1,
+        Ok(r) if r.status == 200 && r.counter == Some(*counter + 1) && r.route.as_deref() == Some(route) => {
+            *counter += 1
+        }
         Ok(r) => {
-            errors.push(format!("{what}: HTTP {} counter {:?} (expected {}) route {:?}", r.status, r.counter, *counter + 1, r.route));
+            errors.push(format!(
+                "{what}: HTTP {} counter {:?} (expected {}) route {:?}",
+                r.status,
+                r.counter,
+                *counter + 1,
+                r.route
+            ));
             if let Some(c) = r.counter {
                 *counter = c;
             }

@@ -16,7 +16,8 @@ use support::kubelet::KubeletProcess;
 
 fn alive(pid: u32) -> bool {
     // A zombie is gone for our purpose; /proc/<pid>/stat shows its state.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
 
 fn ip(args: &[&str]) -> String {
@@ -63,7 +64,10 @@ async fn stopping_the_kubelet_stops_every_pod_process_and_removes_its_network_an
         let pod_ip: std::net::Ipv4Addr =
             pod.status.and_then(|s| s.pod_ip).and_then(|ip| ip.parse().ok()).expect("pod IP");
         let netns = format!("cabr0-{}", pod_ip.octets()[3]);
-        assert!(namespaces_before.lines().any(|l| l.split_whitespace().next() == Some(netns.as_str())), "{netns} missing: {namespaces_before}");
+        assert!(
+            namespaces_before.lines().any(|l| l.split_whitespace().next() == Some(netns.as_str())),
+            "{netns} missing: {namespaces_before}"
+        );
     }
     assert!(ip(&["-o", "link", "show", "cabr0"]).contains("cabr0"));
 

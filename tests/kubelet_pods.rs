@@ -63,7 +63,10 @@ async fn wait_log(ns: &str, pod: &str, container: &str, needle: &str, timeout: D
         if log.contains(needle) {
             return log;
         }
-        assert!(Instant::now() < deadline, "no {needle:?} in the log of {ns}/{pod}/{container} after {timeout:?}:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log of {ns}/{pod}/{container} after {timeout:?}:\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -72,10 +75,18 @@ async fn wait_log(ns: &str, pod: &str, container: &str, needle: &str, timeout: D
 async fn exec_pod_runs_in_its_own_network_namespace_with_env_and_volumes() {
     kubelet();
     let ns = TestNamespace::new("kubelet-basic").await;
-    create(&ns.api::<ConfigMap>(), json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "settings"}, "data": {"greeting": "hello", "color": "blue"}})).await;
-    create(&ns.api::<Secret>(), json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "creds"}, "stringData": {"password": "s3cret", "user": "admin"}})).await;
+    create(
+        &ns.api::<ConfigMap>(),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "settings"}, "data": {"greeting": "hello", "color": "blue"}}),
+    )
+    .await;
+    create(
+        &ns.api::<Secret>(),
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "creds"}, "stringData": {"password": "s3cret", "user": "admin"}}),
+    )
+    .await;
     let script = r#"
 echo "HOSTNAME_IS=$(hostname)"
 echo "ETC_HOSTS=$(grep -v '^#' /etc/hosts | tr '\t\n' ' |')"
@@ -133,7 +144,9 @@ exec sleep 3600
                 ]}},
             ],
         }})).await;
-    let pod = wait_pod(&pods, "facts", "Running and Ready", Duration::from_secs(60), |p| phase(p) == "Running" && ready(p)).await;
+    let pod =
+        wait_pod(&pods, "facts", "Running and Ready", Duration::from_secs(60), |p| phase(p) == "Running" && ready(p))
+            .await;
     println!("busybox pod Running+Ready {} ms after create", started.elapsed().as_millis());
 
     let ip = pod_ip(&pod);
@@ -150,7 +163,8 @@ exec sleep 3600
     assert!(cs.state.as_ref().and_then(|s| s.running.as_ref()).is_some());
 
     let log = wait_log(&ns.name, "facts", "main", "DONE", Duration::from_secs(10)).await;
-    let expect = |line: &str| assert!(log.lines().any(|l| l == line), "missing line {line:?} in the container log:\n{log}");
+    let expect =
+        |line: &str| assert!(log.lines().any(|l| l == line), "missing line {line:?} in the container log:\n{log}");
     expect("HOSTNAME_IS=facts");
     expect(&format!("ETH0={ip}/24"));
     expect(&format!("ETC_HOSTS=127.0.0.1 localhost|::1 localhost ip6-localhost ip6-loopback|{ip} facts|"));
@@ -210,9 +224,12 @@ while true; do
 done
 "#;
     let pods = ns.api::<Pod>();
-    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
+    create(
+        &pods,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
         "spec": {"terminationGracePeriodSeconds": 1,
-                 "containers": [{"name": "main", "image": "local/busybox", "command": ["sh", "-c", script]}]}}))
+                 "containers": [{"name": "main", "image": "local/busybox", "command": ["sh", "-c", script]}]}}),
+    )
     .await;
     wait_pod(&pods, "client", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await;
     // Authenticated as system:serviceaccount:<ns>:default, which may not list pods.
@@ -220,13 +237,21 @@ done
     let before = kubelet().container_log(&ns.name, "client", "main");
     assert!(!before.contains("status=200"), "listing pods worked before any Role existed:\n{before}");
 
-    create(&ns.api::<Role>(), json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+    create(
+        &ns.api::<Role>(),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": {"name": "pod-reader"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]})).await;
-    create(&ns.api::<RoleBinding>(), json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]}),
+    )
+    .await;
+    create(
+        &ns.api::<RoleBinding>(),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": {"name": "pod-reader"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns.name}]})).await;
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns.name}]}),
+    )
+    .await;
     wait_log(&ns.name, "client", "main", "status=200", Duration::from_secs(20)).await;
 }
 
@@ -264,7 +289,16 @@ async fn wait_for_http(ip: Ipv4Addr, port: u16, path: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", &format!("http://{ip}:{port}{path}")])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                &format!("http://{ip}:{port}{path}"),
+            ])
             .output()
             .expect("curl");
         if out.stdout != b"000" && !out.stdout.is_empty() {
@@ -291,7 +325,8 @@ async fn liveness_failure_restarts_the_container() {
     .await;
     let pod = wait_pod(&pods, "flaky", "restarted twice", Duration::from_secs(60), |p| restart_count(p) >= 2).await;
     let cs = &pod.status.expect("status").container_statuses.expect("statuses")[0];
-    let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("lastState.terminated after a restart");
+    let last =
+        cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("lastState.terminated after a restart");
     assert_eq!(last.exit_code, 143, "killed by SIGTERM after the liveness failure: {last:?}");
     // restartCount is 2 as soon as the third run starts; its shell writes
     // its line a moment later.
@@ -317,12 +352,15 @@ async fn deletion_runs_pre_stop_then_sigterm_then_sigkill_after_the_grace_period
     // Ignores SIGTERM (records it), so only SIGKILL ends it.
     // `$$$$`: Kubernetes turns `$$` into `$` in commands, the shell gets `$$`.
     let script = "echo $$$$ > /shared/pid; trap 'echo sigterm >> /shared/events' TERM; while true; do sleep 0.1; done";
-    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stubborn"},
+    create(
+        &pods,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stubborn"},
         "spec": {"terminationGracePeriodSeconds": 3,
             "containers": [{"name": "main", "image": "local/busybox", "command": ["sh", "-c", script],
                 "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo prestop >> /shared/events"]}}},
                 "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}],
-            "volumes": [{"name": "shared", "hostPath": {"path": shared.to_string_lossy()}}]}}))
+            "volumes": [{"name": "shared", "hostPath": {"path": shared.to_string_lossy()}}]}}),
+    )
     .await;
     wait_pod(&pods, "stubborn", "Running", Duration::from_secs(60), |p| phase(p) == "Running").await;
     let pid_file = shared.join("pid");
@@ -358,8 +396,12 @@ async fn unknown_image_waits_like_a_failed_pull_and_run_to_completion_pods_finis
     kubelet();
     let ns = TestNamespace::new("kubelet-phase").await;
     let pods = ns.api::<Pod>();
-    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nopull"},
-        "spec": {"containers": [{"name": "main", "image": "example.com/not-mapped:1"}]}})).await;
+    create(
+        &pods,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nopull"},
+        "spec": {"containers": [{"name": "main", "image": "example.com/not-mapped:1"}]}}),
+    )
+    .await;
     create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "job-ok"},
         "spec": {"restartPolicy": "Never",
                  "initContainers": [{"name": "prepare", "image": "local/busybox", "command": ["sh", "-c", "echo init-ran"]}],
@@ -388,8 +430,12 @@ async fn unknown_image_waits_like_a_failed_pull_and_run_to_completion_pods_finis
 async fn run_as_user_and_fs_group_apply_to_the_process_and_its_volumes() {
     kubelet();
     let ns = TestNamespace::new("kubelet-user").await;
-    create(&ns.api::<Secret>(), json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "key"}, "stringData": {"key": "k3y"}})).await;
+    create(
+        &ns.api::<Secret>(),
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "key"}, "stringData": {"key": "k3y"}}),
+    )
+    .await;
     let pods = ns.api::<Pod>();
     let script = "echo UID=$(id -u) GID=$(id -g) GROUPS=$(id -G); echo SECRET=$(cat /etc/secret/key); touch /data/written && echo WROTE; exec sleep 3600";
     create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "user"},
@@ -399,16 +445,20 @@ async fn run_as_user_and_fs_group_apply_to_the_process_and_its_volumes() {
                 "volumeMounts": [{"name": "secret", "mountPath": "/etc/secret", "readOnly": true}, {"name": "data", "mountPath": "/data"}]}],
             "volumes": [{"name": "secret", "secret": {"secretName": "key", "defaultMode": 256}}, {"name": "data", "emptyDir": {}}]}}))
     .await;
-    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root-refused"},
+    create(
+        &pods,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root-refused"},
         "spec": {"securityContext": {"runAsNonRoot": true},
-            "containers": [{"name": "main", "image": "local/busybox", "command": ["sh", "-c", "sleep 3600"]}]}}))
+            "containers": [{"name": "main", "image": "local/busybox", "command": ["sh", "-c", "sleep 3600"]}]}}),
+    )
     .await;
     let log = wait_log(&ns.name, "user", "main", "WROTE", Duration::from_secs(30)).await;
     assert!(log.contains("UID=1000 GID=1000 GROUPS=1000 2000"), "{log}");
     assert!(log.contains("SECRET=k3y"), "a 0400 secret is readable through fsGroup: {log}");
     let pod = wait_pod(&pods, "root-refused", "refused", Duration::from_secs(30), |p| {
         p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()).any(|c| {
-            c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CreateContainerConfigError")
+            c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref())
+                == Some("CreateContainerConfigError")
         })
     })
     .await;
@@ -422,9 +472,13 @@ async fn clusterapp_image_runs_the_binary_built_from_this_repository() {
     let pods = ns.api::<Pod>();
     // As the operator's balancer Deployment does it: args only, the image's
     // ENTRYPOINT is `clusterapp`.
-    create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crd"},
+    create(
+        &pods,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crd"},
         "spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": "ghcr.io/clusterapp/clusterapp:0.1.0", "args": ["crd"]}]}})).await;
+                 "containers": [{"name": "main", "image": "ghcr.io/clusterapp/clusterapp:0.1.0", "args": ["crd"]}]}}),
+    )
+    .await;
     wait_pod(&pods, "crd", "Succeeded", Duration::from_secs(30), |p| phase(p) == "Succeeded").await;
     let log = kubelet().container_log(&ns.name, "crd", "main");
     assert!(log.contains("kind: CustomResourceDefinition") && log.contains("clusterapp.io"), "{log}");
@@ -438,8 +492,12 @@ async fn wait_log_line(ns: &str, pod: &str, container: &str, line: &str, timeout
         if log.lines().any(|l| l == line) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < timeout, "no line {line:?} in the log of {ns}/{pod}/{container} after {timeout:?}:\n{}\nkubelet log:\n{}",
-            log.lines().rev().take(10).collect::<Vec<_>>().join("\n"), kubelet().log_tail(20));
+        assert!(
+            started.elapsed() < timeout,
+            "no line {line:?} in the log of {ns}/{pod}/{container} after {timeout:?}:\n{}\nkubelet log:\n{}",
+            log.lines().rev().take(10).collect::<Vec<_>>().join("\n"),
+            kubelet().log_tail(20)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -457,10 +515,18 @@ async fn changed_secrets_and_configmaps_reach_the_files_of_a_running_pod() {
     let ns = TestNamespace::new("kubelet-volsync").await;
     let secrets = ns.api::<Secret>();
     let configmaps = ns.api::<ConfigMap>();
-    create(&secrets, json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "rotating"}, "stringData": {"pw": "v1", "stable": "same"}})).await;
-    create(&configmaps, json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "conf"}, "data": {"color": "blue", "extra": "x"}})).await;
+    create(
+        &secrets,
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rotating"}, "stringData": {"pw": "v1", "stable": "same"}}),
+    )
+    .await;
+    create(
+        &configmaps,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "conf"}, "data": {"color": "blue", "extra": "x"}}),
+    )
+    .await;
     // What the container itself sees, five times a second.
     let script = r#"
 while true; do
@@ -471,7 +537,9 @@ while true; do
 done
 "#;
     let pods = ns.api::<Pod>();
-    create(&pods, json!({"apiVersion": "v1", "kind": "Pod",
+    create(
+        &pods,
+        json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "watcher"},
         "spec": {
             "terminationGracePeriodSeconds": 1,
@@ -491,8 +559,11 @@ done
                     {"configMap": {"name": "conf", "items": [{"key": "color", "path": "colour"}]}},
                 ]}},
             ],
-        }})).await;
-    wait_pod(&pods, "watcher", "Running and Ready", Duration::from_secs(60), |p| phase(p) == "Running" && ready(p)).await;
+        }}),
+    )
+    .await;
+    wait_pod(&pods, "watcher", "Running and Ready", Duration::from_secs(60), |p| phase(p) == "Running" && ready(p))
+        .await;
     let bound = Duration::from_secs(10);
     wait_log_line(&ns.name, "watcher", "main", "SECRET=v1 STABLE=same", bound).await;
     wait_log_line(&ns.name, "watcher", "main", "PROJECTED=v1/blue", bound).await;
@@ -502,14 +573,27 @@ done
     let config_before = file_identity(&volumes.join("config/color"));
     // Several sync periods without a change: nothing is rewritten.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(file_identity(&volumes.join("config/color")), config_before, "an unchanged ConfigMap's file was rewritten");
+    assert_eq!(
+        file_identity(&volumes.join("config/color")),
+        config_before,
+        "an unchanged ConfigMap's file was rewritten"
+    );
 
     // A changed Secret key: both volumes that use it follow; the other key's file is left alone.
-    secrets.replace("rotating", &Default::default(), &{
-        let mut s = secrets.get("rotating").await.expect("secret");
-        s.data = Some([("pw".to_string(), k8s_openapi::ByteString(b"v2".to_vec())), ("stable".to_string(), k8s_openapi::ByteString(b"same".to_vec()))].into());
-        s
-    }).await.expect("updating the secret");
+    secrets
+        .replace("rotating", &Default::default(), &{
+            let mut s = secrets.get("rotating").await.expect("secret");
+            s.data = Some(
+                [
+                    ("pw".to_string(), k8s_openapi::ByteString(b"v2".to_vec())),
+                    ("stable".to_string(), k8s_openapi::ByteString(b"same".to_vec())),
+                ]
+                .into(),
+            );
+            s
+        })
+        .await
+        .expect("updating the secret");
     let secret_after = wait_log_line(&ns.name, "watcher", "main", "SECRET=v2 STABLE=same", bound).await;
     let projected_after = wait_log_line(&ns.name, "watcher", "main", "PROJECTED=v2/blue", bound).await;
     assert_eq!(file_identity(&volumes.join("secret/stable")), stable_before, "the unchanged key's file was rewritten");
@@ -517,7 +601,10 @@ done
 
     // A changed ConfigMap with a key removed: the value follows, the file goes.
     let patch = json!({"data": {"color": "green", "extra": null}});
-    configmaps.patch("conf", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("patching the configmap");
+    configmaps
+        .patch("conf", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .expect("patching the configmap");
     let config_after = wait_log_line(&ns.name, "watcher", "main", "CM=green EXTRA=gone", bound).await;
     wait_log_line(&ns.name, "watcher", "main", "PROJECTED=v2/green", bound).await;
     assert_eq!(file_identity(&volumes.join("secret/stable")), stable_before);

@@ -75,15 +75,31 @@ fn counter(ip: Ipv4Addr, session: Option<&str>) -> (String, String) {
 async fn three_tomcats_find_each_other_through_the_kubernetes_api_and_replicate_a_session() {
     kubelet();
     let ns = TestNamespace::new("kubelet-tribes").await;
-    create(&ns.api::<Role>(), json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "members"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]})).await;
-    create(&ns.api::<RoleBinding>(), json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "members"},
+    create(
+        &ns.api::<Role>(),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "members"},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]}),
+    )
+    .await;
+    create(
+        &ns.api::<RoleBinding>(),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "members"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "members"},
-        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns.name}]})).await;
-    create(&ns.api::<ConfigMap>(), json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tomcat"},
-        "data": {"server.xml": SERVER_XML}})).await;
-    create(&ns.api::<Service>(), json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "tc"},
-        "spec": {"clusterIP": "None", "selector": {"app": "tc"}, "ports": [{"name": "http", "port": 8080}]}})).await;
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns.name}]}),
+    )
+    .await;
+    create(
+        &ns.api::<ConfigMap>(),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tomcat"},
+        "data": {"server.xml": SERVER_XML}}),
+    )
+    .await;
+    create(
+        &ns.api::<Service>(),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "tc"},
+        "spec": {"clusterIP": "None", "selector": {"app": "tc"}, "ports": [{"name": "http", "port": 8080}]}}),
+    )
+    .await;
     let started = Instant::now();
     create(&ns.api::<StatefulSet>(), json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "tc"},
         "spec": {"serviceName": "tc", "replicas": 3, "selector": {"matchLabels": {"app": "tc"}},
@@ -115,7 +131,8 @@ async fn three_tomcats_find_each_other_through_the_kubernetes_api_and_replicate_
     let nodes: Vec<(String, Ipv4Addr)> = pods
         .iter()
         .map(|p| {
-            let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()).expect("pod IP");
+            let ip =
+                p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok()).expect("pod IP");
             (p.metadata.name.clone().unwrap_or_default(), ip)
         })
         .collect();
@@ -126,7 +143,10 @@ async fn three_tomcats_find_each_other_through_the_kubernetes_api_and_replicate_
         loop {
             let log = kubelet().container_log(&ns.name, name, "tomcat");
             let added: Vec<&str> = log.lines().filter(|l| l.contains("Replication member added")).collect();
-            let sees_peers = nodes.iter().filter(|(n, _)| n != name).all(|(_, peer)| added.iter().any(|l| l.contains(&tribes_address(*peer))));
+            let sees_peers = nodes
+                .iter()
+                .filter(|(n, _)| n != name)
+                .all(|(_, peer)| added.iter().any(|l| l.contains(&tribes_address(*peer))));
             assert!(
                 !added.iter().any(|l| l.contains(&tribes_address(*ip))),
                 "{name} lists itself as a member (it must recognise its pod IP as its own):\n{}",

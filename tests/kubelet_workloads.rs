@@ -44,7 +44,11 @@ async fn wait_ready_pods(pods: &Api<Pod>, selector: &str, count: usize, timeout:
         if ready_pods.len() == count {
             return ready_pods;
         }
-        assert!(Instant::now() < deadline, "{count} ready pods ({selector}) not there after {timeout:?}:\n{}", kubelet().log_tail(30));
+        assert!(
+            Instant::now() < deadline,
+            "{count} ready pods ({selector}) not there after {timeout:?}:\n{}",
+            kubelet().log_tail(30)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -54,11 +58,17 @@ async fn statefulset_pods_reach_each_other_and_services_reach_them() {
     kubelet();
     let ns = TestNamespace::new("kubelet-sts").await;
     let serve = "hostname > /www/name && exec /usr/bin/python3 -m http.server 8080 --directory /www";
-    create(&ns.api::<Service>(), json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
-        "spec": {"clusterIP": "None", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 8080}]}})).await;
+    create(
+        &ns.api::<Service>(),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"clusterIP": "None", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 8080}]}}),
+    )
+    .await;
     let node_port_service = create(&ns.api::<Service>(), json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-public"},
         "spec": {"type": "NodePort", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})).await;
-    create(&ns.api::<StatefulSet>(), json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "web"},
+    create(
+        &ns.api::<StatefulSet>(),
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "web"},
         "spec": {"serviceName": "web", "replicas": 2, "selector": {"matchLabels": {"app": "web"}},
             "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
                 "terminationGracePeriodSeconds": 1,
@@ -66,7 +76,9 @@ async fn statefulset_pods_reach_each_other_and_services_reach_them() {
                     "ports": [{"name": "http", "containerPort": 8080}],
                     "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
                     "volumeMounts": [{"name": "www", "mountPath": "/www"}]}],
-                "volumes": [{"name": "www", "emptyDir": {}}]}}}})).await;
+                "volumes": [{"name": "www", "emptyDir": {}}]}}}}),
+    )
+    .await;
 
     let started = Instant::now();
     let pods = wait_ready_pods(&ns.api::<Pod>(), "app=web", 2, Duration::from_secs(90)).await;
@@ -132,16 +144,26 @@ async fn tomcat_pod_serves_the_counter_app_with_a_configmap_server_xml() {
     let ns = TestNamespace::new("kubelet-tomcat").await;
     // Debian's server.xml with the HTTP connector moved, mounted with subPath
     // over CATALINA_BASE/conf/server.xml like the operator's ConfigMap.
-    let server_xml = std::fs::read_to_string("/etc/tomcat10/server.xml").expect("Debian's server.xml").replace("port=\"8080\"", "port=\"8081\"");
+    let server_xml = std::fs::read_to_string("/etc/tomcat10/server.xml")
+        .expect("Debian's server.xml")
+        .replace("port=\"8080\"", "port=\"8081\"");
     assert!(server_xml.contains("port=\"8081\""));
-    create(&ns.api::<ConfigMap>(), json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tomcat-conf"},
-        "data": {"server.xml": server_xml}})).await;
+    create(
+        &ns.api::<ConfigMap>(),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tomcat-conf"},
+        "data": {"server.xml": server_xml}}),
+    )
+    .await;
     let pods = ns.api::<Pod>();
     let started = Instant::now();
     // The shape of the operator's session-node Pod: non-root with fsGroup,
     // emptyDirs over logs/temp/work, probes, a preStop sleep.
-    create(&ns.api::<k8s_openapi::api::core::v1::Secret>(), json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tomcat-secret"},
-        "stringData": {"ajp-secret": "not-used-here"}})).await;
+    create(
+        &ns.api::<k8s_openapi::api::core::v1::Secret>(),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tomcat-secret"},
+        "stringData": {"ajp-secret": "not-used-here"}}),
+    )
+    .await;
     let probe = |failures: i32| json!({"httpGet": {"path": "/counter/", "port": "http"}, "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": failures});
     create(&pods, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tomcat", "labels": {"app": "tomcat"}},
         "spec": {"terminationGracePeriodSeconds": 5,
@@ -173,7 +195,9 @@ async fn tomcat_pod_serves_the_counter_app_with_a_configmap_server_xml() {
     let jar = cookies.to_string_lossy().into_owned();
     let mut counters = Vec::new();
     for _ in 0..3 {
-        let headers = curl(None, &format!("http://{ip}:8081/counter/"), &["-D", "-", "-o", "/dev/null", "-b", &jar, "-c", &jar]).expect("GET /counter/");
+        let headers =
+            curl(None, &format!("http://{ip}:8081/counter/"), &["-D", "-", "-o", "/dev/null", "-b", &jar, "-c", &jar])
+                .expect("GET /counter/");
         let counter = headers
             .lines()
             .find_map(|l| l.strip_prefix("X-Counter: "))
@@ -187,7 +211,10 @@ async fn tomcat_pod_serves_the_counter_app_with_a_configmap_server_xml() {
 
     let log = kubelet().container_log(&ns.name, "tomcat", "tomcat");
     assert!(log.contains("Server startup in"), "Tomcat's log:\n{log}");
-    assert!(log.contains("CATALINA_BASE:") && log.contains("/usr/local/tomcat"), "Tomcat runs with CATALINA_BASE=/usr/local/tomcat:\n{log}");
+    assert!(
+        log.contains("CATALINA_BASE:") && log.contains("/usr/local/tomcat"),
+        "Tomcat runs with CATALINA_BASE=/usr/local/tomcat:\n{log}"
+    );
     assert!(log.contains("\"http-nio-8081\""), "the ConfigMap's server.xml is in effect:\n{log}");
     assert!(!std::path::Path::new("/usr/local/tomcat").exists(), "CATALINA_BASE must exist only inside the pod");
     // Tomcat runs as runAsUser 1000 with group 1000 (runAsGroup, fsGroup).
@@ -199,7 +226,12 @@ async fn tomcat_pod_serves_the_counter_app_with_a_configmap_server_xml() {
         .expect("kubelet logged the container start");
     let pid = started_line.split_whitespace().find_map(|w| w.strip_prefix("pid=")).expect("pid in the log line");
     let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Tomcat's /proc status");
-    let field = |name: &str| proc_status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().next().unwrap_or("").to_string());
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+    };
     assert_eq!(field("Uid:").as_deref(), Some("1000"), "{proc_status}");
     assert_eq!(field("Gid:").as_deref(), Some("1000"), "{proc_status}");
     // Its logs went into the emptyDir, written as uid 1000.

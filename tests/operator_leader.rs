@@ -36,7 +36,10 @@ async fn two_operators_only_the_leader_writes_and_the_standby_takes_over() {
 
     create_app(&ns, "shop").await;
     let sts = ns.api::<StatefulSet>();
-    wait_until(Duration::from_secs(30), "the StatefulSet", || async { sts.get_opt("shop").await.ok().flatten().is_some() }).await;
+    wait_until(Duration::from_secs(30), "the StatefulSet", || async {
+        sts.get_opt("shop").await.ok().flatten().is_some()
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!standby.state.is_leader(), "two leaders");
     assert!(leader.state.reconcile_count() > 0);

@@ -70,7 +70,12 @@ async fn wait_for_children(ns: &TestNamespace, name: &str) -> BTreeMap<String, O
 }
 
 /// Waits until the app's status describes its current generation.
-async fn wait_for_status(ns: &TestNamespace, name: &str, what: &str, check: impl Fn(&ClusterApp) -> bool) -> ClusterApp {
+async fn wait_for_status(
+    ns: &TestNamespace,
+    name: &str,
+    what: &str,
+    check: impl Fn(&ClusterApp) -> bool,
+) -> ClusterApp {
     let apps = ns.api::<ClusterApp>();
     let mut last = None;
     let deadline = std::time::Instant::now() + WAIT;
@@ -99,7 +104,10 @@ fn condition(app: &ClusterApp, type_: &str) -> Option<(String, String, String)> 
 /// Plays the kubelet: marks pod `name` Running and Ready with `ip`.
 async fn make_pod_ready(ns: &TestNamespace, name: &str, ip: &str) {
     let pods = ns.api::<Pod>();
-    wait_until(WAIT, &format!("pod {name} to be created"), || async { pods.get_opt(name).await.ok().flatten().is_some() }).await;
+    wait_until(WAIT, &format!("pod {name} to be created"), || async {
+        pods.get_opt(name).await.ok().flatten().is_some()
+    })
+    .await;
     let now = "2025-01-01T00:00:00Z";
     let status = json!({"status": {
         "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
@@ -123,7 +131,8 @@ async fn make_balancer_pods_ready(ns: &TestNamespace, app: &str, count: usize) {
         pods.list(&list).await.map(|l| l.items.len() >= count).unwrap_or(false)
     })
     .await;
-    let names: Vec<String> = pods.list(&list).await.expect("balancer pods").items.into_iter().filter_map(|p| p.metadata.name).collect();
+    let names: Vec<String> =
+        pods.list(&list).await.expect("balancer pods").items.into_iter().filter_map(|p| p.metadata.name).collect();
     for (i, name) in names.iter().enumerate() {
         make_pod_ready(ns, name, &format!("10.0.1.{}", i + 10)).await;
     }
@@ -166,11 +175,20 @@ async fn apply_creates_every_child_owned_and_labelled() {
     let children = wait_for_children(&ns, "shop").await;
     assert_eq!(children.len(), 15);
     for (key, meta) in &children {
-        let owner = meta.owner_references.as_ref().and_then(|o| o.first()).unwrap_or_else(|| panic!("{key} has no owner"));
-        assert_eq!((owner.uid.as_str(), owner.kind.as_str(), owner.controller), (uid.as_str(), "ClusterApp", Some(true)), "{key}");
+        let owner =
+            meta.owner_references.as_ref().and_then(|o| o.first()).unwrap_or_else(|| panic!("{key} has no owner"));
+        assert_eq!(
+            (owner.uid.as_str(), owner.kind.as_str(), owner.controller),
+            (uid.as_str(), "ClusterApp", Some(true)),
+            "{key}"
+        );
         let labels = meta.labels.clone().unwrap_or_default();
         assert_eq!(labels.get("app.kubernetes.io/instance").map(String::as_str), Some("shop"), "{key}");
-        assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("clusterapp-operator"), "{key}");
+        assert_eq!(
+            labels.get("app.kubernetes.io/managed-by").map(String::as_str),
+            Some("clusterapp-operator"),
+            "{key}"
+        );
     }
     // Generated keys: 64 hex characters each, and never in the status.
     let secret = ns.api::<Secret>().get("shop-secrets").await.expect("secret");
@@ -232,7 +250,10 @@ async fn scale_subresource_drives_replicas_and_members_follow_pods() {
     let app = wait_for_status(&ns, "shop", "3/3 ready", |a| a.status.as_ref().is_some_and(|s| s.ready == "3/3")).await;
     let (ready, reason, message) = condition(&app, "Ready").expect("Ready");
     assert_eq!((ready.as_str(), reason.as_str()), ("False", "BalancerUnavailable"), "{message}");
-    assert!(message.contains("shop-balancer has no available replica") && message.contains("0 of 2 available"), "{message}");
+    assert!(
+        message.contains("shop-balancer has no available replica") && message.contains("0 of 2 available"),
+        "{message}"
+    );
     // The balancer's pods become ready: the Deployment's availableReplicas
     // follow (controller manager), and Ready follows them.
     make_balancer_pods_ready(&ns, "shop", 2).await;
@@ -240,7 +261,11 @@ async fn scale_subresource_drives_replicas_and_members_follow_pods() {
     let status = app.status.clone().expect("status");
     assert_eq!((status.replicas, status.ready_replicas), (3, 3));
     assert_eq!(status.routes, "shop-0,shop-1,shop-2");
-    let members: Vec<_> = status.members.iter().map(|m| (m.pod.as_str(), m.route.as_str(), m.pod_ip.as_deref(), m.ready, m.draining)).collect();
+    let members: Vec<_> = status
+        .members
+        .iter()
+        .map(|m| (m.pod.as_str(), m.route.as_str(), m.pod_ip.as_deref(), m.ready, m.draining))
+        .collect();
     assert_eq!(
         members,
         [
@@ -252,9 +277,23 @@ async fn scale_subresource_drives_replicas_and_members_follow_pods() {
     assert_eq!(condition(&app, "Ready").map(|c| c.0), Some("True".to_string()));
     // kubectl shows the printer columns.
     let table = support::run_ok(support::kubectl().args(["-n", &ns.name, "get", "capp", "shop"]));
-    assert!(table.contains("READY") && table.contains("3/3") && table.contains("shop-0,shop-1,shop-2") && table.contains("all"), "{table}");
+    assert!(
+        table.contains("READY")
+            && table.contains("3/3")
+            && table.contains("shop-0,shop-1,shop-2")
+            && table.contains("all"),
+        "{table}"
+    );
     // The scale subresource reads status.replicas and the selector.
-    let scale = support::run_ok(support::kubectl().args(["-n", &ns.name, "get", "--subresource=scale", "clusterapp/shop", "-o", "json"]));
+    let scale = support::run_ok(support::kubectl().args([
+        "-n",
+        &ns.name,
+        "get",
+        "--subresource=scale",
+        "clusterapp/shop",
+        "-o",
+        "json",
+    ]));
     let scale: serde_json::Value = serde_json::from_str(&scale).expect("scale json");
     assert_eq!(scale["status"]["replicas"], 3);
     assert!(scale["status"]["selector"].as_str().unwrap_or_default().contains("app.kubernetes.io/instance=shop"));
@@ -303,7 +342,8 @@ async fn image_change_rolls_only_the_stateful_set_and_steady_state_is_quiet() {
         .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "1"}}})))
         .await
         .expect("touch");
-    wait_until(WAIT, "a reconcile of the touched app", || async { operator.state.reconcile_count() > reconciles }).await;
+    wait_until(WAIT, "a reconcile of the touched app", || async { operator.state.reconcile_count() > reconciles })
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(operator.state.api_writes.get(), writes, "a steady-state reconcile wrote");
     assert_eq!(operator.state.api_requests.get(), requests, "a steady-state reconcile sent requests");
@@ -317,7 +357,11 @@ async fn image_change_rolls_only_the_stateful_set_and_steady_state_is_quiet() {
     let sts = ns.api::<StatefulSet>();
     wait_until(WAIT, "the new image in the StatefulSet", || async {
         sts.get("shop").await.ok().is_some_and(|s| {
-            s.spec.template.spec.as_ref().is_some_and(|p| p.containers[0].image.as_deref() == Some("registry.example/shop:1.5"))
+            s.spec
+                .template
+                .spec
+                .as_ref()
+                .is_some_and(|p| p.containers[0].image.as_deref() == Some("registry.example/shop:1.5"))
         })
     })
     .await;
@@ -328,7 +372,11 @@ async fn image_change_rolls_only_the_stateful_set_and_steady_state_is_quiet() {
 
     // A session setting: server.xml and the StatefulSet template change.
     let template_hash = |s: StatefulSet| {
-        s.spec.template.metadata.and_then(|m| m.annotations).and_then(|a| a.get("clusterapp.io/server-xml-sha256").cloned())
+        s.spec
+            .template
+            .metadata
+            .and_then(|m| m.annotations)
+            .and_then(|a| a.get("clusterapp.io/server-xml-sha256").cloned())
     };
     let old_hash = template_hash(sts.get("shop").await.expect("sts"));
     assert!(old_hash.is_some());
@@ -338,7 +386,12 @@ async fn image_change_rolls_only_the_stateful_set_and_steady_state_is_quiet() {
         .expect("patching sendMode");
     let config_maps = ns.api::<ConfigMap>();
     wait_until(WAIT, "async send mode in server.xml", || async {
-        config_maps.get("shop-tomcat").await.ok().and_then(|c| c.data).is_some_and(|d| d["server.xml"].contains(r#"channelSendOptions="8""#))
+        config_maps
+            .get("shop-tomcat")
+            .await
+            .ok()
+            .and_then(|c| c.data)
+            .is_some_and(|d| d["server.xml"].contains(r#"channelSendOptions="8""#))
     })
     .await;
     wait_until(WAIT, "a new server.xml hash on the pod template", || async {
@@ -378,7 +431,8 @@ async fn deleted_or_edited_children_are_restored() {
     wait_until(WAIT, "the edits to be undone", || async {
         let sts = ns.api::<StatefulSet>().get("shop").await.ok();
         let svc = ns.api::<Service>().get("shop").await.ok();
-        sts.and_then(|s| s.spec.replicas) == Some(2) && svc.and_then(|s| s.spec).and_then(|s| s.type_).as_deref() == Some("ClusterIP")
+        sts.and_then(|s| s.spec.replicas) == Some(2)
+            && svc.and_then(|s| s.spec).and_then(|s| s.type_).as_deref() == Some("ClusterIP")
     })
     .await;
 
@@ -386,13 +440,25 @@ async fn deleted_or_edited_children_are_restored() {
     // with new keys (there is nothing to keep); an edit that drops one key
     // regenerates only that key.
     ns.api::<Secret>()
-        .patch("shop-secrets", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(json!([
-            {"op": "remove", "path": "/data/ajp-secret"}
-        ])).expect("json patch")))
+        .patch(
+            "shop-secrets",
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([
+                    {"op": "remove", "path": "/data/ajp-secret"}
+                ]))
+                .expect("json patch"),
+            ),
+        )
         .await
         .expect("drop a key");
     wait_until(WAIT, "the dropped key to be regenerated", || async {
-        ns.api::<Secret>().get("shop-secrets").await.ok().and_then(|s| s.data).is_some_and(|d| d.contains_key("ajp-secret"))
+        ns.api::<Secret>()
+            .get("shop-secrets")
+            .await
+            .ok()
+            .and_then(|s| s.data)
+            .is_some_and(|d| d.contains_key("ajp-secret"))
     })
     .await;
     let secret_after = ns.api::<Secret>().get("shop-secrets").await.expect("secret").data.expect("data");
@@ -459,7 +525,12 @@ async fn missing_secret_ref_degrades_and_creating_it_heals() {
     // The nodes and the balancer read the user's Secret.
     let sts = ns.api::<StatefulSet>().get("shop").await.expect("sts");
     let env = sts.spec.template.spec.expect("pod").containers[0].env.clone().expect("env");
-    let ajp = env.iter().find(|e| e.name == "AJP_SECRET").and_then(|e| e.value_from.clone()).and_then(|v| v.secret_key_ref).expect("ref");
+    let ajp = env
+        .iter()
+        .find(|e| e.name == "AJP_SECRET")
+        .and_then(|e| e.value_from.clone())
+        .and_then(|v| v.secret_key_ref)
+        .expect("ref");
     assert_eq!((ajp.name.as_str(), ajp.key.as_str()), ("shop-ajp", "secret"));
     let text = serde_json::to_string(&app_get(&ns, "shop").await).expect("json");
     assert!(!text.contains("user-chosen-ajp-secret"));
@@ -513,7 +584,9 @@ async fn missing_tls_secret_degrades_and_creating_it_turns_on_https() {
 
     // No Secret at all: the first one is named, with the keys it needs and how to make it.
     let named = format!("Secret {}/shop-tls", ns.name);
-    let message = wait_for_tls_problem(&ns, &[&named, "spec.balancer.tls.secretName", "does not exist", "tls.crt and tls.key"]).await;
+    let message =
+        wait_for_tls_problem(&ns, &[&named, "spec.balancer.tls.secretName", "does not exist", "tls.crt and tls.key"])
+            .await;
     assert!(message.contains("kubectl create secret tls shop-tls"), "{message}");
     // Nothing was applied while the balancer could not start.
     assert!(ns.api::<Deployment>().get_opt("shop-balancer").await.expect("get").is_none());
@@ -528,7 +601,9 @@ async fn missing_tls_secret_degrades_and_creating_it_turns_on_https() {
     wait_for_tls_problem(&ns, &[&named, "spec.balancer.tls.clientCASecretName", "does not exist", "ca.crt"]).await;
 
     // A CA Secret with the wrong key: the missing key is named.
-    let ca: Secret = serde_json::from_value(json!({"metadata": {"name": "shop-ca"}, "stringData": {"ca.pem": "CA-BUNDLE"}})).expect("secret");
+    let ca: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "shop-ca"}, "stringData": {"ca.pem": "CA-BUNDLE"}}))
+            .expect("secret");
     secrets.create(&PostParams::default(), &ca).await.expect("creating the CA Secret");
     wait_for_tls_problem(&ns, &[&named, "has no non-empty key ca.crt"]).await;
 
@@ -550,7 +625,13 @@ async fn missing_tls_secret_degrades_and_creating_it_turns_on_https() {
         ),
         "{args}"
     );
-    let https = container.ports.clone().unwrap_or_default().into_iter().find(|p| p.name.as_deref() == Some("https")).expect("https port");
+    let https = container
+        .ports
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some("https"))
+        .expect("https port");
     assert_eq!(https.container_port, 8443);
     let volumes: BTreeMap<String, String> = pod
         .volumes
@@ -561,8 +642,13 @@ async fn missing_tls_secret_degrades_and_creating_it_turns_on_https() {
         .collect();
     assert_eq!(volumes.get("tls").map(String::as_str), Some("shop-tls"));
     assert_eq!(volumes.get("tls-client-ca").map(String::as_str), Some("shop-ca"));
-    let mounts: BTreeMap<String, (String, Option<bool>)> =
-        container.volume_mounts.clone().unwrap_or_default().into_iter().map(|m| (m.name, (m.mount_path, m.read_only))).collect();
+    let mounts: BTreeMap<String, (String, Option<bool>)> = container
+        .volume_mounts
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| (m.name, (m.mount_path, m.read_only)))
+        .collect();
     assert_eq!(mounts.get("tls"), Some(&("/etc/clusterapp/tls".to_string(), Some(true))));
     assert_eq!(mounts.get("tls-client-ca"), Some(&("/etc/clusterapp/tls-client-ca".to_string(), Some(true))));
     let service = ns.api::<Service>().get("shop").await.expect("service");
@@ -578,32 +664,49 @@ async fn missing_tls_secret_degrades_and_creating_it_turns_on_https() {
     // A renewed certificate does not roll the balancer (it reloads the
     // files); its check is one read of the changed Secret, after which a
     // reconcile sends nothing again.
-    wait_for_status(&ns, "shop", "a converged status", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
+    wait_for_status(&ns, "shop", "a converged status", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False"))
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = resource_versions(&children(&ns, "shop").await.expect("children"));
     let reconciles = operator.state.reconcile_count();
     let renewed = json!({"stringData": {"tls.crt": "CERTIFICATE-TWO"}});
-    secrets.patch("shop-tls", &PatchParams::default(), &Patch::Merge(&renewed)).await.expect("renewing the certificate");
+    secrets
+        .patch("shop-tls", &PatchParams::default(), &Patch::Merge(&renewed))
+        .await
+        .expect("renewing the certificate");
     wait_until(WAIT, "a reconcile after the renewal", || async { operator.state.reconcile_count() > reconciles }).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(resource_versions(&children(&ns, "shop").await.expect("children")), before, "a renewed certificate changed a child");
+    assert_eq!(
+        resource_versions(&children(&ns, "shop").await.expect("children")),
+        before,
+        "a renewed certificate changed a child"
+    );
     let requests = operator.state.api_requests.get();
     let reconciles = operator.state.reconcile_count();
     ns.api::<ClusterApp>()
         .patch("shop", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "1"}}})))
         .await
         .expect("touch");
-    wait_until(WAIT, "a reconcile of the touched app", || async { operator.state.reconcile_count() > reconciles }).await;
+    wait_until(WAIT, "a reconcile of the touched app", || async { operator.state.reconcile_count() > reconciles })
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(operator.state.api_requests.get(), requests, "a steady-state reconcile of an app with TLS sent requests");
+    assert_eq!(
+        operator.state.api_requests.get(),
+        requests,
+        "a steady-state reconcile of an app with TLS sent requests"
+    );
 
     // Turning client certificates off changes the balancer's template (a rollout).
     let generation = ns.api::<Deployment>().get("shop-balancer").await.expect("deployment").metadata.generation;
     let off = json!({"spec": {"balancer": {"tls": {"secretName": "shop-tls", "clientCASecretName": null, "requireClientCertificate": false}}}});
-    ns.api::<ClusterApp>().patch("shop", &PatchParams::default(), &Patch::Merge(off)).await.expect("turning client certificates off");
+    ns.api::<ClusterApp>()
+        .patch("shop", &PatchParams::default(), &Patch::Merge(off))
+        .await
+        .expect("turning client certificates off");
     wait_until(WAIT, "the balancer without client certificates", || async {
         ns.api::<Deployment>().get("shop-balancer").await.ok().is_some_and(|d| {
-            let args = d.spec.template.spec.map(|p| p.containers[0].args.clone().unwrap_or_default()).unwrap_or_default();
+            let args =
+                d.spec.template.spec.map(|p| p.containers[0].args.clone().unwrap_or_default()).unwrap_or_default();
             args.contains(&"--tls-listen".to_string()) && !args.contains(&"--tls-client-ca-file".to_string())
         })
     })
@@ -637,7 +740,11 @@ async fn node_rbac_edits_are_restored_with_a_warning_event() {
     // A user takes `list pods` away from the node Role.
     let roles = ns.api::<Role>();
     roles
-        .patch("shop-node", &PatchParams::default(), &Patch::Merge(json!({"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]})))
+        .patch(
+            "shop-node",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]})),
+        )
         .await
         .expect("editing the node Role");
     wait_until(WAIT, "the node Role restored", || async {
@@ -652,15 +759,24 @@ async fn node_rbac_edits_are_restored_with_a_warning_event() {
             })
         }
     };
-    wait_until(WAIT, "a MembershipRBACRestored warning about the Role", restored("Role", "was changed (it allowed get pods)")).await;
+    wait_until(
+        WAIT,
+        "a MembershipRBACRestored warning about the Role",
+        restored("Role", "was changed (it allowed get pods)"),
+    )
+    .await;
     let warnings = warnings_of(&ns, "shop").await;
     let (_, note) = warnings.iter().find(|(reason, _)| reason == "MembershipRBACRestored").expect("the warning");
-    assert!(note.contains(&format!("session nodes need `list pods` in namespace {} to find their peers", ns.name)), "{note}");
+    assert!(
+        note.contains(&format!("session nodes need `list pods` in namespace {} to find their peers", ns.name)),
+        "{note}"
+    );
     assert!(note.contains("The operator restored it"), "{note}");
 
     // The RoleBinding deleted: recreated, and said so.
     ns.api::<RoleBinding>().delete("shop-node", &DeleteParams::default()).await.expect("deleting the node RoleBinding");
-    wait_until(WAIT, "a MembershipRBACRestored warning about the RoleBinding", restored("RoleBinding", "was deleted")).await;
+    wait_until(WAIT, "a MembershipRBACRestored warning about the RoleBinding", restored("RoleBinding", "was deleted"))
+        .await;
     assert!(ns.api::<RoleBinding>().get_opt("shop-node").await.expect("get").is_some(), "the RoleBinding is back");
 
     // Restored in time: the permission check after the restores passed, so
@@ -692,7 +808,10 @@ impl AdmissionPolicy {
         );
         let bindings: Api<DynamicObject> = Api::all_with(
             ns.client.clone(),
-            &ApiResource::from_gvk_with_plural(&gvk("MutatingAdmissionPolicyBinding"), "mutatingadmissionpolicybindings"),
+            &ApiResource::from_gvk_with_plural(
+                &gvk("MutatingAdmissionPolicyBinding"),
+                "mutatingadmissionpolicybindings",
+            ),
         );
         let guard = AdmissionPolicy { name: name.clone() };
         let policy: DynamicObject = serde_json::from_value(json!({
@@ -733,7 +852,10 @@ impl AdmissionPolicy {
             stored.is_ok_and(|r| rules_of(&r) == vec![(vec!["pods".to_string()], vec!["watch".to_string()])])
         })
         .await;
-        wait_until(WAIT, "the probe Role to be gone", || async { roles.get_opt("shop-node").await.ok().flatten().is_none() }).await;
+        wait_until(WAIT, "the probe Role to be gone", || async {
+            roles.get_opt("shop-node").await.ok().flatten().is_none()
+        })
+        .await;
         guard
     }
 
@@ -765,7 +887,10 @@ async fn membership_permission_that_cannot_be_restored_degrades_the_app() {
     .await;
     let (_, _, message) = condition(&app, "Degraded").expect("degraded");
     let account = format!("{}/shop-node", ns.name);
-    assert!(message.contains(&format!("ServiceAccount {account} may not list pods in namespace {}", ns.name)), "{message}");
+    assert!(
+        message.contains(&format!("ServiceAccount {account} may not list pods in namespace {}", ns.name)),
+        "{message}"
+    );
     assert!(message.contains("find their peers") && message.contains("kubectl auth can-i"), "{message}");
     assert_eq!(condition(&app, "Ready").map(|c| c.0), Some("False".to_string()));
     wait_until(WAIT, "a MembershipForbidden warning event", || async {

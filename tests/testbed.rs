@@ -158,11 +158,7 @@ fn can_i(ns: &str, sa: &str) -> String {
 /// HTTP status code.
 fn list_pods_with_token(ns: &str, token: &str) -> u16 {
     let kc = std::fs::read_to_string(&support::cluster().kubeconfig).expect("kubeconfig");
-    let server = kc
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .expect("server in kubeconfig")
-        .to_string();
+    let server = kc.lines().find_map(|l| l.trim().strip_prefix("server: ")).expect("server in kubeconfig").to_string();
     let ca_b64 = kc
         .lines()
         .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
@@ -171,11 +167,17 @@ fn list_pods_with_token(ns: &str, token: &str) -> u16 {
     let dir = std::env::temp_dir().join(format!("clusterapp-ca-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
     let ca = dir.join("ca.crt");
-    let decoded = Command::new("base64").arg("-d").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-        use std::io::Write;
-        c.stdin.take().expect("stdin").write_all(ca_b64.as_bytes())?;
-        c.wait_with_output()
-    }).expect("base64 -d");
+    let decoded = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(ca_b64.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("base64 -d");
     std::fs::write(&ca, decoded.stdout).expect("write ca");
     // The token goes to curl through a header file, not the command line.
     let header = dir.join("auth-header");
@@ -250,7 +252,10 @@ fn helm_runs_from_the_cache() {
     let paths = support::bed_paths();
     let out = run_ok(Command::new(paths.helm_bin.join("helm")).args(["version", "--short"]));
     assert!(out.starts_with(&paths.helm_version), "helm version {out:?} is not the pinned {}", paths.helm_version);
-    assert!(paths.helm_bin.starts_with(std::env::var("HOME").expect("HOME")) || std::env::var_os("CLUSTERAPP_CACHE").is_some());
+    assert!(
+        paths.helm_bin.starts_with(std::env::var("HOME").expect("HOME"))
+            || std::env::var_os("CLUSTERAPP_CACHE").is_some()
+    );
 }
 
 #[test]

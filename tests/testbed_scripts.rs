@@ -20,7 +20,12 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn cluster_sh(state: &Path, args: &[&str]) -> Output {
-    Command::new("bash").arg(script("cluster.sh")).args(args).env("CLUSTERAPP_STATE", state).output().expect("cluster.sh")
+    Command::new("bash")
+        .arg(script("cluster.sh"))
+        .args(args)
+        .env("CLUSTERAPP_STATE", state)
+        .output()
+        .expect("cluster.sh")
 }
 
 fn text(b: &[u8]) -> String {
@@ -135,7 +140,12 @@ fn a_missing_go_toolchain_is_named_with_how_to_install_it() {
     assert!(err.contains("'go' is not on PATH"), "unclear message: {err}");
     assert!(err.contains("install it"), "message does not say how to install: {err}");
 
-    let check = Command::new("bash").arg(script("install.sh")).arg("--check").env("CLUSTERAPP_CACHE", &cache).output().expect("install.sh --check");
+    let check = Command::new("bash")
+        .arg(script("install.sh"))
+        .arg("--check")
+        .env("CLUSTERAPP_CACHE", &cache)
+        .output()
+        .expect("install.sh --check");
     assert!(!check.status.success());
     assert!(text(&check.stderr).contains("not built yet: etcd"));
 }
@@ -160,7 +170,8 @@ fn a_missing_debian_tool_is_named_with_its_package() {
 fn a_second_install_builds_nothing() {
     let paths = support::bed_paths();
     let apiserver = paths.kube_bin.join("kube-apiserver");
-    let before = std::fs::metadata(&apiserver).and_then(|m| m.modified()).expect("kube-apiserver is built (make tools)");
+    let before =
+        std::fs::metadata(&apiserver).and_then(|m| m.modified()).expect("kube-apiserver is built (make tools)");
     let out = Command::new("bash").arg(script("install.sh")).output().expect("install.sh");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("all binaries cached, nothing to build"), "{}", text(&out.stderr));

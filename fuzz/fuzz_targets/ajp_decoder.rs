@@ -3,7 +3,9 @@
 //! offsets must stay inside the payload.
 #![no_main]
 
-use clusterapp::balancer::ajp::{ContainerPacket, DEFAULT_PACKET_SIZE, decode_container_packet, decode_packet_header, decode_send_headers};
+use clusterapp::balancer::ajp::{
+    ContainerPacket, DEFAULT_PACKET_SIZE, decode_container_packet, decode_packet_header, decode_send_headers,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

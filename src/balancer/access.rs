@@ -156,7 +156,11 @@ mod tests {
     use futures::StreamExt;
 
     fn entry() -> AccessEntry {
-        let req = Request::get("/app/page?x=1").header("user-agent", "t/1").header("cookie", "JSESSIONID=secret").body(()).unwrap();
+        let req = Request::get("/app/page?x=1")
+            .header("user-agent", "t/1")
+            .header("cookie", "JSESSIONID=secret")
+            .body(())
+            .unwrap();
         AccessEntry::start("127.0.0.1:5000".parse().unwrap(), false, &req)
     }
 
@@ -181,7 +185,8 @@ mod tests {
 
     #[test]
     fn complete_bodies_are_logged_at_once_and_the_member_marker_is_consumed() {
-        let mut response = Response::new(ProxyBody::Chunks([Bytes::from_static(b"abc"), Bytes::from_static(b"de")].into()));
+        let mut response =
+            Response::new(ProxyBody::Chunks([Bytes::from_static(b"abc"), Bytes::from_static(b"de")].into()));
         response.extensions_mut().insert(ServedBy { route: "s1".into(), failover: true });
         let response = entry().attach(response);
         assert!(response.extensions().get::<ServedBy>().is_none(), "the marker does not travel on to the client");

@@ -47,7 +47,11 @@ pub fn status_json(bal: &Balancer) -> serde_json::Value {
         .snapshot()
         .iter()
         .map(|m| {
-            let recent: Vec<_> = m.recent_sessions().into_iter().map(|(id, at)| json!({"id": masked_session_id(&id), "at": at})).collect();
+            let recent: Vec<_> = m
+                .recent_sessions()
+                .into_iter()
+                .map(|(id, at)| json!({"id": masked_session_id(&id), "at": at}))
+                .collect();
             json!({
                 "route": m.route,
                 "address": m.address.to_string(),
@@ -91,7 +95,9 @@ async fn route_admin(bal: Arc<Balancer>, req: Request<Incoming>) -> Result<Respo
         return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n"));
     }
     Ok(match req.uri().path() {
-        "/metrics" => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", bal.metrics.encode()),
+        "/metrics" => {
+            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", bal.metrics.encode())
+        }
         "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if bal.is_shutting_down() {

@@ -157,7 +157,8 @@ impl HeadScanner {
         let mut encodings = 0usize;
         let mut chunked_last = false;
         // Skip empty lines before the request line (RFC 9112 §2.2), then the request line.
-        let mut lines = self.line.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).skip_while(|l| l.is_empty());
+        let mut lines =
+            self.line.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).skip_while(|l| l.is_empty());
         lines.next();
         for line in lines {
             let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
@@ -168,7 +169,8 @@ impl HeadScanner {
                 length_value = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 encodings += 1;
-                chunked_last = value.rsplit(|&b| b == b',').next().map(trim).is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+                chunked_last =
+                    value.rsplit(|&b| b == b',').next().map(trim).is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
             }
         }
         self.line.clear();
@@ -270,7 +272,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ScanningStream<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

@@ -108,7 +108,11 @@ pub struct Member {
 
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Member").field("route", &self.route).field("address", &self.address).field("state", &self.state()).finish()
+        f.debug_struct("Member")
+            .field("route", &self.route)
+            .field("address", &self.address)
+            .field("state", &self.state())
+            .finish()
     }
 }
 
@@ -265,7 +269,12 @@ pub struct MemberTable {
 
 impl MemberTable {
     pub fn new(pool_max: usize, drain_timeout: Duration) -> Self {
-        MemberTable { current: RwLock::new(Arc::new(Vec::new())), synced: AtomicBool::new(false), pool_max, drain_timeout }
+        MemberTable {
+            current: RwLock::new(Arc::new(Vec::new())),
+            synced: AtomicBool::new(false),
+            pool_max,
+            drain_timeout,
+        }
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -374,7 +383,11 @@ mod tests {
         assert_eq!(s1.drain_remaining(t0 + Duration::from_secs(1)), Some(Duration::from_secs(4)));
 
         // Later updates (watch events, re-lists) do not restart the clock.
-        table.apply_at(&[terminating("s1", 1), spec("s2", 2, MemberState::Ready)], &metrics, t0 + Duration::from_secs(3));
+        table.apply_at(
+            &[terminating("s1", 1), spec("s2", 2, MemberState::Ready)],
+            &metrics,
+            t0 + Duration::from_secs(3),
+        );
         assert!(Arc::ptr_eq(&s1, &table.snapshot()[0]));
         assert_eq!(s1.drain_remaining(t0 + Duration::from_secs(3)), Some(Duration::from_secs(2)));
         assert!(!s1.drain_expired_at(t0 + Duration::from_millis(4999)));
@@ -386,7 +399,11 @@ mod tests {
         assert_eq!(s1.drain_remaining(t0 + Duration::from_secs(6)), Some(Duration::ZERO));
 
         // No longer terminating (a hand-edited slice): the clock is cleared.
-        table.apply_at(&[spec("s1", 1, MemberState::Draining), spec("s2", 2, MemberState::Ready)], &metrics, t0 + Duration::from_secs(6));
+        table.apply_at(
+            &[spec("s1", 1, MemberState::Draining), spec("s2", 2, MemberState::Ready)],
+            &metrics,
+            t0 + Duration::from_secs(6),
+        );
         assert!(!s1.is_terminating());
         assert!(!s1.drain_expired_at(t0 + Duration::from_secs(600)), "a manual drain never times out");
         assert!(s1.takes_sticky());

@@ -33,8 +33,13 @@ impl EncodeLabelValue for StatusClass {
 }
 
 impl StatusClass {
-    pub const ALL: [StatusClass; 5] =
-        [StatusClass::Informational, StatusClass::Success, StatusClass::Redirection, StatusClass::ClientError, StatusClass::ServerError];
+    pub const ALL: [StatusClass; 5] = [
+        StatusClass::Informational,
+        StatusClass::Success,
+        StatusClass::Redirection,
+        StatusClass::ClientError,
+        StatusClass::ServerError,
+    ];
 
     pub fn index_of(status: u16) -> usize {
         ((status / 100).clamp(1, 5) - 1) as usize
@@ -142,12 +147,20 @@ impl Metrics {
         registry.register("response_head_seconds", "Time from request to response head, by member", latency.clone());
         registry.register("backend_errors", "Failed exchanges with a member, by kind", backend_errors.clone());
         registry.register("in_flight", "Requests in flight, by member", in_flight.clone());
-        registry.register("member_state", "2 ready, 1 draining, 0 down (or drained: terminating past the drain timeout)", member_state.clone());
+        registry.register(
+            "member_state",
+            "2 ready, 1 draining, 0 down (or drained: terminating past the drain timeout)",
+            member_state.clone(),
+        );
         registry.register("rejected", "Requests answered by the balancer itself, by reason", rejected.clone());
         registry.register("failovers", "Sticky requests moved off their unusable member", failovers.clone());
         registry.register("client_connections", "Open client connections", client_connections.clone());
         registry.register("membership_updates", "Member sets applied", membership_updates.clone());
-        registry.register("tls_handshake_failures", "TLS handshakes that failed or timed out", tls_handshake_failures.clone());
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            tls_handshake_failures.clone(),
+        );
         registry.register(
             "tls_certificate_not_after_seconds",
             "Unix time at which the served TLS certificate expires (0 without TLS)",
@@ -171,9 +184,13 @@ impl Metrics {
 
     pub fn for_member(&self, route: &str) -> MemberMetrics {
         let member = MemberLabels { member: route.to_string() };
-        let requests = StatusClass::ALL.map(|status| self.requests.get_or_create(&RequestLabels { member: route.to_string(), status }).clone());
-        let errors = [BackendErrorKind::Connect, BackendErrorKind::Protocol, BackendErrorKind::Timeout, BackendErrorKind::Io]
-            .map(|kind| self.backend_errors.get_or_create(&ErrorLabels { member: route.to_string(), kind }).clone());
+        let requests = StatusClass::ALL
+            .map(|status| self.requests.get_or_create(&RequestLabels { member: route.to_string(), status }).clone());
+        let errors =
+            [BackendErrorKind::Connect, BackendErrorKind::Protocol, BackendErrorKind::Timeout, BackendErrorKind::Io]
+                .map(|kind| {
+                    self.backend_errors.get_or_create(&ErrorLabels { member: route.to_string(), kind }).clone()
+                });
         MemberMetrics {
             requests,
             errors,

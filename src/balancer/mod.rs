@@ -56,7 +56,8 @@ pub enum BalancerError {
 }
 
 fn read_secret(path: &PathBuf) -> Result<AjpSecret, BalancerError> {
-    let text = std::fs::read_to_string(path).map_err(|source| BalancerError::SecretFile { path: path.clone(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| BalancerError::SecretFile { path: path.clone(), source })?;
     // Files written by `echo` or mounted from Secrets may end in a newline
     // that is not part of the secret.
     let secret = text.trim_end_matches(['\n', '\r']);
@@ -122,19 +123,28 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
 pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
     let source = membership_source(&args)?;
     let bal = build(&args)?;
-    let front = TcpListener::bind(args.listen).await.map_err(|source| BalancerError::Bind { what: "--listen", address: args.listen, source })?;
+    let front = TcpListener::bind(args.listen).await.map_err(|source| BalancerError::Bind {
+        what: "--listen",
+        address: args.listen,
+        source,
+    })?;
     let tls = match tls_front(&args) {
         Some((address, files)) => {
             let tls = tls::build(&files)?;
-            let listener =
-                TcpListener::bind(address).await.map_err(|source| BalancerError::Bind { what: "--tls-listen", address, source })?;
+            let listener = TcpListener::bind(address).await.map_err(|source| BalancerError::Bind {
+                what: "--tls-listen",
+                address,
+                source,
+            })?;
             Some((tls, files, listener))
         }
         None => None,
     };
-    let admin = TcpListener::bind(args.admin_listen)
-        .await
-        .map_err(|source| BalancerError::Bind { what: "--admin-listen", address: args.admin_listen, source })?;
+    let admin = TcpListener::bind(args.admin_listen).await.map_err(|source| BalancerError::Bind {
+        what: "--admin-listen",
+        address: args.admin_listen,
+        source,
+    })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     match source {
@@ -171,7 +181,13 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         tracing::info!(tls_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), cert = %files.cert.display(), client_ca = ?files.client_ca, "HTTPS front started");
         let expiry = bal.metrics.tls_certificate_not_after.clone();
         tokio::spawn(tls::watch_files(tls.store.clone(), files, expiry, shutdown_rx.clone()));
-        servers.push(tokio::spawn(front::serve_front(bal.clone(), listener, Some(tls.acceptor), front_settings.clone(), shutdown_rx.clone())));
+        servers.push(tokio::spawn(front::serve_front(
+            bal.clone(),
+            listener,
+            Some(tls.acceptor),
+            front_settings.clone(),
+            shutdown_rx.clone(),
+        )));
     }
     servers.push(tokio::spawn(front::serve_front(bal.clone(), front, None, front_settings, shutdown_rx)));
 

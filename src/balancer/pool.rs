@@ -229,7 +229,10 @@ impl Pool {
         // CPong proves a live container. A failure here counts as a failed
         // connect (the member is marked down, the request goes elsewhere).
         if let Err(e) = conn.cping(settings.cping_timeout).await {
-            return Err(AcquireError::Connect(io::Error::new(io::ErrorKind::ConnectionAborted, format!("no CPong on a new connection: {e}"))));
+            return Err(AcquireError::Connect(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("no CPong on a new connection: {e}"),
+            )));
         }
         Ok(Lease { conn, reused: false, _slot: slot })
     }

@@ -94,14 +94,21 @@ pub struct LogLimiter {
 
 impl LogLimiter {
     pub fn new(interval: Duration) -> Self {
-        LogLimiter { epoch: Instant::now(), interval_ms: interval.as_millis() as u64, next_ms: AtomicU64::new(0), held_back: AtomicU64::new(0) }
+        LogLimiter {
+            epoch: Instant::now(),
+            interval_ms: interval.as_millis() as u64,
+            next_ms: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+        }
     }
 
     /// `Some(lines held back since the last one)` when this line may be logged.
     pub fn allow(&self) -> Option<u64> {
         let now = self.epoch.elapsed().as_millis() as u64;
         let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if now >= next
+            && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
             return Some(self.held_back.swap(0, Ordering::Relaxed));
         }
         self.held_back.fetch_add(1, Ordering::Relaxed);
@@ -110,7 +117,13 @@ impl LogLimiter {
 }
 
 impl Balancer {
-    pub fn new(settings: ProxySettings, pool_settings: PoolSettings, pool_max: usize, router: Router, secret: AjpSecret) -> Self {
+    pub fn new(
+        settings: ProxySettings,
+        pool_settings: PoolSettings,
+        pool_max: usize,
+        router: Router,
+        secret: AjpSecret,
+    ) -> Self {
         Balancer {
             members: MemberTable::new(pool_max, settings.drain_timeout),
             settings,
@@ -155,7 +168,14 @@ pub struct ClientConn {
 
 impl ClientConn {
     pub fn new(remote: SocketAddr, local: SocketAddr, tls: Option<TlsFacts>) -> Self {
-        ClientConn { framing: Arc::default(), remote, local, remote_ip: remote.ip().to_string(), local_ip: local.ip().to_string(), tls }
+        ClientConn {
+            framing: Arc::default(),
+            remote,
+            local,
+            remote_ip: remote.ip().to_string(),
+            local_ip: local.ip().to_string(),
+            tls,
+        }
     }
 
     fn ssl_attributes(&self) -> Option<SslAttributes<'_>> {
@@ -192,10 +212,16 @@ pub enum Rejection {
 impl Rejection {
     fn into_response(self, metrics: &Metrics) -> Response<ProxyBody> {
         let (status, reason, close) = match &self {
-            Rejection::BadFraming(_) | Rejection::ClientBody(_) => (StatusCode::BAD_REQUEST, RejectReason::BadFraming, true),
+            Rejection::BadFraming(_) | Rejection::ClientBody(_) => {
+                (StatusCode::BAD_REQUEST, RejectReason::BadFraming, true)
+            }
             Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, RejectReason::BodyTooLarge, true),
-            Rejection::HeadTooLarge(_) => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, RejectReason::HeadTooLarge, false),
-            Rejection::NoMember(_) | Rejection::PoolExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, RejectReason::NoMember, false),
+            Rejection::HeadTooLarge(_) => {
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, RejectReason::HeadTooLarge, false)
+            }
+            Rejection::NoMember(_) | Rejection::PoolExhausted(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, RejectReason::NoMember, false)
+            }
             Rejection::BadGateway { .. } => (StatusCode::BAD_GATEWAY, RejectReason::BadGateway, false),
             Rejection::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, RejectReason::GatewayTimeout, false),
         };
@@ -223,7 +249,11 @@ impl Rejection {
 }
 
 /// hyper service entry point.
-pub async fn handle(bal: Arc<Balancer>, client: Arc<ClientConn>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    bal: Arc<Balancer>,
+    client: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let entry = bal.settings.access_log.then(|| AccessEntry::start(client.remote, client.tls.is_some(), &req));
     let response = match proxy(&bal, &client, req).await {
         Ok(response) => response,
@@ -396,8 +426,12 @@ impl Exchange {
             match ajp::decode_container_packet(&payload).map_err(ConnError::Protocol)? {
                 ContainerPacket::SendHeaders => return Ok(payload),
                 ContainerPacket::GetBodyChunk { requested } => self.send_body_piece(requested).await?,
-                ContainerPacket::SendBodyChunk { .. } => return Err(ConnError::Unexpected("SEND_BODY_CHUNK before SEND_HEADERS").into()),
-                ContainerPacket::EndResponse { .. } => return Err(ConnError::Unexpected("END_RESPONSE before SEND_HEADERS").into()),
+                ContainerPacket::SendBodyChunk { .. } => {
+                    return Err(ConnError::Unexpected("SEND_BODY_CHUNK before SEND_HEADERS").into());
+                }
+                ContainerPacket::EndResponse { .. } => {
+                    return Err(ConnError::Unexpected("END_RESPONSE before SEND_HEADERS").into());
+                }
                 ContainerPacket::CPong => return Err(ConnError::Unexpected("CPONG during a request").into()),
             }
         }
@@ -486,7 +520,9 @@ impl Exchange {
             match self.body_packet(payload) {
                 Ok(BodyPacket::End) => return,
                 Ok(BodyPacket::Flush) => continue,
-                Ok(BodyPacket::Data(_)) => return self.fail_after_body(&ConnError::Unexpected("body bytes beyond Content-Length")),
+                Ok(BodyPacket::Data(_)) => {
+                    return self.fail_after_body(&ConnError::Unexpected("body bytes beyond Content-Length"));
+                }
                 Ok(BodyPacket::GetBody(requested)) => {
                     if let Err(error) = self.send_body_piece(requested).await {
                         let error = match error {
@@ -527,7 +563,11 @@ fn version_text(version: Version) -> &'static str {
     }
 }
 
-async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>) -> Result<Response<ProxyBody>, Rejection> {
+async fn proxy(
+    bal: &Arc<Balancer>,
+    client: &ClientConn,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Rejection> {
     if let Some(reason) = client.framing.take() {
         return Err(Rejection::BadFraming(reason));
     }
@@ -538,7 +578,12 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
             return Err(Rejection::BodyTooLarge);
         }
     }
-    let mut body = RequestBody { incoming: Some(incoming), leftover: Bytes::new(), received: 0, limit: bal.settings.max_body_bytes };
+    let mut body = RequestBody {
+        incoming: Some(incoming),
+        leftover: Bytes::new(),
+        received: 0,
+        limit: bal.settings.max_body_bytes,
+    };
     let settings = &bal.settings;
     let max_piece = ajp::max_body_chunk_len(settings.packet_size);
     // With a known length Tomcat expects the first body packet right after
@@ -692,7 +737,9 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
     let mut ready: VecDeque<Bytes> = VecDeque::new();
     let mut broken = None;
     while !exchange.ended {
-        match exchange.buffered_body_packet(|kind| kind == from_container::SEND_BODY_CHUNK || kind == from_container::END_RESPONSE) {
+        match exchange.buffered_body_packet(|kind| {
+            kind == from_container::SEND_BODY_CHUNK || kind == from_container::END_RESPONSE
+        }) {
             Ok(Some(BodyPacket::Data(bytes))) => ready.push_back(bytes),
             Ok(Some(_)) => {}
             Ok(None) => break,
@@ -705,7 +752,8 @@ async fn proxy(bal: &Arc<Balancer>, client: &ClientConn, req: Request<Incoming>)
     }
     if let Some(error) = broken {
         tracing::warn!(route = %member.route, %error, "member failed mid-response; aborting client connection");
-        let failed = futures::stream::iter(ready.into_iter().map(Ok)).chain(futures::stream::once(async move { Err(BodyError(error.to_string())) }));
+        let failed = futures::stream::iter(ready.into_iter().map(Ok))
+            .chain(futures::stream::once(async move { Err(BodyError(error.to_string())) }));
         *response.body_mut() = ProxyBody::Stream(Box::pin(failed));
         return Ok(response);
     }
@@ -843,7 +891,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(http::header::HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+            h.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
         h
     }
@@ -971,8 +1022,22 @@ mod reuse_tests {
             cping_timeout: Duration::from_secs(1),
             slot_wait: Duration::from_secs(1),
         };
-        let bal = Arc::new(Balancer::new(settings, pool_settings, 8, Router::new(LbMethod::Byrequests, true), AjpSecret::new("s".into())));
-        bal.members.apply(&[MemberSpec { route: "m1".into(), address: member_address, state: MemberState::Ready, terminating: false }], &bal.metrics);
+        let bal = Arc::new(Balancer::new(
+            settings,
+            pool_settings,
+            8,
+            Router::new(LbMethod::Byrequests, true),
+            AjpSecret::new("s".into()),
+        ));
+        bal.members.apply(
+            &[MemberSpec {
+                route: "m1".into(),
+                address: member_address,
+                state: MemberState::Ready,
+                terminating: false,
+            }],
+            &bal.metrics,
+        );
         let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front_address = front.local_addr().expect("addr");
         let (_shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -992,7 +1057,10 @@ mod reuse_tests {
             let mut seen = Vec::new();
             while !seen.ends_with(b"\r\n\r\nhello") {
                 let mut buf = [0u8; 1024];
-                let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("response in time").expect("read");
+                let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                    .await
+                    .expect("response in time")
+                    .expect("read");
                 assert!(n > 0, "balancer closed the client connection");
                 seen.extend_from_slice(&buf[..n]);
             }

@@ -101,7 +101,12 @@ impl Router {
 
     /// Chooses a member for a request with `route`, skipping members in
     /// `tried` (earlier attempts of the same request that failed to connect).
-    pub fn choose(&self, members: &[Arc<Member>], route: Option<&str>, tried: &[usize]) -> Result<(Arc<Member>, Choice), NoMember> {
+    pub fn choose(
+        &self,
+        members: &[Arc<Member>],
+        route: Option<&str>,
+        tried: &[usize],
+    ) -> Result<(Arc<Member>, Choice), NoMember> {
         let untried = |m: &Arc<Member>| !tried.contains(&member_key(m));
         let mut failing_over = false;
         // A terminating member past its drain timeout still runs: it is the
@@ -150,9 +155,9 @@ impl Router {
 mod tests {
     use super::*;
     use crate::balancer::member::{MemberSpec, MemberTable};
-    use std::time::{Duration, Instant};
     use crate::balancer::metrics::Metrics;
     use http::HeaderValue;
+    use std::time::{Duration, Instant};
 
     fn members(states: &[(&str, MemberState)]) -> Vec<Arc<Member>> {
         let metrics = Metrics::new();
@@ -160,7 +165,12 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, (route, state))| {
-                let spec = MemberSpec { route: route.to_string(), address: ([127, 0, 0, 1], 9000 + i as u16).into(), state: *state, terminating: false };
+                let spec = MemberSpec {
+                    route: route.to_string(),
+                    address: ([127, 0, 0, 1], 9000 + i as u16).into(),
+                    state: *state,
+                    terminating: false,
+                };
                 Arc::new(Member::new(&spec, 4, &metrics))
             })
             .collect()
@@ -191,7 +201,11 @@ mod tests {
         h.append(COOKIE, HeaderValue::from_static("JSESSIONID=LATER.s3"));
         assert_eq!(session_id_from_cookies(&h, "JSESSIONID"), Some("XYZ.s1"));
         assert_eq!(route_of_request("/counter/", &h, "JSESSIONID", "jsessionid"), Some("s1"));
-        assert_eq!(route_of_request("/counter/;jsessionid=P.s2", &h, "JSESSIONID", "jsessionid"), Some("s2"), "path parameter wins");
+        assert_eq!(
+            route_of_request("/counter/;jsessionid=P.s2", &h, "JSESSIONID", "jsessionid"),
+            Some("s2"),
+            "path parameter wins"
+        );
         let mut quoted = HeaderMap::new();
         quoted.insert(COOKIE, HeaderValue::from_static("JSESSIONID=\"Q.s4\""));
         assert_eq!(route_of_request("/", &quoted, "JSESSIONID", "jsessionid"), Some("s4"));

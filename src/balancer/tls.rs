@@ -70,10 +70,13 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Certificate { path: cert.to_path_buf(), message: e.to_string() })?;
     if chain.is_empty() {
-        return Err(TlsError::Certificate { path: cert.to_path_buf(), message: "no CERTIFICATE block in the file".into() });
+        return Err(TlsError::Certificate {
+            path: cert.to_path_buf(),
+            message: "no CERTIFICATE block in the file".into(),
+        });
     }
-    let private_key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key { path: key.to_path_buf(), message: e.to_string() })?;
+    let private_key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::Key { path: key.to_path_buf(), message: e.to_string() })?;
     CertifiedKey::from_der(chain, private_key, &provider()).map_err(|e| TlsError::Mismatch {
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),

@@ -90,7 +90,12 @@ pub enum ChangeTracking {
 /// Whether `desired` (carrying its hash annotation) must be applied, given
 /// the cached child and our record of the last write. Errs on the side of
 /// applying: a needless apply costs a request, a skipped one a wrong child.
-pub fn needs_apply(desired: &ObjectMeta, cached: Option<&ObjectMeta>, written: Option<&Written>, tracking: ChangeTracking) -> bool {
+pub fn needs_apply(
+    desired: &ObjectMeta,
+    cached: Option<&ObjectMeta>,
+    written: Option<&Written>,
+    tracking: ChangeTracking,
+) -> bool {
     // Missing (deleted, or not created yet).
     let Some(cached) = cached else { return true };
     let hash = desired.annotations.as_ref().and_then(|a| a.get(APPLIED_HASH_ANNOTATION));
@@ -123,7 +128,8 @@ pub fn needs_apply(desired: &ObjectMeta, cached: Option<&ObjectMeta>, written: O
     if cached.resource_version.is_some() && cached.resource_version == written.resource_version {
         return false;
     }
-    if tracking == ChangeTracking::Generation && cached.generation.is_some() && cached.generation == written.generation {
+    if tracking == ChangeTracking::Generation && cached.generation.is_some() && cached.generation == written.generation
+    {
         return false;
     }
     true
@@ -263,7 +269,11 @@ async fn filled<T>(what: &'static str, ready: impl Future<Output = T>) -> T {
         out = &mut ready => return out,
         () = tokio::time::sleep(FILL_WARNING) => {}
     }
-    tracing::warn!(cache = what, waited_s = FILL_WARNING.as_secs(), "cache not filled yet: its watch has not listed; reconciles wait for it");
+    tracing::warn!(
+        cache = what,
+        waited_s = FILL_WARNING.as_secs(),
+        "cache not filled yet: its watch has not listed; reconciles wait for it"
+    );
     ready.await
 }
 
@@ -332,7 +342,11 @@ mod tests {
             name: Some("shop".to_string()),
             labels: Some(BTreeMap::from([("app.kubernetes.io/instance".to_string(), "shop".to_string())])),
             annotations: Some(BTreeMap::from([(APPLIED_HASH_ANNOTATION.to_string(), hash.to_string())])),
-            owner_references: Some(vec![OwnerReference { uid: "u1".to_string(), controller: Some(true), ..Default::default() }]),
+            owner_references: Some(vec![OwnerReference {
+                uid: "u1".to_string(),
+                controller: Some(true),
+                ..Default::default()
+            }]),
             resource_version: Some(rv.to_string()),
             generation,
             ..Default::default()

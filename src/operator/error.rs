@@ -37,10 +37,9 @@ impl Error {
     /// An apply refused because the namespace is being deleted.
     pub fn is_namespace_terminating(&self) -> bool {
         match self {
-            Error::Apply { source: kube::Error::Api(status), .. } => status
-                .details
-                .as_ref()
-                .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")),
+            Error::Apply { source: kube::Error::Api(status), .. } => {
+                status.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+            }
             _ => false,
         }
     }

@@ -178,7 +178,8 @@ mod tests {
     /// An API server that accepts connections and never answers (what a
     /// request stuck in a loaded kube-apiserver looks like to us).
     /// Returns a client of it and the number of connections it accepted.
-    async fn silent_api_server() -> (kube::Client, std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    async fn silent_api_server()
+    -> (kube::Client, std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

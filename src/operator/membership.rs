@@ -85,7 +85,10 @@ pub fn answer(review: &SubjectAccessReview) -> (bool, String) {
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
-    (status.allowed && !status.denied.unwrap_or(false), if why.is_empty() { "no RBAC rule allows it".to_string() } else { why })
+    (
+        status.allowed && !status.denied.unwrap_or(false),
+        if why.is_empty() { "no RBAC rule allows it".to_string() } else { why },
+    )
 }
 
 /// The membership check of one app that has not passed yet.
@@ -107,7 +110,14 @@ pub enum Verdict {
 
 /// Judges one review answer given the earlier denial, if any. Returns what
 /// to remember (None once allowed) and the verdict.
-pub fn judge(earlier: Option<&Denied>, allowed: bool, why: &str, namespace: &str, names: &AppNames, now: Instant) -> (Option<Denied>, Verdict) {
+pub fn judge(
+    earlier: Option<&Denied>,
+    allowed: bool,
+    why: &str,
+    namespace: &str,
+    names: &AppNames,
+    now: Instant,
+) -> (Option<Denied>, Verdict) {
     if allowed {
         return (None, Verdict::Allowed);
     }
@@ -203,7 +213,13 @@ where
 }
 
 /// The node Role's change, if any.
-pub fn role_change(desired: &Role, desired_hash: &str, cached: Option<&Role>, written: Option<&Written>, converged: bool) -> Option<Change> {
+pub fn role_change(
+    desired: &Role,
+    desired_hash: &str,
+    cached: Option<&Role>,
+    written: Option<&Written>,
+    converged: bool,
+) -> Option<Change> {
     let wanted = desired.rules.clone().unwrap_or_default();
     change(
         desired_hash,
@@ -366,7 +382,8 @@ mod tests {
     #[test]
     fn a_changed_role_is_reported_with_what_it_allowed() {
         let desired = role(vec![rule(&["list"], &["pods"], "")], None);
-        let edited = role(vec![rule(&["get"], &["pods"], ""), rule(&["list", "watch"], &["deployments"], "apps")], Some("h1"));
+        let edited =
+            role(vec![rule(&["get"], &["pods"], ""), rule(&["list", "watch"], &["deployments"], "apps")], Some("h1"));
         let change = role_change(&desired, "h1", Some(&edited), Some(&written()), true);
         assert_eq!(change, Some(Change::Changed("it allowed get pods; list,watch deployments.apps".to_string())));
         // Also after an operator restart (no record), and with our annotation removed.
@@ -380,7 +397,10 @@ mod tests {
     fn equal_content_our_new_version_or_a_first_create_is_not_a_change() {
         let desired = role(vec![rule(&["list"], &["pods"], "")], None);
         // Same rules (a label edit, a restart).
-        assert_eq!(role_change(&desired, "h1", Some(&role(vec![rule(&["list"], &["pods"], "")], Some("h1"))), None, true), None);
+        assert_eq!(
+            role_change(&desired, "h1", Some(&role(vec![rule(&["list"], &["pods"], "")], Some("h1"))), None, true),
+            None
+        );
         // The cached Role carries another hash: an older operator built it.
         let old = role(vec![rule(&["list", "watch"], &["pods"], "")], Some("h0"));
         assert_eq!(role_change(&desired, "h1", Some(&old), Some(&written()), true), None);
@@ -402,9 +422,15 @@ mod tests {
             .expect("binding")
         };
         let desired = binding(Some(""), "shop-node");
-        assert_eq!(role_binding_change(&desired, "h1", Some(&binding(None, "shop-node")), Some(&written()), true), None);
+        assert_eq!(
+            role_binding_change(&desired, "h1", Some(&binding(None, "shop-node")), Some(&written()), true),
+            None
+        );
         let change = role_binding_change(&desired, "h1", Some(&binding(None, "someone")), Some(&written()), true);
-        assert_eq!(change, Some(Change::Changed("it bound Role shop-node to ServiceAccount store/someone".to_string())));
+        assert_eq!(
+            change,
+            Some(Change::Changed("it bound Role shop-node to ServiceAccount store/someone".to_string()))
+        );
     }
 
     #[test]
@@ -418,7 +444,13 @@ mod tests {
         assert!(restored_note("Role", "store", &names(), &Change::Deleted, false).contains("DNS membership"));
         // Long rule lists are cut: an event note is limited to 1 kB.
         let many: Vec<PolicyRule> = (0..100).map(|i| rule(&["get"], &[&format!("things{i}")], "example.com")).collect();
-        let note = restored_note("Role", "store", &names(), &Change::Changed(format!("it allowed {}", describe_rules(&many))), true);
+        let note = restored_note(
+            "Role",
+            "store",
+            &names(),
+            &Change::Changed(format!("it allowed {}", describe_rules(&many))),
+            true,
+        );
         assert!(note.len() < 1024, "{} bytes", note.len());
     }
 
@@ -431,8 +463,16 @@ mod tests {
         let (state, verdict) = judge(Some(&state), false, "no RBAC rule allows it", "store", &names(), start + GRACE);
         let Verdict::Forbidden(problem) = verdict else { panic!("not reported: {verdict:?}") };
         assert_eq!(problem.reason, FORBIDDEN_REASON);
-        assert!(problem.message.contains("ServiceAccount store/shop-node may not list pods in namespace store"), "{}", problem.message);
-        assert!(problem.message.contains("find their peers") && problem.message.contains("kubectl auth can-i"), "{}", problem.message);
+        assert!(
+            problem.message.contains("ServiceAccount store/shop-node may not list pods in namespace store"),
+            "{}",
+            problem.message
+        );
+        assert!(
+            problem.message.contains("find their peers") && problem.message.contains("kubectl auth can-i"),
+            "{}",
+            problem.message
+        );
         assert_eq!(state.as_ref().map(|s| s.since), Some(start), "the first denial is kept");
         let (state, verdict) = judge(state.as_ref(), true, "", "store", &names(), start + GRACE * 2);
         assert_eq!((state, verdict), (None, Verdict::Allowed));
@@ -445,10 +485,13 @@ mod tests {
         let attributes = review.spec.resource_attributes.expect("attributes");
         assert_eq!((attributes.verb.as_deref(), attributes.resource.as_deref()), (Some("list"), Some("pods")));
         assert_eq!(attributes.namespace.as_deref(), Some("store"));
-        let allowed: SubjectAccessReview = serde_json::from_value(serde_json::json!({"spec": {}, "status": {"allowed": true}})).expect("sar");
+        let allowed: SubjectAccessReview =
+            serde_json::from_value(serde_json::json!({"spec": {}, "status": {"allowed": true}})).expect("sar");
         assert!(answer(&allowed).0);
-        let denied: SubjectAccessReview =
-            serde_json::from_value(serde_json::json!({"spec": {}, "status": {"allowed": false, "reason": "denied by policy"}})).expect("sar");
+        let denied: SubjectAccessReview = serde_json::from_value(
+            serde_json::json!({"spec": {}, "status": {"allowed": false, "reason": "denied by policy"}}),
+        )
+        .expect("sar");
         assert_eq!(answer(&denied), (false, "denied by policy".to_string()));
     }
 }

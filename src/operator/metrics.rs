@@ -43,7 +43,11 @@ impl OperatorState {
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Reconciles that failed, by error", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
-        registry.register("api_writes", "Write requests (apply, status, events) sent to the API server by reconciles", api_writes.clone());
+        registry.register(
+            "api_writes",
+            "Write requests (apply, status, events) sent to the API server by reconciles",
+            api_writes.clone(),
+        );
         registry.register(
             "api_requests",
             "Requests (reads and writes) sent to the API server by reconciles; watches not counted",

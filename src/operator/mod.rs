@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -31,7 +32,6 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use kube::{Client, Resource};
-use k8s_openapi::NamespaceResourceScope;
 use serde::de::DeserializeOwned;
 
 use crate::crd::ClusterApp;
@@ -126,7 +126,9 @@ async fn main_async(args: OperatorArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
     let state = OperatorState::new();
-    let listener = tokio::net::TcpListener::bind(args.admin_listen).await.with_context(|| format!("binding {}", args.admin_listen))?;
+    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
     tokio::spawn(admin::serve(listener, state.clone()));
     let identity = args.identity.clone().unwrap_or_else(|| format!("clusterapp-operator-{}", std::process::id()));
     let config = OperatorConfig {
@@ -218,7 +220,13 @@ fn owned_metadata<K>(
     written: &Arc<WrittenRecords>,
 ) -> (Store<PartialObjectMeta<K>>, impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static)
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (store, writer) = reflector::store::<PartialObjectMeta<K>>();
     // An Api of PartialObjectMeta makes metadata-only list/watch requests.
@@ -240,7 +248,13 @@ fn owned_full<K>(
     strip: fn(&mut K),
 ) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (store, writer) = reflector::store::<K>();
     let events = watcher(scoped::<K>(client, namespace), owned_config())
@@ -252,7 +266,10 @@ where
     (store, events)
 }
 
-fn forget_deleted<K: Resource>(written: &Arc<WrittenRecords>, kind: &'static str) -> impl FnMut(watcher::Event<K>) -> watcher::Event<K> + Send + 'static {
+fn forget_deleted<K: Resource>(
+    written: &Arc<WrittenRecords>,
+    kind: &'static str,
+) -> impl FnMut(watcher::Event<K>) -> watcher::Event<K> + Send + 'static {
     let written = written.clone();
     move |event| {
         if let watcher::Event::Delete(object) = &event {
@@ -285,28 +302,35 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
     let written = Arc::new(WrittenRecords::default());
 
     let (pods, pods_writer) = reflector::store::<Pod>();
-    let pod_events = watcher(scoped::<Pod>(&client, namespace), watcher::Config::default().labels(&names::all_session_nodes_selector()))
-        .default_backoff()
-        .modify(cache::strip_pod)
-        .reflect(pods_writer)
-        .touched_objects();
+    let pod_events = watcher(
+        scoped::<Pod>(&client, namespace),
+        watcher::Config::default().labels(&names::all_session_nodes_selector()),
+    )
+    .default_backoff()
+    .modify(cache::strip_pod)
+    .reflect(pods_writer)
+    .touched_objects();
     // Secrets the user made (metadata only: no data of other Secrets in
     // memory); ours are cached in full below.
     let (other_secrets, other_secrets_writer) = reflector::store::<PartialObjectMeta<Secret>>();
     let not_ours = format!("{}!={}", names::LABEL_MANAGED_BY, names::MANAGED_BY_VALUE);
-    let other_secret_events = watcher(scoped::<PartialObjectMeta<Secret>>(&client, namespace), watcher::Config::default().labels(&not_ours))
-        .default_backoff()
-        .modify(cache::strip_partial)
-        .reflect(other_secrets_writer)
-        .touched_objects();
+    let other_secret_events =
+        watcher(scoped::<PartialObjectMeta<Secret>>(&client, namespace), watcher::Config::default().labels(&not_ours))
+            .default_backoff()
+            .modify(cache::strip_partial)
+            .reflect(other_secrets_writer)
+            .touched_objects();
     let (secrets, secret_events) = owned_full::<Secret>(&client, namespace, &written, cache::strip_secret);
-    let (stateful_sets, sts_events) = owned_full::<StatefulSet>(&client, namespace, &written, cache::strip_stateful_set);
+    let (stateful_sets, sts_events) =
+        owned_full::<StatefulSet>(&client, namespace, &written, cache::strip_stateful_set);
     let (config_maps, config_map_events) = owned_metadata::<ConfigMap>(&client, namespace, &written);
     let (services, service_events) = owned_metadata::<Service>(&client, namespace, &written);
     let (service_accounts, service_account_events) = owned_metadata::<ServiceAccount>(&client, namespace, &written);
     let (roles, role_events) = owned_full::<Role>(&client, namespace, &written, cache::strip_managed_fields);
-    let (role_bindings, role_binding_events) = owned_full::<RoleBinding>(&client, namespace, &written, cache::strip_managed_fields);
-    let (deployments, deployment_events) = owned_full::<Deployment>(&client, namespace, &written, cache::strip_deployment);
+    let (role_bindings, role_binding_events) =
+        owned_full::<RoleBinding>(&client, namespace, &written, cache::strip_managed_fields);
+    let (deployments, deployment_events) =
+        owned_full::<Deployment>(&client, namespace, &written, cache::strip_deployment);
     let (pod_disruption_budgets, pdb_events) = owned_metadata::<PodDisruptionBudget>(&client, namespace, &written);
     let (network_policies, network_policy_events) = owned_metadata::<NetworkPolicy>(&client, namespace, &written);
     let caches = Arc::new(Caches {

@@ -23,12 +23,15 @@ use serde::de::DeserializeOwned;
 
 use crate::crd::{ClusterApp, ClusterAppStatus};
 use crate::operator::build::{BuildContext, Children, SecretMaterial, build_children};
-use crate::operator::cache::{APPLIED_HASH_ANNOTATION, CachedMeta, Caches, ChangeTracking, SecretKeys, Written, desired_hash, needs_apply};
+use crate::operator::cache::{
+    APPLIED_HASH_ANNOTATION, CachedMeta, Caches, ChangeTracking, SecretKeys, Written, desired_hash, needs_apply,
+};
 use crate::operator::error::Error;
 use crate::operator::membership::{self, Change, MembershipChecks, Verdict};
 use crate::operator::metrics::OperatorState;
 use crate::operator::names::{
-    AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, FIELD_MANAGER, LABEL_INSTANCE, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY, TRIBES_KEY_KEY,
+    AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, FIELD_MANAGER, LABEL_INSTANCE, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY,
+    TRIBES_KEY_KEY,
 };
 use crate::operator::status::{DEGRADED, Observed, Problem, READY, compute_status, find_condition};
 
@@ -153,7 +156,15 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
         {
             let (had, wanted) = (sts.spec.replicas.unwrap_or(1), app.spec.replicas);
             if had != wanted {
-                publish(ctx, app, EventType::Normal, "Scaled", "Scale", format!("Scaling session nodes from {had} to {wanted}")).await;
+                publish(
+                    ctx,
+                    app,
+                    EventType::Normal,
+                    "Scaled",
+                    "Scale",
+                    format!("Scaling session nodes from {had} to {wanted}"),
+                )
+                .await;
             }
         }
         if app.status.is_none() && applied.any() {
@@ -170,7 +181,8 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
         // After the node Role or RoleBinding was written (created, restored,
         // changed), or while an earlier check has not passed: may the nodes
         // list pods? A converged app skips this (no request).
-        let wrote_rbac = applied.wrote("Role", &names.node_account()) || applied.wrote("RoleBinding", &names.node_account());
+        let wrote_rbac =
+            applied.wrote("Role", &names.node_account()) || applied.wrote("RoleBinding", &names.node_account());
         if membership::uses_api(app) && (wrote_rbac || recheck) {
             match check_membership(ctx, &namespace, &names).await {
                 Some(Verdict::Allowed) | None => {}
@@ -194,19 +206,35 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
 
 /// Changes by others of the node Role and RoleBinding, judged from the
 /// caches before this pass applies (and so restores) them.
-fn node_rbac_drift(app: &ClusterApp, ctx: &Context, namespace: &str, children: &Children) -> Result<Vec<(&'static str, Change)>, Error> {
+fn node_rbac_drift(
+    app: &ClusterApp,
+    ctx: &Context,
+    namespace: &str,
+    children: &Children,
+) -> Result<Vec<(&'static str, Change)>, Error> {
     let name = children.node_role.meta().name.clone().unwrap_or_default();
     let converged = membership::was_converged(app);
-    let role_hash = desired_hash(&children.node_role).map_err(|source| Error::Serialize { kind: "Role", name: name.clone(), source })?;
-    let binding_hash =
-        desired_hash(&children.node_role_binding).map_err(|source| Error::Serialize { kind: "RoleBinding", name: name.clone(), source })?;
+    let role_hash = desired_hash(&children.node_role).map_err(|source| Error::Serialize {
+        kind: "Role",
+        name: name.clone(),
+        source,
+    })?;
+    let binding_hash = desired_hash(&children.node_role_binding).map_err(|source| Error::Serialize {
+        kind: "RoleBinding",
+        name: name.clone(),
+        source,
+    })?;
     let cached_role = ctx.caches.roles.get(&ObjectRef::new(&name).within(namespace));
     let cached_binding = ctx.caches.role_bindings.get(&ObjectRef::new(&name).within(namespace));
     let written = &ctx.caches.written;
     let mut drift = Vec::new();
-    if let Some(change) =
-        membership::role_change(&children.node_role, &role_hash, cached_role.as_deref(), written.get("Role", namespace, &name).as_ref(), converged)
-    {
+    if let Some(change) = membership::role_change(
+        &children.node_role,
+        &role_hash,
+        cached_role.as_deref(),
+        written.get("Role", namespace, &name).as_ref(),
+        converged,
+    ) {
         drift.push(("Role", change));
     }
     if let Some(change) = membership::role_binding_change(
@@ -260,7 +288,12 @@ fn pods_of(store: &Store<Pod>, namespace: &str, app: &str) -> Vec<Pod> {
 /// The app's generated Secret: from the cache when it holds both keys;
 /// read from the API server otherwise, because new keys are generated for
 /// missing ones and a cache that lags behind must never rotate them.
-async fn own_secret(ctx: &Context, secrets: &Api<Secret>, namespace: &str, names: &AppNames) -> Result<Option<Secret>, Error> {
+async fn own_secret(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    namespace: &str,
+    names: &AppNames,
+) -> Result<Option<Secret>, Error> {
     let cached = ctx.caches.secrets.get(&ObjectRef::new(&names.secret()).within(namespace));
     let cached = cached.as_deref();
     if secret_value(cached, AJP_SECRET_KEY).is_some() && secret_value(cached, TRIBES_KEY_KEY).is_some() {
@@ -293,7 +326,11 @@ pub fn is_valid_tribes_key(key: &str) -> bool {
 
 /// The app's key material: kept from its Secret when present (never rotated
 /// by accident), generated when missing.
-fn key_material(secret: Option<&Secret>, namespace: &str, names: &AppNames) -> Result<(SecretMaterial, Option<Problem>), Error> {
+fn key_material(
+    secret: Option<&Secret>,
+    namespace: &str,
+    names: &AppNames,
+) -> Result<(SecretMaterial, Option<Problem>), Error> {
     let ajp_secret = match secret_value(secret, AJP_SECRET_KEY) {
         Some(value) => value,
         None => random_hex(32)?,
@@ -334,11 +371,18 @@ pub fn referenced_secrets(app: &ClusterApp) -> Vec<&str> {
 /// the keys of a Secret not ours are read from the API server once per
 /// resourceVersion, so a converged app sends no request. Only key names
 /// are kept, never values.
-async fn secret_keys(ctx: &Context, secrets: &Api<Secret>, namespace: &str, name: &str) -> Result<Option<BTreeSet<String>>, Error> {
+async fn secret_keys(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<BTreeSet<String>>, Error> {
     // The rule of `secret_value`: non-empty UTF-8 text.
     let non_empty = |secret: &Secret| -> BTreeSet<String> {
         let data = secret.data.iter().flatten();
-        data.filter(|(_, value)| std::str::from_utf8(&value.0).is_ok_and(|text| !text.is_empty())).map(|(key, _)| key.clone()).collect()
+        data.filter(|(_, value)| std::str::from_utf8(&value.0).is_ok_and(|text| !text.is_empty()))
+            .map(|(key, _)| key.clone())
+            .collect()
     };
     if let Some(ours) = ctx.caches.secrets.get(&ObjectRef::new(name).within(namespace)) {
         // One of our generated Secrets (its data is cached).
@@ -352,8 +396,10 @@ async fn secret_keys(ctx: &Context, secrets: &Api<Secret>, namespace: &str, name
         return Ok(Some(known.keys));
     }
     ctx.state.api_requests.inc();
-    let secret =
-        secrets.get_opt(name).await.map_err(|source| Error::Read { what: format!("Secret {namespace}/{name}"), source })?;
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::Read { what: format!("Secret {namespace}/{name}"), source })?;
     Ok(secret.map(|secret| {
         let keys = non_empty(&secret);
         let resource_version = secret.metadata.resource_version.clone().unwrap_or_default();
@@ -363,7 +409,12 @@ async fn secret_keys(ctx: &Context, secrets: &Api<Secret>, namespace: &str, name
 }
 
 /// A `spec.ajp.secretRef` must name an existing key of an existing Secret.
-async fn check_secret_ref(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>, namespace: &str) -> Result<Option<Problem>, Error> {
+async fn check_secret_ref(
+    app: &ClusterApp,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    namespace: &str,
+) -> Result<Option<Problem>, Error> {
     let Some(reference) = &app.spec.ajp.secret_ref else { return Ok(None) };
     let keys = secret_keys(ctx, secrets, namespace, &reference.name).await?;
     Ok(match keys {
@@ -390,7 +441,12 @@ async fn check_secret_ref(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>
 /// Secret): a balancer pod whose Secret volume cannot be mounted does not
 /// start. Their contents are not checked here: the balancer reloads the
 /// files and keeps the last good pair.
-async fn check_tls_secrets(app: &ClusterApp, ctx: &Context, secrets: &Api<Secret>, namespace: &str) -> Result<Option<Problem>, Error> {
+async fn check_tls_secrets(
+    app: &ClusterApp,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    namespace: &str,
+) -> Result<Option<Problem>, Error> {
     let Some(tls) = &app.spec.balancer.tls else { return Ok(None) };
     const TLS_PAIR: &[&str] = &[TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY];
     const CA: &[&str] = &[CLIENT_CA_KEY];
@@ -447,12 +503,23 @@ fn plan_apply<K>(
     force: bool,
 ) -> Result<Option<(Pending, bool)>, Error>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let name = object.meta().name.clone().unwrap_or_default();
     let kind = kind_name::<K>();
     let hash = desired_hash(&object).map_err(|source| Error::Serialize { kind, name: name.clone(), source })?;
-    object.meta_mut().annotations.get_or_insert_with(Default::default).insert(APPLIED_HASH_ANNOTATION.to_string(), hash.clone());
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(APPLIED_HASH_ANNOTATION.to_string(), hash.clone());
     let written = ctx.caches.written.get(kind, namespace, &name);
     let needed = needs_apply(object.meta(), cached.as_ref(), written.as_ref(), tracking);
     if !needed && !force {
@@ -464,10 +531,11 @@ where
         let params = PatchParams::apply(FIELD_MANAGER).force();
         ctx.state.api_writes.inc();
         ctx.state.api_requests.inc();
-        let stored = api
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
+        let stored = api.patch(&name, &params, &Patch::Apply(&object)).await.map_err(|source| Error::Apply {
+            kind,
+            name: name.clone(),
+            source,
+        })?;
         let meta = stored.meta();
         let record = Written { hash, resource_version: meta.resource_version.clone(), generation: meta.generation };
         ctx.caches.written.record(kind, &namespace, &name, record);
@@ -514,9 +582,15 @@ impl Applied {
 /// Applies every child that needs it, in two stages. `force_node_rbac`
 /// re-applies the node Role and RoleBinding even when the cache shows them
 /// as built (a membership check that has not passed).
-async fn apply_children(ctx: &Context, namespace: &str, children: &Children, force_node_rbac: bool) -> Result<Applied, Error> {
+async fn apply_children(
+    ctx: &Context,
+    namespace: &str,
+    children: &Children,
+    force_node_rbac: bool,
+) -> Result<Applied, Error> {
     use ChangeTracking::{Generation, ResourceVersion};
-    let shared = Arc::new(ApplyContext { client: ctx.client.clone(), state: ctx.state.clone(), caches: ctx.caches.clone() });
+    let shared =
+        Arc::new(ApplyContext { client: ctx.client.clone(), state: ctx.state.clone(), caches: ctx.caches.clone() });
     let (c, caches) = (children, &ctx.caches);
     // Stage one: independent objects, applied concurrently (the pods wait
     // for their Secret/ConfigMap/ServiceAccount anyway). Stage two: the
@@ -549,7 +623,9 @@ async fn apply_children(ctx: &Context, namespace: &str, children: &Children, for
         let mut requests = Vec::new();
         for (object, cache, tracking, force) in stage {
             let name = object.name();
-            if let Some((request, needed)) = object.plan(&shared, namespace, cache.cached_meta(namespace, &name), tracking, force)? {
+            if let Some((request, needed)) =
+                object.plan(&shared, namespace, cache.cached_meta(namespace, &name), tracking, force)?
+            {
                 applied.written.push((object.kind(), name, needed));
                 requests.push(request);
             }
@@ -579,7 +655,14 @@ trait ChildObject: Sync {
 
 impl<K> ChildObject for K
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug
+        + Send
+        + Sync
+        + 'static,
 {
     fn kind(&self) -> &'static str {
         kind_name::<K>()
@@ -601,14 +684,20 @@ where
 
 /// Computes the status and writes it when it differs from the stored one;
 /// publishes events for condition changes a user wants to know about.
-async fn write_status(app: &ClusterApp, ctx: &Context, observed: Observed<'_>, problem: Option<&Problem>) -> Result<(), Error> {
+async fn write_status(
+    app: &ClusterApp,
+    ctx: &Context,
+    observed: Observed<'_>,
+    problem: Option<&Problem>,
+) -> Result<(), Error> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = compute_status(app, observed, problem, now);
     if app.status.as_ref() == Some(&status) {
         return Ok(());
     }
     condition_events(app, ctx, &status).await;
-    let apps: Api<ClusterApp> = Api::namespaced(ctx.client.clone(), app.metadata.namespace.as_deref().unwrap_or_default());
+    let apps: Api<ClusterApp> =
+        Api::namespaced(ctx.client.clone(), app.metadata.namespace.as_deref().unwrap_or_default());
     let patch = StatusPatch { api_version: "clusterapp.io/v1alpha1", kind: "ClusterApp", status: &status };
     ctx.state.api_writes.inc();
     ctx.state.api_requests.inc();
@@ -635,7 +724,15 @@ async fn condition_events(app: &ClusterApp, ctx: &Context, new: &ClusterAppStatu
         if degraded.status == "True" && (!was_degraded || reason_changed) {
             publish(ctx, app, EventType::Warning, &degraded.reason, "Reconcile", degraded.message.clone()).await;
         } else if degraded.status == "False" && was_degraded {
-            publish(ctx, app, EventType::Normal, "Recovered", "Reconcile", "The ClusterApp is no longer degraded".to_string()).await;
+            publish(
+                ctx,
+                app,
+                EventType::Normal,
+                "Recovered",
+                "Reconcile",
+                "The ClusterApp is no longer degraded".to_string(),
+            )
+            .await;
         }
     }
     if let Some(ready) = find_condition(Some(new), READY)
@@ -648,7 +745,8 @@ async fn condition_events(app: &ClusterApp, ctx: &Context, new: &ClusterAppStatu
 
 /// Publishes an event about the app; failures are logged, never fatal.
 async fn publish(ctx: &Context, app: &ClusterApp, type_: EventType, reason: &str, action: &str, note: String) {
-    let event = Event { type_, reason: reason.to_string(), note: Some(note), action: action.to_string(), secondary: None };
+    let event =
+        Event { type_, reason: reason.to_string(), note: Some(note), action: action.to_string(), secondary: None };
     publish_event(ctx, app, event).await;
 }
 
@@ -666,4 +764,3 @@ pub fn app_of_pod(pod: &Pod) -> Option<ObjectRef<ClusterApp>> {
     let app = labels.get(LABEL_INSTANCE)?;
     Some(ObjectRef::new(app).within(pod.metadata.namespace.as_deref()?))
 }
-

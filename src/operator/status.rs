@@ -128,7 +128,12 @@ pub struct Observed<'a> {
 
 /// The status to write. `problem` is what validation, apply or the
 /// membership check found wrong.
-pub fn compute_status(app: &ClusterApp, observed: Observed<'_>, problem: Option<&Problem>, now: Time) -> ClusterAppStatus {
+pub fn compute_status(
+    app: &ClusterApp,
+    observed: Observed<'_>,
+    problem: Option<&Problem>,
+    now: Time,
+) -> ClusterAppStatus {
     let Observed { pods, stateful_set, balancer } = observed;
     let names = AppNames::new(app.metadata.name.as_deref().unwrap_or_default());
     let generation = app.metadata.generation;
@@ -141,13 +146,25 @@ pub fn compute_status(app: &ClusterApp, observed: Observed<'_>, problem: Option<
 
     let degraded = match problem {
         Some(p) => condition(DEGRADED, true, &p.reason, p.message.clone(), generation),
-        None => condition(DEGRADED, false, "AsExpected", "every object of the ClusterApp is applied".to_string(), generation),
+        None => condition(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "every object of the ClusterApp is applied".to_string(),
+            generation,
+        ),
     };
     let nodes = format!("{ready_replicas} of {desired} session nodes are ready");
     let ready = if ready_replicas < desired {
         condition(READY, false, "NodesNotReady", nodes, generation)
     } else if let Some(p) = problem {
-        condition(READY, false, "Degraded", format!("{nodes}, but the ClusterApp is degraded: {}", p.message), generation)
+        condition(
+            READY,
+            false,
+            "Degraded",
+            format!("{nodes}, but the ClusterApp is degraded: {}", p.message),
+            generation,
+        )
     } else if let Some(why) = balancer_unavailable(&names, balancer) {
         condition(READY, false, "BalancerUnavailable", format!("{nodes}, but {why}"), generation)
     } else {
@@ -249,7 +266,8 @@ mod tests {
     #[test]
     fn problem_makes_degraded_and_not_ready() {
         let app = app(APP);
-        let problem = Problem { reason: "SecretNotFound".to_string(), message: "Secret store/ajp does not exist".to_string() };
+        let problem =
+            Problem { reason: "SecretNotFound".to_string(), message: "Secret store/ajp does not exist".to_string() };
         let pods = vec![pod("shop-0", true, false), pod("shop-1", true, false), pod("shop-2", true, false)];
         let up = balancer(2);
         let status = compute_status(&app, seen(&pods, &up), Some(&problem), t(1));
@@ -277,7 +295,10 @@ mod tests {
         let down = balancer(0);
         let (status, why, message) = reason(seen(&pods, &down));
         assert_eq!((status.as_str(), why.as_str()), ("False", "BalancerUnavailable"));
-        assert!(message.contains("3 of 3 session nodes are ready") && message.contains("0 of 2 available"), "{message}");
+        assert!(
+            message.contains("3 of 3 session nodes are ready") && message.contains("0 of 2 available"),
+            "{message}"
+        );
         // One available replica serves.
         let one = balancer(1);
         let (status, why, _) = reason(seen(&pods, &one));

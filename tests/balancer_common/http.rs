@@ -59,9 +59,11 @@ impl Reply {
     }
     /// The `JSESSIONID` value set by this response, if any.
     pub fn set_session_id(&self) -> Option<String> {
-        self.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).find_map(|c| {
-            c.strip_prefix("JSESSIONID=").map(|r| r.split(';').next().unwrap_or("").to_string())
-        })
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| c.strip_prefix("JSESSIONID=").map(|r| r.split(';').next().unwrap_or("").to_string()))
     }
 }
 

@@ -33,7 +33,8 @@ pub fn counter_app() -> &'static Path {
         if !out.join("WEB-INF/classes/io/clusterapp/counter/CounterServlet.class").exists() {
             let staging = repo_root().join(format!("target/counter-app/.build-{}-{hash}", std::process::id()));
             let _ = std::fs::remove_dir_all(&staging);
-            let status = Command::new("bash").arg(app_src.join("build.sh")).arg(&staging).status().expect("run build.sh");
+            let status =
+                Command::new("bash").arg(app_src.join("build.sh")).arg(&staging).status().expect("run build.sh");
             assert!(status.success(), "building the counter app failed");
             // Another test binary may have won the race; either copy is complete.
             if std::fs::rename(&staging, &out).is_err() {
@@ -92,7 +93,12 @@ impl TomcatOptions {
             secret: secret.to_string(),
             max_threads: 200,
             // Fast start for tests: C1 only, small heap.
-            jvm_opts: vec!["-Xms64m".into(), "-Xmx256m".into(), "-XX:TieredStopAtLevel=1".into(), "-XX:+UseSerialGC".into()],
+            jvm_opts: vec![
+                "-Xms64m".into(),
+                "-Xmx256m".into(),
+                "-XX:TieredStopAtLevel=1".into(),
+                "-XX:+UseSerialGC".into(),
+            ],
             clustered: true,
         }
     }
@@ -185,8 +191,11 @@ impl TomcatNode {
              java.util.logging.ConsoleHandler.formatter = org.apache.juli.OneLineFormatter\n",
         )
         .expect("logging.properties");
-        std::fs::write(b.join("conf/Catalina/localhost/counter.xml"), format!("<Context docBase=\"{}\"/>\n", app.display()))
-            .expect("context xml");
+        std::fs::write(
+            b.join("conf/Catalina/localhost/counter.xml"),
+            format!("<Context docBase=\"{}\"/>\n", app.display()),
+        )
+        .expect("context xml");
         let mut node = TomcatNode {
             route: me.route.clone(),
             http_port: me.http_port,
@@ -266,7 +275,8 @@ impl Drop for TomcatNode {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let text = self.log_text();
-            let tail: String = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String =
+                text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
             eprintln!("---- Tomcat {} log (tail) ----\n{tail}", self.route);
         }
         self.kill9();

@@ -46,7 +46,10 @@ impl TlsFiles {
     fn new() -> TlsFiles {
         let dir = TempDir::new("bench-tls");
         let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["bench.local".to_string()]).expect("params").self_signed(&key).expect("certificate");
+        let cert = rcgen::CertificateParams::new(vec!["bench.local".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
         let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         std::fs::write(&cert_path, cert.pem()).expect("write cert");
         std::fs::write(&key_path, key.serialize_pem()).expect("write key");
@@ -76,7 +79,9 @@ impl Httpd {
         let m = "/usr/lib/apache2/modules";
         let balancer_members: String = members
             .iter()
-            .map(|(route, ajp)| format!("  BalancerMember ajp://127.0.0.1:{ajp} route={route} secret={SECRET} ping={HTTPD_PING}\n"))
+            .map(|(route, ajp)| {
+                format!("  BalancerMember ajp://127.0.0.1:{ajp} route={route} secret={SECRET} ping={HTTPD_PING}\n")
+            })
             .collect();
         let conf = format!(
             r#"ServerRoot {root}
@@ -143,10 +148,15 @@ ProxyPass / balancer://tomcats/
             .expect("start apache2");
         let mut h = Httpd { child: Some(child), port, tls_port, dir };
         wait_until(Duration::from_secs(15), "httpd", || {
-            balancer_common::http::blocking_status(format!("127.0.0.1:{port}").parse().expect("addr"), PATH) == Some(200)
+            balancer_common::http::blocking_status(format!("127.0.0.1:{port}").parse().expect("addr"), PATH)
+                == Some(200)
         });
         if let Some(c) = h.child.as_mut() {
-            assert!(c.try_wait().ok().flatten().is_none(), "httpd exited: {}", std::fs::read_to_string(h.dir.path().join("error.log")).unwrap_or_default());
+            assert!(
+                c.try_wait().ok().flatten().is_none(),
+                "httpd exited: {}",
+                std::fs::read_to_string(h.dir.path().join("error.log")).unwrap_or_default()
+            );
         }
         h
     }
@@ -237,7 +247,14 @@ fn parse_latency(s: &str) -> f64 {
 
 /// Runs wrk against `port` and measures it, with the CPU time every part
 /// spent on the run: the proxy (`proxy_pid`'s tree), the Tomcats, wrk.
-fn wrk(target: (&str, u16), cookie: Option<&str>, seconds: u64, connections: u64, proxy_pid: Option<u32>, tomcat_pids: &[u32]) -> Sample {
+fn wrk(
+    target: (&str, u16),
+    cookie: Option<&str>,
+    seconds: u64,
+    connections: u64,
+    proxy_pid: Option<u32>,
+    tomcat_pids: &[u32],
+) -> Sample {
     let (scheme, port) = target;
     let cpu_before = proxy_pid.map(cpu_seconds);
     let tomcat_before: f64 = tomcat_pids.iter().map(|&p| cpu_seconds(p)).sum();
@@ -245,7 +262,15 @@ fn wrk(target: (&str, u16), cookie: Option<&str>, seconds: u64, connections: u64
     // (cutime + cstime in /proc/self/stat) once wrk has exited.
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "wrk \"$@\" && echo \"WRKSTAT $(cat /proc/$$/stat)\"", "sh"]);
-    cmd.args(["-t", &WRK_THREADS.to_string(), "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency"]);
+    cmd.args([
+        "-t",
+        &WRK_THREADS.to_string(),
+        "-c",
+        &connections.to_string(),
+        "-d",
+        &format!("{seconds}s"),
+        "--latency",
+    ]);
     if let Some(c) = cookie {
         cmd.args(["-H", &format!("Cookie: JSESSIONID={c}")]);
     }
@@ -269,8 +294,11 @@ fn wrk(target: (&str, u16), cookie: Option<&str>, seconds: u64, connections: u64
             eprintln!("wrk on :{port}: {t}");
         } else if let Some(stat) = t.strip_prefix("WRKSTAT ") {
             // Fields after the command name: cutime and cstime are the 14th and 15th.
-            let f: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-            if let (Some(u), Some(st)) = (f.get(13).and_then(|v| v.parse::<f64>().ok()), f.get(14).and_then(|v| v.parse::<f64>().ok())) {
+            let f: Vec<&str> =
+                stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            if let (Some(u), Some(st)) =
+                (f.get(13).and_then(|v| v.parse::<f64>().ok()), f.get(14).and_then(|v| v.parse::<f64>().ok()))
+            {
                 wrk_cpu = (u + st) / 100.0;
             }
         }
@@ -303,7 +331,11 @@ fn main() {
     let rounds = env_or("BENCH_ROUNDS", 3);
     let connections = env_or("BENCH_CONNECTIONS", 64);
     for tool in ["wrk", "/usr/sbin/apache2", "java"] {
-        assert!(Command::new("which").arg(tool).output().map(|o| o.status.success()).unwrap_or(false) || Path::new(tool).exists(), "{tool} is missing: run `make deps`");
+        assert!(
+            Command::new("which").arg(tool).output().map(|o| o.status.success()).unwrap_or(false)
+                || Path::new(tool).exists(),
+            "{tool} is missing: run `make deps`"
+        );
     }
 
     let mut options = TomcatOptions::new(SECRET);
@@ -314,7 +346,10 @@ fn main() {
     let tls = TlsFiles::new();
     let balancer_tls_port = free_port();
     let balancer = Balancer::start(
-        BalancerOptions::new(SECRET).members(&[&nodes[0], &nodes[1], &nodes[2]]).arg("--pool-max-per-member").arg(BALANCER_POOL_PER_MEMBER.to_string()),
+        BalancerOptions::new(SECRET)
+            .members(&[&nodes[0], &nodes[1], &nodes[2]])
+            .arg("--pool-max-per-member")
+            .arg(BALANCER_POOL_PER_MEMBER.to_string()),
     );
     // HTTPS in a process of its own, so the idle-connection RSS measured at
     // the end is that of a balancer that served plain HTTP only.
@@ -366,9 +401,19 @@ fn main() {
         return;
     }
 
-    println!("# balancer vs Apache httpd {} (event MPM, {} servers x {} threads = {} workers, mod_proxy_ajp + mod_proxy_balancer, access logs off)",
-        String::from_utf8_lossy(&Command::new("/usr/sbin/apache2").arg("-v").output().map(|o| o.stdout).unwrap_or_default()).lines().next().unwrap_or("").trim_start_matches("Server version: "),
-        HTTPD_SERVERS, HTTPD_THREADS_PER_CHILD, HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD);
+    println!(
+        "# balancer vs Apache httpd {} (event MPM, {} servers x {} threads = {} workers, mod_proxy_ajp + mod_proxy_balancer, access logs off)",
+        String::from_utf8_lossy(
+            &Command::new("/usr/sbin/apache2").arg("-v").output().map(|o| o.stdout).unwrap_or_default()
+        )
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("Server version: "),
+        HTTPD_SERVERS,
+        HTTPD_THREADS_PER_CHILD,
+        HTTPD_SERVERS * HTTPD_THREADS_PER_CHILD
+    );
     println!(
         "# balancer: tokio multi-thread runtime, {} worker threads (one per core), at most {BALANCER_POOL_PER_MEMBER} AJP connections per member (httpd: {HTTPD_SERVERS} children x {HTTPD_THREADS_PER_CHILD}); CPing before every request on both (balancer default --cping-after-idle 0s, httpd ping={HTTPD_PING}); access log off",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -376,8 +421,13 @@ fn main() {
     println!(
         "# 3 Tomcat 10.1 nodes ({TOMCAT_THREADS} connector threads each, AJP packetSize 8192), GET {PATH}, wrk -t{WRK_THREADS} -c{connections} -d{seconds}s, {rounds} interleaved rounds, medians"
     );
-    println!("# HTTPS rows: one self-signed ECDSA P-256 certificate on both (httpd mod_ssl/OpenSSL, balancer rustls); wrk keeps its connections, so they show the cost of encryption more than of handshakes");
-    println!("# machine: {} cores shared by wrk, the proxy and the Tomcats; cpu columns are CPU seconds per 10k requests of each part", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "# HTTPS rows: one self-signed ECDSA P-256 certificate on both (httpd mod_ssl/OpenSSL, balancer rustls); wrk keeps its connections, so they show the cost of encryption more than of handshakes"
+    );
+    println!(
+        "# machine: {} cores shared by wrk, the proxy and the Tomcats; cpu columns are CPU seconds per 10k requests of each part",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
     // Warm up the JITs of every node (non-sticky requests reach all three)
     // and both proxies' pools, so no target pays for a cold node.
     for (target, cookie) in [
@@ -403,7 +453,12 @@ fn main() {
             ("3 balancer sticky", ("http", balancer.listen.port()), Some(sticky), Some(balancer.pid())),
             ("4 httpd non-sticky", ("http", httpd.port), None, Some(httpd.pid())),
             ("5 balancer non-sticky", ("http", balancer.listen.port()), None, Some(balancer.pid())),
-            ("6 balancer sticky, CPing if idle>=1s", ("http", balancer_idle_ping.listen.port()), Some(sticky), Some(balancer_idle_ping.pid())),
+            (
+                "6 balancer sticky, CPing if idle>=1s",
+                ("http", balancer_idle_ping.listen.port()),
+                Some(sticky),
+                Some(balancer_idle_ping.pid()),
+            ),
             ("7 httpd sticky, HTTPS", ("https", httpd.tls_port), Some(sticky), Some(httpd.pid())),
             ("8 balancer sticky, HTTPS", ("https", balancer_tls_port), Some(sticky), Some(balancer_https.pid())),
         ];
@@ -447,7 +502,12 @@ fn main() {
     let idle: Vec<TcpStream> = (0..1000).filter_map(|_| TcpStream::connect(balancer.listen).ok()).collect();
     std::thread::sleep(Duration::from_millis(1500));
     let with_idle = balancer.rss_kib();
-    println!("# {} idle connections held: balancer rss {:.1} MB -> {:.1} MB", idle.len(), before as f64 / 1024.0, with_idle as f64 / 1024.0);
+    println!(
+        "# {} idle connections held: balancer rss {:.1} MB -> {:.1} MB",
+        idle.len(),
+        before as f64 / 1024.0,
+        with_idle as f64 / 1024.0
+    );
     drop(idle);
 
     // Where the CPU of one request goes: with every core busy, req/s is

@@ -53,7 +53,13 @@ impl App {
 
     /// [`App::start`], with `secrets` (Secret manifests, e.g. the balancer's
     /// TLS certificate) created in the namespace before the ClusterApp.
-    pub async fn start_with(prefix: &str, name: &str, replicas: i32, extra: serde_json::Value, secrets: &[serde_json::Value]) -> App {
+    pub async fn start_with(
+        prefix: &str,
+        name: &str,
+        replicas: i32,
+        extra: serde_json::Value,
+        secrets: &[serde_json::Value],
+    ) -> App {
         kubelet();
         let ns = OperatorNamespace::new(prefix).await;
         let secret_api: Api<Secret> = ns.api();
@@ -86,7 +92,12 @@ impl App {
             .expect("the balancer Service has a nodePort");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !get_counter(app.port, None).await.is_ok_and(|r| r.status == 200) {
-            assert!(Instant::now() < deadline, "the balancer on 127.0.0.1:{} never answered 200\n{}", app.port, kubelet().log_tail(30));
+            assert!(
+                Instant::now() < deadline,
+                "the balancer on 127.0.0.1:{} never answered 200\n{}",
+                app.port,
+                kubelet().log_tail(30)
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         app.ready_after = created.elapsed();
@@ -158,7 +169,8 @@ impl App {
     /// kill -9 of a node's Tomcat (the PID the kubelet logged at its last
     /// start); returns the PID.
     pub fn kill_node(&self, pod: &str) -> String {
-        let pid = container_pid(&self.ns.name, pod, "tomcat").unwrap_or_else(|| panic!("the kubelet logged no PID for {pod}"));
+        let pid = container_pid(&self.ns.name, pod, "tomcat")
+            .unwrap_or_else(|| panic!("the kubelet logged no PID for {pod}"));
         support::run_ok(Command::new("kill").args(["-KILL", &pid]));
         pid
     }
@@ -214,7 +226,12 @@ impl Reply {
             .filter_map(|v| v.to_str().ok())
             .find_map(|c| c.strip_prefix("JSESSIONID=").map(|v| v.split(';').next().unwrap_or("").to_string()))
             .or_else(|| header("x-session-id"));
-        Reply { status, counter: header("x-counter").and_then(|v| v.trim().parse().ok()), route: header("x-route"), session }
+        Reply {
+            status,
+            counter: header("x-counter").and_then(|v| v.trim().parse().ok()),
+            route: header("x-route"),
+            session,
+        }
     }
 }
 
@@ -224,7 +241,8 @@ pub async fn get_counter(port: u16, session: Option<&str>) -> Result<Reply, Stri
     let exchange = async {
         let stream = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
         let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("handshake: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
         let mut request = http::Request::get("/counter/").header("host", format!("127.0.0.1:{port}"));
         if let Some(id) = session {
@@ -236,7 +254,9 @@ pub async fn get_counter(port: u16, session: Option<&str>) -> Result<Reply, Stri
         response.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
         Ok(reply)
     };
-    tokio::time::timeout(Duration::from_secs(15), exchange).await.unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
+    tokio::time::timeout(Duration::from_secs(15), exchange)
+        .await
+        .unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
 }
 
 /// The route part of a session id: what follows the first '.'.
@@ -287,7 +307,9 @@ pub async fn client_loop(port: u16, stop: Arc<AtomicBool>, pause: Duration) -> C
                 let counter = reply.counter.unwrap_or(0);
                 if counter <= last {
                     stats.lost += last + 1 - counter;
-                    stats.errors.push(format!("counter {counter} after {last} (route {:?}, session {session:?})", reply.route));
+                    stats
+                        .errors
+                        .push(format!("counter {counter} after {last} (route {:?}, session {session:?})", reply.route));
                 } else if counter > last + 1 {
                     stats.skipped += counter - last - 1;
                     stats.errors.push(format!("counter {counter} after {last}: skipped (route {:?})", reply.route));
@@ -345,10 +367,7 @@ impl Load {
 /// Appends one line to target/e2e-summary.txt (printed by
 /// tests/bed/run-tests.sh at the end of `make test`) and prints it.
 pub fn summary(test: &str, requests: u64, failures: u64, lost: u64, converge: Duration, notes: &str) {
-    let line = format!(
-        "{test:<34} {requests:>8} {failures:>8} {lost:>6} {:>10.1} s  {notes}",
-        converge.as_secs_f64()
-    );
+    let line = format!("{test:<34} {requests:>8} {failures:>8} {lost:>6} {:>10.1} s  {notes}", converge.as_secs_f64());
     println!("E2E SUMMARY: {line}");
     let path = support::repo_root().join("target/e2e-summary.txt");
     if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {

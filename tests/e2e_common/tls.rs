@@ -54,15 +54,20 @@ impl HttpsConn {
             let name = ServerName::try_from(SERVER_NAME).expect("server name");
             let tls = TlsConnector::from(config).connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
             let session = tls.get_ref().1;
-            let server_cert = session.peer_certificates().and_then(|c| c.first().cloned()).ok_or("no server certificate")?;
+            let server_cert =
+                session.peer_certificates().and_then(|c| c.first().cloned()).ok_or("no server certificate")?;
             let protocol = session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
-            let cipher_suite = session.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+            let cipher_suite =
+                session.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
             let io = hyper_util::rt::TokioIo::new(tls);
-            let (sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP handshake: {e}"))?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP handshake: {e}"))?;
             tokio::spawn(conn);
             Ok(HttpsConn { sender, port, server_cert, protocol, cipher_suite })
         };
-        tokio::time::timeout(Duration::from_secs(15), connect).await.unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
+        tokio::time::timeout(Duration::from_secs(15), connect)
+            .await
+            .unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
     }
 
     /// GET `path` (with the session cookie, if any) on this connection.
@@ -73,11 +78,18 @@ impl HttpsConn {
             if let Some(id) = session {
                 request = request.header("cookie", format!("JSESSIONID={id}"));
             }
-            let response = self.sender.send_request(request.body(Empty::new()).expect("request")).await.map_err(|e| format!("request: {e}"))?;
-            let super::Reply { status, counter, route, session } = super::Reply::of(response.status().as_u16(), response.headers());
+            let response = self
+                .sender
+                .send_request(request.body(Empty::new()).expect("request"))
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let super::Reply { status, counter, route, session } =
+                super::Reply::of(response.status().as_u16(), response.headers());
             let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
             Ok(HttpsReply { status, counter, route, session, body: String::from_utf8_lossy(&body).into_owned() })
         };
-        tokio::time::timeout(Duration::from_secs(15), exchange).await.unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
+        tokio::time::timeout(Duration::from_secs(15), exchange)
+            .await
+            .unwrap_or_else(|_| Err("timeout after 15 s".to_string()))
     }
 }

@@ -15,11 +15,14 @@ use crate::support;
 /// the shipped file, not the Rust value, so the tests prove the file — and
 /// waits until the API server serves it.
 pub async fn install_crd(client: &Client) {
-    let text = std::fs::read_to_string(support::repo_root().join("crds/clusterapp.yaml")).expect("reading crds/clusterapp.yaml");
+    let text = std::fs::read_to_string(support::repo_root().join("crds/clusterapp.yaml"))
+        .expect("reading crds/clusterapp.yaml");
     let crd: CustomResourceDefinition = serde_yaml_ng::from_str(&text).expect("parsing crds/clusterapp.yaml");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let name = ClusterApp::crd_name();
-    crds.patch(name, &PatchParams::apply("clusterapp-tests").force(), &Patch::Apply(&crd)).await.expect("applying the CRD");
+    crds.patch(name, &PatchParams::apply("clusterapp-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("applying the CRD");
     support::wait_until(Duration::from_secs(30), "the ClusterApp CRD to be established", || {
         let crds = crds.clone();
         async move {
@@ -108,7 +111,13 @@ impl Drop for OperatorNamespace {
         // must also run while a test unwinds. The namespace goes right after
         // (the inner guard's drop).
         let _ = support::kubectl()
-            .args(["delete", "clusterrolebinding", &cluster_role_binding_name(&self.ns.name), "--ignore-not-found", "--wait=false"])
+            .args([
+                "delete",
+                "clusterrolebinding",
+                &cluster_role_binding_name(&self.ns.name),
+                "--ignore-not-found",
+                "--wait=false",
+            ])
             .output();
     }
 }
@@ -124,10 +133,15 @@ async fn sweep_stale_cluster_role_bindings(admin: &Client) {
     use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
     let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
     let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let Ok(list) = bindings.list(&kube::api::ListParams::default().labels("clusterapp.io/test=true")).await else { return };
+    let Ok(list) = bindings.list(&kube::api::ListParams::default().labels("clusterapp.io/test=true")).await else {
+        return;
+    };
     for binding in list.items {
         let Some(name) = binding.metadata.name.clone() else { continue };
-        let Some(namespace) = binding.subjects.as_ref().and_then(|s| s.first()).and_then(|s| s.namespace.clone()) else { continue };
+        let Some(namespace) = binding.subjects.as_ref().and_then(|s| s.first()).and_then(|s| s.namespace.clone())
+        else {
+            continue;
+        };
         let alive = match namespaces.get_opt(&namespace).await {
             Ok(Some(ns)) => ns.metadata.deletion_timestamp.is_none(),
             Ok(None) => false,
@@ -142,7 +156,8 @@ async fn sweep_stale_cluster_role_bindings(admin: &Client) {
 /// Reads the documents of deploy/operator-rbac.yaml.
 fn operator_rbac() -> (k8s_openapi::api::rbac::v1::ClusterRole, k8s_openapi::api::rbac::v1::Role) {
     use serde::Deserialize;
-    let text = std::fs::read_to_string(support::repo_root().join("deploy/operator-rbac.yaml")).expect("reading deploy/operator-rbac.yaml");
+    let text = std::fs::read_to_string(support::repo_root().join("deploy/operator-rbac.yaml"))
+        .expect("reading deploy/operator-rbac.yaml");
     let mut cluster_role = None;
     let mut role = None;
     for document in serde_yaml_ng::Deserializer::from_str(&text) {
@@ -173,11 +188,17 @@ pub async fn operator_client(ns: &OperatorNamespace) -> Client {
         .expect("applying the ClusterRole");
     role.metadata.namespace = Some(ns.name.clone());
     let role_name = role.metadata.name.clone().expect("Role name");
-    Api::<Role>::namespaced(admin.clone(), &ns.name).patch(&role_name, &apply, &Patch::Apply(&role)).await.expect("applying the Role");
+    Api::<Role>::namespaced(admin.clone(), &ns.name)
+        .patch(&role_name, &apply, &Patch::Apply(&role))
+        .await
+        .expect("applying the Role");
 
     let sa_name = "clusterapp-operator";
     let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": sa_name}})).expect("sa");
-    Api::<ServiceAccount>::namespaced(admin.clone(), &ns.name).patch(sa_name, &apply, &Patch::Apply(&sa)).await.expect("creating the ServiceAccount");
+    Api::<ServiceAccount>::namespaced(admin.clone(), &ns.name)
+        .patch(sa_name, &apply, &Patch::Apply(&sa))
+        .await
+        .expect("creating the ServiceAccount");
     let subject = serde_json::json!([{"kind": "ServiceAccount", "name": sa_name, "namespace": ns.name}]);
     let crb: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -197,7 +218,10 @@ pub async fn operator_client(ns: &OperatorNamespace) -> Client {
         "subjects": subject
     }))
     .expect("rb");
-    Api::<RoleBinding>::namespaced(admin.clone(), &ns.name).patch(&role_name, &apply, &Patch::Apply(&rb)).await.expect("binding the Role");
+    Api::<RoleBinding>::namespaced(admin.clone(), &ns.name)
+        .patch(&role_name, &apply, &Patch::Apply(&rb))
+        .await
+        .expect("binding the Role");
 
     // A token of the ServiceAccount from the TokenRequest API.
     let body = serde_json::to_vec(&serde_json::json!({
@@ -240,7 +264,9 @@ pub fn fast_lease() -> clusterapp::operator::leader::LeaseTiming {
 pub fn start_operator(client: Client, ns: &str, identity: &str) -> RunningOperator {
     // Operator logs in the test output (shown for failing tests); RUST_LOG to tune.
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "clusterapp=info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "clusterapp=info".into()),
+        )
         .with_test_writer()
         .try_init();
     let state = clusterapp::operator::metrics::OperatorState::new();

@@ -38,7 +38,8 @@ pub fn kubelet_binary() -> &'static Path {
             .status()
             .expect("running cargo build -p clusterapp-kubelet");
         assert!(status.success(), "building clusterapp-kubelet failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
         target.join("debug/clusterapp-kubelet")
     })
 }
@@ -124,7 +125,11 @@ impl KubeletProcess {
             if let Some(status) = self.child.lock().expect("child").try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "clusterapp-kubelet did not stop within {timeout:?}:\n{}", self.log_tail(30));
+            assert!(
+                Instant::now() < deadline,
+                "clusterapp-kubelet did not stop within {timeout:?}:\n{}",
+                self.log_tail(30)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

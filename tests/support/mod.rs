@@ -111,7 +111,8 @@ fn start_own_cluster() -> Cluster {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "tests/bed/cluster.sh up failed: {stdout}");
     let line = stdout.lines().last().unwrap_or_default();
-    let path = line.strip_prefix("KUBECONFIG=").unwrap_or_else(|| panic!("unexpected last line from cluster.sh: {line:?}"));
+    let path =
+        line.strip_prefix("KUBECONFIG=").unwrap_or_else(|| panic!("unexpected last line from cluster.sh: {line:?}"));
     Cluster { kubeconfig: PathBuf::from(path) }
 }
 
@@ -168,7 +169,10 @@ impl TestNamespace {
             "metadata": {"name": name, "labels": {"clusterapp.io/test": "true"}}
         }))
         .expect("namespace json");
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating test namespace");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("creating test namespace");
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
         wait_until(Duration::from_secs(30), "default ServiceAccount", || {
             let sas = sas.clone();

@@ -41,7 +41,8 @@ impl Pki {
 
     /// A leaf whose notAfter is the given (year, month, day), 00:00 UTC.
     pub fn leaf_until(&self, common_name: &str, names: &[&str], (year, month, day): (i32, u8, u8)) -> Leaf {
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.not_after = rcgen::date_time_ymd(year, month, day);
         let key = KeyPair::generate().expect("key");
@@ -55,11 +56,16 @@ impl Pki {
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(self.ca_pem().as_bytes()).expect("CA PEM")).expect("CA");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder =
-            ClientConfig::builder_with_provider(provider).with_protocol_versions(versions).expect("versions").with_root_certificates(roots);
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots);
         let config = match identity {
             Some(leaf) => builder
-                .with_client_auth_cert(vec![leaf.der.clone()], PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key PEM"))
+                .with_client_auth_cert(
+                    vec![leaf.der.clone()],
+                    PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key PEM"),
+                )
                 .expect("client cert"),
             None => builder.with_no_client_auth(),
         };

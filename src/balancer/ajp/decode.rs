@@ -7,8 +7,8 @@
 //! Body chunks are returned as offsets into the payload so the caller can
 //! slice its `Bytes` without copying.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{MAGIC_FROM_CONTAINER, PACKET_HEADER_LEN, RESPONSE_HEADER_CODES, from_container};
 
@@ -69,9 +69,16 @@ pub fn decode_packet_header(header: [u8; PACKET_HEADER_LEN], packet_size: usize)
 pub enum ContainerPacket {
     SendHeaders,
     /// Body bytes at `payload[offset..offset + len]`; `len == 0` is Tomcat's flush marker.
-    SendBodyChunk { offset: usize, len: usize },
-    EndResponse { reuse: bool },
-    GetBodyChunk { requested: usize },
+    SendBodyChunk {
+        offset: usize,
+        len: usize,
+    },
+    EndResponse {
+        reuse: bool,
+    },
+    GetBodyChunk {
+        requested: usize,
+    },
     CPong,
 }
 
@@ -235,7 +242,10 @@ mod tests {
     fn header_magic_and_length() {
         assert_eq!(decode_packet_header(*b"AB\x00\x02", 8192), Ok(PacketHeader { payload_len: 2 }));
         assert_eq!(decode_packet_header(*b"\x12\x34\x00\x02", 8192), Err(DecodeError::BadMagic([0x12, 0x34])));
-        assert_eq!(decode_packet_header(*b"AB\x1f\xfd", 8192), Err(DecodeError::TooLong { length: 0x1ffd, packet_size: 8192 }));
+        assert_eq!(
+            decode_packet_header(*b"AB\x1f\xfd", 8192),
+            Err(DecodeError::TooLong { length: 0x1ffd, packet_size: 8192 })
+        );
         assert_eq!(decode_packet_header(*b"AB\x1f\xfc", 8192), Ok(PacketHeader { payload_len: 8188 }));
         assert_eq!(decode_packet_header(*b"AB\x00\x00", 8192), Err(DecodeError::Empty));
     }
@@ -247,7 +257,12 @@ mod tests {
         let x = named("X-Route");
         let p = send_headers(
             201,
-            &[(&ct, b"text/html;charset=UTF-8"), (&cookie, b"JSESSIONID=ABC.s1; Path=/counter"), (&x, b"s1"), (&cookie, b"b=2")],
+            &[
+                (&ct, b"text/html;charset=UTF-8"),
+                (&cookie, b"JSESSIONID=ABC.s1; Path=/counter"),
+                (&x, b"s1"),
+                (&cookie, b"b=2"),
+            ],
         );
         assert_eq!(decode_container_packet(&p), Ok(ContainerPacket::SendHeaders));
         let mut h = HeaderMap::new();
@@ -263,14 +278,23 @@ mod tests {
     fn send_headers_rejections() {
         let bad_code = [0xA0, 0x0C];
         let mut h = HeaderMap::new();
-        assert_eq!(decode_send_headers(&send_headers(200, &[(&bad_code, b"v")]), &mut h), Err(DecodeError::UnknownHeaderCode(0xA00C)));
+        assert_eq!(
+            decode_send_headers(&send_headers(200, &[(&bad_code, b"v")]), &mut h),
+            Err(DecodeError::UnknownHeaderCode(0xA00C))
+        );
         let zero_code = [0xA0, 0x00];
-        assert_eq!(decode_send_headers(&send_headers(200, &[(&zero_code, b"v")]), &mut h), Err(DecodeError::UnknownHeaderCode(0xA000)));
+        assert_eq!(
+            decode_send_headers(&send_headers(200, &[(&zero_code, b"v")]), &mut h),
+            Err(DecodeError::UnknownHeaderCode(0xA000))
+        );
         assert_eq!(decode_send_headers(&send_headers(1000, &[]), &mut h), Err(DecodeError::BadStatus(1000)));
         let bad = named("bad name");
         assert_eq!(decode_send_headers(&send_headers(200, &[(&bad, b"v")]), &mut h), Err(DecodeError::BadHeaderName));
         let x = named("x");
-        assert_eq!(decode_send_headers(&send_headers(200, &[(&x, b"a\r\nInjected: 1")]), &mut h), Err(DecodeError::BadHeaderValue));
+        assert_eq!(
+            decode_send_headers(&send_headers(200, &[(&x, b"a\r\nInjected: 1")]), &mut h),
+            Err(DecodeError::BadHeaderValue)
+        );
         // Truncated string: claims 10 bytes, has 2.
         let mut p = send_headers(200, &[]);
         p.truncate(3);
@@ -296,9 +320,18 @@ mod tests {
 
     #[test]
     fn body_chunk_with_and_without_terminator() {
-        assert_eq!(decode_container_packet(b"\x03\x00\x03abc\x00"), Ok(ContainerPacket::SendBodyChunk { offset: 3, len: 3 }));
-        assert_eq!(decode_container_packet(b"\x03\x00\x03abc"), Ok(ContainerPacket::SendBodyChunk { offset: 3, len: 3 }));
-        assert_eq!(decode_container_packet(b"\x03\x00\x00\x00"), Ok(ContainerPacket::SendBodyChunk { offset: 3, len: 0 }));
+        assert_eq!(
+            decode_container_packet(b"\x03\x00\x03abc\x00"),
+            Ok(ContainerPacket::SendBodyChunk { offset: 3, len: 3 })
+        );
+        assert_eq!(
+            decode_container_packet(b"\x03\x00\x03abc"),
+            Ok(ContainerPacket::SendBodyChunk { offset: 3, len: 3 })
+        );
+        assert_eq!(
+            decode_container_packet(b"\x03\x00\x00\x00"),
+            Ok(ContainerPacket::SendBodyChunk { offset: 3, len: 0 })
+        );
         assert_eq!(decode_container_packet(b"\x03\x00\x05abc"), Err(DecodeError::Truncated("SEND_BODY_CHUNK data")));
         assert_eq!(decode_container_packet(b"\x03\x00\x01abc"), Err(DecodeError::TrailingBytes(2, "SEND_BODY_CHUNK")));
         assert_eq!(decode_container_packet(b"\x03\x00\x03abcX"), Err(DecodeError::TrailingBytes(1, "SEND_BODY_CHUNK")));

@@ -7,7 +7,9 @@ use bytes::{BufMut, BytesMut};
 use http::HeaderMap;
 use http::header::{CONNECTION, HeaderName};
 
-use super::{MAGIC_TO_CONTAINER, METHOD_STORED, PACKET_HEADER_LEN, attribute, method_code, request_header_code, to_container};
+use super::{
+    MAGIC_TO_CONTAINER, METHOD_STORED, PACKET_HEADER_LEN, attribute, method_code, request_header_code, to_container,
+};
 
 /// Why a request cannot be expressed as one AJP packet.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,7 +68,8 @@ pub const fn max_body_chunk_len(packet_size: usize) -> usize {
 /// `connection_listed` says whether the request has a `Connection` header
 /// at all, so the common request without one costs no lookup per header.
 fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap, connection_listed: bool) -> bool {
-    const HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
+    const HOP: [&str; 7] =
+        ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
     let n = name.as_str();
     if HOP.contains(&n) {
         return true;
@@ -87,7 +90,11 @@ fn put_string(buf: &mut BytesMut, s: &[u8]) {
 }
 
 /// Appends a complete `FORWARD_REQUEST` packet to `buf`.
-pub fn encode_forward_request(buf: &mut BytesMut, req: &ForwardRequest<'_>, packet_size: usize) -> Result<(), EncodeError> {
+pub fn encode_forward_request(
+    buf: &mut BytesMut,
+    req: &ForwardRequest<'_>,
+    packet_size: usize,
+) -> Result<(), EncodeError> {
     let start = buf.len();
     buf.put_slice(&MAGIC_TO_CONTAINER);
     buf.put_u16(0); // length, patched below
@@ -356,7 +363,12 @@ mod tests {
         let headers = HeaderMap::new();
         let mut req = request("GET", &headers);
         req.is_ssl = true;
-        req.ssl = Some(SslAttributes { cipher: "TLS_AES_128_GCM_SHA256", protocol: "TLSv1.3", key_size: 128, client_cert: None });
+        req.ssl = Some(SslAttributes {
+            cipher: "TLS_AES_128_GCM_SHA256",
+            protocol: "TLSv1.3",
+            key_size: 128,
+            client_cert: None,
+        });
         let mut buf = BytesMut::new();
         encode_forward_request(&mut buf, &req, 8192).expect("encode");
         let cipher = b"\x08\x00\x16TLS_AES_128_GCM_SHA256\x00\x0b\x00\x80";
@@ -365,7 +377,12 @@ mod tests {
         let without_cert = buf.len();
 
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-        req.ssl = Some(SslAttributes { cipher: "TLS_AES_128_GCM_SHA256", protocol: "TLSv1.3", key_size: 128, client_cert: Some(pem) });
+        req.ssl = Some(SslAttributes {
+            cipher: "TLS_AES_128_GCM_SHA256",
+            protocol: "TLSv1.3",
+            key_size: 128,
+            client_cert: Some(pem),
+        });
         buf.clear();
         encode_forward_request(&mut buf, &req, 8192).expect("encode");
         let mut cert = vec![super::attribute::SSL_CERT, 0, pem.len() as u8];

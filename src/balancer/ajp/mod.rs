@@ -18,10 +18,12 @@
 mod decode;
 mod encode;
 
-pub use decode::{ContainerPacket, DecodeError, PacketHeader, decode_container_packet, decode_packet_header, decode_send_headers};
+pub use decode::{
+    ContainerPacket, DecodeError, PacketHeader, decode_container_packet, decode_packet_header, decode_send_headers,
+};
 pub use encode::{
-    EncodeError, ForwardRequest, SslAttributes, encode_body_chunk, encode_cping, encode_empty_body_chunk, encode_forward_request,
-    max_body_chunk_len,
+    EncodeError, ForwardRequest, SslAttributes, encode_body_chunk, encode_cping, encode_empty_body_chunk,
+    encode_forward_request, max_body_chunk_len,
 };
 
 /// Bytes of every packet header: two magic bytes and a `u16` length.

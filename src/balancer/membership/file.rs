@@ -59,7 +59,8 @@ pub fn parse_members(path: &Path, text: &str) -> Result<Vec<MemberSpec>, Members
 }
 
 pub fn load(path: &Path) -> Result<(String, Vec<MemberSpec>), MembershipError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MembershipError::ReadFile { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| MembershipError::ReadFile { path: path.to_path_buf(), source })?;
     let members = parse_members(path, &text)?;
     Ok((text, members))
 }

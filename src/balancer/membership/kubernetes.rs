@@ -16,8 +16,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
@@ -55,13 +55,19 @@ pub struct EndpointMember {
 }
 
 /// The member set described by `slices` (any order), IP endpoints only.
-pub fn members_from_slices<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, port_name: &str) -> Vec<MemberSpec> {
+pub fn members_from_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port_name: &str,
+) -> Vec<MemberSpec> {
     endpoint_members(slices, port_name)
         .into_iter()
         .filter_map(|m| match m.address {
-            EndpointAddress::Ip(ip) => {
-                Some(MemberSpec { route: m.route, address: SocketAddr::new(ip, m.port), state: m.state, terminating: m.terminating })
-            }
+            EndpointAddress::Ip(ip) => Some(MemberSpec {
+                route: m.route,
+                address: SocketAddr::new(ip, m.port),
+                state: m.state,
+                terminating: m.terminating,
+            }),
             EndpointAddress::Name(_) => None,
         })
         .collect()
@@ -73,7 +79,9 @@ pub async fn resolve_members(members: Vec<EndpointMember>) -> Vec<MemberSpec> {
     for m in members {
         let address = match &m.address {
             EndpointAddress::Ip(ip) => SocketAddr::new(*ip, m.port),
-            EndpointAddress::Name(name) if is_localhost_name(name) => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), m.port),
+            EndpointAddress::Name(name) if is_localhost_name(name) => {
+                SocketAddr::new(IpAddr::from([127, 0, 0, 1]), m.port)
+            }
             EndpointAddress::Name(name) => match tokio::net::lookup_host((name.as_str(), m.port)).await {
                 Ok(mut addrs) => match addrs.find(|a| a.is_ipv4()) {
                     Some(a) => a,
@@ -101,7 +109,10 @@ fn is_localhost_name(name: &str) -> bool {
 }
 
 /// Every endpoint of `slices` with a route, best state per route, sorted by route.
-pub fn endpoint_members<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>, port_name: &str) -> Vec<EndpointMember> {
+pub fn endpoint_members<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port_name: &str,
+) -> Vec<EndpointMember> {
     let mut by_route: BTreeMap<String, EndpointMember> = BTreeMap::new();
     for slice in slices {
         let ip_slice = slice.address_type == "IPv4" || slice.address_type == "IPv6";
@@ -249,7 +260,8 @@ endpoints:
 "#,
         );
         let m = members_from_slices([&s], "ajp");
-        let view: Vec<_> = m.iter().map(|m| (m.route.as_str(), m.address.to_string(), m.state, m.terminating)).collect();
+        let view: Vec<_> =
+            m.iter().map(|m| (m.route.as_str(), m.address.to_string(), m.state, m.terminating)).collect();
         assert_eq!(
             view,
             [

@@ -32,7 +32,9 @@ pub enum MembershipError {
 /// Parses `NAMESPACE/NAME`.
 pub fn parse_service_ref(s: &str) -> Result<(String, String), MembershipError> {
     match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns.to_string(), name.to_string())),
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
         _ => Err(MembershipError::BadServiceName(s.to_string())),
     }
 }

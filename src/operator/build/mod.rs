@@ -8,13 +8,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+    Deployment, DeploymentSpec, RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec, SleepAction, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -27,8 +28,8 @@ use kube::Resource;
 
 use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, Membership, Replication};
 use crate::operator::names::{
-    AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY,
-    TRIBES_KEY_KEY,
+    AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TLS_CERT_KEY,
+    TLS_PRIVATE_KEY_KEY, TRIBES_KEY_KEY,
 };
 use server_xml::{DEPLOY_DELAY_SECONDS, ENV_AJP_SECRET, ENV_POD_IP, ENV_POD_NAME, ENV_TRIBES_KEY};
 
@@ -144,7 +145,11 @@ pub fn sha256_hex(text: &str) -> String {
 }
 
 /// Builds every child of `app`.
-pub fn build_children(app: &ClusterApp, material: &SecretMaterial, context: &BuildContext) -> Result<Children, BuildError> {
+pub fn build_children(
+    app: &ClusterApp,
+    material: &SecretMaterial,
+    context: &BuildContext,
+) -> Result<Children, BuildError> {
     let namespace = app.metadata.namespace.clone().ok_or(BuildError::MissingNamespace)?;
     let owner = app.controller_owner_ref(&()).ok_or(BuildError::MissingUid)?;
     let names = AppNames::new(&app.metadata.name.clone().unwrap_or_default());
@@ -195,7 +200,9 @@ pub fn balancer_rules() -> Vec<PolicyRule> {
 pub fn ajp_secret_selector(app: &ClusterApp) -> SecretKeySelector {
     let names = AppNames::new(app.metadata.name.as_deref().unwrap_or_default());
     match &app.spec.ajp.secret_ref {
-        Some(reference) => SecretKeySelector { name: reference.name.clone(), key: reference.key.clone(), optional: None },
+        Some(reference) => {
+            SecretKeySelector { name: reference.name.clone(), key: reference.key.clone(), optional: None }
+        }
         None => SecretKeySelector { name: names.secret(), key: AJP_SECRET_KEY.to_string(), optional: None },
     }
 }
@@ -208,7 +215,12 @@ struct Parts<'a> {
 }
 
 fn port(name: &str, number: i32) -> ContainerPort {
-    ContainerPort { name: Some(name.to_string()), container_port: number, protocol: Some("TCP".to_string()), ..Default::default() }
+    ContainerPort {
+        name: Some(name.to_string()),
+        container_port: number,
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    }
 }
 
 fn service_port(name: &str, number: i32, target: &str) -> ServicePort {
@@ -264,7 +276,9 @@ fn secret_volume(name: &str, secret: &str, keys: &[&str]) -> Volume {
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.to_string()),
             items: Some(
-                keys.iter().map(|key| KeyToPath { key: key.to_string(), path: key.to_string(), ..Default::default() }).collect(),
+                keys.iter()
+                    .map(|key| KeyToPath { key: key.to_string(), path: key.to_string(), ..Default::default() })
+                    .collect(),
             ),
             default_mode: Some(0o400),
             ..Default::default()
@@ -392,7 +406,10 @@ impl Parts<'_> {
     }
 
     fn service_account(&self, name: &str, component: &str) -> ServiceAccount {
-        ServiceAccount { metadata: self.meta(name.to_string(), self.names.component_labels(component)), ..Default::default() }
+        ServiceAccount {
+            metadata: self.meta(name.to_string(), self.names.component_labels(component)),
+            ..Default::default()
+        }
     }
 
     fn role(&self, name: &str, component: &str, rules: Vec<PolicyRule>) -> Role {
@@ -402,7 +419,11 @@ impl Parts<'_> {
     fn role_binding(&self, name: &str, component: &str) -> RoleBinding {
         RoleBinding {
             metadata: self.meta(name.to_string(), self.names.component_labels(component)),
-            role_ref: RoleRef { api_group: Some("rbac.authorization.k8s.io".to_string()), kind: "Role".to_string(), name: name.to_string() },
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".to_string()),
+                kind: "Role".to_string(),
+                name: name.to_string(),
+            },
             subjects: Some(vec![Subject {
                 kind: "ServiceAccount".to_string(),
                 name: name.to_string(),
@@ -627,7 +648,10 @@ impl Parts<'_> {
             volume_mounts.push(read_only_mount("tls", BALANCER_TLS_DIR));
             volumes.push(secret_volume("tls", &tls.secret_name, &[TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY]));
             if let Some(client_ca) = &tls.client_ca_secret_name {
-                args.extend(["--tls-client-ca-file".to_string(), format!("{BALANCER_TLS_CLIENT_CA_DIR}/{CLIENT_CA_KEY}")]);
+                args.extend([
+                    "--tls-client-ca-file".to_string(),
+                    format!("{BALANCER_TLS_CLIENT_CA_DIR}/{CLIENT_CA_KEY}"),
+                ]);
                 if tls.require_client_certificate {
                     args.push("--tls-require-client-cert".to_string());
                 }

@@ -169,7 +169,11 @@ fn key_material_only_in_the_secret() {
         let values = children.to_values().expect("json");
         for value in &values[1..] {
             let text = value.to_string();
-            assert!(!text.contains(AJP_SECRET) && !text.contains(TRIBES_KEY), "{name}: key material in {}", value["kind"]);
+            assert!(
+                !text.contains(AJP_SECRET) && !text.contains(TRIBES_KEY),
+                "{name}: key material in {}",
+                value["kind"]
+            );
         }
         assert_eq!(values[0]["kind"], "Secret");
         assert!(!format!("{:?}", material()).contains(AJP_SECRET), "Debug redacts");
@@ -209,7 +213,10 @@ fn balancer_runs_with_the_agreed_flags() {
     let container = &default.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
     assert_eq!(container.image.as_deref(), Some("ghcr.io/clusterapp/clusterapp:0.1.0"));
     assert!(!container.args.clone().unwrap_or_default().contains(&"--no-failover".to_string()));
-    assert!(!container.args.clone().unwrap_or_default().contains(&"--access-log".to_string()), "access log off by default");
+    assert!(
+        !container.args.clone().unwrap_or_default().contains(&"--access-log".to_string()),
+        "access log off by default"
+    );
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(args.contains("--drain-timeout 5s"), "half of the default drainSeconds (10): {args}");
     assert_eq!(
@@ -243,7 +250,8 @@ fn the_balancer_accepts_the_operators_arguments() {
     for name in ["default", "every-option", "no-replication"] {
         parse_balancer_args(&build_children(&fixture(name), &material(), &context()).expect("builds"));
     }
-    let every = parse_balancer_args(&build_children(&fixture("every-option"), &material(), &context()).expect("builds"));
+    let every =
+        parse_balancer_args(&build_children(&fixture("every-option"), &material(), &context()).expect("builds"));
     assert_eq!(every.tls_listen, Some("0.0.0.0:443".parse().expect("address")));
     assert!(every.tls_require_client_cert);
     assert_eq!(every.tls_client_ca_file.as_deref(), Some(std::path::Path::new("/etc/clusterapp/tls-client-ca/ca.crt")));
@@ -251,7 +259,10 @@ fn the_balancer_accepts_the_operators_arguments() {
 
 /// A child's JSON by kind (the first of that kind).
 fn child<'a>(values: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
-    values.iter().find(|v| v["kind"] == kind && v["metadata"]["name"] == name).unwrap_or_else(|| panic!("no {kind} {name}"))
+    values
+        .iter()
+        .find(|v| v["kind"] == kind && v["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
 #[test]
@@ -272,17 +283,22 @@ fn tls_adds_the_https_port_and_mounts_only_the_named_secrets() {
     let with_tls = children.to_values().expect("json");
     // Only the balancer's Deployment and Service change; the session nodes
     // (and their NetworkPolicy, which does not select balancer pods) do not.
-    let differing: Vec<_> = plain.iter().zip(&with_tls).filter(|(p, t)| p != t).map(|(p, _)| p["kind"].clone()).collect();
+    let differing: Vec<_> =
+        plain.iter().zip(&with_tls).filter(|(p, t)| p != t).map(|(p, _)| p["kind"].clone()).collect();
     assert_eq!(differing, ["Deployment", "Service"]);
     let pod = &child(&with_tls, "Deployment", "shop-balancer")["spec"]["template"]["spec"];
     let ports = pod["containers"][0]["ports"].as_array().expect("ports");
     let ports: Vec<_> = ports.iter().map(|p| (p["name"].clone(), p["containerPort"].clone())).collect();
     assert_eq!(ports, [("http".into(), 8080.into()), ("https".into(), 8443.into()), ("admin".into(), 9090.into())]);
-    let volumes: Vec<_> = pod["volumes"].as_array().expect("volumes").iter().map(|v| v["secret"]["secretName"].clone()).collect();
+    let volumes: Vec<_> =
+        pod["volumes"].as_array().expect("volumes").iter().map(|v| v["secret"]["secretName"].clone()).collect();
     assert_eq!(volumes, ["shop-secrets", "shop-tls"]);
     let service = child(&with_tls, "Service", "shop");
     let https = &service["spec"]["ports"][1];
-    assert_eq!((&https["name"], &https["port"], &https["targetPort"]), (&"https".into(), &8443.into(), &"https".into()));
+    assert_eq!(
+        (&https["name"], &https["port"], &https["targetPort"]),
+        (&"https".into(), &8443.into(), &"https".into())
+    );
 }
 
 #[test]

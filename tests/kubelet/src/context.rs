@@ -93,7 +93,12 @@ impl Context {
                     let _ = std::fs::remove_dir_all(&dir);
                     let script = self.images.base_dir.join(&source.build);
                     let started = std::time::Instant::now();
-                    let result = Command::new("bash").arg(&script).arg(&dir).output().await.map_err(|e| format!("running {}: {e}", script.display()))?;
+                    let result = Command::new("bash")
+                        .arg(&script)
+                        .arg(&dir)
+                        .output()
+                        .await
+                        .map_err(|e| format!("running {}: {e}", script.display()))?;
                     if !result.status.success() {
                         return Err(format!(
                             "building webapp {name} with {} failed: {}",

@@ -63,11 +63,18 @@ pub fn enter(spec_file: &Path, argv: &[String]) -> anyhow::Result<()> {
     };
 
     set_hostname(&spec.hostname)?;
-    let mut mounter =
-        Mounter { stash_dir: spec.stash_dir.clone(), pod_dir: spec.pod_dir.clone(), stash_count: 0, writable_roots: Vec::new(), root: None };
+    let mut mounter = Mounter {
+        stash_dir: spec.stash_dir.clone(),
+        pod_dir: spec.pod_dir.clone(),
+        stash_count: 0,
+        writable_roots: Vec::new(),
+        root: None,
+    };
     fs::create_dir_all(&spec.stash_dir)?;
     for mount in &spec.mounts {
-        mounter.bind(mount).map_err(|e| anyhow::anyhow!("mounting {} at {}: {e}", mount.source.display(), mount.target.display()))?;
+        mounter
+            .bind(mount)
+            .map_err(|e| anyhow::anyhow!("mounting {} at {}: {e}", mount.source.display(), mount.target.display()))?;
     }
 
     if let Some(root) = &mounter.root {
@@ -119,10 +126,17 @@ fn set_groups(groups: &[u32]) -> io::Result<()> {
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
 }
 
-fn mount_raw(source: &Path, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> io::Result<()> {
+fn mount_raw(
+    source: &Path,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
     let source = c_path(source)?;
     let target = c_path(target)?;
     let fstype = fstype.map(|f| CString::new(f).map_err(|_| io::Error::other("fstype"))).transpose()?;
@@ -175,7 +189,13 @@ impl Mounter {
         let target = self.ensure_exists(&mount.target, source_is_dir)?;
         mount_raw(&mount.source, &target, None, libc::MS_BIND | libc::MS_REC, None)?;
         if mount.read_only {
-            mount_raw(Path::new("none"), &target, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC, None)?;
+            mount_raw(
+                Path::new("none"),
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                None,
+            )?;
         } else if source_is_dir && mount.source.starts_with(&self.pod_dir) {
             self.writable_roots.push(self.canonical(&target)?);
         }
@@ -204,7 +224,11 @@ impl Mounter {
             }
         }
         let target = parent_real.join(name);
-        if as_dir { fs::create_dir(&target)? } else { fs::File::create(&target).map(drop)? }
+        if as_dir {
+            fs::create_dir(&target)?
+        } else {
+            fs::File::create(&target).map(drop)?
+        }
         Ok(target)
     }
 

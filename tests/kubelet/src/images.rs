@@ -60,8 +60,10 @@ pub struct Images {
 
 impl Images {
     pub fn load(path: &Path) -> anyhow::Result<Images> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the image map {}", path.display()))?;
-        let file: ImagesFile = serde_yaml_ng::from_str(&text).with_context(|| format!("parsing the image map {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading the image map {}", path.display()))?;
+        let file: ImagesFile =
+            serde_yaml_ng::from_str(&text).with_context(|| format!("parsing the image map {}", path.display()))?;
         let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         Ok(Images { entries: file.images, base_dir: std::fs::canonicalize(&base_dir).unwrap_or(base_dir) })
     }
@@ -89,7 +91,10 @@ pub fn repository_of(image: &str) -> &str {
 /// Docker Hub spellings of the same repository compare equal:
 /// `docker.io/library/tomcat` = `library/tomcat` = `tomcat`.
 fn normalize_repository(repository: &str) -> String {
-    let r = repository.strip_prefix("docker.io/").or_else(|| repository.strip_prefix("index.docker.io/")).unwrap_or(repository);
+    let r = repository
+        .strip_prefix("docker.io/")
+        .or_else(|| repository.strip_prefix("index.docker.io/"))
+        .unwrap_or(repository);
     r.strip_prefix("library/").unwrap_or(r).to_string()
 }
 

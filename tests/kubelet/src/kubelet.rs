@@ -39,7 +39,13 @@ async fn client_from(path: &Path) -> anyhow::Result<(Client, Config)> {
 /// (test binaries run one after another, each with its own kubelet).
 async fn lock_bridge(bridge: &str, timeout: Duration) -> anyhow::Result<File> {
     let path = format!("/run/lock/clusterapp-kubelet-{bridge}.lock");
-    let mut file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).with_context(|| format!("opening {path}"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {path}"))?;
     let deadline = Instant::now() + timeout;
     let mut told = false;
     loop {
@@ -50,10 +56,17 @@ async fn lock_bridge(bridge: &str, timeout: Duration) -> anyhow::Result<File> {
             return Ok(file);
         }
         if Instant::now() > deadline {
-            anyhow::bail!("another clusterapp-kubelet holds {path} (pid {}) for longer than {timeout:?}", std::fs::read_to_string(&path).unwrap_or_default().trim());
+            anyhow::bail!(
+                "another clusterapp-kubelet holds {path} (pid {}) for longer than {timeout:?}",
+                std::fs::read_to_string(&path).unwrap_or_default().trim()
+            );
         }
         if !told {
-            info!(lock = path, holder = std::fs::read_to_string(&path).unwrap_or_default().trim(), "waiting for another kubelet on this bridge to exit");
+            info!(
+                lock = path,
+                holder = std::fs::read_to_string(&path).unwrap_or_default().trim(),
+                "waiting for another kubelet on this bridge to exit"
+            );
             told = true;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -93,7 +106,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let api_port = config.cluster_url.port_u16().unwrap_or(443);
-    let api_host: IpAddr = config.cluster_url.host().and_then(|h| h.parse().ok()).unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let api_host: IpAddr =
+        config.cluster_url.host().and_then(|h| h.parse().ok()).unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let self_exe = std::env::current_exe().context("locating this binary")?;
     let clusterapp_bin = std::fs::canonicalize(&args.clusterapp_bin).unwrap_or(args.clusterapp_bin.clone());
 
@@ -103,7 +117,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     network.create_bridge().await?;
 
     let ready_marker = state_dir.join("ready");
-    let result = serve(&args, client.clone(), admin.as_ref(), network.clone(), state_dir, images, self_exe, clusterapp_bin, SocketAddr::new(api_host, api_port)).await;
+    let result = serve(
+        &args,
+        client.clone(),
+        admin.as_ref(),
+        network.clone(),
+        state_dir,
+        images,
+        self_exe,
+        clusterapp_bin,
+        SocketAddr::new(api_host, api_port),
+    )
+    .await;
 
     // Whatever happened: nothing of ours stays behind.
     let _ = std::fs::remove_file(&ready_marker);
@@ -124,7 +149,9 @@ async fn serve(
     clusterapp_bin: std::path::PathBuf,
     api_server: SocketAddr,
 ) -> anyhow::Result<()> {
-    let api_listener = TcpListener::bind((args.service_ip, 443)).await.with_context(|| format!("listening on {}:443", args.service_ip))?;
+    let api_listener = TcpListener::bind((args.service_ip, 443))
+        .await
+        .with_context(|| format!("listening on {}:443", args.service_ip))?;
     let forwarder = tokio::spawn(proxy::forward_to_fixed(api_listener, api_server));
     info!(from = %format!("{}:443", args.service_ip), to = %api_server, "API server forwarder up");
 
@@ -138,7 +165,13 @@ async fn serve(
     let transition = node::register(&client, &info).await?;
     let heartbeat = tokio::spawn(node::heartbeat(
         client.clone(),
-        NodeInfo { name: info.name.clone(), internal_ip: info.internal_ip.clone(), cpu: info.cpu.clone(), memory: info.memory.clone(), max_pods: info.max_pods },
+        NodeInfo {
+            name: info.name.clone(),
+            internal_ip: info.internal_ip.clone(),
+            cpu: info.cpu.clone(),
+            memory: info.memory.clone(),
+            max_pods: info.max_pods,
+        },
         transition.clone(),
     ));
 
@@ -235,7 +268,12 @@ async fn watch_pods(ctx: Arc<Context>, owner_pid: Option<i32>) -> &'static str {
     reason
 }
 
-fn dispatch(ctx: &Arc<Context>, workers: &mut HashMap<String, PodHandle>, done: &mpsc::UnboundedSender<String>, pod: Pod) {
+fn dispatch(
+    ctx: &Arc<Context>,
+    workers: &mut HashMap<String, PodHandle>,
+    done: &mpsc::UnboundedSender<String>,
+    pod: Pod,
+) {
     let Some(uid) = pod.metadata.uid.clone() else { return };
     let pod = Arc::new(pod);
     if let Some(handle) = workers.get(&uid) {

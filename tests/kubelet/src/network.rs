@@ -74,7 +74,9 @@ impl Network {
     pub async fn remove_leftovers(&self) -> anyhow::Result<()> {
         let netns_prefix = format!("{}-", self.bridge);
         let listing = ip(&["netns", "list"]).await?;
-        for netns in listing.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&netns_prefix)) {
+        for netns in
+            listing.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&netns_prefix))
+        {
             let pids = ip(&["netns", "pids", netns]).await.unwrap_or_default();
             for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
                 warn!(netns, pid, "killing a leftover process of an earlier kubelet's Pod");
@@ -88,7 +90,11 @@ impl Network {
         }
         let links = ip(&["-o", "link", "show"]).await?;
         let veth_prefix = format!("{}v", self.bridge);
-        for name in links.lines().filter_map(|l| l.split(':').nth(1)).map(|n| n.trim().split('@').next().unwrap_or("").to_string()) {
+        for name in links
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        {
             if name == self.bridge || name.starts_with(&veth_prefix) {
                 info!(link = name, "removing a leftover link");
                 let _ = ip(&["link", "delete", &name]).await;

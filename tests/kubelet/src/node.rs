@@ -6,8 +6,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -109,9 +109,12 @@ pub async fn wait_schedulable(client: &Client, name: &str, timeout: Duration) {
     while std::time::Instant::now() < deadline {
         match nodes.get(name).await {
             Ok(node) => {
-                let blocked = node.spec.and_then(|s| s.taints).unwrap_or_default().iter().any(|t| {
-                    t.key == "node.kubernetes.io/not-ready" || t.key == "node.kubernetes.io/unreachable"
-                });
+                let blocked = node
+                    .spec
+                    .and_then(|s| s.taints)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|t| t.key == "node.kubernetes.io/not-ready" || t.key == "node.kubernetes.io/unreachable");
                 if !blocked {
                     return;
                 }

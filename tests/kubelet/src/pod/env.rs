@@ -63,12 +63,18 @@ pub struct PodFacts<'a> {
 
 fn format_map(map: Option<&BTreeMap<String, String>>) -> String {
     // Downward API file format: key="value" lines, sorted by key.
-    map.into_iter().flatten().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))).collect::<Vec<_>>().join("\n")
+    map.into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn subscript<'p>(path: &'p str, prefix: &str) -> Option<&'p str> {
     let rest = path.strip_prefix(prefix)?.strip_prefix('[')?.strip_suffix(']')?;
-    rest.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')).or_else(|| rest.strip_prefix('"').and_then(|r| r.strip_suffix('"')))
+    rest.strip_prefix('\'')
+        .and_then(|r| r.strip_suffix('\''))
+        .or_else(|| rest.strip_prefix('"').and_then(|r| r.strip_suffix('"')))
 }
 
 /// A `fieldRef.fieldPath` value.
@@ -82,7 +88,9 @@ pub fn field_value(facts: &PodFacts<'_>, path: &str) -> Result<String, String> {
         "metadata.labels" => format_map(meta.labels.as_ref()),
         "metadata.annotations" => format_map(meta.annotations.as_ref()),
         "spec.nodeName" => facts.node_name.to_string(),
-        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+        "spec.serviceAccountName" => {
+            spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into())
+        }
         "status.podIP" | "status.podIPs" => facts.pod_ip.clone(),
         "status.hostIP" | "status.hostIPs" => facts.host_ip.clone(),
         other => {
@@ -122,7 +130,13 @@ pub fn quantity_value(q: &str) -> Option<f64> {
 
 /// A `resourceFieldRef` value: the container's limit (or request), falling
 /// back to the node's allocatable for limits, divided by `divisor`, rounded up.
-pub fn resource_value(container: &Container, resource: &str, divisor: Option<&Quantity>, node_cpu: &str, node_memory: &str) -> Result<String, String> {
+pub fn resource_value(
+    container: &Container,
+    resource: &str,
+    divisor: Option<&Quantity>,
+    node_cpu: &str,
+    node_memory: &str,
+) -> Result<String, String> {
     let resources: Option<&ResourceRequirements> = container.resources.as_ref();
     let (kind, name) = resource.split_once('.').ok_or_else(|| format!("unsupported resource {resource:?}"))?;
     let from = match kind {

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
@@ -45,10 +45,22 @@ pub enum PodEvent {
     Removed,
     /// The kubelet stops: stop the containers, report them, keep the object.
     Shutdown,
-    Exited { container: String, run: u64, exit: ExitInfo },
-    Probed { container: String, run: u64, kind: ProbeKind, result: Result<String, String> },
+    Exited {
+        container: String,
+        run: u64,
+        exit: ExitInfo,
+    },
+    Probed {
+        container: String,
+        run: u64,
+        kind: ProbeKind,
+        result: Result<String, String>,
+    },
     /// A liveness or startup failure kill finished.
-    Killed { container: String, run: u64 },
+    Killed {
+        container: String,
+        run: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -223,7 +235,12 @@ pub struct PodWorker {
 }
 
 impl PodWorker {
-    fn new(ctx: Arc<Context>, pod: Arc<Pod>, events_tx: mpsc::UnboundedSender<PodEvent>, events: mpsc::UnboundedReceiver<PodEvent>) -> PodWorker {
+    fn new(
+        ctx: Arc<Context>,
+        pod: Arc<Pod>,
+        events_tx: mpsc::UnboundedSender<PodEvent>,
+        events: mpsc::UnboundedReceiver<PodEvent>,
+    ) -> PodWorker {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
@@ -370,14 +387,21 @@ impl PodWorker {
     /// Network, hosts file, volumes. Err = (reason, message) shown as waiting.
     async fn setup(&mut self) -> Result<(), (String, String)> {
         if self.network.is_none() {
-            let fresh_pod = !self.dir.join("uid").exists() || std::fs::read_to_string(self.dir.join("uid")).ok().as_deref() != Some(self.uid.as_str());
+            let fresh_pod = !self.dir.join("uid").exists()
+                || std::fs::read_to_string(self.dir.join("uid")).ok().as_deref() != Some(self.uid.as_str());
             if fresh_pod {
                 // An earlier Pod of the same name: its logs and files go.
                 let _ = std::fs::remove_dir_all(&self.dir);
             }
-            std::fs::create_dir_all(&self.dir).map_err(|e| ("CreateContainerError".into(), format!("creating {}: {e}", self.dir.display())))?;
+            std::fs::create_dir_all(&self.dir)
+                .map_err(|e| ("CreateContainerError".into(), format!("creating {}: {e}", self.dir.display())))?;
             let _ = std::fs::write(self.dir.join("uid"), &self.uid);
-            let net = self.ctx.network.create_pod_network().await.map_err(|e| ("NetworkNotReady".to_string(), format!("{e:#}")))?;
+            let net = self
+                .ctx
+                .network
+                .create_pod_network()
+                .await
+                .map_err(|e| ("NetworkNotReady".to_string(), format!("{e:#}")))?;
             info!(pod = self.key, ip = %net.ip, netns = net.netns, "pod network ready");
             self.network = Some(net);
             self.start_time.get_or_insert_with(now_time);
@@ -397,14 +421,22 @@ impl PodWorker {
         }
         let io_err = |what: &str, e: std::io::Error| ("CreateContainerError".to_string(), format!("{what}: {e}"));
         std::fs::write(self.dir.join("etc-hosts"), hosts).map_err(|e| io_err("writing hosts file", e))?;
-        std::fs::write(self.dir.join("etc-hostname"), format!("{}\n", self.hostname)).map_err(|e| io_err("writing hostname file", e))?;
+        std::fs::write(self.dir.join("etc-hostname"), format!("{}\n", self.hostname))
+            .map_err(|e| io_err("writing hostname file", e))?;
         if self.volumes.is_none() {
             let mut objects = ApiObjects::new(&self.ctx.client, &namespace);
             let facts = self.facts();
             let fs_group = spec.security_context.as_ref().and_then(|s| s.fs_group).and_then(|g| u32::try_from(g).ok());
-            let volumes = volumes::materialize(&self.ctx.client, &mut objects, &facts, &self.dir, (&self.ctx.node_cpu, &self.ctx.node_memory), fs_group)
-                .await
-                .map_err(|m| ("ContainerCreating".to_string(), format!("MountVolume.SetUp failed: {m}")))?;
+            let volumes = volumes::materialize(
+                &self.ctx.client,
+                &mut objects,
+                &facts,
+                &self.dir,
+                (&self.ctx.node_cpu, &self.ctx.node_memory),
+                fs_group,
+            )
+            .await
+            .map_err(|m| ("ContainerCreating".to_string(), format!("MountVolume.SetUp failed: {m}")))?;
             self.volumes = Some(volumes);
         }
         self.publish_endpoint();
@@ -424,7 +456,8 @@ impl PodWorker {
     /// Tells the service proxy about this Pod's address and readiness.
     fn publish_endpoint(&self) {
         let Some(net) = &self.network else { return };
-        let ready = !self.containers.is_empty() && self.containers.iter().all(|c| c.ready) && self.final_phase.is_none();
+        let ready =
+            !self.containers.is_empty() && self.containers.iter().all(|c| c.ready) && self.final_phase.is_none();
         let endpoint = PodEndpoint {
             namespace: self.pod.metadata.namespace.clone().unwrap_or_default(),
             labels: self.pod.metadata.labels.clone().unwrap_or_default(),
@@ -523,7 +556,10 @@ impl PodWorker {
 
     /// Phase Succeeded/Failed reached and nothing will restart.
     fn pod_finished(&self) -> bool {
-        let init_failed = self.init_containers.iter().any(|c| matches!(&c.state, ContainerState::Terminated(t) if t.exit_code != 0) && c.start_at.is_none());
+        let init_failed = self
+            .init_containers
+            .iter()
+            .any(|c| matches!(&c.state, ContainerState::Terminated(t) if t.exit_code != 0) && c.start_at.is_none());
         let all_done = !self.containers.is_empty()
             && self.containers.iter().all(|c| matches!(c.state, ContainerState::Terminated(_)) && c.start_at.is_none());
         init_failed || all_done
@@ -556,10 +592,14 @@ impl PodWorker {
         let entry: ImageEntry = self.ctx.images.lookup(&image).cloned().ok_or_else(|| {
             (
                 "ErrImagePull".to_string(),
-                format!("image {image:?} is not in the process kubelet's image map ({}/images.yaml); nothing to run", self.ctx.images.base_dir.display()),
+                format!(
+                    "image {image:?} is not in the process kubelet's image map ({}/images.yaml); nothing to run",
+                    self.ctx.images.base_dir.display()
+                ),
             )
         })?;
-        let pod_ip = self.network.as_ref().map(|n| n.ip).ok_or(("NetworkNotReady".to_string(), "no pod network".to_string()))?;
+        let pod_ip =
+            self.network.as_ref().map(|n| n.ip).ok_or(("NetworkNotReady".to_string(), "no pod network".to_string()))?;
 
         // Environment: image ENV < kubelet-provided < envFrom < env.
         let mut base: Vec<(String, String)> = Vec::new();
@@ -584,15 +624,20 @@ impl PodWorker {
         }
         let namespace = self.pod.metadata.namespace.clone().unwrap_or_default();
         let mut objects = ApiObjects::new(&self.ctx.client, &namespace);
-        let env = env::container_env(&mut objects, &self.facts(), &spec, &base, &self.ctx.node_cpu, &self.ctx.node_memory)
-            .await
-            .map_err(|m| ("CreateContainerConfigError".to_string(), m))?;
+        let env =
+            env::container_env(&mut objects, &self.facts(), &spec, &base, &self.ctx.node_cpu, &self.ctx.node_memory)
+                .await
+                .map_err(|m| ("CreateContainerConfigError".to_string(), m))?;
         let vars: HashMap<String, String> = env.iter().cloned().collect();
 
         // argv: command replaces ENTRYPOINT, args replace CMD (Docker's rule).
         let mut argv: Vec<String> = match (&spec.command, &spec.args) {
-            (Some(cmd), args) if !cmd.is_empty() => cmd.iter().chain(args.iter().flatten()).map(|a| env::expand(a, &vars)).collect(),
-            (_, Some(args)) if !args.is_empty() => entry.entrypoint.iter().cloned().chain(args.iter().map(|a| env::expand(a, &vars))).collect(),
+            (Some(cmd), args) if !cmd.is_empty() => {
+                cmd.iter().chain(args.iter().flatten()).map(|a| env::expand(a, &vars)).collect()
+            }
+            (_, Some(args)) if !args.is_empty() => {
+                entry.entrypoint.iter().cloned().chain(args.iter().map(|a| env::expand(a, &vars))).collect()
+            }
             _ => entry.entrypoint.iter().chain(entry.cmd.iter()).cloned().collect(),
         };
         if entry.kind == ImageKind::Clusterapp {
@@ -619,13 +664,13 @@ impl PodWorker {
             let base_dir = self.prepare_catalina_base(&spec.name, &entry).await?;
             mounts.push(BindMount { source: base_dir, target: "/usr/local/tomcat".into(), read_only: false });
         }
-        let volumes = self.volumes.as_ref().ok_or(("ContainerCreating".to_string(), "volumes not ready".to_string()))?;
+        let volumes =
+            self.volumes.as_ref().ok_or(("ContainerCreating".to_string(), "volumes not ready".to_string()))?;
         let mut volume_binds: Vec<BindMount> = Vec::new();
         for m in &volume_mounts {
-            let source = volumes
-                .paths
-                .get(&m.name)
-                .ok_or_else(|| ("CreateContainerConfigError".to_string(), format!("volumeMount {:?}: no volume of that name", m.name)))?;
+            let source = volumes.paths.get(&m.name).ok_or_else(|| {
+                ("CreateContainerConfigError".to_string(), format!("volumeMount {:?}: no volume of that name", m.name))
+            })?;
             let sub_path = match (&m.sub_path, &m.sub_path_expr) {
                 (Some(p), _) if !p.is_empty() => Some(p.clone()),
                 (_, Some(expr)) if !expr.is_empty() => Some(env::expand(expr, &vars)),
@@ -636,14 +681,19 @@ impl PodWorker {
                     let full = source.join(&p);
                     if !full.exists() {
                         // Kubernetes creates a missing subPath as a folder.
-                        std::fs::create_dir_all(&full).map_err(|e| ("CreateContainerError".to_string(), format!("subPath {p:?}: {e}")))?;
+                        std::fs::create_dir_all(&full)
+                            .map_err(|e| ("CreateContainerError".to_string(), format!("subPath {p:?}: {e}")))?;
                     }
                     full
                 }
                 Some(p) => return Err(("CreateContainerConfigError".into(), format!("invalid subPath {p:?}"))),
                 None => source.clone(),
             };
-            volume_binds.push(BindMount { source, target: PathBuf::from(&m.mount_path), read_only: m.read_only.unwrap_or(false) });
+            volume_binds.push(BindMount {
+                source,
+                target: PathBuf::from(&m.mount_path),
+                read_only: m.read_only.unwrap_or(false),
+            });
         }
         volume_binds.sort_by_key(|b| b.target.components().count());
         mounts.extend(volume_binds);
@@ -652,10 +702,16 @@ impl PodWorker {
         let pod_security = self.pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
         let run_as_user = security.and_then(|s| s.run_as_user).or_else(|| pod_security.and_then(|s| s.run_as_user));
         let run_as_group = security.and_then(|s| s.run_as_group).or_else(|| pod_security.and_then(|s| s.run_as_group));
-        let run_as_non_root = security.and_then(|s| s.run_as_non_root).or_else(|| pod_security.and_then(|s| s.run_as_non_root)).unwrap_or(false);
+        let run_as_non_root = security
+            .and_then(|s| s.run_as_non_root)
+            .or_else(|| pod_security.and_then(|s| s.run_as_non_root))
+            .unwrap_or(false);
         if run_as_non_root && run_as_user.unwrap_or(0) == 0 {
             // Our local programs have no image USER, so root it would be.
-            return Err(("CreateContainerConfigError".into(), "container has runAsNonRoot and image will run as root".into()));
+            return Err((
+                "CreateContainerConfigError".into(),
+                "container has runAsNonRoot and image will run as root".into(),
+            ));
         }
         let to_id = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok());
         let supplemental_groups: Vec<u32> = pod_security
@@ -675,12 +731,15 @@ impl PodWorker {
             working_dir: spec.working_dir.clone().filter(|w| !w.is_empty()),
         };
         let spec_file = self.dir.join(format!("{}.enter.json", spec.name));
-        let text = serde_json::to_string_pretty(&enter_spec).map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?;
-        std::fs::write(&spec_file, text).map_err(|e| ("CreateContainerError".to_string(), format!("writing {}: {e}", spec_file.display())))?;
+        let text = serde_json::to_string_pretty(&enter_spec)
+            .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?;
+        std::fs::write(&spec_file, text)
+            .map_err(|e| ("CreateContainerError".to_string(), format!("writing {}: {e}", spec_file.display())))?;
 
         let log_path = self.dir.join(format!("{}.log", spec.name));
         let open_log = || std::fs::OpenOptions::new().create(true).append(true).open(&log_path);
-        let stdout = open_log().map_err(|e| ("CreateContainerError".to_string(), format!("opening {}: {e}", log_path.display())))?;
+        let stdout = open_log()
+            .map_err(|e| ("CreateContainerError".to_string(), format!("opening {}: {e}", log_path.display())))?;
         let stderr = stdout.try_clone().map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?;
         let netns = self.network.as_ref().map(|n| n.netns.clone()).unwrap_or_default();
         let mut command = tokio::process::Command::new("ip");
@@ -703,7 +762,10 @@ impl PodWorker {
         // sure the root tools are found whatever the container's PATH says.
         command.env("PATH", vars.get("PATH").cloned().unwrap_or_default() + ":/usr/sbin:/usr/bin:/sbin:/bin");
         let mut child = command.spawn().map_err(|e| ("StartError".to_string(), format!("starting {argv:?}: {e}")))?;
-        let pid = child.id().and_then(|p| i32::try_from(p).ok()).ok_or(("StartError".to_string(), "process exited at once".to_string()))?;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or(("StartError".to_string(), "process exited at once".to_string()))?;
 
         let c = if init { &mut self.init_containers[index] } else { &mut self.containers[index] };
         if c.ever_started {
@@ -735,7 +797,10 @@ impl PodWorker {
             let exit = match child.wait().await {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;
-                    ExitInfo { code: status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)), signal: status.signal() }
+                    ExitInfo {
+                        code: status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                        signal: status.signal(),
+                    }
                 }
                 Err(_) => ExitInfo { code: 128, signal: None },
             };
@@ -758,14 +823,16 @@ impl PodWorker {
         for sub in ["logs", "temp", "work", "webapps"] {
             std::fs::create_dir_all(base.join(sub)).map_err(|e| err(format!("creating CATALINA_BASE: {e}")))?;
         }
-        copy_tree(&self.ctx.tomcat_conf, &base.join("conf")).map_err(|e| err(format!("copying {}: {e}", self.ctx.tomcat_conf.display())))?;
+        copy_tree(&self.ctx.tomcat_conf, &base.join("conf"))
+            .map_err(|e| err(format!("copying {}: {e}", self.ctx.tomcat_conf.display())))?;
         let lib = base.join("lib");
         std::fs::create_dir_all(&lib).map_err(|e| err(e.to_string()))?;
         if !entry.webapps.is_empty() {
             let built = self.ctx.webapps().await.map_err(|m| ("ErrImagePull".to_string(), m))?;
             for name in entry.webapps.keys() {
                 if let Some(dir) = built.get(name) {
-                    copy_tree(dir, &base.join("webapps").join(name)).map_err(|e| err(format!("copying webapp {name}: {e}")))?;
+                    copy_tree(dir, &base.join("webapps").join(name))
+                        .map_err(|e| err(format!("copying webapp {name}: {e}")))?;
                 }
             }
         }
@@ -828,7 +895,12 @@ impl PodWorker {
         } else {
             ContainerState::Waiting {
                 reason: "CrashLoopBackOff".into(),
-                message: Some(format!("back-off {}s restarting failed container={} pod={}", delay.as_secs(), name, key.rsplit('/').next().unwrap_or(""))),
+                message: Some(format!(
+                    "back-off {}s restarting failed container={} pod={}",
+                    delay.as_secs(),
+                    name,
+                    key.rsplit('/').next().unwrap_or("")
+                )),
             }
         };
         c.start_at = Some(Instant::now() + delay);
@@ -912,14 +984,24 @@ impl PodWorker {
             ProbeKind::Startup if ok => c.started = true,
             ProbeKind::Startup | ProbeKind::Liveness => {
                 if !ok && failures >= failure_threshold && !c.killing {
-                    warn!(pod = key, container = name, ?kind, "probe failed {failures} times; killing the container to restart it");
+                    warn!(
+                        pod = key,
+                        container = name,
+                        ?kind,
+                        "probe failed {failures} times; killing the container to restart it"
+                    );
                     c.killing = true;
                     c.ready = false;
                     let stop = StopRequest {
                         pid: c.pid,
                         exit: c.exit_watch.clone(),
                         pre_stop: c.spec.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).map(Action::of_hook),
-                        target: pod_ip.zip(c.pid).map(|(ip, pid)| ActionTarget { pod_ip: ip, pid, env: c.env.clone(), named_ports }),
+                        target: pod_ip.zip(c.pid).map(|(ip, pid)| ActionTarget {
+                            pod_ip: ip,
+                            pid,
+                            env: c.env.clone(),
+                            named_ports,
+                        }),
                         grace: Duration::from_secs(grace.max(0) as u64),
                         pod: key,
                         container: name.to_string(),
@@ -957,8 +1039,17 @@ impl PodWorker {
             stops.push(StopRequest {
                 pid: Some(pid),
                 exit: c.exit_watch.clone(),
-                pre_stop: if run_pre_stop { c.spec.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).map(Action::of_hook) } else { None },
-                target: pod_ip.map(|ip| ActionTarget { pod_ip: ip, pid, env: c.env.clone(), named_ports: named_ports.clone() }),
+                pre_stop: if run_pre_stop {
+                    c.spec.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).map(Action::of_hook)
+                } else {
+                    None
+                },
+                target: pod_ip.map(|ip| ActionTarget {
+                    pod_ip: ip,
+                    pid,
+                    env: c.env.clone(),
+                    named_ports: named_ports.clone(),
+                }),
                 grace,
                 pod: self.key.clone(),
                 container: c.spec.name.clone(),
@@ -989,7 +1080,9 @@ impl PodWorker {
         }
         // Collect the exits that arrived meanwhile.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while self.init_containers.iter().chain(self.containers.iter()).any(|c| c.pid.is_some()) && Instant::now() < deadline {
+        while self.init_containers.iter().chain(self.containers.iter()).any(|c| c.pid.is_some())
+            && Instant::now() < deadline
+        {
             match tokio::time::timeout(Duration::from_millis(100), self.events.recv()).await {
                 Ok(Some(PodEvent::Exited { container, run, exit })) => self.on_exit(&container, run, exit),
                 Ok(Some(PodEvent::Updated(pod))) => self.pod = pod,
@@ -1029,7 +1122,9 @@ impl PodWorker {
         };
         match pods.delete(&name, &params).await {
             Ok(_) => info!(pod = self.key, "pod object deleted"),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => debug!(pod = self.key, "pod object already gone"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+                debug!(pod = self.key, "pod object already gone")
+            }
             Err(e) => error!(pod = self.key, "deleting the pod object: {e}"),
         }
     }
@@ -1152,7 +1247,10 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
         } else {
             let mode = entry.metadata()?.permissions().mode();
             std::fs::copy(entry.path(), &target)?;
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 }))?;
+            std::fs::set_permissions(
+                &target,
+                std::fs::Permissions::from_mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 }),
+            )?;
         }
     }
     Ok(())

@@ -62,7 +62,11 @@ impl Action {
 fn resolve_port(port: &IntOrString, named: &BTreeMap<String, u16>) -> Result<u16, String> {
     match port {
         IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("bad port {n}")),
-        IntOrString::String(name) => name.parse().ok().or_else(|| named.get(name).copied()).ok_or_else(|| format!("no container port named {name:?}")),
+        IntOrString::String(name) => name
+            .parse()
+            .ok()
+            .or_else(|| named.get(name).copied())
+            .ok_or_else(|| format!("no container port named {name:?}")),
     }
 }
 
@@ -89,8 +93,14 @@ async fn run_unbounded(action: &Action, target: &ActionTarget) -> Result<String,
             Ok(format!("slept {seconds}s"))
         }
         Action::Tcp(tcp) => {
-            let addr = SocketAddr::new(host_address(tcp.host.as_ref(), target)?, resolve_port(&tcp.port, &target.named_ports)?);
-            TcpStream::connect(addr).await.map(|_| format!("connected to {addr}")).map_err(|e| format!("dial tcp {addr}: {e}"))
+            let addr = SocketAddr::new(
+                host_address(tcp.host.as_ref(), target)?,
+                resolve_port(&tcp.port, &target.named_ports)?,
+            );
+            TcpStream::connect(addr)
+                .await
+                .map(|_| format!("connected to {addr}"))
+                .map_err(|e| format!("dial tcp {addr}: {e}"))
         }
         Action::Http(http) => http_get(http, target).await,
         Action::Exec(exec) => {
@@ -109,7 +119,11 @@ async fn run_unbounded(action: &Action, target: &ActionTarget) -> Result<String,
                 .await
                 .map_err(|e| format!("running nsenter: {e}"))?;
             let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            if out.status.success() { Ok(text) } else { Err(format!("command {argv:?} failed ({}): {}", out.status, text.trim())) }
+            if out.status.success() {
+                Ok(text)
+            } else {
+                Err(format!("command {argv:?} failed ({}): {}", out.status, text.trim()))
+            }
         }
     }
 }
@@ -124,7 +138,9 @@ async fn http_get(http: &HTTPGetAction, target: &ActionTarget) -> Result<String,
     let addr = SocketAddr::new(ip, port);
     let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
     let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("dial tcp {addr}: {e}"))?;
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\nConnection: close\r\n");
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\nConnection: close\r\n"
+    );
     for header in http.http_headers.iter().flatten() {
         request.push_str(&format!("{}: {}\r\n", header.name, header.value));
     }
@@ -148,5 +164,9 @@ async fn http_get(http: &HTTPGetAction, target: &ActionTarget) -> Result<String,
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("no HTTP status line from {addr}"))?;
-    if (200..400).contains(&status) { Ok(format!("HTTP {status}")) } else { Err(format!("HTTP probe failed with statuscode: {status}")) }
+    if (200..400).contains(&status) {
+        Ok(format!("HTTP {status}"))
+    } else {
+        Err(format!("HTTP probe failed with statuscode: {status}"))
+    }
 }

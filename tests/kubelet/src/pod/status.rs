@@ -57,7 +57,8 @@ fn container_json(c: &ContainerRun) -> Value {
 }
 
 pub fn phase(w: &PodWorker) -> &'static str {
-    let finished = |c: &ContainerRun| matches!(c.state, ContainerState::Terminated(_)) && c.start_at.is_none() && c.pid.is_none();
+    let finished =
+        |c: &ContainerRun| matches!(c.state, ContainerState::Terminated(_)) && c.start_at.is_none() && c.pid.is_none();
     if w.init_containers.iter().any(|c| finished(c) && !c.succeeded()) {
         return "Failed";
     }

@@ -75,7 +75,8 @@ fn write_file(dir: &Path, rel: &str, content: &[u8], mode: Option<i32>) -> Resul
     let tmp = path.with_extension("kubelet-tmp");
     std::fs::write(&tmp, content).map_err(|e| format!("writing {}: {e}", path.display()))?;
     let mode = mode.map(|m| m as u32 & 0o777).unwrap_or(0o644);
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("renaming into {}: {e}", path.display()))
 }
 
@@ -108,18 +109,25 @@ fn key_files(
 /// What the ConfigMap and Secret sources of `volume` hold now (read from the
 /// API through `objects`); None for volumes without such sources. A missing
 /// optional object contributes nothing; a missing required one is an error.
-async fn desired_key_files(objects: &mut ApiObjects, volume: &Volume) -> Result<Option<BTreeMap<String, KeyFile>>, String> {
+async fn desired_key_files(
+    objects: &mut ApiObjects,
+    volume: &Volume,
+) -> Result<Option<BTreeMap<String, KeyFile>>, String> {
     let mut out = BTreeMap::new();
     if let Some(cm) = &volume.config_map {
         match objects.configmap(&cm.name).await? {
-            Some(keys) => key_files(&keys, cm.items.as_ref(), cm.default_mode, &format!("configmap {:?}", cm.name), &mut out)?,
+            Some(keys) => {
+                key_files(&keys, cm.items.as_ref(), cm.default_mode, &format!("configmap {:?}", cm.name), &mut out)?
+            }
             None if cm.optional.unwrap_or(false) => {}
             None => return Err(format!("configmap {:?} not found", cm.name)),
         }
     } else if let Some(secret) = &volume.secret {
         let name = secret.secret_name.clone().unwrap_or_default();
         match objects.secret(&name).await? {
-            Some(keys) => key_files(&keys, secret.items.as_ref(), secret.default_mode, &format!("secret {name:?}"), &mut out)?,
+            Some(keys) => {
+                key_files(&keys, secret.items.as_ref(), secret.default_mode, &format!("secret {name:?}"), &mut out)?
+            }
             None if secret.optional.unwrap_or(false) => {}
             None => return Err(format!("secret {name:?} not found")),
         }
@@ -130,14 +138,18 @@ async fn desired_key_files(objects: &mut ApiObjects, volume: &Volume) -> Result<
             if let Some(cm) = &source.config_map {
                 any = true;
                 match objects.configmap(&cm.name).await? {
-                    Some(keys) => key_files(&keys, cm.items.as_ref(), mode, &format!("configmap {:?}", cm.name), &mut out)?,
+                    Some(keys) => {
+                        key_files(&keys, cm.items.as_ref(), mode, &format!("configmap {:?}", cm.name), &mut out)?
+                    }
                     None if cm.optional.unwrap_or(false) => {}
                     None => return Err(format!("configmap {:?} not found", cm.name)),
                 }
             } else if let Some(secret) = &source.secret {
                 any = true;
                 match objects.secret(&secret.name).await? {
-                    Some(keys) => key_files(&keys, secret.items.as_ref(), mode, &format!("secret {:?}", secret.name), &mut out)?,
+                    Some(keys) => {
+                        key_files(&keys, secret.items.as_ref(), mode, &format!("secret {:?}", secret.name), &mut out)?
+                    }
                     None if secret.optional.unwrap_or(false) => {}
                     None => return Err(format!("secret {:?} not found", secret.name)),
                 }
@@ -158,7 +170,11 @@ async fn desired_key_files(objects: &mut ApiObjects, volume: &Volume) -> Result<
 /// same bytes would wake every program that watches it (the balancer
 /// reloads its certificate on a changed mtime), so unchanged files are left
 /// alone. Returns the paths written or removed.
-pub fn sync_key_files(volume: &mut SyncedVolume, desired: BTreeMap<String, KeyFile>, fs_group: Option<u32>) -> Result<Vec<String>, String> {
+pub fn sync_key_files(
+    volume: &mut SyncedVolume,
+    desired: BTreeMap<String, KeyFile>,
+    fs_group: Option<u32>,
+) -> Result<Vec<String>, String> {
     let mut changed = Vec::new();
     for (rel, file) in &desired {
         if volume.files.get(rel) == Some(file) {
@@ -183,7 +199,13 @@ pub fn sync_key_files(volume: &mut SyncedVolume, desired: BTreeMap<String, KeyFi
     Ok(changed)
 }
 
-fn write_downward(dir: &Path, facts: &PodFacts<'_>, items: &[DownwardAPIVolumeFile], default_mode: Option<i32>, node: (&str, &str)) -> Result<(), String> {
+fn write_downward(
+    dir: &Path,
+    facts: &PodFacts<'_>,
+    items: &[DownwardAPIVolumeFile],
+    default_mode: Option<i32>,
+    node: (&str, &str),
+) -> Result<(), String> {
     for item in items {
         let value = if let Some(f) = &item.field_ref {
             field_value(facts, &f.field_path)?
@@ -206,7 +228,12 @@ fn write_downward(dir: &Path, facts: &PodFacts<'_>, items: &[DownwardAPIVolumeFi
 
 /// Requests a token for the Pod's ServiceAccount bound to the Pod (the node
 /// identity may only request tokens bound to its own Pods).
-pub async fn request_token(client: &Client, pod: &Pod, audience: Option<&str>, expiration_seconds: i64) -> Result<(String, i64), String> {
+pub async fn request_token(
+    client: &Client,
+    pod: &Pod,
+    audience: Option<&str>,
+    expiration_seconds: i64,
+) -> Result<(String, i64), String> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let sa_name = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
@@ -217,15 +244,19 @@ pub async fn request_token(client: &Client, pod: &Pod, audience: Option<&str>, e
     if let Some(a) = audience {
         spec["audiences"] = serde_json::json!([a]);
     }
-    let request: TokenRequest = serde_json::from_value(serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}))
-        .map_err(|e| format!("building the token request: {e}"))?;
+    let request: TokenRequest = serde_json::from_value(
+        serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}),
+    )
+    .map_err(|e| format!("building the token request: {e}"))?;
     let response = api
         .create_token_request(&sa_name, &PostParams::default(), &request)
         .await
         .map_err(|e| format!("requesting a token for serviceaccount {sa_name:?}: {e}"))?;
     let status = response.status.ok_or("token request without status")?;
     let token = status.token.ok_or("token request answered without a token")?;
-    let lifetime = status.expiration_timestamp.map_or(expiration_seconds, |t| t.0.as_second() - k8s_openapi::jiff::Timestamp::now().as_second());
+    let lifetime = status
+        .expiration_timestamp
+        .map_or(expiration_seconds, |t| t.0.as_second() - k8s_openapi::jiff::Timestamp::now().as_second());
     Ok((token, lifetime.max(60)))
 }
 
@@ -258,7 +289,8 @@ pub async fn materialize(
         }
         if !volumes.paths.contains_key(&volume.name) {
             if let Some(gid) = fs_group {
-                apply_fs_group(&dir, gid).map_err(|e| format!("volume {:?}: applying fsGroup {gid}: {e}", volume.name))?;
+                apply_fs_group(&dir, gid)
+                    .map_err(|e| format!("volume {:?}: applying fsGroup {gid}: {e}", volume.name))?;
             }
             volumes.paths.insert(volume.name.clone(), dir);
         }
@@ -321,7 +353,10 @@ async fn materialize_one(
             } else if let Some(downward) = &source.downward_api {
                 write_downward(dir, facts, downward.items.as_deref().unwrap_or_default(), mode, node)?;
             } else {
-                return Err(format!("volume {:?}: projected source kind not emulated by the process kubelet", volume.name));
+                return Err(format!(
+                    "volume {:?}: projected source kind not emulated by the process kubelet",
+                    volume.name
+                ));
             }
         }
     } else if let Some(host) = &volume.host_path {
@@ -345,7 +380,8 @@ pub async fn refresh_tokens(client: &Client, pod: &Pod, volumes: &mut Volumes) -
         let name = token.path.file_name().and_then(|n| n.to_str()).ok_or("token path without name")?;
         write_file(dir, name, value.as_bytes(), Some(0o644))?;
         if let Some(gid) = volumes.fs_group {
-            apply_fs_group(&token.path, gid).map_err(|e| format!("applying fsGroup to {}: {e}", token.path.display()))?;
+            apply_fs_group(&token.path, gid)
+                .map_err(|e| format!("applying fsGroup to {}: {e}", token.path.display()))?;
         }
         token.refresh_at = refresh_instant(lifetime);
         refreshed += 1;
@@ -374,7 +410,8 @@ pub async fn resync(client: &Client, pod: &Pod, volumes: &mut Volumes) -> Result
                 continue;
             }
         };
-        let paths = sync_key_files(synced, desired, volumes.fs_group).map_err(|e| format!("volume {:?}: {e}", synced.name))?;
+        let paths =
+            sync_key_files(synced, desired, volumes.fs_group).map_err(|e| format!("volume {:?}: {e}", synced.name))?;
         if !paths.is_empty() {
             info!(volume = synced.name, files = ?paths, "updated volume files from a changed ConfigMap/Secret");
             changed += paths.len();
@@ -410,20 +447,31 @@ mod tests {
         let dir = temp_dir("sync");
         let mut volume = SyncedVolume { name: "tls".into(), dir: dir.clone(), files: BTreeMap::new() };
 
-        let written = sync_key_files(&mut volume, files(&[("tls.crt", "cert 1"), ("tls.key", "key 1"), ("sub/extra", "x")]), None).expect("first sync");
+        let written = sync_key_files(
+            &mut volume,
+            files(&[("tls.crt", "cert 1"), ("tls.key", "key 1"), ("sub/extra", "x")]),
+            None,
+        )
+        .expect("first sync");
         assert_eq!(written, ["sub/extra", "tls.crt", "tls.key"]);
         assert_eq!(std::fs::read_to_string(dir.join("tls.crt")).unwrap(), "cert 1");
         assert_eq!(std::fs::read_to_string(dir.join("sub/extra")).unwrap(), "x");
         let (crt, key) = (identity(&dir.join("tls.crt")), identity(&dir.join("tls.key")));
 
         // The same content again: nothing is touched.
-        let written = sync_key_files(&mut volume, files(&[("tls.crt", "cert 1"), ("tls.key", "key 1"), ("sub/extra", "x")]), None).expect("same");
+        let written = sync_key_files(
+            &mut volume,
+            files(&[("tls.crt", "cert 1"), ("tls.key", "key 1"), ("sub/extra", "x")]),
+            None,
+        )
+        .expect("same");
         assert!(written.is_empty(), "{written:?}");
         assert_eq!(identity(&dir.join("tls.crt")), crt);
         assert_eq!(identity(&dir.join("tls.key")), key);
 
         // One key changes, one goes: only those files change.
-        let written = sync_key_files(&mut volume, files(&[("tls.crt", "cert 2"), ("tls.key", "key 1")]), None).expect("changed");
+        let written =
+            sync_key_files(&mut volume, files(&[("tls.crt", "cert 2"), ("tls.key", "key 1")]), None).expect("changed");
         assert_eq!(written, ["tls.crt", "sub/extra"]);
         assert_eq!(std::fs::read_to_string(dir.join("tls.crt")).unwrap(), "cert 2");
         assert_ne!(identity(&dir.join("tls.crt")), crt);
@@ -442,12 +490,14 @@ mod tests {
 
     #[test]
     fn key_files_follow_items_and_refuse_escaping_paths() {
-        let keys: BTreeMap<String, Vec<u8>> = [("a".to_string(), b"1".to_vec()), ("b".to_string(), b"2".to_vec())].into();
+        let keys: BTreeMap<String, Vec<u8>> =
+            [("a".to_string(), b"1".to_vec()), ("b".to_string(), b"2".to_vec())].into();
         let mut out = BTreeMap::new();
         key_files(&keys, None, Some(0o400), "secret", &mut out).expect("all keys");
         assert_eq!(out.keys().collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(out["a"].mode, Some(0o400));
-        let items = vec![KeyToPath { key: "b".into(), path: "dir/bee".into(), mode: Some(0o640), ..Default::default() }];
+        let items =
+            vec![KeyToPath { key: "b".into(), path: "dir/bee".into(), mode: Some(0o640), ..Default::default() }];
         let mut out = BTreeMap::new();
         key_files(&keys, Some(&items), Some(0o400), "secret", &mut out).expect("items");
         assert_eq!(out.keys().collect::<Vec<_>>(), ["dir/bee"]);
