@@ -1,12 +1,14 @@
 //! Sticky sessions through the balancer against real, clustered Tomcat
 //! nodes: a counter climbs on one route, survives `kill -9` of its node with
 //! the id's route rewritten, draining keeps old sessions and sends new ones
-//! elsewhere, and `--no-failover` answers 503.
+//! elsewhere, and `--no-failover` answers 503; a browser's parallel
+//! requests over two balancer replicas keep one session through `kill -9`.
 
 mod balancer_common;
 
 use std::time::{Duration, Instant};
 
+use balancer_common::browser::{BrowserSession, start_browsers};
 use balancer_common::http::get;
 use balancer_common::tomcat::{TomcatOptions, start_cluster};
 use balancer_common::{Balancer, BalancerOptions, TempDir};
@@ -146,4 +148,90 @@ async fn draining_keeps_old_sessions_and_no_failover_gives_503() {
     let r = get(balancer.listen, "/counter/", Some(&session)).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-route"), Some("d2"));
+}
+
+/// A browser sends a session's requests in parallel over connections to
+/// both balancer replicas. When the session's node dies, every one of those
+/// requests must fail over to the same node: the first one there renames the
+/// session for that node, and a parallel request on any other node would
+/// find neither name and start a new, empty session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_requests_of_a_session_over_two_balancers_fail_over_to_one_node() {
+    const SESSIONS: usize = 12;
+    const WORKERS: usize = 4;
+    let routes = ["p1", "p2", "p3", "p4"];
+    let mut nodes = start_cluster(&routes, &TomcatOptions::new(SECRET));
+    let members: Vec<_> = nodes.iter().collect();
+    let replicas = [
+        Balancer::start(BalancerOptions::new(SECRET).members(&members)),
+        Balancer::start(BalancerOptions::new(SECRET).members(&members)),
+    ];
+    let addrs = [replicas[0].listen, replicas[1].listen];
+
+    let mut sessions = Vec::new();
+    for i in 0..SESSIONS {
+        let r = get(addrs[i % 2], "/counter/", None).await;
+        assert_eq!(r.status, 200);
+        sessions.push(BrowserSession::new(&r.set_session_id().expect("a new session")));
+    }
+    let victim_route = {
+        let mut per_route: Vec<(usize, &str)> =
+            routes.iter().map(|r| (sessions.iter().filter(|s| s.route() == *r).count(), *r)).collect();
+        per_route.sort();
+        per_route.last().expect("a route").1.to_string()
+    };
+    let on_victim: Vec<_> = sessions.iter().filter(|s| s.route() == victim_route).cloned().collect();
+    assert!(on_victim.len() >= 2, "byrequests over 2 replicas puts several sessions on {victim_route}");
+
+    let (stop, workers) = start_browsers(&addrs, &sessions, WORKERS);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before: Vec<usize> = sessions.iter().map(|s| s.answered()).collect();
+    assert!(before.iter().all(|n| *n >= WORKERS), "every session is busy before the kill: {before:?}");
+
+    let victim = nodes.iter_mut().find(|n| n.route == victim_route).expect("victim");
+    let killed_at = Instant::now();
+    victim.kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+
+    let mut report = Vec::new();
+    for s in &sessions {
+        let lost = s.lost.lock().expect("lost").clone();
+        let failed = s.failed.lock().expect("failed").clone();
+        let after = s.routes_since(killed_at + Duration::from_millis(500));
+        report.push(format!(
+            "{}: answered {}, lost {:?}, failed {:?}, routes after the kill {:?}",
+            s.base,
+            s.answered(),
+            lost,
+            failed.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(),
+            after
+        ));
+    }
+    let report = report.join("\n");
+    let lost: usize = sessions.iter().map(|s| s.lost.lock().expect("lost").len()).sum();
+    assert_eq!(lost, 0, "responses of a new session (the old one was lost):\n{report}");
+    for s in &on_victim {
+        let after = s.routes_since(killed_at + Duration::from_millis(500));
+        assert_eq!(after.len(), 1, "all of a failed-over session's requests reach one node:\n{report}");
+        assert_ne!(after[0], victim_route);
+        assert_eq!(s.route(), after[0], "the cookie names the node that serves the session");
+    }
+    // Only requests in flight on the killed node may fail: at most one per
+    // worker of a session that lived there, and none before the kill.
+    let failed: usize = sessions.iter().map(|s| s.failed.lock().expect("failed").len()).sum();
+    assert!(failed <= on_victim.len() * WORKERS, "{failed} failed requests:\n{report}");
+    for s in &sessions {
+        for (at, e) in s.failed.lock().expect("failed").iter() {
+            assert!(*at >= killed_at, "a request failed before the kill: {e}");
+        }
+    }
+    let total: usize = sessions.iter().map(|s| s.answered()).sum();
+    eprintln!(
+        "browser load: {total} answered, {failed} failed, 0 lost; {} sessions failed over from {victim_route}",
+        on_victim.len()
+    );
 }

@@ -34,7 +34,7 @@ use super::framing::FramingVerdicts;
 use super::member::{Member, MemberTable};
 use super::metrics::{BackendErrorKind, Metrics, RejectReason};
 use super::pool::{AcquireError, ConnError, Lease, PoolSettings};
-use super::routing::{Choice, NoMember, Router, member_key, route_of_request};
+use super::routing::{Choice, NoMember, Router, member_key, session_of_request};
 use super::tls::TlsFacts;
 
 /// The connector secret. Its `Debug` never shows the value.
@@ -594,7 +594,7 @@ async fn proxy(
     };
 
     let path = parts.uri.path();
-    let route = route_of_request(path, &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param);
+    let session = session_of_request(path, &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param);
     let snapshot = bal.members.snapshot();
     let mut tried: Vec<usize> = Vec::new();
     let mut write_failures = 0;
@@ -602,12 +602,12 @@ async fn proxy(
 
     let mut failed_over = false;
     let (member, lease) = loop {
-        let (member, choice) = bal.router.choose(&snapshot, route, &tried).map_err(Rejection::NoMember)?;
+        let (member, choice) = bal.router.choose(&snapshot, session, &tried).map_err(Rejection::NoMember)?;
         failed_over |= choice == Choice::Failover;
         if choice == Choice::Failover && tried.is_empty() {
             bal.metrics.failovers.inc();
             if let Some(held_back) = bal.failover_log.allow() {
-                tracing::info!(from = route.unwrap_or(""), to = %member.route, more_since_last_line = held_back, "sticky member unusable, failing over");
+                tracing::info!(from = session.map_or("", |s| s.route), to = %member.route, more_since_last_line = held_back, "sticky member unusable, failing over");
             }
         }
         let mut lease = match member.pool.acquire(member.address, &bal.pool_settings).await {

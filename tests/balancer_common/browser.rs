@@ -1,0 +1,152 @@
+//! A browser's load on one session: several workers send the session's
+//! requests in parallel, each over its own keep-alive connection to one of
+//! the balancer replicas (as a Service spreads a browser's connections), and
+//! share one cookie jar: a response's new session cookie is used by all of
+//! them from the next request on. A client that sends one request at a time
+//! per session cannot see a session split; this one can.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+
+use super::http::Conn;
+
+/// What one response told about its session.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub route: String,
+    pub session_id: String,
+}
+
+/// One browser session: its cookie jar and what its workers saw.
+#[derive(Debug)]
+pub struct BrowserSession {
+    /// The id's base (before the route): what a renamed session keeps.
+    pub base: String,
+    jar: Mutex<String>,
+    pub seen: Mutex<Vec<Seen>>,
+    /// Responses whose session had another base: the session was lost and
+    /// the application made a new one.
+    pub lost: Mutex<Vec<String>>,
+    /// Requests that got no 200 (status, or the error), with when.
+    pub failed: Mutex<Vec<(Instant, String)>>,
+}
+
+fn base_of(id: &str) -> &str {
+    id.split_once('.').map_or(id, |(b, _)| b)
+}
+
+impl BrowserSession {
+    pub fn new(session_id: &str) -> Arc<Self> {
+        Arc::new(BrowserSession {
+            base: base_of(session_id).to_string(),
+            jar: Mutex::new(session_id.to_string()),
+            seen: Mutex::new(Vec::new()),
+            lost: Mutex::new(Vec::new()),
+            failed: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn current_id(&self) -> String {
+        self.jar.lock().expect("jar").clone()
+    }
+
+    /// The session's route as its cookie says now.
+    pub fn route(&self) -> String {
+        self.current_id().split_once('.').map(|(_, r)| r.to_string()).unwrap_or_default()
+    }
+
+    /// Routes that served the session at or after `since`.
+    pub fn routes_since(&self, since: Instant) -> Vec<String> {
+        let mut routes: Vec<String> =
+            self.seen.lock().expect("seen").iter().filter(|s| s.at >= since).map(|s| s.route.clone()).collect();
+        routes.sort();
+        routes.dedup();
+        routes
+    }
+
+    pub fn answered(&self) -> usize {
+        self.seen.lock().expect("seen").len()
+    }
+}
+
+/// Sends `session`'s requests to `balancer` over one keep-alive connection
+/// (a new one after an error) until `stop`.
+pub async fn browser_worker(balancer: SocketAddr, session: Arc<BrowserSession>, stop: Arc<AtomicBool>) {
+    let mut conn: Option<Conn> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => conn.insert(Conn::open(balancer).await),
+        };
+        let cookie = format!("JSESSIONID={}", session.current_id());
+        let req = Request::get("/counter/")
+            .header("host", "browser.test")
+            .header("cookie", cookie)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let outcome = match c.send(req).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                match body.collect().await {
+                    Ok(_) => Ok(parts),
+                    Err(e) => Err(format!("body: {e}")),
+                }
+            }
+            Err(e) => Err(format!("send: {e}")),
+        };
+        let parts = match outcome {
+            Ok(parts) if parts.status == 200 => parts,
+            Ok(parts) => {
+                let route = parts.headers.get("x-route").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                session.failed.lock().expect("failed").push((Instant::now(), format!("{} {route}", parts.status)));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => {
+                session.failed.lock().expect("failed").push((Instant::now(), e));
+                conn = None;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let session_id = header("x-session-id");
+        if base_of(&session_id) != session.base {
+            session.lost.lock().expect("lost").push(session_id.clone());
+        }
+        let set_cookie = parts
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| c.strip_prefix("JSESSIONID=").map(|r| r.split(';').next().unwrap_or("").to_string()));
+        if let Some(new_id) = set_cookie {
+            *session.jar.lock().expect("jar") = new_id;
+        }
+        session.seen.lock().expect("seen").push(Seen { at: Instant::now(), route: header("x-route"), session_id });
+    }
+}
+
+/// `workers` workers per session, worker `w` on balancer `w % balancers.len()`.
+pub fn start_browsers(
+    balancers: &[SocketAddr],
+    sessions: &[Arc<BrowserSession>],
+    workers: usize,
+) -> (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for session in sessions {
+        for w in 0..workers {
+            let addr = balancers[w % balancers.len()];
+            handles.push(tokio::spawn(browser_worker(addr, session.clone(), stop.clone())));
+        }
+    }
+    (stop, handles)
+}
