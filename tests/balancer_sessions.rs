@@ -183,7 +183,7 @@ async fn parallel_requests_of_a_session_over_two_balancers_fail_over_to_one_node
     let on_victim: Vec<_> = sessions.iter().filter(|s| s.route() == victim_route).cloned().collect();
     assert!(on_victim.len() >= 2, "byrequests over 2 replicas puts several sessions on {victim_route}");
 
-    let (stop, workers) = start_browsers(&addrs, &sessions, WORKERS);
+    let (stop, workers) = start_browsers(&addrs, &sessions, WORKERS, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before: Vec<usize> = sessions.iter().map(|s| s.answered()).collect();
     assert!(before.iter().all(|n| *n >= WORKERS), "every session is busy before the kill: {before:?}");

@@ -17,7 +17,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use e2e_common::{App, Load, get_counter, serial, summary};
+use e2e_common::{App, BrowserLoad, BrowserOutcome, Load, get_counter, serial, summary};
 
 /// Requests without a cookie until `want` distinct routes answered (or 60).
 async fn routes_of_new_sessions(port: u16) -> std::collections::BTreeSet<String> {
@@ -98,11 +98,14 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     // --- 3. scale down 5 -> 2 under load ------------------------------------
     const CLIENTS: usize = 20;
     let load = Load::start(port, CLIENTS, Duration::from_millis(50));
+    let browsers = BrowserLoad::start(port, BROWSER_SESSIONS, BROWSER_WORKERS, BROWSER_PAUSE).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     app.patch_spec(serde_json::json!({"replicas": 2})).await;
     let converge = app.wait_ready(2, Duration::from_secs(300)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (total, _) = load.finish().await;
+    let scale_down_browsers = browsers.finish().await;
+    browser_summary("3b scale down 5 -> 2 (browsers)", &scale_down_browsers, converge);
     // The sessions made before the scale-up survive the scale-down too.
     for (session, counter) in &before {
         let r = get_counter(port, Some(session)).await.expect("increment after the scale-down");
@@ -130,6 +133,7 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
 
     // --- 4. rolling update under load ----------------------------------------
     let load = Load::start(port, CLIENTS, Duration::from_millis(50));
+    let browsers = BrowserLoad::start(port, BROWSER_SESSIONS, BROWSER_WORKERS, BROWSER_PAUSE).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rolled_at = Instant::now();
     app.patch_spec(serde_json::json!({"javaOpts": "-Dclusterapp.e2e.rollout=2"})).await;
@@ -160,6 +164,8 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     assert_eq!(sts_status.current_revision, sts_status.update_revision, "every node runs the new template");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (total, _) = load.finish().await;
+    let rolling_browsers = browsers.finish().await;
+    browser_summary("4b rolling update (browsers)", &rolling_browsers, rolled_at.elapsed());
     println!(
         "rolling update under load: converged in {} ms; {} requests, {} failed, {} lost, {} skipped; errors {:?}",
         converge.as_millis(),
@@ -181,4 +187,32 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     assert_eq!(scale_down.0, (0, 0, 0), "scale-down under load: {:?}", scale_down.1);
     assert!(scale_down.2 > 500, "the load ran: {} ok", scale_down.2);
     assert_eq!((total.failures, total.lost, total.skipped), (0, 0, 0), "rolling update under load: {:?}", total.errors);
+    for (phase, outcome) in [("scale-down", &scale_down_browsers), ("rolling update", &rolling_browsers)] {
+        assert_eq!(outcome.lost_sessions, 0, "{phase}: browser sessions lost:\n{}", outcome.report);
+        assert!(outcome.failures.is_empty(), "{phase}: browser requests failed:\n{}", outcome.report);
+        assert!(outcome.answered > 500, "{phase}: the browser load ran: {}", outcome.answered);
+    }
+}
+
+/// A browser's page load: 12 sessions with 4 parallel connections each.
+const BROWSER_SESSIONS: usize = 12;
+const BROWSER_WORKERS: usize = 4;
+const BROWSER_PAUSE: Duration = Duration::from_millis(100);
+
+fn browser_summary(phase: &str, outcome: &BrowserOutcome, converge: Duration) {
+    println!(
+        "{phase}: {} answered, {} failed, {} sessions lost\n{}",
+        outcome.answered,
+        outcome.failures.len(),
+        outcome.lost_sessions,
+        outcome.report
+    );
+    summary(
+        phase,
+        outcome.answered as u64 + outcome.failures.len() as u64,
+        outcome.failures.len() as u64,
+        outcome.lost_sessions as u64,
+        converge,
+        &format!("{BROWSER_SESSIONS} sessions x {BROWSER_WORKERS} parallel connections; lost = sessions"),
+    );
 }

@@ -22,7 +22,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use e2e_common::tls::{HttpsConn, SERVER_NAME, tls_secret};
-use e2e_common::{App, Load, get_counter, route_of_session_id, serial, summary};
+use e2e_common::{App, BrowserLoad, Load, get_counter, route_of_session_id, serial, summary};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use support::pki::Pki;
@@ -114,14 +114,42 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
     let _serial = serial();
     let app = App::start("e2e-kill", "shop", 3, serde_json::json!({})).await;
     const CLIENTS: usize = 20;
+    const BROWSER_SESSIONS: usize = 12;
+    const BROWSER_WORKERS: usize = 4;
     let load = Load::start(app.port, CLIENTS, Duration::from_millis(20));
+    let browsers = BrowserLoad::start(app.port, BROWSER_SESSIONS, BROWSER_WORKERS, Duration::from_millis(100)).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     // The victim: shop-1 (never the oldest member, which answers state transfers).
     let victim = "shop-1";
+    let browsers_on_victim = browsers.sessions.iter().filter(|s| s.route() == victim).count();
     app.kill_node(victim);
     let killed_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(12)).await;
     let (total, each) = load.finish().await;
+    let browsed = browsers.finish().await;
+    println!(
+        "kill -9 under browser load: {} answered, {} failed, {} sessions lost; {browsers_on_victim} sessions on {victim}\n{}",
+        browsed.answered,
+        browsed.failures.len(),
+        browsed.lost_sessions,
+        browsed.report
+    );
+    summary(
+        "5b kill -9 (browsers)",
+        (browsed.answered + browsed.failures.len()) as u64,
+        browsed.failures.len() as u64,
+        browsed.lost_sessions as u64,
+        killed_at.elapsed(),
+        &format!(
+            "{BROWSER_SESSIONS} sessions x {BROWSER_WORKERS} parallel, {browsers_on_victim} on {victim}; lost = sessions"
+        ),
+    );
+    assert_eq!(browsed.lost_sessions, 0, "browser sessions lost at the kill:\n{}", browsed.report);
+    assert!(
+        browsed.failures.len() <= browsers_on_victim * BROWSER_WORKERS,
+        "only requests in flight on {victim} may fail:\n{}",
+        browsed.report
+    );
     // A client whose session lived on the victim had at most one request in flight there.
     let on_victim = each.iter().filter(|s| s.routes.contains(victim)).count() as u64;
     println!(

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 
 use crate::operator_common::{self, OperatorNamespace, RunningOperator};
 use crate::support;
+use crate::support::browser::{BrowserSession, start_browsers};
 use crate::support::kubelet::kubelet;
 
 /// Held for the whole test: e2e tests of one binary run one at a time.
@@ -361,6 +362,65 @@ impl Load {
             each.push(stats);
         }
         (total, each)
+    }
+}
+
+/// A browser-like load through the balancer's NodePort (which spreads each
+/// connection over the balancer Pods): `sessions` sessions, each with
+/// `workers` keep-alive connections sending its requests in parallel and
+/// sharing one cookie jar (see `support::browser`).
+pub struct BrowserLoad {
+    pub sessions: Vec<Arc<BrowserSession>>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What a [`BrowserLoad`] saw.
+#[derive(Debug)]
+pub struct BrowserOutcome {
+    pub answered: usize,
+    /// Requests without a 200 answer, with the error.
+    pub failures: Vec<String>,
+    /// Sessions that came back as a new session at least once.
+    pub lost_sessions: usize,
+    /// Every session's line: answered, lost ids, failures.
+    pub report: String,
+}
+
+impl BrowserLoad {
+    pub async fn start(port: u16, sessions: usize, workers: usize, pause: Duration) -> BrowserLoad {
+        let mut list = Vec::with_capacity(sessions);
+        for _ in 0..sessions {
+            let r = get_counter(port, None).await.expect("a new session");
+            list.push(BrowserSession::new(&r.session.expect("a session cookie")));
+        }
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let (stop, workers) = start_browsers(&[address], &list, workers, pause);
+        BrowserLoad { sessions: list, stop, workers }
+    }
+
+    pub async fn finish(self) -> BrowserOutcome {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            worker.await.expect("browser worker");
+        }
+        let mut outcome = BrowserOutcome { answered: 0, failures: Vec::new(), lost_sessions: 0, report: String::new() };
+        for s in &self.sessions {
+            let lost = s.lost.lock().expect("lost").clone();
+            let failed: Vec<String> = s.failed.lock().expect("failed").iter().map(|(_, e)| e.clone()).collect();
+            outcome.answered += s.answered();
+            outcome.lost_sessions += usize::from(!lost.is_empty());
+            outcome.report.push_str(&format!(
+                "{}: answered {}, now {}, lost as {:?}, failed {:?}\n",
+                s.base,
+                s.answered(),
+                s.current_id(),
+                lost,
+                failed
+            ));
+            outcome.failures.extend(failed);
+        }
+        outcome
     }
 }
 

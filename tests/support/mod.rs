@@ -11,6 +11,8 @@
 //! kubeconfig for a real cluster is never touched by a test run.
 #![allow(dead_code)]
 
+/// A browser's parallel requests of one session: `support::browser`.
+pub mod browser;
 /// The process kubelet (tests/kubelet): `support::kubelet::kubelet()`.
 pub mod kubelet;
 /// Test certificates: `support::pki::Pki`.

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-
-use super::http::Conn;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 
 /// What one response told about its session.
 #[derive(Debug, Clone)]
@@ -76,14 +76,39 @@ impl BrowserSession {
     }
 }
 
+async fn open(balancer: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
+    let stream = tokio::net::TcpStream::connect(balancer).await.map_err(|e| format!("connect: {e}"))?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 /// Sends `session`'s requests to `balancer` over one keep-alive connection
-/// (a new one after an error) until `stop`.
-pub async fn browser_worker(balancer: SocketAddr, session: Arc<BrowserSession>, stop: Arc<AtomicBool>) {
-    let mut conn: Option<Conn> = None;
+/// (a new one after an error), `pause` apart, until `stop`.
+pub async fn browser_worker(
+    balancer: SocketAddr,
+    session: Arc<BrowserSession>,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let mut conn: Option<SendRequest<Full<Bytes>>> = None;
     while !stop.load(Ordering::Relaxed) {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => conn.insert(Conn::open(balancer).await),
+            None => match open(balancer).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    session.failed.lock().expect("failed").push((Instant::now(), e));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
         };
         let cookie = format!("JSESSIONID={}", session.current_id());
         let req = Request::get("/counter/")
@@ -91,7 +116,11 @@ pub async fn browser_worker(balancer: SocketAddr, session: Arc<BrowserSession>, 
             .header("cookie", cookie)
             .body(Full::new(Bytes::new()))
             .expect("request");
-        let outcome = match c.send(req).await {
+        let sent = match c.ready().await {
+            Ok(()) => c.send_request(req).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match sent {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
                 match body.collect().await {
@@ -134,18 +163,20 @@ pub async fn browser_worker(balancer: SocketAddr, session: Arc<BrowserSession>, 
     }
 }
 
-/// `workers` workers per session, worker `w` on balancer `w % balancers.len()`.
+/// `workers` workers per session, worker `w` on balancer `w % balancers.len()`
+/// (one address: a Service that spreads the connections itself).
 pub fn start_browsers(
     balancers: &[SocketAddr],
     sessions: &[Arc<BrowserSession>],
     workers: usize,
+    pause: Duration,
 ) -> (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for session in sessions {
         for w in 0..workers {
             let addr = balancers[w % balancers.len()];
-            handles.push(tokio::spawn(browser_worker(addr, session.clone(), stop.clone())));
+            handles.push(tokio::spawn(browser_worker(addr, session.clone(), pause, stop.clone())));
         }
     }
     (stop, handles)
