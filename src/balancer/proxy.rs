@@ -471,10 +471,10 @@ impl Exchange {
             ContainerPacket::GetBodyChunk { requested } => Ok(BodyPacket::GetBody(requested)),
             ContainerPacket::EndResponse { reuse } => {
                 self.ended = true;
-                if let Some(lease) = self.lease.take() {
-                    if reuse {
-                        self.member.pool.release(lease);
-                    }
+                if let Some(lease) = self.lease.take()
+                    && reuse
+                {
+                    self.member.pool.release(lease);
                 }
                 Ok(BodyPacket::End)
             }
@@ -573,10 +573,10 @@ async fn proxy(
     }
     let (parts, incoming) = req.into_parts();
     let content_length = check_framing(&parts.headers)?;
-    if let (Some(limit), Some(length)) = (bal.settings.max_body_bytes, content_length) {
-        if length > limit {
-            return Err(Rejection::BodyTooLarge);
-        }
+    if let (Some(limit), Some(length)) = (bal.settings.max_body_bytes, content_length)
+        && length > limit
+    {
+        return Err(Rejection::BodyTooLarge);
     }
     let mut body = RequestBody {
         incoming: Some(incoming),

@@ -44,12 +44,12 @@ pub fn session_id_from_cookies<'a>(headers: &'a HeaderMap, name: &str) -> Option
     for header in headers.get_all(COOKIE) {
         let Ok(text) = header.to_str() else { continue };
         for pair in text.split(';') {
-            if let Some((k, v)) = pair.trim().split_once('=') {
-                if k == name {
-                    let v = v.trim().trim_matches('"');
-                    if !v.is_empty() {
-                        return Some(v);
-                    }
+            if let Some((k, v)) = pair.trim().split_once('=')
+                && k == name
+            {
+                let v = v.trim().trim_matches('"');
+                if !v.is_empty() {
+                    return Some(v);
                 }
             }
         }
@@ -113,19 +113,19 @@ impl Router {
         // last resort for its own sessions when they cannot move (failover
         // off, or no other member), rather than a certain 503.
         let mut last_resort = None;
-        if let Some(route) = route {
-            if let Some(member) = members.iter().find(|m| m.route == route) {
-                if member.takes_sticky() && untried(member) {
-                    return Ok((member.clone(), Choice::Sticky));
-                }
-                if member.is_healthy() && member.state() == MemberState::Draining && untried(member) {
-                    last_resort = Some(member);
-                }
-                if !self.failover {
-                    return last_resort.map(|m| (m.clone(), Choice::Sticky)).ok_or(NoMember::StickyMemberUnusable);
-                }
-                failing_over = true;
+        if let Some(route) = route
+            && let Some(member) = members.iter().find(|m| m.route == route)
+        {
+            if member.takes_sticky() && untried(member) {
+                return Ok((member.clone(), Choice::Sticky));
             }
+            if member.is_healthy() && member.state() == MemberState::Draining && untried(member) {
+                last_resort = Some(member);
+            }
+            if !self.failover {
+                return last_resort.map(|m| (m.clone(), Choice::Sticky)).ok_or(NoMember::StickyMemberUnusable);
+            }
+            failing_over = true;
         }
         match self.balance(members, &untried) {
             Some(chosen) => Ok((chosen, if failing_over { Choice::Failover } else { Choice::Balanced })),
