@@ -16,7 +16,8 @@ enum Command {
     /// Run the ClusterApp controller.
     Operator(clusterapp::operator::OperatorArgs),
     /// Run the HTTP -> AJP/1.3 load balancer.
-    Balancer(clusterapp::balancer::BalancerArgs),
+    // Boxed: its options are several times the size of the other variants'.
+    Balancer(Box<clusterapp::balancer::BalancerArgs>),
     /// Print the ClusterApp CustomResourceDefinition as YAML.
     Crd,
 }
@@ -25,7 +26,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Operator(args) => clusterapp::operator::main(args),
-        Command::Balancer(args) => clusterapp::balancer::main(args),
+        Command::Balancer(args) => clusterapp::balancer::main(*args),
         Command::Crd => print_crd(),
     }
 }

@@ -72,7 +72,7 @@ fn peers_of(log: &str) -> std::collections::BTreeSet<String> {
 
 #[tokio::test]
 async fn membership_is_api_based_and_least_privilege() {
-    let _serial = serial();
+    let _serial = serial().await;
     let app = App::start("e2e-members", "shop", 3, serde_json::json!({})).await;
 
     // Found each other through the API: 2 peers each. A node may first hear

@@ -35,7 +35,7 @@ async fn routes_of_new_sessions(port: u16) -> std::collections::BTreeSet<String>
 
 #[tokio::test]
 async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
-    let _serial = serial();
+    let _serial = serial().await;
     let app = App::start("e2e-scale", "shop", 3, serde_json::json!({})).await;
     let port = app.port;
 

@@ -29,7 +29,7 @@ use support::pki::Pki;
 
 #[tokio::test]
 async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
-    let _serial = serial();
+    let _serial = serial().await;
     let app = App::start("e2e-seed", "shop", 3, serde_json::json!({})).await;
     let port = app.port;
 
@@ -111,7 +111,7 @@ async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
 
 #[tokio::test]
 async fn kill_9_under_load_loses_no_acknowledged_increment() {
-    let _serial = serial();
+    let _serial = serial().await;
     let app = App::start("e2e-kill", "shop", 3, serde_json::json!({})).await;
     const CLIENTS: usize = 20;
     const BROWSER_SESSIONS: usize = 12;
@@ -177,7 +177,7 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
 
 #[tokio::test]
 async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_restart() {
-    let _serial = serial();
+    let _serial = serial().await;
     let pki = Pki::new("clusterapp e2e CA");
     let first = pki.leaf("shop first", &[SERVER_NAME]);
     let tls = serde_json::json!({"balancer": {"tls": {"secretName": "shop-tls"}}});

@@ -70,6 +70,9 @@ pub enum RejectReason {
     HeadTooLarge,
     /// No member can take it (503).
     NoMember,
+    /// A member was chosen, but none of its connection slots came free in
+    /// time (503): the member is overloaded, not gone.
+    PoolExhausted,
     /// Sent to a member, failed before a response head (502).
     BadGateway,
     /// Waited too long for a member (504).

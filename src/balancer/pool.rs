@@ -157,10 +157,9 @@ impl AjpConnection {
             return true;
         }
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            _ => true,
-        }
+        // Anything but "nothing to read yet" (data, EOF, an error) means
+        // the connection is no longer a clean idle one.
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 

@@ -219,9 +219,8 @@ impl Rejection {
             Rejection::HeadTooLarge(_) => {
                 (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, RejectReason::HeadTooLarge, false)
             }
-            Rejection::NoMember(_) | Rejection::PoolExhausted(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, RejectReason::NoMember, false)
-            }
+            Rejection::NoMember(_) => (StatusCode::SERVICE_UNAVAILABLE, RejectReason::NoMember, false),
+            Rejection::PoolExhausted(_) => (StatusCode::SERVICE_UNAVAILABLE, RejectReason::PoolExhausted, false),
             Rejection::BadGateway { .. } => (StatusCode::BAD_GATEWAY, RejectReason::BadGateway, false),
             Rejection::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, RejectReason::GatewayTimeout, false),
         };
@@ -471,10 +470,10 @@ impl Exchange {
             ContainerPacket::GetBodyChunk { requested } => Ok(BodyPacket::GetBody(requested)),
             ContainerPacket::EndResponse { reuse } => {
                 self.ended = true;
-                if let Some(lease) = self.lease.take() {
-                    if reuse {
-                        self.member.pool.release(lease);
-                    }
+                if let Some(lease) = self.lease.take()
+                    && reuse
+                {
+                    self.member.pool.release(lease);
                 }
                 Ok(BodyPacket::End)
             }
@@ -573,10 +572,10 @@ async fn proxy(
     }
     let (parts, incoming) = req.into_parts();
     let content_length = check_framing(&parts.headers)?;
-    if let (Some(limit), Some(length)) = (bal.settings.max_body_bytes, content_length) {
-        if length > limit {
-            return Err(Rejection::BodyTooLarge);
-        }
+    if let (Some(limit), Some(length)) = (bal.settings.max_body_bytes, content_length)
+        && length > limit
+    {
+        return Err(Rejection::BodyTooLarge);
     }
     let mut body = RequestBody {
         incoming: Some(incoming),
@@ -927,6 +926,29 @@ mod tests {
         ] {
             assert!(matches!(check_framing(&headers(&bad)), Err(Rejection::BadFraming(_))), "{bad:?}");
         }
+    }
+
+    /// The rejection counter's value for one reason, from the /metrics text.
+    fn rejected(metrics: &Metrics, reason: &str) -> Option<String> {
+        let series = format!("clusterapp_balancer_rejected_total{{reason=\"{reason}\"}} ");
+        metrics.encode().lines().find_map(|line| line.strip_prefix(series.as_str()).map(str::to_string))
+    }
+
+    /// An overloaded member (no connection slot in time) and no usable
+    /// member at all are different troubles for an operator: each has its
+    /// own reason in the rejection metric, both answer 503 with Retry-After.
+    #[test]
+    fn pool_exhausted_and_no_member_are_counted_apart() {
+        let metrics = Metrics::new();
+        let response = Rejection::PoolExhausted("shop-0".to_string()).into_response(&metrics);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get(RETRY_AFTER).map(HeaderValue::as_bytes), Some(&b"1"[..]));
+        assert_eq!(rejected(&metrics, "PoolExhausted").as_deref(), Some("1"));
+        assert_eq!(rejected(&metrics, "NoMember"), None);
+        let response = Rejection::NoMember(NoMember::NoneUsable).into_response(&metrics);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rejected(&metrics, "NoMember").as_deref(), Some("1"));
+        assert_eq!(rejected(&metrics, "PoolExhausted").as_deref(), Some("1"));
     }
 
     #[test]

@@ -69,12 +69,12 @@ pub fn session_id_from_cookies<'a>(headers: &'a HeaderMap, name: &str) -> Option
     for header in headers.get_all(COOKIE) {
         let Ok(text) = header.to_str() else { continue };
         for pair in text.split(';') {
-            if let Some((k, v)) = pair.trim().split_once('=') {
-                if k == name {
-                    let v = v.trim().trim_matches('"');
-                    if !v.is_empty() {
-                        return Some(v);
-                    }
+            if let Some((k, v)) = pair.trim().split_once('=')
+                && k == name
+            {
+                let v = v.trim().trim_matches('"');
+                if !v.is_empty() {
+                    return Some(v);
                 }
             }
         }

@@ -47,6 +47,16 @@ const REQUEUE_ERROR: Duration = Duration::from_secs(5);
 /// Reason of `Degraded` while a Secret named by `spec.balancer.tls` is
 /// missing or lacks a key the balancer reads.
 pub const TLS_SECRET_MISSING: &str = "TLSSecretMissing";
+/// Reason of `Degraded` when the Secret named by `spec.ajp.secretRef` does
+/// not exist.
+pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+/// Reason of `Degraded` when that Secret lacks the named key.
+pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
+/// Reason of `Degraded` when applying a child failed.
+pub const APPLY_FAILED: &str = "ApplyFailed";
+
+/// The API server rejects an Event whose note is longer (events.k8s.io/v1).
+const EVENT_NOTE_MAX_BYTES: usize = 1024;
 
 /// Everything a reconcile needs besides the ClusterApp.
 pub struct Context {
@@ -122,7 +132,7 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
                 return Ok(Action::await_change());
             }
             Err(error) => {
-                let failure = Problem { reason: "ApplyFailed".to_string(), message: error.to_string() };
+                let failure = Problem { reason: APPLY_FAILED.to_string(), message: error.to_string() };
                 write_status(app, ctx, observed, Some(&failure)).await?;
                 return Err(error);
             }
@@ -419,14 +429,14 @@ async fn check_secret_ref(
     let keys = secret_keys(ctx, secrets, namespace, &reference.name).await?;
     Ok(match keys {
         None => Some(Problem {
-            reason: "SecretNotFound".to_string(),
+            reason: SECRET_NOT_FOUND.to_string(),
             message: format!(
                 "Secret {namespace}/{} named by spec.ajp.secretRef does not exist; create it with the key {}",
                 reference.name, reference.key
             ),
         }),
         Some(keys) if !keys.contains(&reference.key) => Some(Problem {
-            reason: "SecretKeyNotFound".to_string(),
+            reason: SECRET_KEY_NOT_FOUND.to_string(),
             message: format!(
                 "Secret {namespace}/{} named by spec.ajp.secretRef has no non-empty key {}",
                 reference.name, reference.key
@@ -750,7 +760,23 @@ async fn publish(ctx: &Context, app: &ClusterApp, type_: EventType, reason: &str
     publish_event(ctx, app, event).await;
 }
 
-async fn publish_event(ctx: &Context, app: &ClusterApp, event: Event) {
+/// `note` cut to what the API server accepts (a condition's message may be
+/// longer, e.g. NodesCrashLooping quoting several pods): its start, which
+/// names the first problem in full, and a mark that the status has the rest.
+fn event_note(note: String) -> String {
+    const CUT_MARK: &str = " … (cut; the ClusterApp's status has all)";
+    if note.len() <= EVENT_NOTE_MAX_BYTES {
+        return note;
+    }
+    let mut end = EVENT_NOTE_MAX_BYTES - CUT_MARK.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT_MARK}", &note[..end])
+}
+
+async fn publish_event(ctx: &Context, app: &ClusterApp, mut event: Event) {
+    event.note = event.note.map(event_note);
     ctx.state.api_writes.inc();
     ctx.state.api_requests.inc();
     if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {
@@ -763,4 +789,21 @@ pub fn app_of_pod(pod: &Pod) -> Option<ObjectRef<ClusterApp>> {
     let labels: &BTreeMap<String, String> = pod.metadata.labels.as_ref()?;
     let app = labels.get(LABEL_INSTANCE)?;
     Some(ObjectRef::new(app).within(pod.metadata.namespace.as_deref()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_notes_fit_what_the_api_server_accepts() {
+        assert_eq!(event_note("short".to_string()), "short");
+        let exact = "x".repeat(EVENT_NOTE_MAX_BYTES);
+        assert_eq!(event_note(exact.clone()), exact);
+        // Multi-byte characters across the limit: cut on a boundary.
+        let long = format!("pod shop-1 restarted 3 times; its last lines:\n{}", "é".repeat(EVENT_NOTE_MAX_BYTES));
+        let note = event_note(long.clone());
+        assert!(note.len() <= EVENT_NOTE_MAX_BYTES, "{} bytes", note.len());
+        assert!(note.starts_with("pod shop-1 restarted 3 times") && note.ends_with("the ClusterApp's status has all)"));
+    }
 }

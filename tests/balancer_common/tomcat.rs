@@ -235,10 +235,10 @@ impl TomcatNode {
         let deadline = Instant::now() + Duration::from_secs(90);
         let addr = format!("127.0.0.1:{}", self.http_port).parse().expect("addr");
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("Tomcat {} exited with {status}:\n{}", self.route, self.log_text());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("Tomcat {} exited with {status}:\n{}", self.route, self.log_text());
             }
             if http::blocking_status(addr, "/counter/echo") == Some(200) {
                 break;

@@ -444,10 +444,14 @@ fn main() {
     }
 
     type Key = &'static str;
+    /// One measured target of a round: its name in the table, where wrk
+    /// sends (scheme, port), the sticky cookie (None: a new session every
+    /// request) and the process whose CPU and memory are measured.
+    type Run<'a> = (Key, (&'a str, u16), Option<&'a str>, Option<u32>);
     let mut results: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        let runs: [(Key, (&str, u16), Option<&str>, Option<u32>); 8] = [
+        let runs: [Run<'_>; 8] = [
             ("1 direct tomcat", ("http", direct_port), Some(sticky), None),
             ("2 httpd sticky", ("http", httpd.port), Some(sticky), Some(httpd.pid())),
             ("3 balancer sticky", ("http", balancer.listen.port()), Some(sticky), Some(balancer.pid())),

@@ -27,10 +27,12 @@ use crate::support;
 use crate::support::browser::{BrowserSession, start_browsers};
 use crate::support::kubelet::kubelet;
 
-/// Held for the whole test: e2e tests of one binary run one at a time.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+/// Held for the whole test: e2e tests of one binary run one at a time. An
+/// async lock, because a test holds it across its awaits (a waiting test
+/// then yields instead of blocking a thread its runtime may need).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// A running ClusterApp with its operator.
@@ -187,12 +189,11 @@ pub fn container_pid(namespace: &str, pod: &str, container: &str) -> Option<Stri
     kubelet()
         .log_text()
         .lines()
-        .filter(|l| {
+        .rfind(|l| {
             l.contains("container started")
                 && l.contains(&format!("pod=\"{namespace}/{pod}\""))
                 && l.contains(&format!("container=\"{container}\""))
         })
-        .last()
         .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")).map(str::to_string))
 }
 

@@ -529,6 +529,10 @@ impl Parts<'_> {
                 ..Default::default()
             }),
             security_context: Some(container_security_context()),
+            // Tomcat writes no termination message file: after a failure the
+            // kubelet keeps the last lines of its log instead, which the
+            // status quotes when the node crash-loops (NodesCrashLooping).
+            termination_message_policy: Some("FallbackToLogsOnError".to_string()),
             ..Default::default()
         };
 

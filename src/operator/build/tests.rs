@@ -113,6 +113,27 @@ fn server_xml_parses_and_has_what_tomcat_needs() {
     }
 }
 
+/// Tomcat does not start on a server.xml that is not well-formed XML. Valid
+/// ClusterApp names (`^[a-z]([-a-z0-9]*[a-z0-9])?$`) may contain `--`, which
+/// an XML comment cannot hold; the server.xml of every fixture is built with
+/// its own name and with such names, as the ConfigMap carries it.
+#[test]
+fn server_xml_is_well_formed_for_every_fixture_and_valid_name() {
+    for fixture_name in ["default", "every-option", "no-replication"] {
+        let app = fixture(fixture_name);
+        let own_name = app.metadata.name.clone().unwrap_or_default();
+        for app_name in [own_name.as_str(), "shop--eu", "a---b", "a-b--c9", "x"] {
+            let mut app = app.clone();
+            app.metadata.name = Some(app_name.to_string());
+            let children = build_children(&app, &material(), &context()).expect("builds");
+            let xml = children.config_map.data.as_ref().and_then(|d| d.get("server.xml")).expect("server.xml");
+            if let Err(error) = roxmltree::Document::parse(xml) {
+                panic!("{fixture_name} named {app_name}: server.xml is not well-formed XML: {error}\n{xml}");
+            }
+        }
+    }
+}
+
 #[test]
 fn server_xml_default_cluster_is_sync_delta_encrypted() {
     let xml = server_xml_of("default");
