@@ -5,13 +5,16 @@
 //! requests over two balancer replicas keep one session through `kill -9`.
 
 mod balancer_common;
+// The browser-like client of the e2e tests (its only file: no control plane needed).
+#[path = "support/browser.rs"]
+mod browser;
 
 use std::time::{Duration, Instant};
 
-use balancer_common::browser::{BrowserSession, start_browsers};
 use balancer_common::http::get;
 use balancer_common::tomcat::{TomcatOptions, start_cluster};
 use balancer_common::{Balancer, BalancerOptions, TempDir};
+use browser::{BrowserSession, start_browsers};
 
 const SECRET: &str = "sessions-secret";
 

@@ -433,7 +433,7 @@ mod tests {
             .collect()
     }
 
-    fn failover_of<'a>(r: &Router, ms: &'a [Arc<Member>], base: &str, gone_route: &str) -> String {
+    fn failover_of(r: &Router, ms: &[Arc<Member>], base: &str, gone_route: &str) -> String {
         let id = format!("{base}.{gone_route}");
         let (m, c) = r.choose(ms, key(&id), &[]).expect("a member");
         assert_eq!(c, Choice::Failover);

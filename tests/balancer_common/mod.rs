@@ -6,8 +6,6 @@
 //! when a test panics.
 #![allow(dead_code)]
 
-#[path = "../support/browser.rs"]
-pub mod browser;
 pub mod http;
 pub mod tomcat;
 

@@ -4,6 +4,10 @@
 //! share one cookie jar: a response's new session cookie is used by all of
 //! them from the next request on. A client that sends one request at a time
 //! per session cannot see a session split; this one can.
+//!
+//! Included by the e2e tests (through `support`) and on its own by the
+//! balancer tests, which do not use every part.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
