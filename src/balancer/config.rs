@@ -40,6 +40,11 @@ pub struct BalancerArgs {
     /// Members from the EndpointSlices of this Service; a member's route is its Pod name.
     #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "members")]
     pub kubernetes_service: Option<String>,
+    /// Label selector of the member Pods (with `--kubernetes-service`): their
+    /// `Ready` times are the shared clock of rebalancing (needs `list` and
+    /// `watch` on pods).
+    #[arg(long, value_name = "SELECTOR", requires = "kubernetes_service")]
+    pub kubernetes_pod_selector: Option<String>,
     /// Name of the AJP port in the EndpointSlices (a slice with one port uses that one).
     #[arg(long, default_value = "ajp")]
     pub kubernetes_port_name: String,
@@ -92,6 +97,14 @@ pub struct BalancerArgs {
     /// over at once. Members drained in a `--members-file` never time out.
     #[arg(long, default_value = "5s", value_parser = parse_duration, env = "BALANCER_DRAIN_TIMEOUT")]
     pub drain_timeout: Duration,
+
+    /// Rebalancing: after a member joins (scale-up, rolling update, a node's
+    /// return), existing sessions that weigh most for it move to it, spread
+    /// over this long from a few seconds after it became ready (the Pod's
+    /// `Ready` time with `--kubernetes-service`). Every replica moves a
+    /// session at the same instant, so none splits. 0: off.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "BALANCER_REBALANCE_RAMP")]
+    pub rebalance_ramp: Duration,
 
     /// Connect timeout to a member; keeps the cost of a dead node low.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
@@ -148,7 +161,13 @@ pub fn parse_static_member(s: &str) -> Result<MemberSpec, String> {
         return Err(format!("invalid route {route:?}"));
     }
     let address = resolve(addr)?;
-    Ok(MemberSpec { route: route.to_string(), address, state: MemberState::Ready, terminating: false })
+    Ok(MemberSpec {
+        route: route.to_string(),
+        address,
+        state: MemberState::Ready,
+        terminating: false,
+        ready_since: None,
+    })
 }
 
 /// Resolves `HOST:PORT` once (static and file members are not re-resolved).

@@ -74,6 +74,12 @@ pub struct MemberSpec {
     /// at most the table's drain timeout. Set by Kubernetes membership only.
     #[serde(skip)]
     pub terminating: bool,
+    /// When the member became ready, as every balancer replica reads it
+    /// (Kubernetes membership: the Pod's `Ready` condition's
+    /// lastTransitionTime); `None`: when this balancer first saw it ready.
+    /// Rebalancing after a join runs on this clock.
+    #[serde(skip)]
+    pub ready_since: Option<SystemTime>,
 }
 
 /// Deadlines live in atomics as milliseconds since a process-wide base
@@ -104,6 +110,9 @@ pub struct Member {
     drain_deadline: AtomicU64,
     /// The deadline passed and that was logged and published.
     drain_expired: AtomicBool,
+    /// Unix milliseconds since the member is ready (see
+    /// [`MemberSpec::ready_since`]); 0 while it is not.
+    ready_since_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Member {
@@ -130,9 +139,32 @@ impl Member {
             recent_sessions: Mutex::new(VecDeque::with_capacity(RECENT_SESSIONS)),
             drain_deadline: AtomicU64::new(0),
             drain_expired: AtomicBool::new(false),
+            ready_since_ms: AtomicU64::new(0),
         };
+        member.note_readiness(spec, SystemTime::now());
         member.publish_state();
         member
+    }
+
+    /// Keeps the ready clock: a member that is (again) ready takes the
+    /// shared time of `spec` when there is one, else `now` when it was not
+    /// ready before; a member that is not ready has none.
+    fn note_readiness(&self, spec: &MemberSpec, now: SystemTime) {
+        let unix_ms = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
+        };
+        if spec.state != MemberState::Ready {
+            self.ready_since_ms.store(0, Ordering::Relaxed);
+        } else if let Some(shared) = spec.ready_since {
+            self.ready_since_ms.store(unix_ms(shared), Ordering::Relaxed);
+        } else if self.ready_since_ms.load(Ordering::Relaxed) == 0 {
+            self.ready_since_ms.store(unix_ms(now), Ordering::Relaxed);
+        }
+    }
+
+    /// Unix milliseconds since the member is ready; `None` while it is not.
+    pub fn ready_since_unix_ms(&self) -> Option<u64> {
+        Some(self.ready_since_ms.load(Ordering::Relaxed)).filter(|ms| *ms != 0)
     }
 
     pub fn state(&self) -> MemberState {
@@ -265,6 +297,9 @@ pub struct MemberTable {
     pool_max: usize,
     /// How long a terminating member keeps its sticky sessions.
     drain_timeout: Duration,
+    /// Ready times from a source every replica reads (routes → time), for
+    /// members the member source itself gives none.
+    ready_times: Mutex<std::collections::HashMap<String, SystemTime>>,
 }
 
 impl MemberTable {
@@ -274,6 +309,33 @@ impl MemberTable {
             synced: AtomicBool::new(false),
             pool_max,
             drain_timeout,
+            ready_times: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Records when the member with `route` became ready by a clock every
+    /// replica shares (`None`: it is not ready), and applies it to the
+    /// current member of that route.
+    pub fn set_ready_time(&self, route: &str, ready_since: Option<SystemTime>) {
+        let mut times = self.ready_times.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = match ready_since {
+            Some(t) => times.insert(route.to_string(), t) != Some(t),
+            None => times.remove(route).is_some(),
+        };
+        drop(times);
+        if let (true, Some(t)) = (changed, ready_since) {
+            if let Some(member) = self.snapshot().iter().find(|m| m.route == route) {
+                if member.state() == MemberState::Ready {
+                    let spec_like = MemberSpec {
+                        route: route.to_string(),
+                        address: member.address,
+                        state: MemberState::Ready,
+                        terminating: false,
+                        ready_since: Some(t),
+                    };
+                    member.note_readiness(&spec_like, SystemTime::now());
+                }
+            }
         }
     }
 
@@ -300,7 +362,20 @@ impl MemberTable {
         let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
         let old = guard.clone();
         let mut next: Vec<Arc<Member>> = Vec::with_capacity(specs.len());
+        let ready_times = self.ready_times.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let wall_now = SystemTime::now();
+        // The members of the first set have been there for all this balancer
+        // knows: no rebalancing towards them (a restarted balancer must not
+        // move sessions that are where they belong).
+        let first_set = !self.synced.load(Ordering::Acquire);
+        let long_ago = UNIX_EPOCH + Duration::from_millis(1);
         for spec in specs {
+            let shared_ready = spec.ready_since.or_else(|| ready_times.get(&spec.route).copied()).or(if first_set {
+                Some(long_ago)
+            } else {
+                None
+            });
+            let spec = &MemberSpec { ready_since: shared_ready, ..spec.clone() };
             if next.iter().any(|m| m.route == spec.route) {
                 tracing::warn!(route = %spec.route, "duplicate route in member set; keeping the first");
                 continue;
@@ -319,6 +394,7 @@ impl MemberTable {
                 }
             }
             if let Some(member) = next.last() {
+                member.note_readiness(spec, wall_now);
                 if spec.terminating {
                     member.start_terminating(self.drain_timeout, now);
                 } else {
@@ -342,7 +418,13 @@ mod tests {
     use super::*;
 
     fn spec(route: &str, port: u16, state: MemberState) -> MemberSpec {
-        MemberSpec { route: route.into(), address: SocketAddr::from(([127, 0, 0, 1], port)), state, terminating: false }
+        MemberSpec {
+            route: route.into(),
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            state,
+            terminating: false,
+            ready_since: None,
+        }
     }
 
     fn terminating(route: &str, port: u16) -> MemberSpec {

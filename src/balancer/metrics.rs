@@ -119,6 +119,7 @@ pub struct Metrics {
     member_state: Family<MemberLabels, Gauge>,
     rejected: Family<RejectLabels, Counter>,
     pub failovers: Counter,
+    pub sessions_moved: Counter,
     pub client_connections: Gauge,
     pub membership_updates: Counter,
     pub tls_handshake_failures: Counter,
@@ -142,6 +143,7 @@ impl Metrics {
         let member_state = Family::<MemberLabels, Gauge>::default();
         let rejected = Family::<RejectLabels, Counter>::default();
         let failovers = Counter::default();
+        let sessions_moved = Counter::default();
         let client_connections = Gauge::default();
         let membership_updates = Counter::default();
         let tls_handshake_failures = Counter::default();
@@ -157,6 +159,11 @@ impl Metrics {
         );
         registry.register("rejected", "Requests answered by the balancer itself, by reason", rejected.clone());
         registry.register("failovers", "Sticky requests moved off their unusable member", failovers.clone());
+        registry.register(
+            "sessions_moved",
+            "Requests that moved their session to a newly joined member by rebalancing (the newcomer renames the session; parallel requests of the session in that moment count each)",
+            sessions_moved.clone(),
+        );
         registry.register("client_connections", "Open client connections", client_connections.clone());
         registry.register("membership_updates", "Member sets applied", membership_updates.clone());
         registry.register(
@@ -178,6 +185,7 @@ impl Metrics {
             member_state,
             rejected,
             failovers,
+            sessions_moved,
             client_connections,
             membership_updates,
             tls_handshake_failures,

@@ -115,7 +115,10 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
         cping_timeout: args.cping_timeout,
         slot_wait: args.pool_wait_timeout,
     };
-    let router = Router::new(args.method, !args.no_failover);
+    let mut router = Router::new(args.method, !args.no_failover);
+    if !args.rebalance_ramp.is_zero() {
+        router = router.with_rebalancing(args.rebalance_ramp);
+    }
     Ok(Arc::new(Balancer::new(settings, pool_settings, args.pool_max_per_member, router, secret)))
 }
 
@@ -154,6 +157,15 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         }
         MembershipSource::Kubernetes { namespace, service, port_name } => {
             let client = kube::Client::try_default().await.map_err(MembershipError::from)?;
+            if let Some(selector) = &args.kubernetes_pod_selector {
+                tokio::spawn(membership::kubernetes::watch_pod_readiness(
+                    bal.clone(),
+                    client.clone(),
+                    namespace.clone(),
+                    selector.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
             tokio::spawn(membership::kubernetes::watch_endpoint_slices(
                 bal.clone(),
                 client,
@@ -175,7 +187,7 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         header_read_timeout: args.header_read_timeout,
         shutdown_grace: args.shutdown_grace,
     };
-    tracing::info!(listen = %args.listen, admin = %args.admin_listen, method = ?args.method, failover = !args.no_failover, drain_timeout = ?args.drain_timeout, "balancer started");
+    tracing::info!(listen = %args.listen, admin = %args.admin_listen, method = ?args.method, failover = !args.no_failover, drain_timeout = ?args.drain_timeout, rebalance_ramp = ?args.rebalance_ramp, "balancer started");
     let mut servers = vec![];
     if let Some((tls, files, listener)) = tls {
         tracing::info!(tls_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), cert = %files.cert.display(), client_ca = ?files.client_ca, "HTTPS front started");

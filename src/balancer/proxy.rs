@@ -603,6 +603,9 @@ async fn proxy(
     let (member, lease) = loop {
         let (member, choice) = bal.router.choose(&snapshot, session, &tried).map_err(Rejection::NoMember)?;
         failed_over |= choice == Choice::Failover;
+        if choice == Choice::Rebalanced {
+            bal.metrics.sessions_moved.inc();
+        }
         if choice == Choice::Failover && tried.is_empty() {
             bal.metrics.failovers.inc();
             if let Some(held_back) = bal.failover_log.allow() {
@@ -1057,6 +1060,7 @@ mod reuse_tests {
                 address: member_address,
                 state: MemberState::Ready,
                 terminating: false,
+                ready_since: None,
             }],
             &bal.metrics,
         );

@@ -33,6 +33,37 @@
 //! rule, so requests that carry the old id reach the same member as those
 //! that failed over while the home was still listed.
 //!
+//! # Rebalancing after a join
+//!
+//! A member that joins (after a scale-up, a rolling update, or a node's
+//! return) gets no existing session by stickiness alone. With rebalancing on,
+//! a session whose home is ready moves to the member its base weighs most for
+//! when that member is a newcomer: for a while after the newcomer became
+//! ready, from `ready + REBALANCE_LEAD + u × ramp` (u in [0, 1), another hash
+//! of the base, so moves spread evenly over the ramp instead of flooding the
+//! new node) until `ready + REBALANCE_LEAD + ramp + REBALANCE_HOLD`. The
+//! newcomer renames each moved session (`B.s1` → `B.s4`); from then on the
+//! session is sticky to it, which is also where the rule would send it, so
+//! nothing moves twice. Every member ends with the sessions that weigh most
+//! for it among the ready members: 1/n of them, in expectation.
+//!
+//! Why two replicas cannot split a session while it moves: a move must
+//! happen at one instant for every request of the session, or a request that
+//! still carries `B.s1` reaches s1 after s4 renamed the session there, and
+//! s1 finds no `B.s1` (the request's route is s1's own, so the valve does not
+//! look for `B.s1`'s new name). So nothing in the rule is local: the base,
+//! the ready members, and the newcomer's ready time, which Kubernetes
+//! membership reads from the Pod's `Ready` condition (the same value for
+//! every replica), not from when this replica happened to see it. The lead
+//! (a few seconds) lets every replica learn of the newcomer before the first
+//! session moves to it; both replicas then flip each session at the same
+//! wall-clock instant, up to the skew of their clocks. What remains local is
+//! a member's health: a replica that alone sees the newcomer fail a check
+//! does not move sessions to it while the other does; the same holds for
+//! failover. Static and file membership, where there is no shared clock, use
+//! the time this balancer first saw the member ready: there one replica is
+//! the usual deployment.
+//!
 //! Two replicas can still disagree while their views of the members differ:
 //! for the time a membership change takes to reach both, or when only one
 //! of them saw a member fail a health check. Both are as short as the
@@ -40,6 +71,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 use http::header::COOKIE;
@@ -153,6 +185,13 @@ impl SessionWeigher {
         avalanche(fnv1a(self.0, route.as_bytes()))
     }
 
+    /// Where in a newcomer's ramp this session moves: a fraction in [0, 1),
+    /// independent of its weights for routes.
+    pub fn ramp_fraction(&self) -> f64 {
+        // NUL never occurs in a route (a Pod name), so this is no route's weight.
+        (self.weight("\0ramp") >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// The member with the highest weight among `candidates` (ties, which
     /// need a 64-bit collision, go to the smaller route so the choice stays
     /// independent of the members' order).
@@ -178,6 +217,9 @@ pub enum Choice {
     /// Its route's member is unusable or gone: moved (the session is
     /// replicated) to the member its id weighs most for.
     Failover,
+    /// Its member is fine, but the session moves to a newcomer that it
+    /// weighs most for (rebalancing after a join).
+    Rebalanced,
     /// No session id with a route (or an unknown route without failover):
     /// by the balancing method.
     Balanced,
@@ -192,15 +234,76 @@ pub enum NoMember {
     NoneUsable,
 }
 
+/// From a newcomer's ready time until the first session may move to it:
+/// long enough for every balancer replica to have seen it join.
+pub const REBALANCE_LEAD: Duration = Duration::from_secs(5);
+/// How long after its ramp a newcomer still takes the sessions that weigh
+/// most for it (a session that makes no request in the ramp moves at its
+/// next one within this time). After it, sessions born elsewhere stay where
+/// they are: moving every session to its heaviest member all the time would
+/// move most new sessions once, for nothing.
+pub const REBALANCE_HOLD: Duration = Duration::from_secs(600);
+
 pub struct Router {
     pub method: LbMethod,
     pub failover: bool,
+    /// Rebalancing after a join: moves spread over this long; `None`: off.
+    pub rebalance_ramp: Option<Duration>,
     next: AtomicUsize,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Router {
     pub fn new(method: LbMethod, failover: bool) -> Self {
-        Router { method, failover, next: AtomicUsize::new(0) }
+        Router { method, failover, rebalance_ramp: None, next: AtomicUsize::new(0) }
+    }
+
+    /// Turns rebalancing after a join on, its moves spread over `ramp`.
+    pub fn with_rebalancing(mut self, ramp: Duration) -> Self {
+        self.rebalance_ramp = Some(ramp);
+        self
+    }
+
+    /// Whether a newcomer's rebalancing window is open at `now_ms` (unix ms).
+    pub fn rebalance_window_open(&self, member: &Member, now_ms: u64) -> bool {
+        match (self.rebalance_ramp, member.ready_since_unix_ms()) {
+            (Some(ramp), Some(since)) => {
+                let start = since.saturating_add(millis(REBALANCE_LEAD));
+                let end = start.saturating_add(millis(ramp)).saturating_add(millis(REBALANCE_HOLD));
+                (start..end).contains(&now_ms)
+            }
+            _ => false,
+        }
+    }
+
+    /// The newcomer `session` moves to now, if any (see the module doc).
+    fn rebalance_target<'m>(
+        &self,
+        members: &'m [Arc<Member>],
+        session: SessionKey<'_>,
+        home: &Arc<Member>,
+        now_ms: u64,
+    ) -> Option<&'m Arc<Member>> {
+        let ramp = self.rebalance_ramp?;
+        if home.state() != MemberState::Ready || !members.iter().any(|m| self.rebalance_window_open(m, now_ms)) {
+            return None;
+        }
+        let weigher = SessionWeigher::new(session.base);
+        let target = weigher.choose(members.iter().filter(|m| m.takes_new()))?;
+        if Arc::ptr_eq(target, home) || !self.rebalance_window_open(target, now_ms) {
+            return None;
+        }
+        let since = target.ready_since_unix_ms()?;
+        let offset = (millis(ramp) as f64 * weigher.ramp_fraction()) as u64;
+        let move_at = since.saturating_add(millis(REBALANCE_LEAD)).saturating_add(offset);
+        (now_ms >= move_at).then_some(target)
     }
 
     /// Chooses a member for a request of `session` (if it names one),
@@ -211,6 +314,17 @@ impl Router {
         members: &[Arc<Member>],
         session: Option<SessionKey<'_>>,
         tried: &[usize],
+    ) -> Result<(Arc<Member>, Choice), NoMember> {
+        self.choose_at(members, session, tried, unix_ms(SystemTime::now()))
+    }
+
+    /// [`choose`](Self::choose) at wall-clock time `now_ms` (unix ms).
+    pub fn choose_at(
+        &self,
+        members: &[Arc<Member>],
+        session: Option<SessionKey<'_>>,
+        tried: &[usize],
+        now_ms: u64,
     ) -> Result<(Arc<Member>, Choice), NoMember> {
         let untried = |m: &Arc<Member>| !tried.contains(&member_key(m));
         let Some(session) = session else {
@@ -223,6 +337,11 @@ impl Router {
         match members.iter().find(|m| m.route == session.route) {
             Some(member) => {
                 if member.takes_sticky() && untried(member) {
+                    if tried.is_empty() {
+                        if let Some(newcomer) = self.rebalance_target(members, session, member, now_ms) {
+                            return Ok((newcomer.clone(), Choice::Rebalanced));
+                        }
+                    }
                     return Ok((member.clone(), Choice::Sticky));
                 }
                 if member.is_healthy() && member.state() == MemberState::Draining && untried(member) {
@@ -284,6 +403,7 @@ mod tests {
                     address: ([127, 0, 0, 1], 9000 + i as u16).into(),
                     state: *state,
                     terminating: false,
+                    ready_since: None,
                 };
                 Arc::new(Member::new(&spec, 4, &metrics))
             })
@@ -364,6 +484,7 @@ mod tests {
             address: ([127, 0, 0, 1], port).into(),
             state,
             terminating,
+            ready_since: None,
         };
         table.apply(&[spec("s1", 1, MemberState::Draining, true), spec("s2", 2, MemberState::Ready, false)], &metrics);
         let ms = table.snapshot();
@@ -533,5 +654,127 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(COOKIE, HeaderValue::from_bytes(b"JSESSIONID=\xc3\xa4.s1").expect("opaque bytes are a valid value"));
         assert_eq!(session_of_request("/", &h, "JSESSIONID", "jsessionid"), None, "not text: no session");
+    }
+
+    fn ready_at(routes: &[(&str, u64)]) -> Vec<Arc<Member>> {
+        let metrics = Metrics::new();
+        routes
+            .iter()
+            .enumerate()
+            .map(|(i, (route, since_ms))| {
+                let spec = MemberSpec {
+                    route: route.to_string(),
+                    address: ([127, 0, 0, 1], 9100 + i as u16).into(),
+                    state: MemberState::Ready,
+                    terminating: false,
+                    ready_since: Some(UNIX_EPOCH + Duration::from_millis(*since_ms)),
+                };
+                Arc::new(Member::new(&spec, 4, &metrics))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rebalancing_moves_the_newcomers_share_spread_over_the_ramp() {
+        const JOINED: u64 = 1_000_000_000;
+        let ramp = Duration::from_secs(30);
+        let r = Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp);
+        let ms = ready_at(&[("n0", 1), ("n1", 1), ("n2", 1), ("n3", JOINED), ("n4", JOINED)]);
+        let lead = millis(REBALANCE_LEAD);
+        let sessions: Vec<String> =
+            bases(3000).into_iter().enumerate().map(|(i, b)| format!("{b}.n{}", i % 3)).collect();
+        let moved_at = |now: u64| {
+            let mut to = std::collections::BTreeMap::<String, usize>::new();
+            for id in &sessions {
+                let (m, c) = r.choose_at(&ms, key(id), &[], now).expect("member");
+                match c {
+                    Choice::Rebalanced => *to.entry(m.route.clone()).or_default() += 1,
+                    Choice::Sticky => assert_eq!(Some(m.route.as_str()), key(id).map(|k| k.route)),
+                    other => panic!("{id}: {other:?}"),
+                }
+            }
+            to
+        };
+        assert!(moved_at(JOINED + lead - 1).is_empty(), "nothing moves before the lead is over");
+        let half = moved_at(JOINED + lead + millis(ramp) / 2);
+        let all = moved_at(JOINED + lead + millis(ramp));
+        assert_eq!(all.keys().map(String::as_str).collect::<Vec<_>>(), ["n3", "n4"], "only newcomers take sessions");
+        for (route, n) in &all {
+            assert!((500..=700).contains(n), "{route} takes {n} of 3000 sessions (a fifth: 600)");
+            let h = half[route];
+            assert!((n * 35 / 100..=n * 65 / 100).contains(&h), "{route}: {h} of {n} moved by mid-ramp");
+        }
+        let hold_over = JOINED + lead + millis(ramp) + millis(REBALANCE_HOLD);
+        assert!(moved_at(hold_over).is_empty(), "after the hold, sessions stay where they are");
+
+        // A moved session is renamed by its new member and then stays there.
+        let id = sessions
+            .iter()
+            .find(|id| r.choose_at(&ms, key(id), &[], hold_over - 1).expect("m").1 == Choice::Rebalanced)
+            .expect("a moved one");
+        let (newcomer, _) = r.choose_at(&ms, key(id), &[], hold_over - 1).expect("m");
+        let renamed = format!("{}.{}", key(id).expect("key").base, newcomer.route);
+        let (m, c) = r.choose_at(&ms, key(&renamed), &[], hold_over - 1).expect("m");
+        assert_eq!((m.route.as_str(), c), (newcomer.route.as_str(), Choice::Sticky), "moved once, then sticky");
+
+        // Another replica (own router, members in another order) moves the
+        // same sessions at the same instants.
+        let other = Router::new(LbMethod::Bybusyness, true).with_rebalancing(ramp);
+        let mut reversed = ms.clone();
+        reversed.reverse();
+        for id in sessions.iter().take(500) {
+            for now in [JOINED + lead + 3_000, JOINED + lead + 17_000, JOINED + lead + 29_999] {
+                let a = r.choose_at(&ms, key(id), &[], now).expect("a");
+                let b = other.choose_at(&reversed, key(id), &[], now).expect("b");
+                assert_eq!((a.0.route.as_str(), a.1), (b.0.route.as_str(), b.1), "{id} at {now}");
+            }
+        }
+    }
+
+    #[test]
+    fn rebalancing_leaves_draining_homes_unhealthy_newcomers_and_routers_without_it_alone() {
+        const JOINED: u64 = 1_000_000_000;
+        let ramp = Duration::from_secs(10);
+        let after_ramp = JOINED + millis(REBALANCE_LEAD) + millis(ramp);
+        let ms = ready_at(&[("n0", 1), ("n1", JOINED)]);
+        let r = Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp);
+        let movers: Vec<String> = bases(200)
+            .into_iter()
+            .map(|b| format!("{b}.n0"))
+            .filter(|id| r.choose_at(&ms, key(id), &[], after_ramp).expect("m").1 == Choice::Rebalanced)
+            .collect();
+        assert!(movers.len() > 60, "about half of n0's sessions weigh most for n1: {}", movers.len());
+        let off = Router::new(LbMethod::Byrequests, true);
+        for id in &movers {
+            assert_eq!(off.choose_at(&ms, key(id), &[], after_ramp).expect("m").1, Choice::Sticky, "off: no moves");
+            let tried = [member_key(&ms[1])];
+            assert_eq!(
+                r.choose_at(&ms, key(id), &tried, after_ramp).expect("m").0.route,
+                "n0",
+                "a failed move stays home"
+            );
+        }
+        ms[1].set_healthy(false);
+        for id in &movers {
+            assert_eq!(r.choose_at(&ms, key(id), &[], after_ramp).expect("m").1, Choice::Sticky, "newcomer unhealthy");
+        }
+        ms[1].set_healthy(true);
+        ms[0].set_state(MemberState::Draining);
+        for id in &movers {
+            assert_eq!(
+                r.choose_at(&ms, key(id), &[], after_ramp).expect("m").1,
+                Choice::Sticky,
+                "draining keeps its own"
+            );
+        }
+    }
+
+    #[test]
+    fn ramp_fraction_is_pinned_and_spread() {
+        let f = SessionWeigher::new("5E1FA27C0D6B4C4E9A3B2F8D7C6E5A41").ramp_fraction();
+        assert!((0.0..1.0).contains(&f));
+        let fractions: Vec<f64> = bases(1000).iter().map(|b| SessionWeigher::new(b).ramp_fraction()).collect();
+        let below_half = fractions.iter().filter(|f| **f < 0.5).count();
+        assert!((430..=570).contains(&below_half), "{below_half} of 1000 below 0.5");
     }
 }

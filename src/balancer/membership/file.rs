@@ -53,7 +53,7 @@ pub fn parse_members(path: &Path, text: &str) -> Result<Vec<MemberSpec>, Members
                 return Err(parse_error(format!("invalid route {:?}", m.route)));
             }
             let address = resolve(&m.address).map_err(parse_error)?;
-            Ok(MemberSpec { route: m.route, address, state: m.state, terminating: false })
+            Ok(MemberSpec { route: m.route, address, state: m.state, terminating: false, ready_since: None })
         })
         .collect()
 }

@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -67,6 +68,7 @@ pub fn members_from_slices<'a>(
                 address: SocketAddr::new(ip, m.port),
                 state: m.state,
                 terminating: m.terminating,
+                ready_since: None,
             }),
             EndpointAddress::Name(_) => None,
         })
@@ -96,7 +98,7 @@ pub async fn resolve_members(members: Vec<EndpointMember>) -> Vec<MemberSpec> {
                 }
             },
         };
-        out.push(MemberSpec { route: m.route, address, state: m.state, terminating: m.terminating });
+        out.push(MemberSpec { route: m.route, address, state: m.state, terminating: m.terminating, ready_since: None });
     }
     out
 }
@@ -171,6 +173,71 @@ pub fn endpoint_members<'a>(
         }
     }
     by_route.into_values().collect()
+}
+
+/// When `pod` became ready, as its `Ready` condition says (`None` while it
+/// is not ready). Every balancer replica reads the same value, which is what
+/// lets them move a session at the same instant (see
+/// [`crate::balancer::routing`]); the precision is the API's: seconds.
+pub fn pod_ready_since(pod: &Pod) -> Option<std::time::SystemTime> {
+    let ready = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
+    if ready.status != "True" || pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let ms = u64::try_from(ready.last_transition_time.as_ref()?.0.as_millisecond()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
+/// Watches the member Pods (`selector`) for their ready times until
+/// shutdown. Without it (or while the watch fails, e.g. for lack of RBAC)
+/// the member table uses the time this replica first saw a member ready.
+pub async fn watch_pod_readiness(
+    bal: Arc<Balancer>,
+    client: Client,
+    namespace: String,
+    selector: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<Pod> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().labels(&selector);
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut known: BTreeMap<String, Option<std::time::SystemTime>> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, Option<std::time::SystemTime>>> = None;
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        let Some(event) = event else { return };
+        match event {
+            Ok(Event::Init) => relisting = Some(BTreeMap::new()),
+            Ok(Event::InitApply(pod)) => {
+                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), pod_ready_since(&pod));
+            }
+            Ok(Event::InitDone) => {
+                let fresh = relisting.take().unwrap_or_default();
+                for gone in known.keys().filter(|name| !fresh.contains_key(*name)) {
+                    bal.members.set_ready_time(gone, None);
+                }
+                for (name, since) in &fresh {
+                    bal.members.set_ready_time(name, *since);
+                }
+                known = fresh;
+            }
+            Ok(Event::Apply(pod)) => {
+                let since = pod_ready_since(&pod);
+                bal.members.set_ready_time(&pod.name_any(), since);
+                known.insert(pod.name_any(), since);
+            }
+            Ok(Event::Delete(pod)) => {
+                bal.members.set_ready_time(&pod.name_any(), None);
+                known.remove(&pod.name_any());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %namespace, %selector, "Pod watch error (ready times for rebalancing)")
+            }
+        }
+    }
 }
 
 /// Watches the Service's slices until shutdown.
