@@ -5,9 +5,11 @@
 //! Adding a child is one change the compiler walks you through: a field in
 //! [`Children`], its line in [`Children::visit`] (which destructures the
 //! struct without `..`, so a forgotten field does not compile), and for a
-//! new kind a [`ChildKind`] impl (which needs a store in [`Caches`], filled
-//! by a watch in `run_controller`). The golden files, the applies and the
-//! tests all walk the children through `visit`.
+//! new kind a [`ChildKind`] impl, which needs a store in [`Caches`] — and a
+//! store does not compile until `Caches::fill` waits for it and
+//! `run_controller` builds it (then give it a watch and `owns_stream` there,
+//! next to the others). The golden files, the applies and the tests all walk
+//! the children through `visit`.
 
 use std::fmt::Debug;
 
