@@ -917,3 +917,69 @@ async fn membership_permission_that_cannot_be_restored_degrades_the_app() {
     })
     .await;
 }
+
+/// Plays the kubelet of session node `name` whose Tomcat container is in
+/// `container_state`, after `restarts` restarts, the last of which ended
+/// with `last_lines` (what FallbackToLogsOnError keeps of its log).
+async fn set_node_container(
+    ns: &TestNamespace,
+    name: &str,
+    ready: bool,
+    restarts: i32,
+    container_state: serde_json::Value,
+    last_lines: &str,
+) {
+    let status = json!({"status": {"containerStatuses": [{
+        "name": "tomcat", "image": "registry.example/shop:1.4", "imageID": "", "ready": ready,
+        "restartCount": restarts, "state": container_state,
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": last_lines,
+            "startedAt": "2025-01-01T00:00:00Z", "finishedAt": "2025-01-01T00:00:09Z"}}
+    }]}});
+    ns.api::<Pod>()
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("setting the container status");
+}
+
+#[tokio::test]
+async fn a_crash_looping_node_degrades_the_app_with_its_last_lines_and_a_warning() {
+    let ns = operator_common::OperatorNamespace::new("capp-crash").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
+    wait_for_children(&ns, "shop").await;
+    // The kubelet keeps the last lines of a failed Tomcat's log only when asked.
+    let sts = ns.api::<StatefulSet>().get("shop").await.expect("sts");
+    let container = &sts.spec.template.spec.expect("pod").containers[0];
+    assert_eq!(container.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
+
+    make_pod_ready(&ns, "shop-0", "10.0.0.1").await;
+    let output = "INFO [main] Starting Servlet engine\nSEVERE [main] The required Server component failed to start\n";
+    let back_off =
+        json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}});
+    set_node_container(&ns, "shop-0", false, 3, back_off, output).await;
+    let app = wait_for_status(&ns, "shop", "Degraded NodesCrashLooping", |a| {
+        condition(a, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "NodesCrashLooping")
+    })
+    .await;
+    let (_, _, message) = condition(&app, "Degraded").expect("degraded");
+    assert!(
+        message.contains("pod shop-0 (container tomcat) restarted 3 times, last exit code 1 (Error)")
+            && message.ends_with("SEVERE [main] The required Server component failed to start"),
+        "{message}"
+    );
+    wait_until(WAIT, "a NodesCrashLooping warning event naming the pod", || async {
+        warnings_of(&ns, "shop")
+            .await
+            .iter()
+            .any(|(reason, note)| reason == "NodesCrashLooping" && note.contains("shop-0"))
+    })
+    .await;
+
+    // Tomcat starts cleanly at last: no longer degraded, and a Recovered event.
+    set_node_container(&ns, "shop-0", true, 3, json!({"running": {"startedAt": "2025-01-01T00:05:00Z"}}), output).await;
+    wait_for_status(&ns, "shop", "Degraded False", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
+    wait_until(WAIT, "a Recovered event", || async {
+        events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "Recovered")
+    })
+    .await;
+}

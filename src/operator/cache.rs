@@ -225,21 +225,40 @@ impl Caches {
     /// in a warning (a watch that cannot list, e.g. for want of RBAC, would
     /// otherwise stall every reconcile in silence).
     pub async fn fill(&self) {
+        // No `..`: the store of a new child kind (see `operator::children`)
+        // does not compile until it is waited for here too.
+        let Caches {
+            secrets,
+            other_secrets,
+            config_maps,
+            services,
+            service_accounts,
+            roles,
+            role_bindings,
+            stateful_sets,
+            deployments,
+            pod_disruption_budgets,
+            network_policies,
+            pods,
+            written: _,
+            secret_keys: _,
+            filled: filled_sender,
+        } = self;
         let _ = futures::join!(
-            filled("Secrets (ours)", self.secrets.wait_until_ready()),
-            filled("Secrets (referenced)", self.other_secrets.wait_until_ready()),
-            filled("ConfigMaps", self.config_maps.wait_until_ready()),
-            filled("Services", self.services.wait_until_ready()),
-            filled("ServiceAccounts", self.service_accounts.wait_until_ready()),
-            filled("Roles", self.roles.wait_until_ready()),
-            filled("RoleBindings", self.role_bindings.wait_until_ready()),
-            filled("StatefulSets", self.stateful_sets.wait_until_ready()),
-            filled("Deployments", self.deployments.wait_until_ready()),
-            filled("PodDisruptionBudgets", self.pod_disruption_budgets.wait_until_ready()),
-            filled("NetworkPolicies", self.network_policies.wait_until_ready()),
-            filled("Pods", self.pods.wait_until_ready()),
+            filled("Secrets (ours)", secrets.wait_until_ready()),
+            filled("Secrets (referenced)", other_secrets.wait_until_ready()),
+            filled("ConfigMaps", config_maps.wait_until_ready()),
+            filled("Services", services.wait_until_ready()),
+            filled("ServiceAccounts", service_accounts.wait_until_ready()),
+            filled("Roles", roles.wait_until_ready()),
+            filled("RoleBindings", role_bindings.wait_until_ready()),
+            filled("StatefulSets", stateful_sets.wait_until_ready()),
+            filled("Deployments", deployments.wait_until_ready()),
+            filled("PodDisruptionBudgets", pod_disruption_budgets.wait_until_ready()),
+            filled("NetworkPolicies", network_policies.wait_until_ready()),
+            filled("Pods", pods.wait_until_ready()),
         );
-        self.filled.send_replace(true);
+        filled_sender.send_replace(true);
     }
 
     /// Waits until [`Caches::fill`] has seen every store filled; any number

@@ -13,7 +13,7 @@
 //! A converged app sends none of these requests.
 //!
 //! The judgements are pure functions here; the requests live in
-//! `reconcile.rs`.
+//! `reconcile/apply.rs`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

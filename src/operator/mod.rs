@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod build;
 pub mod cache;
+pub mod children;
 pub mod error;
 pub mod leader;
 pub mod membership;

@@ -27,6 +27,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
 use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, Membership, Replication};
+use crate::operator::children::{ApplyStage, ChildKind, ChildVisitor};
 use crate::operator::names::{
     AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TLS_CERT_KEY,
     TLS_PRIVATE_KEY_KEY, TRIBES_KEY_KEY,
@@ -90,7 +91,8 @@ pub enum BuildError {
     MissingUid,
 }
 
-/// Every object one ClusterApp owns.
+/// Every object one ClusterApp owns. A new field is listed in the registry,
+/// [`Children::visit`](crate::operator::children), or nothing compiles.
 #[derive(Clone, Debug)]
 pub struct Children {
     pub secret: Secret,
@@ -111,31 +113,21 @@ pub struct Children {
 }
 
 impl Children {
-    /// All children as JSON values, in apply order (for golden files).
+    /// All children as JSON values (with `apiVersion` and `kind`, which
+    /// k8s-openapi adds), in the registry's order (for golden files).
     pub fn to_values(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
-        Ok(vec![
-            with_type(&self.secret)?,
-            with_type(&self.config_map)?,
-            with_type(&self.peers_service)?,
-            with_type(&self.nodes_service)?,
-            with_type(&self.node_service_account)?,
-            with_type(&self.node_role)?,
-            with_type(&self.node_role_binding)?,
-            with_type(&self.stateful_set)?,
-            with_type(&self.balancer_service_account)?,
-            with_type(&self.balancer_role)?,
-            with_type(&self.balancer_role_binding)?,
-            with_type(&self.balancer_deployment)?,
-            with_type(&self.balancer_service)?,
-            with_type(&self.pod_disruption_budget)?,
-            with_type(&self.network_policy)?,
-        ])
+        struct Values(Vec<serde_json::Value>);
+        impl ChildVisitor for Values {
+            type Error = serde_json::Error;
+            fn child<K: ChildKind>(&mut self, object: &K, _stage: ApplyStage) -> Result<(), Self::Error> {
+                self.0.push(serde_json::to_value(object)?);
+                Ok(())
+            }
+        }
+        let mut values = Values(Vec::new());
+        self.visit(&mut values)?;
+        Ok(values.0)
     }
-}
-
-/// An object's JSON with `apiVersion` and `kind` (k8s-openapi adds them).
-fn with_type<K: serde::Serialize>(object: &K) -> Result<serde_json::Value, serde_json::Error> {
-    serde_json::to_value(object)
 }
 
 /// Hex SHA-256 of `text`.
