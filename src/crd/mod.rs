@@ -285,6 +285,12 @@ pub struct Balancer {
     #[serde(default)]
     pub access_log: bool,
 
+    /// Moving existing sessions onto a node that joins (after a scale-up, a
+    /// rolling update, or a node's return), so the load evens out without
+    /// losing a session.
+    #[serde(default)]
+    pub rebalance: Rebalance,
+
     /// Balancer image; by default the operator's own release of clusterapp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
@@ -512,6 +518,37 @@ impl Default for Ajp {
     }
 }
 
+/// Rebalancing of existing sessions after a node joins.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rebalance {
+    /// `true`: a node that becomes ready takes over, from every balancer at
+    /// the same moments, the existing sessions that the balancer's failover
+    /// rule (rendezvous hashing of the session id) places on it — about
+    /// 1/N of them with N ready nodes. It renames each moved session for
+    /// itself; the session's data is already there (replicated). `false`:
+    /// existing sessions stay on their node; only new sessions reach it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// The moves onto a joined node are spread evenly over this many
+    /// seconds, starting 5 seconds after it became ready (so a new node is
+    /// not flooded, and every balancer replica has seen it first).
+    #[serde(default = "default_rebalance_ramp_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600").message("balancer.rebalance.rampSeconds must be between 1 and 3600"))]
+    pub ramp_seconds: i32,
+}
+
+fn default_rebalance_ramp_seconds() -> i32 {
+    30
+}
+
+impl Default for Rebalance {
+    fn default() -> Self {
+        Rebalance { enabled: true, ramp_seconds: default_rebalance_ramp_seconds() }
+    }
+}
+
 impl Default for Balancer {
     fn default() -> Self {
         Balancer {
@@ -520,6 +557,7 @@ impl Default for Balancer {
             method: BalancerMethod::default(),
             failover: true,
             access_log: false,
+            rebalance: Rebalance::default(),
             image: None,
             resources: None,
             service: BalancerService::default(),

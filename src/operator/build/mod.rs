@@ -178,14 +178,24 @@ pub fn node_rules() -> Vec<PolicyRule> {
 }
 
 /// The balancer's Role: it follows the EndpointSlices of the nodes' headless
-/// Service (ready / serving / terminating) with a watch.
+/// Service (ready / serving / terminating) with a watch, and the nodes' Pods
+/// for the time each became ready (the clock every balancer replica shares
+/// for rebalancing; read-only, its own namespace only).
 pub fn balancer_rules() -> Vec<PolicyRule> {
-    vec![PolicyRule {
-        api_groups: Some(vec!["discovery.k8s.io".to_string()]),
-        resources: Some(vec!["endpointslices".to_string()]),
-        verbs: vec!["list".to_string(), "watch".to_string()],
-        ..Default::default()
-    }]
+    vec![
+        PolicyRule {
+            api_groups: Some(vec!["discovery.k8s.io".to_string()]),
+            resources: Some(vec!["endpointslices".to_string()]),
+            verbs: vec!["list".to_string(), "watch".to_string()],
+            ..Default::default()
+        },
+        PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["pods".to_string()]),
+            verbs: vec!["list".to_string(), "watch".to_string()],
+            ..Default::default()
+        },
+    ]
 }
 
 /// The AJP secret the nodes and the balancer use: the user's, or ours.
@@ -615,6 +625,17 @@ impl Parts<'_> {
         }
         if balancer.access_log {
             args.push("--access-log".to_string());
+        }
+        if balancer.rebalance.enabled {
+            // The nodes' Pods give the Ready times every replica shares.
+            args.extend([
+                "--rebalance-ramp".to_string(),
+                format!("{}s", balancer.rebalance.ramp_seconds),
+                "--kubernetes-pod-selector".to_string(),
+                self.names.session_node_selector(),
+            ]);
+        } else {
+            args.extend(["--rebalance-ramp".to_string(), "0s".to_string()]);
         }
         let mut ports = vec![port("http", balancer.port)];
         let mut volume_mounts = vec![read_only_mount("ajp-secret", BALANCER_AJP_SECRET_DIR)];
