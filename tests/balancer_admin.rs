@@ -45,11 +45,33 @@ async fn metrics_probes_and_status_page() {
     }
     let missing = get(balancer.listen, "/counter/missing", None).await;
     assert_eq!(missing.status, 404);
+    // Five sessions, three requests each: each member counts its own once.
+    let mut sessions = Vec::new();
+    for _ in 0..5 {
+        let first = get(balancer.listen, "/counter/", None).await;
+        let id = first.set_session_id().expect("a session");
+        for _ in 0..3 {
+            assert_eq!(get(balancer.listen, "/counter/", Some(&id)).await.status, 200);
+        }
+        sessions.push(id);
+    }
 
     let metrics = get(balancer.admin, "/metrics", None).await.text();
     let ok = metric_value(&metrics, "clusterapp_balancer_requests_total{member=\"a1\",status=\"2xx\"}")
         + metric_value(&metrics, "clusterapp_balancer_requests_total{member=\"a2\",status=\"2xx\"}");
-    assert_eq!(ok, 20.0, "every proxied 2xx counted per member");
+    assert_eq!(ok, 40.0, "every proxied 2xx counted per member");
+    let per_member = |route: &str| sessions.iter().filter(|id| id.ends_with(&format!(".{route}"))).count() as f64;
+    for route in ["a1", "a2"] {
+        let series = format!("clusterapp_balancer_member_sessions{{member=\"{route}\"}}");
+        assert_eq!(metric_value(&metrics, &series), per_member(route), "{route}'s session estimate");
+    }
+    let sketches = get(balancer.admin, "/sessions.json", None).await.json();
+    assert_eq!(sketches["windowSeconds"], 300);
+    for route in ["a1", "a2"] {
+        let text = sketches["members"][route].as_str().expect("a sketch per member");
+        let registers = clusterapp::balancer::sessions::decode(text).expect("a valid sketch");
+        assert_eq!(clusterapp::balancer::sessions::estimate(&registers).round(), per_member(route));
+    }
     let not_found = metric_value(&metrics, "clusterapp_balancer_requests_total{member=\"a1\",status=\"4xx\"}")
         + metric_value(&metrics, "clusterapp_balancer_requests_total{member=\"a2\",status=\"4xx\"}");
     assert_eq!(not_found, 1.0);
@@ -68,6 +90,8 @@ async fn metrics_probes_and_status_page() {
     assert!(dom.contains("class=\"state ready\""), "state badges:\n{dom}");
     assert!(dom.contains("2 members"), "summary line:\n{dom}");
     assert!(dom.contains("<polyline"), "live graphs drawn:\n{dom}");
+    assert!(dom.contains("class=\"session-estimate\""), "sessions per member drawn:\n{dom}");
+    assert!(dom.contains(" sessions</text>"), "session estimate labelled:\n{dom}");
     assert!(dom.contains(".a1") || dom.contains(".a2"), "recent (masked) sessions listed:\n{dom}");
 
     let shot = repo_root().join("target/balancer-status.png");

@@ -268,14 +268,21 @@ async fn track_session(
 /// rule still misses ±5 % on some node in most runs.)
 #[tokio::test]
 async fn scale_up_rebalances_existing_sessions_onto_the_new_nodes() {
+    rebalance_after_scale_up("all").await;
+}
+
+async fn rebalance_after_scale_up(replication: &str) {
     const SESSIONS: usize = 600;
     const RAMP_SECONDS: u64 = 20;
     let _serial = serial().await;
     let app = App::start(
-        "e2e-rebalance",
+        &format!("e2e-rebalance-{replication}"),
         "shop",
         3,
-        serde_json::json!({"balancer": {"rebalance": {"rampSeconds": RAMP_SECONDS}}}),
+        serde_json::json!({
+            "balancer": {"rebalance": {"rampSeconds": RAMP_SECONDS}},
+            "sessions": {"replication": replication}
+        }),
     )
     .await;
     let port = app.port;
@@ -333,13 +340,13 @@ async fn scale_up_rebalances_existing_sessions_onto_the_new_nodes() {
         t.await.expect("tracker");
     }
     let outcome = browsers.finish().await;
-    browser_summary("6b rebalance 3 -> 5 (browsers)", &outcome, ready_at.elapsed());
+    browser_summary(&format!("6b rebalance 3 -> 5 {replication} (browsers)"), &outcome, ready_at.elapsed());
     let final_spread = spread(&tracked);
     let gaps: Vec<String> = tracked.iter().flat_map(|s| s.lock().expect("s").gaps.clone()).collect();
     let failures: Vec<String> = tracked.iter().flat_map(|s| s.lock().expect("s").failures.clone()).collect();
     let requests: u64 = tracked.iter().map(|s| s.lock().expect("s").counter).sum();
     summary(
-        "6 rebalance 3 -> 5 (600 sessions)",
+        &format!("6 rebalance 3 -> 5 {replication} (600)"),
         requests,
         failures.len() as u64,
         gaps.len() as u64,

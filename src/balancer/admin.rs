@@ -1,5 +1,6 @@
 //! Admin server: `/metrics`, `/healthz`, `/readyz`, the status page `/`
-//! and its data `/status.json`.
+//! and its data `/status.json`, and `/sessions.json` (each member's sketch
+//! of its recent sessions, for the operator to merge across replicas).
 //!
 //! A member's `state` there is what routing acts on: `ready`, `draining`,
 //! `drained` (terminating past the drain timeout: takes nothing) or `down`.
@@ -22,6 +23,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use super::proxy::{Balancer, ProxyBody};
+use super::routing::unix_now_ms;
+use super::sessions;
 
 const STATUS_PAGE: &str = include_str!("status.html");
 
@@ -40,8 +43,34 @@ fn masked_session_id(id: &str) -> String {
     }
 }
 
+/// Each member's session sketch of the last minutes (`/sessions.json`):
+/// what the operator merges over the balancer replicas.
+pub fn sessions_json(bal: &Balancer) -> serde_json::Value {
+    let now_ms = unix_now_ms();
+    let members: serde_json::Map<String, serde_json::Value> = bal
+        .members
+        .snapshot()
+        .iter()
+        .map(|m| (m.route.clone(), json!(sessions::encode(&m.sessions.registers(now_ms)))))
+        .collect();
+    json!({
+        "precision": sessions::PRECISION,
+        "windowSeconds": sessions::ACTIVE_WINDOWS * sessions::WINDOW_MS / 1000,
+        "members": members,
+    })
+}
+
+fn refresh_session_gauges(bal: &Balancer) {
+    let now_ms = unix_now_ms();
+    for m in bal.members.snapshot().iter() {
+        let estimate = sessions::estimate(&m.sessions.registers(now_ms)).round() as i64;
+        bal.metrics.set_member_sessions(&m.route, estimate);
+    }
+}
+
 pub fn status_json(bal: &Balancer) -> serde_json::Value {
     let now = std::time::Instant::now();
+    let now_ms = unix_now_ms();
     let members: Vec<_> = bal
         .members
         .snapshot()
@@ -63,6 +92,7 @@ pub fn status_json(bal: &Balancer) -> serde_json::Value {
                 "requests": m.metrics.requests_total(),
                 "errors": m.metrics.errors_total(),
                 "new_sessions": m.new_sessions.load(Ordering::Relaxed),
+                "sessions": sessions::estimate(&m.sessions.registers(now_ms)).round() as i64,
                 "traffic_bytes": m.traffic_bytes.load(Ordering::Relaxed),
                 "pool_idle": m.pool.idle_count(),
                 "pool_busy": m.pool.busy_count(),
@@ -79,6 +109,8 @@ pub fn status_json(bal: &Balancer) -> serde_json::Value {
         "shutting_down": bal.is_shutting_down(),
         "client_connections": bal.metrics.client_connections.get(),
         "failovers": bal.metrics.failovers.get(),
+        "sessions_moved": bal.metrics.sessions_moved.get(),
+        "rebalance_ramp_seconds": bal.router.rebalance_ramp.map(|d| d.as_secs_f64()),
     })
 }
 
@@ -96,8 +128,10 @@ async fn route_admin(bal: Arc<Balancer>, req: Request<Incoming>) -> Result<Respo
     }
     Ok(match req.uri().path() {
         "/metrics" => {
+            refresh_session_gauges(&bal);
             respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", bal.metrics.encode())
         }
+        "/sessions.json" => respond(StatusCode::OK, "application/json", sessions_json(&bal).to_string()),
         "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if bal.is_shutting_down() {

@@ -113,6 +113,8 @@ pub struct Member {
     /// Unix milliseconds since the member is ready (see
     /// [`MemberSpec::ready_since`]); 0 while it is not.
     ready_since_ms: AtomicU64,
+    /// The sessions it served lately ([`super::sessions`]).
+    pub sessions: super::sessions::SessionSketch,
 }
 
 impl std::fmt::Debug for Member {
@@ -140,6 +142,7 @@ impl Member {
             drain_deadline: AtomicU64::new(0),
             drain_expired: AtomicBool::new(false),
             ready_since_ms: AtomicU64::new(0),
+            sessions: super::sessions::SessionSketch::default(),
         };
         member.note_readiness(spec, SystemTime::now());
         member.publish_state();
@@ -323,19 +326,19 @@ impl MemberTable {
             None => times.remove(route).is_some(),
         };
         drop(times);
-        if let (true, Some(t)) = (changed, ready_since) {
-            if let Some(member) = self.snapshot().iter().find(|m| m.route == route) {
-                if member.state() == MemberState::Ready {
-                    let spec_like = MemberSpec {
-                        route: route.to_string(),
-                        address: member.address,
-                        state: MemberState::Ready,
-                        terminating: false,
-                        ready_since: Some(t),
-                    };
-                    member.note_readiness(&spec_like, SystemTime::now());
-                }
-            }
+        let current = self.snapshot();
+        if let (true, Some(t)) = (changed, ready_since)
+            && let Some(member) = current.iter().find(|m| m.route == route)
+            && member.state() == MemberState::Ready
+        {
+            let spec_like = MemberSpec {
+                route: route.to_string(),
+                address: member.address,
+                state: MemberState::Ready,
+                terminating: false,
+                ready_since: Some(t),
+            };
+            member.note_readiness(&spec_like, SystemTime::now());
         }
     }
 
@@ -538,5 +541,28 @@ mod tests {
         assert_eq!(recent.len(), RECENT_SESSIONS);
         assert_eq!(recent[0].0, "id19.s1", "newest first");
         assert_eq!(m.new_sessions.load(Ordering::Relaxed), 20);
+    }
+
+    #[test]
+    fn ready_times_come_from_the_shared_clock_and_the_first_set_counts_as_old() {
+        let metrics = Metrics::new();
+        let table = MemberTable::new(4, Duration::ZERO);
+        table.apply(&[spec("old", 1, MemberState::Ready)], &metrics);
+        let ready_since =
+            |route: &str| table.snapshot().iter().find(|m| m.route == route).and_then(|m| m.ready_since_unix_ms());
+        assert_eq!(ready_since("old"), Some(1), "the first set has been there all along");
+        let before = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis() as u64;
+        table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Ready)], &metrics);
+        assert!(ready_since("new").expect("ready") >= before, "a later member: when this balancer saw it");
+        let shared = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
+        table.set_ready_time("new", Some(shared));
+        assert_eq!(ready_since("new"), Some(1_700_000_000_000), "the Pod's Ready time wins");
+        table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Ready)], &metrics);
+        assert_eq!(ready_since("new"), Some(1_700_000_000_000), "and stays across member set updates");
+        table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Down)], &metrics);
+        assert_eq!(ready_since("new"), None, "not ready: no ready time");
+        table.set_ready_time("new", None);
+        table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Ready)], &metrics);
+        assert!(ready_since("new").expect("ready again") >= before, "back: a new ready time");
     }
 }

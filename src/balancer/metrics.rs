@@ -117,6 +117,7 @@ pub struct Metrics {
     /// 2 ready, 1 draining, 0 down, drained (terminating past the drain
     /// timeout) or failing health checks.
     member_state: Family<MemberLabels, Gauge>,
+    member_sessions: Family<MemberLabels, Gauge>,
     rejected: Family<RejectLabels, Counter>,
     pub failovers: Counter,
     pub sessions_moved: Counter,
@@ -141,6 +142,7 @@ impl Metrics {
         let backend_errors = Family::<ErrorLabels, Counter>::default();
         let in_flight = Family::<MemberLabels, Gauge>::default();
         let member_state = Family::<MemberLabels, Gauge>::default();
+        let member_sessions = Family::<MemberLabels, Gauge>::default();
         let rejected = Family::<RejectLabels, Counter>::default();
         let failovers = Counter::default();
         let sessions_moved = Counter::default();
@@ -156,6 +158,11 @@ impl Metrics {
             "member_state",
             "2 ready, 1 draining, 0 down (or drained: terminating past the drain timeout)",
             member_state.clone(),
+        );
+        registry.register(
+            "member_sessions",
+            "Estimated sessions a member served in the last 5 minutes, as this balancer saw them (HyperLogLog, about 3 % error)",
+            member_sessions.clone(),
         );
         registry.register("rejected", "Requests answered by the balancer itself, by reason", rejected.clone());
         registry.register("failovers", "Sticky requests moved off their unusable member", failovers.clone());
@@ -183,6 +190,7 @@ impl Metrics {
             backend_errors,
             in_flight,
             member_state,
+            member_sessions,
             rejected,
             failovers,
             sessions_moved,
@@ -209,6 +217,11 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&member).clone(),
             state: self.member_state.get_or_create(&member).clone(),
         }
+    }
+
+    /// Sets a member's session estimate (refreshed when `/metrics` is read).
+    pub fn set_member_sessions(&self, route: &str, estimate: i64) {
+        self.member_sessions.get_or_create(&MemberLabels { member: route.to_string() }).set(estimate);
     }
 
     pub fn reject(&self, reason: RejectReason) {

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod routing;
+pub mod sessions;
 pub mod tls;
 
 use std::path::PathBuf;

@@ -34,7 +34,7 @@ use super::framing::FramingVerdicts;
 use super::member::{Member, MemberTable};
 use super::metrics::{BackendErrorKind, Metrics, RejectReason};
 use super::pool::{AcquireError, ConnError, Lease, PoolSettings};
-use super::routing::{Choice, NoMember, Router, member_key, session_of_request};
+use super::routing::{Choice, NoMember, Router, SessionWeigher, member_key, session_of_request, unix_now_ms};
 use super::tls::TlsFacts;
 
 /// The connector secret. Its `Debug` never shows the value.
@@ -605,6 +605,9 @@ async fn proxy(
         failed_over |= choice == Choice::Failover;
         if choice == Choice::Rebalanced {
             bal.metrics.sessions_moved.inc();
+        }
+        if let (Some(session), true) = (session, tried.is_empty()) {
+            member.sessions.record(SessionWeigher::new(session.base).sketch_hash(), unix_now_ms());
         }
         if choice == Choice::Failover && tried.is_empty() {
             bal.metrics.failovers.inc();

@@ -185,6 +185,12 @@ impl SessionWeigher {
         avalanche(fnv1a(self.0, route.as_bytes()))
     }
 
+    /// A hash of the session base alone, for the session estimates
+    /// ([`crate::balancer::sessions`]).
+    pub fn sketch_hash(&self) -> u64 {
+        avalanche(self.0 ^ 0x5bd1_e995_5bd1_e995)
+    }
+
     /// Where in a newcomer's ramp this session moves: a fraction in [0, 1),
     /// independent of its weights for routes.
     pub fn ramp_fraction(&self) -> f64 {
@@ -241,8 +247,11 @@ pub const REBALANCE_LEAD: Duration = Duration::from_secs(5);
 /// most for it (a session that makes no request in the ramp moves at its
 /// next one within this time). After it, sessions born elsewhere stay where
 /// they are: moving every session to its heaviest member all the time would
-/// move most new sessions once, for nothing.
-pub const REBALANCE_HOLD: Duration = Duration::from_secs(600);
+/// move most new sessions once, for nothing. Kept short for the same
+/// reason: a session born on an old member while the window is open moves
+/// once if it weighs most for the newcomer; one that is idle through the
+/// whole window stays (an idle session is no load).
+pub const REBALANCE_HOLD: Duration = Duration::from_secs(60);
 
 pub struct Router {
     pub method: LbMethod,
@@ -254,6 +263,11 @@ pub struct Router {
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Wall-clock time in unix milliseconds.
+pub fn unix_now_ms() -> u64 {
+    unix_ms(SystemTime::now())
 }
 
 fn millis(d: Duration) -> u64 {
@@ -337,10 +351,10 @@ impl Router {
         match members.iter().find(|m| m.route == session.route) {
             Some(member) => {
                 if member.takes_sticky() && untried(member) {
-                    if tried.is_empty() {
-                        if let Some(newcomer) = self.rebalance_target(members, session, member, now_ms) {
-                            return Ok((newcomer.clone(), Choice::Rebalanced));
-                        }
+                    if tried.is_empty()
+                        && let Some(newcomer) = self.rebalance_target(members, session, member, now_ms)
+                    {
+                        return Ok((newcomer.clone(), Choice::Rebalanced));
                     }
                     return Ok((member.clone(), Choice::Sticky));
                 }

@@ -528,6 +528,9 @@ pub struct Rebalance {
     /// 1/N of them with N ready nodes. It renames each moved session for
     /// itself; the session's data is already there (replicated). `false`:
     /// existing sessions stay on their node; only new sessions reach it.
+    /// Applies with `sessions.replication: all` only (with `none` the new
+    /// node has no copy; with `backup` moved sessions lost updates in our
+    /// tests).
     #[serde(default = "default_true")]
     pub enabled: bool,
 

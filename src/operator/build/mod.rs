@@ -626,7 +626,9 @@ impl Parts<'_> {
         if balancer.access_log {
             args.push("--access-log".to_string());
         }
-        if balancer.rebalance.enabled {
+        // Moving a session needs every node to hold it: `replication: all`.
+        // (`none`: the new node has no copy; `backup`: see the README.)
+        if balancer.rebalance.enabled && spec.sessions.replication == Replication::All {
             // The nodes' Pods give the Ready times every replica shares.
             args.extend([
                 "--rebalance-ramp".to_string(),

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use super::*;
-use crate::crd::ClusterApp;
+use crate::crd::{ClusterApp, Replication};
 
 const AJP_SECRET: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 const TRIBES_KEY: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
@@ -226,9 +226,7 @@ fn balancer_runs_with_the_agreed_flags() {
         "balancer --kubernetes-service store/cart-nodes --listen 0.0.0.0:80 --admin-listen 0.0.0.0:9090 \
          --ajp-secret-file /etc/clusterapp/ajp/secret --packet-size 65536 --sticky-cookie CARTSESSION \
          --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover --access-log \
-         --rebalance-ramp 90s --kubernetes-pod-selector \
-         app.kubernetes.io/component=session-node,app.kubernetes.io/instance=cart,app.kubernetes.io/name=clusterapp \
-         --tls-listen 0.0.0.0:443 --tls-cert-file /etc/clusterapp/tls/tls.crt --tls-key-file /etc/clusterapp/tls/tls.key \
+         --rebalance-ramp 0s --tls-listen 0.0.0.0:443 --tls-cert-file /etc/clusterapp/tls/tls.crt --tls-key-file /etc/clusterapp/tls/tls.key \
          --tls-client-ca-file /etc/clusterapp/tls-client-ca/ca.crt --tls-require-client-cert"
     );
     assert_eq!(container.image.as_deref(), Some("registry.example/clusterapp:dev"));
@@ -242,12 +240,32 @@ fn balancer_runs_with_the_agreed_flags() {
     );
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(args.contains("--rebalance-ramp 30s --kubernetes-pod-selector "), "rebalancing on by default: {args}");
+    let mut slow = fixture("default");
+    slow.spec.balancer.rebalance.ramp_seconds = 90;
+    let children = build_children(&slow, &material(), &context()).expect("builds");
+    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
+    let args = container.args.clone().unwrap_or_default().join(" ");
+    assert!(
+        args.contains(
+            "--rebalance-ramp 90s --kubernetes-pod-selector \
+             app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp"
+        ),
+        "{args}"
+    );
     let mut off = fixture("default");
     off.spec.balancer.rebalance.enabled = false;
     let children = build_children(&off, &material(), &context()).expect("builds");
     let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(args.contains("--rebalance-ramp 0s") && !args.contains("--kubernetes-pod-selector"), "off: {args}");
+    for replication in [Replication::Backup, Replication::None] {
+        let mut app = fixture("default");
+        app.spec.sessions.replication = replication;
+        let children = build_children(&app, &material(), &context()).expect("builds");
+        let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
+        let args = container.args.clone().unwrap_or_default().join(" ");
+        assert!(args.contains("--rebalance-ramp 0s"), "{replication:?}: no rebalancing: {args}");
+    }
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(args.contains("--drain-timeout 5s"), "half of the default drainSeconds (10): {args}");
     assert_eq!(

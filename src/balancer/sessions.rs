@@ -1,0 +1,203 @@
+//! How many sessions each member serves: an estimate of the distinct
+//! session ids whose requests reached it in the last minutes.
+//!
+//! Each member keeps a HyperLogLog sketch per minute (1024 one-byte
+//! registers, about 3 % standard error) of the hashes of the session bases
+//! it served. A sketch's union with another is the register-wise maximum,
+//! so the minutes of one balancer, and the sketches of every balancer
+//! replica (a browser's requests of one session reach several of them),
+//! merge without counting a session twice: the operator merges the
+//! replicas' `/sessions.json` into `status.members[].sessions`.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+/// log2 of the number of registers.
+pub const PRECISION: u32 = 10;
+/// Registers per sketch.
+pub const REGISTERS: usize = 1 << PRECISION;
+/// Length of one window, ms.
+pub const WINDOW_MS: u64 = 60_000;
+/// The estimate covers this many windows: the current one and the ones
+/// before it (a session counts as active while it made a request in them).
+pub const ACTIVE_WINDOWS: u64 = 5;
+const SLOTS: usize = ACTIVE_WINDOWS as usize + 1;
+
+struct Window {
+    /// Index of the minute (unix ms / WINDOW_MS) the registers are for, + 1
+    /// (0: empty).
+    minute: AtomicU64,
+    registers: Box<[AtomicU8]>,
+}
+
+/// The per-minute sketches of one member.
+pub struct SessionSketch {
+    windows: [Window; SLOTS],
+    /// Held only to reset a window for a new minute.
+    rotating: Mutex<()>,
+}
+
+impl Default for SessionSketch {
+    fn default() -> Self {
+        SessionSketch {
+            windows: std::array::from_fn(|_| Window {
+                minute: AtomicU64::new(0),
+                registers: (0..REGISTERS).map(|_| AtomicU8::new(0)).collect(),
+            }),
+            rotating: Mutex::new(()),
+        }
+    }
+}
+
+/// Register index and rank of a 64-bit hash.
+fn register_of(hash: u64) -> (usize, u8) {
+    let index = (hash >> (64 - PRECISION)) as usize;
+    // Rank: position of the first 1 bit in the remaining bits (1-based),
+    // capped by their number.
+    let rest = hash << PRECISION;
+    let rank = (rest.leading_zeros() + 1).min(64 - PRECISION + 1);
+    (index, rank as u8)
+}
+
+impl SessionSketch {
+    /// Counts the session whose base hashes to `hash` at `now_ms` (unix ms).
+    pub fn record(&self, hash: u64, now_ms: u64) {
+        let minute = now_ms / WINDOW_MS + 1;
+        let window = &self.windows[(minute % SLOTS as u64) as usize];
+        if window.minute.load(Ordering::Acquire) != minute {
+            let _guard = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
+            if window.minute.load(Ordering::Acquire) != minute {
+                // A request recorded into this window meanwhile may be lost:
+                // the estimate is an estimate.
+                for r in window.registers.iter() {
+                    r.store(0, Ordering::Relaxed);
+                }
+                window.minute.store(minute, Ordering::Release);
+            }
+        }
+        let (index, rank) = register_of(hash);
+        window.registers[index].fetch_max(rank, Ordering::Relaxed);
+    }
+
+    /// The union of the windows of the last [`ACTIVE_WINDOWS`] minutes.
+    pub fn registers(&self, now_ms: u64) -> Vec<u8> {
+        let current = now_ms / WINDOW_MS + 1;
+        let mut merged = vec![0u8; REGISTERS];
+        for window in &self.windows {
+            let minute = window.minute.load(Ordering::Acquire);
+            if minute == 0 || minute > current || current - minute >= ACTIVE_WINDOWS {
+                continue;
+            }
+            for (m, r) in merged.iter_mut().zip(window.registers.iter()) {
+                *m = (*m).max(r.load(Ordering::Relaxed));
+            }
+        }
+        merged
+    }
+}
+
+/// Merges `other` into `into` (register-wise maximum). Sketches of another
+/// length are left out (`false`).
+pub fn merge(into: &mut [u8], other: &[u8]) -> bool {
+    if into.len() != other.len() {
+        return false;
+    }
+    for (a, b) in into.iter_mut().zip(other) {
+        *a = (*a).max(*b);
+    }
+    true
+}
+
+/// The HyperLogLog estimate of a sketch's distinct count, with the
+/// linear-counting correction for small counts (the usual case here: tens
+/// to thousands of sessions per node).
+pub fn estimate(registers: &[u8]) -> f64 {
+    let m = registers.len() as f64;
+    if registers.is_empty() {
+        return 0.0;
+    }
+    let alpha = 0.7213 / (1.0 + 1.079 / m);
+    let sum: f64 = registers.iter().map(|r| 2f64.powi(-i32::from(*r))).sum();
+    let raw = alpha * m * m / sum;
+    let zeros = registers.iter().filter(|r| **r == 0).count();
+    if raw <= 2.5 * m && zeros > 0 { m * (m / zeros as f64).ln() } else { raw }
+}
+
+/// Text form of a sketch for `/sessions.json`: one hex digit pair per
+/// register would be 2 KiB; registers are small, so run-length is not worth
+/// it either: base64 of the bytes.
+pub fn encode(registers: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(registers)
+}
+
+/// The sketch of [`encode`]'s text; `None` for text that is not one.
+pub fn decode(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    (bytes.len() == REGISTERS && bytes.iter().all(|r| u32::from(*r) <= 64 - PRECISION + 1)).then_some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(i: u64) -> u64 {
+        // the balancer's own session hash of a Tomcat-like id
+        crate::balancer::routing::SessionWeigher::new(&format!("{:032X}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .sketch_hash()
+    }
+
+    #[test]
+    fn estimates_are_within_a_few_percent() {
+        for n in [1u64, 10, 100, 1000, 20_000] {
+            let s = SessionSketch::default();
+            for i in 0..n {
+                s.record(hash(i), 5 * WINDOW_MS);
+                s.record(hash(i), 5 * WINDOW_MS + 10); // again: counted once
+            }
+            let e = estimate(&s.registers(5 * WINDOW_MS));
+            let error = (e - n as f64).abs() / n as f64;
+            assert!(error < 0.08, "{n} sessions estimated as {e:.1}");
+        }
+    }
+
+    #[test]
+    fn replicas_merge_without_counting_a_session_twice() {
+        let (a, b) = (SessionSketch::default(), SessionSketch::default());
+        for i in 0..600 {
+            a.record(hash(i), 0);
+        }
+        for i in 300..900 {
+            b.record(hash(i), 0);
+        }
+        let mut union = a.registers(0);
+        assert!(merge(&mut union, &b.registers(0)));
+        let e = estimate(&union);
+        assert!((850.0..950.0).contains(&e), "900 distinct sessions estimated as {e:.1}");
+        assert!(!merge(&mut union, &[0u8; 16]), "another length is refused");
+        let text = encode(&union);
+        assert_eq!(decode(&text).as_deref(), Some(union.as_slice()));
+        assert_eq!(decode("not base64!"), None);
+        assert_eq!(decode(&encode(&[0u8; 16])), None, "wrong length");
+        assert_eq!(decode(&encode(&[200u8; REGISTERS])), None, "impossible rank");
+    }
+
+    #[test]
+    fn sessions_age_out_after_the_active_windows() {
+        let s = SessionSketch::default();
+        for i in 0..100 {
+            s.record(hash(i), 0);
+        }
+        for i in 100..150 {
+            s.record(hash(i), 3 * WINDOW_MS);
+        }
+        let at = |minute: u64| estimate(&s.registers(minute * WINDOW_MS)).round() as i64;
+        assert!((140..=160).contains(&at(4)), "both minutes count: {}", at(4));
+        assert!((45..=55).contains(&at(5)), "the first minute aged out: {}", at(5));
+        assert_eq!(at(8), 0, "all aged out");
+        // minute 6 reuses minute 0's slot, which starts empty again
+        s.record(hash(1000), 6 * WINDOW_MS);
+        assert!((46..=56).contains(&at(6)), "minute 3's sessions and one new: {}", at(6));
+    }
+}
