@@ -406,22 +406,27 @@ mod tests {
     use http::HeaderValue;
     use std::time::{Duration, Instant};
 
-    fn members(states: &[(&str, MemberState)]) -> Vec<Arc<Member>> {
+    /// Members with these routes and states (and ready times, unix ms;
+    /// `None`: when the member was made).
+    fn members_since(list: &[(&str, MemberState, Option<u64>)]) -> Vec<Arc<Member>> {
         let metrics = Metrics::new();
-        states
-            .iter()
+        list.iter()
             .enumerate()
-            .map(|(i, (route, state))| {
+            .map(|(i, (route, state, since_ms))| {
                 let spec = MemberSpec {
                     route: route.to_string(),
                     address: ([127, 0, 0, 1], 9000 + i as u16).into(),
                     state: *state,
                     terminating: false,
-                    ready_since: None,
+                    ready_since: since_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
                 };
                 Arc::new(Member::new(&spec, 4, &metrics))
             })
             .collect()
+    }
+
+    fn members(states: &[(&str, MemberState)]) -> Vec<Arc<Member>> {
+        members_since(&states.iter().map(|(r, s)| (*r, *s, None)).collect::<Vec<_>>())
     }
 
     fn key(id: &str) -> Option<SessionKey<'_>> {
@@ -671,21 +676,7 @@ mod tests {
     }
 
     fn ready_at(routes: &[(&str, u64)]) -> Vec<Arc<Member>> {
-        let metrics = Metrics::new();
-        routes
-            .iter()
-            .enumerate()
-            .map(|(i, (route, since_ms))| {
-                let spec = MemberSpec {
-                    route: route.to_string(),
-                    address: ([127, 0, 0, 1], 9100 + i as u16).into(),
-                    state: MemberState::Ready,
-                    terminating: false,
-                    ready_since: Some(UNIX_EPOCH + Duration::from_millis(*since_ms)),
-                };
-                Arc::new(Member::new(&spec, 4, &metrics))
-            })
-            .collect()
+        members_since(&routes.iter().map(|(r, ms)| (*r, MemberState::Ready, Some(*ms))).collect::<Vec<_>>())
     }
 
     #[test]
