@@ -15,7 +15,11 @@
 # Environment: CLUSTERAPP_STATE (state folder), CLUSTERAPP_CACHE (binaries),
 # CLUSTERAPP_APISERVER_EXTRA_SANS (more subjectAltNames for the serving
 # certificate, e.g. IP:10.200.0.1), CLUSTERAPP_APISERVER_EXTRA_ARGS (more
-# kube-apiserver flags, split on spaces).
+# kube-apiserver flags, split on spaces), CLUSTERAPP_APISERVER_ADDRESS (real
+# nodes, tests/bed/nodes/nodes.sh: the API server listens on and advertises
+# this local address instead of 127.0.0.1, so Pods reach it through the
+# `kubernetes` Service, whose endpoint it maintains; it also gets a client
+# certificate for the kubelets and checks theirs against the cluster CA).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,6 +38,7 @@ ADMIN_KUBECONFIG="$STATE/admin.kubeconfig"
 SERVICE_CIDR="10.96.0.0/16"  # numbers for Service objects only: nothing routes there
 SERVICE_IP="10.96.0.1"         # the "kubernetes" Service; the process kubelet forwards it to the API server
 NODE_NAME="${CLUSTERAPP_NODE_NAME:-clusterapp-node}"
+APISERVER_ADDRESS="${CLUSTERAPP_APISERVER_ADDRESS:-127.0.0.1}"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 # One `up` or `down` at a time per state folder: a watchdog's `down` for an
@@ -108,7 +113,7 @@ apiserver_ready() {
   # shellcheck disable=SC1090
   source "$PORTS"
   [[ "$(curl -s --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
-        "https://127.0.0.1:$APISERVER_PORT/readyz" 2>/dev/null)" == "ok" ]]
+        "https://$APISERVER_ADDRESS:$APISERVER_PORT/readyz" 2>/dev/null)" == "ok" ]]
 }
 
 default_service_account_exists() {
@@ -203,12 +208,16 @@ make_pki() {
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
     -out "$PKI/ca.crt" 2>/dev/null
   sign apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local${CLUSTERAPP_APISERVER_EXTRA_SANS:+,$CLUSTERAPP_APISERVER_EXTRA_SANS}"
+    "IP:127.0.0.1,IP:$APISERVER_ADDRESS,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local${CLUSTERAPP_APISERVER_EXTRA_SANS:+,$CLUSTERAPP_APISERVER_EXTRA_SANS}"
   sign admin "/O=system:masters/CN=clusterapp-admin"
   sign controller-manager "/CN=system:kube-controller-manager"
   sign scheduler "/CN=system:kube-scheduler"
   # the process kubelet (tests/kubelet) registers this node
   sign node "/O=system:nodes/CN=system:node:$NODE_NAME"
+  # the API server's identity towards real kubelets (logs, exec, port-forward)
+  if [[ $APISERVER_ADDRESS != 127.0.0.1 ]]; then
+    sign apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client"
+  fi
   # ServiceAccount token signing key pair
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
@@ -225,7 +234,7 @@ kind: Config
 clusters:
 - name: local
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$APISERVER_ADDRESS:$APISERVER_PORT
     certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
 users:
 - name: $user
@@ -273,17 +282,28 @@ EOF
     --unsafe-no-fsync --log-level warn
   wait_for etcd 30 curl -sf --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" -o /dev/null
 
-  log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
+  # Real nodes: Pods reach the API server through the `kubernetes` Service,
+  # so it listens on a node-network address and keeps that Service's
+  # endpoint (lease reconciler); it talks to the kubelets with a client
+  # certificate of its own and checks theirs against the cluster CA.
+  local apiserver_node_args=(--endpoint-reconciler-type none)
+  if [[ $APISERVER_ADDRESS != 127.0.0.1 ]]; then
+    apiserver_node_args=(--endpoint-reconciler-type lease
+      --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$PKI/apiserver-kubelet-client.key"
+      --kubelet-certificate-authority "$PKI/ca.crt")
+  fi
+  log "starting kube-apiserver on https://$APISERVER_ADDRESS:$APISERVER_PORT"
   start kube-apiserver "$KUBE_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --bind-address "$APISERVER_ADDRESS" --advertise-address "$APISERVER_ADDRESS" --secure-port "$APISERVER_PORT" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" \
     --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
-    --endpoint-reconciler-type none \
+    "${apiserver_node_args[@]}" \
     --allow-privileged \
     --profiling=false \
     --cert-dir "$STATE/apiserver-certs" \
