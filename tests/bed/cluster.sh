@@ -35,8 +35,10 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"          # lines: NAME PID
 PORTS="$STATE/ports.env"    # ETCD_PORT=… APISERVER_PORT=… …
 ADMIN_KUBECONFIG="$STATE/admin.kubeconfig"
-SERVICE_CIDR="10.96.0.0/16"  # numbers for Service objects only: nothing routes there
-SERVICE_IP="10.96.0.1"         # the "kubernetes" Service; the process kubelet forwards it to the API server
+# numbers for Service objects only: nothing routes there (real nodes use a
+# range of their own, so their kube-proxy never takes another cluster's IPs)
+SERVICE_CIDR="${CLUSTERAPP_SERVICE_CIDR:-10.96.0.0/16}"
+SERVICE_IP="${CLUSTERAPP_SERVICE_IP:-10.96.0.1}"  # the "kubernetes" Service; the process kubelet forwards it to the API server
 NODE_NAME="${CLUSTERAPP_NODE_NAME:-clusterapp-node}"
 APISERVER_ADDRESS="${CLUSTERAPP_APISERVER_ADDRESS:-127.0.0.1}"
 
