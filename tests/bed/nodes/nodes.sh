@@ -306,6 +306,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   sandbox_image = "bed.clusterapp.local/pause:1"
   # this VM grants no CAP_SYS_RESOURCE: runc cannot set negative OOM scores
   restrict_oom_score_adj = true
+  # Pod network namespaces under the node folder, not /run/netns
+  netns_mounts_under_state_dir = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_selinux = false
@@ -664,6 +666,8 @@ down_all() {
   fi
   for name in kube-proxy $(awk '$1 ~ /^containerd-/ {print $1}' "$PIDS" 2>/dev/null); do stop_pid "$(pid_of "$name")" "$STATE/" 10; done
   registry_stop "$STATE/registry"
+  # the control plane stops in order (cluster.sh, by PID) before the sweep below
+  bash "$repo/tests/bed/cluster.sh" down >/dev/null 2>&1 || true
   # 2. anything left: shims by command line, container processes by cgroup
   local left
   left="$( (our_pids; cgroup_procs "${roots[@]}") | sort -u | grep -vx "$$" || true)"
@@ -741,8 +745,6 @@ down_all() {
       [[ "$(sysctl -n "$k" 2>/dev/null)" == "$v" ]] || sysctl -qw "$k=$v" 2>/dev/null || log "could not restore $k=$v"
     done < "$BEFORE/sysctls"
   fi
-  # 9. the control plane
-  bash "$repo/tests/bed/cluster.sh" down >/dev/null 2>&1 || true
   rm -rf "$NODES" "$BEFORE"
 }
 
@@ -809,6 +811,9 @@ status() {
   kubectl get nodes -o wide 2>/dev/null || true
   echo "KUBECONFIG=$ADMIN_KUBECONFIG"
 }
+
+# sourced (tests, experiments): functions only
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
 case "${1:-}" in
   up) up ;;
