@@ -293,7 +293,9 @@ EOF
     apiserver_node_args=(--endpoint-reconciler-type lease
       --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
       --kubelet-client-key "$PKI/apiserver-kubelet-client.key"
-      --kubelet-certificate-authority "$PKI/ca.crt")
+      --kubelet-certificate-authority "$PKI/ca.crt"
+      # by node IP: a node's name is no host name anyone can resolve
+      --kubelet-preferred-address-types InternalIP)
   fi
   log "starting kube-apiserver on https://$APISERVER_ADDRESS:$APISERVER_PORT"
   start kube-apiserver "$KUBE_BIN/kube-apiserver" \

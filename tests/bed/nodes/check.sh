@@ -32,6 +32,9 @@ failures=0
 pass() { printf '[check] ok    %s\n' "$*" >&2; }
 fail() { printf '[check] FAIL  %s\n' "$*" >&2; failures=$((failures + 1)); }
 
+# the images this check runs (cached: nothing is built when nothing changed)
+bash "$here/images.sh" counter-app
+
 if (( do_up )); then
   t=$SECONDS
   line="$(bash "$here/nodes.sh" up | tail -n 1)"

@@ -163,7 +163,7 @@ clusterapp_binary() {
   (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --quiet -p clusterapp \
       --target x86_64-unknown-linux-musl) || die "clusterapp: cargo build for x86_64-unknown-linux-musl failed"
   local bin="$target/x86_64-unknown-linux-musl/release/clusterapp"
-  file "$bin" 2>/dev/null | grep -q 'statically linked' || [[ ! -x /usr/bin/file ]] \
+  file "$bin" 2>/dev/null | grep -qE "statically linked|static-pie linked" || [[ ! -x /usr/bin/file ]] \
     || die "clusterapp: $bin is not statically linked"
   copy_if_changed "$bin" "$dir/clusterapp"
   log "clusterapp: binary ready in $((SECONDS - started)) s"

@@ -76,7 +76,7 @@ http:
 YML
   # no tracing exporter: the registry must not try to reach a collector
   OTEL_TRACES_EXPORTER=none OTEL_SDK_DISABLED=true \
-    setsid "$REGISTRY_BIN/registry" serve "$dir/registry.yml" </dev/null >"$dir/registry.log" 2>&1 &
+    setsid "$REGISTRY_BIN/registry" serve "$dir/registry.yml" </dev/null >"$dir/registry.log" 2>&1 8>&- 9>&- &
   echo $! > "$dir/registry.pid"
   echo "REGISTRY_ADDR=$REGISTRY_ADDR" > "$dir/registry.env"
   local deadline=$((SECONDS + 15))

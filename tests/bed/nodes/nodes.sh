@@ -74,7 +74,9 @@ SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
   fs.inotify.max_user_instances fs.inotify.max_user_watches)
 # Host paths outside the state folder that containerd 1.6, libcni and the
 # kubelet use whatever they are told.
-HOST_PATHS=(/run/containerd /var/lib/cni /var/log/containers /run/netns)
+# (/var/lib/kubelet: the device-plugin socket's folder is fixed, whatever
+# the root dir.)
+HOST_PATHS=(/run/containerd /var/lib/cni /var/log/containers /var/lib/kubelet /run/netns)
 
 kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$ADMIN_KUBECONFIG" --request-timeout=10s "$@"; }
 crictl_node() { local i="$1"; shift; "$CRICTL_BIN/crictl" --timeout 20s --runtime-endpoint "unix://$NODES/$i/containerd/containerd.sock" "$@"; }
@@ -97,8 +99,16 @@ preflight() {
     || die "kernel feature missing: br_netfilter (bridge netfilter; Service traffic between Pods on one bridge needs it). Load it: modprobe br_netfilter"
   nft list tables >/dev/null 2>&1 \
     || die "kernel feature missing: nf_tables (nft list tables fails; the forwarding guard and kube-proxy's nftables mode need it). Load it: modprobe nf_tables"
-  [[ -d /sys/class/net ]] && ip link help 2>&1 | grep -q veth \
-    || die "veth links are not supported by this ip/kernel (CONFIG_VETH)"
+  if ip link add cacheck0 type veth peer name cacheck1 2>/dev/null; then
+    ip link del cacheck0
+  else
+    die "kernel feature missing: veth links (CONFIG_VETH; the CNI bridge plugin needs them). Load it: modprobe veth"
+  fi
+  if ip link add cacheck0 type bridge 2>/dev/null; then
+    ip link del cacheck0
+  else
+    die "kernel feature missing: bridges (CONFIG_BRIDGE). Load it: modprobe bridge"
+  fi
   if [[ -e /sys/fs/cgroup/cgroup.controllers ]]; then
     local ctrl
     for ctrl in cpu memory pids cpuset; do
@@ -568,7 +578,8 @@ up() {
   preflight
   bash "$repo/tests/bed/nodes/apt-deps.sh"
   bash "$repo/tests/bed/install.sh" --nodes --check >/dev/null 2>&1 || bash "$repo/tests/bed/install.sh" --nodes >/dev/null
-  bash "$here/images.sh"
+  # the images the nodes themselves run; `make images` builds the rest
+  bash "$here/images.sh" pause coredns
   record_host
   rm -rf "$NODES" "$LOGS"
   mkdir -p "$NODES" "$LOGS"
@@ -581,7 +592,7 @@ up() {
 
   local line rc=0
   line="$(CLUSTERAPP_APISERVER_ADDRESS=$HOST_IP CLUSTERAPP_SERVICE_CIDR=$SERVICE_CIDR CLUSTERAPP_SERVICE_IP=$SERVICE_IP \
-            bash "$repo/tests/bed/cluster.sh" up | tail -n 1)" || rc=$?
+            bash "$repo/tests/bed/cluster.sh" up 8>&- | tail -n 1)" || rc=$?
   if (( rc != 0 )); then log "the control plane did not start (logs in $STATE/logs)"; down_all >/dev/null 2>&1 || true; exit 1; fi
   [[ $line == "KUBECONFIG=$ADMIN_KUBECONFIG" ]] || { down_all >/dev/null 2>&1 || true; die "unexpected output from cluster.sh up: $line"; }
 
@@ -733,6 +744,9 @@ down_all() {
     if grep -qxF /var/log/containers "$BEFORE/paths"; then
       find /var/log/containers -maxdepth 1 -type l -lname "$STATE/*" -delete 2>/dev/null || true
     fi
+    if grep -qxF /var/lib/kubelet "$BEFORE/paths"; then
+      rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+    fi
     if grep -qxF /var/lib/cni "$BEFORE/paths"; then
       grep -rlF '"capod"' /var/lib/cni 2>/dev/null | xargs -r rm -f
     fi
@@ -770,7 +784,7 @@ leftovers() {
   while read -r m; do
     for p in "${roots[@]}"; do [[ -d $m/$p ]] && report "cgroup $m/$p"; done
   done < <(cgroup_mounts)
-  for p in /run/containerd /var/lib/cni /var/log/containers; do
+  for p in /run/containerd /var/lib/cni /var/log/containers /var/lib/kubelet; do
     if [[ -e $p ]] && ! grep -qxF "$p" "${1:-/dev/null}" 2>/dev/null; then report "path $p"; fi
   done
   [[ "$(sysctl -n net.ipv4.ip_forward)" == 0 ]] || echo "note: net.ipv4.ip_forward is 1 (it was not changed by the nodes)"
