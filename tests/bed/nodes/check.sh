@@ -5,6 +5,7 @@
 #      with a read-only root (a write to / fails) and becomes Ready (time printed)
 #   3. a client Pod on another node: `kubectl exec` and `kubectl logs` work
 #   4. a ClusterIP Service answers from that Pod, by name (cluster DNS)
+#   4b. the clusterapp image (static binary, nothing else) runs `clusterapp crd`
 #   5. idle CPU and RSS of each kubelet and containerd (after the test Pods are gone)
 #   6. with --down: `nodes.sh down`, which fails when anything is left
 #      (processes, mounts, netns, bridges, nft tables, KUBE-* chains, cgroups,
@@ -33,7 +34,7 @@ pass() { printf '[check] ok    %s\n' "$*" >&2; }
 fail() { printf '[check] FAIL  %s\n' "$*" >&2; failures=$((failures + 1)); }
 
 # the images this check runs (cached: nothing is built when nothing changed)
-bash "$here/images.sh" counter-app
+bash "$here/images.sh" counter-app clusterapp
 
 if (( do_up )); then
   t=$SECONDS
@@ -105,7 +106,7 @@ if k exec -n "$NS" counter -- sh -c 'echo x > /probe' >/dev/null 2>&1; then
 else
   pass "a write to / in the counter-app container fails (read-only root)"
 fi
-if k logs -n "$NS" counter 2>/dev/null | grep -q 'Server startup in'; then pass "kubectl logs shows Tomcat's startup line"; else fail "kubectl logs: no 'Server startup in'"; fi
+if [[ "$(k logs -n "$NS" counter 2>/dev/null)" == *'Server startup in'* ]]; then pass "kubectl logs shows Tomcat's startup line"; else fail "kubectl logs: no 'Server startup in'"; fi
 
 # 3. A client on another node
 counter_node="$(k get pod -n "$NS" counter -o jsonpath='{.spec.nodeName}')"
@@ -176,6 +177,27 @@ if k wait -n "$NS" pod/counter2 --for=condition=Ready --timeout=120s >/dev/null;
   pass "Tomcat Pod (image cached) Ready $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s after apply"
 else
   fail "counter2 not Ready"
+fi
+
+# 4b. The clusterapp image: non-root, read-only root, prints the CRD.
+k apply -n "$NS" -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: clusterapp-crd}
+spec:
+  restartPolicy: Never
+  securityContext: {runAsNonRoot: true}
+  containers:
+  - name: clusterapp
+    image: ghcr.io/clusterapp/clusterapp:0.1.0
+    args: [crd]
+    securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+EOF
+if k wait -n "$NS" pod/clusterapp-crd --for=jsonpath='{.status.phase}'=Succeeded --timeout=90s >/dev/null \
+   && [[ "$(k logs -n "$NS" clusterapp-crd)" == *'kind: CustomResourceDefinition'* ]]; then
+  pass "the clusterapp image runs (uid 65532 from the image, runAsNonRoot): 'clusterapp crd' printed the CRD"
+else
+  fail "the clusterapp image: $(k get pod -n "$NS" clusterapp-crd -o jsonpath='{.status.containerStatuses[0].state}')"
 fi
 
 k delete namespace "$NS" --wait=true --timeout=60s >/dev/null || fail "namespace $NS not deleted"
