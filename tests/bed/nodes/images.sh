@@ -78,7 +78,12 @@ build() {
       grep -E '^STEP ' "$logf" | sed 's/^/    /' >&2 || true
       log "$name: buildah failed building ${dockerfile#"$repo"/} — its output:"
       grep -vE '^(STEP |Getting image|Copying |Writing manifest|Storing signatures|--> )' "$logf" | tail -n 25 | sed 's/^/    /' >&2
-      die "$name: image build failed (Dockerfile ${dockerfile#"$repo"/}, full log $logf)"
+      # buildah names the step, not the line: find the line in the Dockerfile
+      local step line=""
+      step="$(sed -n 's/.*building at STEP "\([^"]*\)".*/\1/p' "$logf" | head -n 1)"
+      step="${step%% }"
+      [[ -z $step ]] || line="$(grep -nF -- "$step" "$dockerfile" | head -n 1 | cut -d: -f1)"
+      die "$name: image build failed at ${dockerfile#"$repo"/}${line:+:$line}${step:+ ($step)} (full log $logf)"
     fi
     grep -E '^STEP ' "$logf" | sed 's/^/    /' >&2 || true
     echo "$hash" > "$STAMPS/$name"

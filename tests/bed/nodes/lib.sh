@@ -29,7 +29,7 @@ registry_path() {
 pid_runs_ours() {
   local pid="$1" mark="$2" cmd
   [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
-  cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" || return 1
+  { cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline")"; } 2>/dev/null || return 1
   [[ $cmd == *"$mark"* ]]
 }
 
@@ -43,11 +43,13 @@ stop_pid() {
   if pid_runs_ours "$pid" "$mark"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.1; fi
 }
 
+# Below the kernel's ephemeral range (32768+), where a connection's local
+# port could take it between the check and the bind.
 free_local_port() {
   local p
   for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 30000 ))
-    if ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then echo "$p"; return 0; fi
+    p=$(( 20000 + RANDOM % 12000 ))
+    if ! ss -Htan "sport = :$p" 2>/dev/null | grep -q .; then echo "$p"; return 0; fi
   done
   die "no free TCP port found on 127.0.0.1"
 }
