@@ -655,7 +655,7 @@ up() {
 our_pids() {
   local p cmd
   for p in /proc/[0-9]*; do
-    cmd="$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" || continue
+    { cmd="$(tr '\0' ' ' < "$p/cmdline")"; } 2>/dev/null || continue
     [[ $cmd == *"$STATE/"* ]] && echo "${p#/proc/}"
   done
   true
