@@ -78,5 +78,6 @@ nodes: nodes-tools
 nodes-down:
 	@bash tests/bed/nodes/nodes.sh down
 
+# starts the nodes when they do not run yet (and leaves them running)
 nodes-check: nodes-tools
-	@bash tests/bed/nodes/check.sh
+	@bash tests/bed/nodes/check.sh --up

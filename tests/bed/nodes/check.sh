@@ -5,6 +5,7 @@
 #      with a read-only root (a write to / fails) and becomes Ready (time printed)
 #   3. a client Pod on another node: `kubectl exec` and `kubectl logs` work
 #   4. a ClusterIP Service answers from that Pod, by name (cluster DNS)
+#   4a. a NodePort on a node IP answers from the host; kubectl port-forward works
 #   4b. the clusterapp image (static binary, nothing else) runs `clusterapp crd`
 #   5. idle CPU and RSS of each kubelet and containerd (after the test Pods are gone)
 #   6. with --down: `nodes.sh down`, which fails when anything is left
@@ -155,6 +156,33 @@ done
 [[ $answer == *" 200"* ]] && pass "the ClusterIP Service answers from a Pod on another node: $answer" || fail "Service http://counter/counter/ from the client: '$answer'"
 code="$(k exec -n "$NS" client -- bash -c 'exec 3<>/dev/tcp/kubernetes.default.svc/443 && echo open' 2>/dev/null || true)"
 [[ $code == open ]] && pass "the API server is reachable from a Pod through the kubernetes Service" || fail "kubernetes.default.svc:443 not reachable from a Pod"
+
+# NodePort on a node IP (nftables mode has no 127.0.0.1 NodePorts), from the host.
+k expose -n "$NS" pod counter --name counter-np --type NodePort --port 80 --target-port 8080 >/dev/null
+np="$(k get service -n "$NS" counter-np -o jsonpath='{.spec.ports[0].nodePort}')"
+code=""
+for _ in $(seq 1 20); do
+  code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://10.201.0.12:$np/counter/" || true)"
+  [[ $code == 200 ]] && break
+  sleep 0.5
+done
+[[ $code == 200 ]] && pass "NodePort $np on node IP 10.201.0.12 answers 200 (Pod on $counter_node)" || fail "NodePort 10.201.0.12:$np: '$code'"
+
+# kubectl port-forward through the API server and the kubelet.
+pf_log="$(mktemp)"
+k port-forward -n "$NS" pod/counter 0:8080 >"$pf_log" 2>&1 &
+pf_pid=$!
+pf_port=""
+for _ in $(seq 1 50); do
+  pf_port="$(sed -n 's/^Forwarding from 127.0.0.1:\([0-9]*\) .*/\1/p' "$pf_log" | head -n 1)"
+  [[ -n $pf_port ]] && break
+  sleep 0.2
+done
+code="$( [[ -n $pf_port ]] && curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$pf_port/counter/" || true)"
+kill "$pf_pid" 2>/dev/null || true
+wait "$pf_pid" 2>/dev/null || true
+[[ $code == 200 ]] && pass "kubectl port-forward to the counter Pod answers 200" || fail "kubectl port-forward: '$code' ($(head -c 300 "$pf_log"))"
+rm -f "$pf_log"
 
 # The Tomcat start alone, image already on the node: a second Pod on the same node.
 k apply -n "$NS" -f - >/dev/null <<EOF
