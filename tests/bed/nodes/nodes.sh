@@ -662,7 +662,7 @@ our_pids() {
 }
 
 down_all() {
-  local i name pid roots=()
+  local i name pid roots=() t_down=$SECONDS
   for ((i = 1; i <= 9; i++)); do roots+=("$(cgroup_root "$i")"); done
   # 1. kubelets first, so nothing restarts Pods; then every Pod sandbox
   #    through its containerd (CNI DEL: veth and IP released), then the daemons.
@@ -677,8 +677,16 @@ down_all() {
   fi
   for name in kube-proxy $(awk '$1 ~ /^containerd-/ {print $1}' "$PIDS" 2>/dev/null); do stop_pid "$(pid_of "$name")" "$STATE/" 10; done
   registry_stop "$STATE/registry"
-  # the control plane stops in order (cluster.sh, by PID) before the sweep below
+  log "down: Pods removed, daemons stopped ($((SECONDS - t_down)) s)"
+  # the control plane stops in order (cluster.sh, by PID) before the sweep
+  # below. The API server goes first, while etcd still runs: with the lease
+  # endpoint reconciler it removes its endpoint as it shuts down, and would
+  # otherwise wait for the etcd that cluster.sh stops at the same time.
+  local apiserver_pid
+  apiserver_pid="$(awk '$1 == "kube-apiserver" {print $2}' "$STATE/pids" 2>/dev/null)"
+  [[ -z $apiserver_pid ]] || stop_pid "$apiserver_pid" "$STATE/" 10
   bash "$repo/tests/bed/cluster.sh" down >/dev/null 2>&1 || true
+  log "down: control plane stopped ($((SECONDS - t_down)) s)"
   # 2. anything left: shims by command line, container processes by cgroup
   local left
   left="$( (our_pids; cgroup_procs "${roots[@]}") | sort -u | grep -vx "$$" || true)"
@@ -729,6 +737,7 @@ down_all() {
       done
     done
   done
+  log "down: mounts, links, nft tables removed ($((SECONDS - t_down)) s)"
   # 6. cgroups of the nodes
   cgroups_down "${roots[@]}"
   # 7. host paths: removed when they were not there before; else only ours
