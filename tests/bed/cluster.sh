@@ -123,15 +123,17 @@ default_service_account_exists() {
     -o name --request-timeout=2s >/dev/null 2>&1
 }
 
-# A free TCP port on 127.0.0.1 that no one listens on and we have not handed
-# out yet in this run.
+# A free TCP port on 127.0.0.1 that no socket uses and we have not handed
+# out yet in this run. Below the kernel's ephemeral range (32768+): there, a
+# busy machine's outgoing connections took the port between this check and
+# etcd's bind three times in a row (seen while another suite ran).
 taken=" "
 free_port() {
   local p
   for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 30000 ))
+    p=$(( 20000 + RANDOM % 12000 ))
     [[ $taken == *" $p "* ]] && continue
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && ! ss -Htan "sport = :$p" 2>/dev/null | grep -q .; then
       taken+="$p "
       echo "$p"; return 0
     fi
