@@ -5,7 +5,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CLUSTERAPP_CACHE ?= $(HOME)/.cache/clusterapp
 
-.PHONY: help deps tools build cluster cluster-down test demo bench deploy fuzz
+.PHONY: help deps tools build cluster cluster-down test demo bench deploy fuzz \
+        nodes-deps nodes-tools images nodes nodes-down nodes-check
 
 help:
 	@echo "make demo          run the operator on a local cluster with a sample ClusterApp"
@@ -14,6 +15,10 @@ help:
 	@echo "make fuzz          the balancer's cargo-fuzz targets, FUZZ_SECONDS (60) each"
 	@echo "make cluster       start the local control plane (last line: KUBECONFIG=...)"
 	@echo "make cluster-down  stop it"
+	@echo "make images        build our images with buildah into the local registry (cached)"
+	@echo "make nodes         control plane + 3 real nodes (containerd, kubelet), kube-proxy, CoreDNS"
+	@echo "make nodes-check   check the real nodes (Pods, exec/logs, Services, DNS)"
+	@echo "make nodes-down    stop them and check that nothing is left"
 
 # Debian packages (tomcat10, apache2, wrk, chromium, ...), installed when missing.
 deps:
@@ -54,3 +59,25 @@ bench: tools
 FUZZ_SECONDS ?= 60
 fuzz:
 	bash tests/bed/fuzz.sh $(FUZZ_SECONDS)
+
+# Real nodes (tests/bed/nodes/, issue 10): not used by `make test` yet.
+# Debian packages: containerd, runc, CNI plugins, nftables, buildah, mmdebstrap.
+nodes-deps:
+	@bash tests/bed/nodes/apt-deps.sh
+
+# tools + CoreDNS, the distribution registry and crictl from their Go modules.
+nodes-tools: deps nodes-deps
+	@bash tests/bed/install.sh --nodes >/dev/null
+
+images: nodes-tools
+	@bash tests/bed/nodes/images.sh
+
+nodes: nodes-tools
+	@bash tests/bed/nodes/nodes.sh up
+
+nodes-down:
+	@bash tests/bed/nodes/nodes.sh down
+
+# starts the nodes when they do not run yet (and leaves them running)
+nodes-check: nodes-tools
+	@bash tests/bed/nodes/check.sh --up

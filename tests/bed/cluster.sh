@@ -15,7 +15,11 @@
 # Environment: CLUSTERAPP_STATE (state folder), CLUSTERAPP_CACHE (binaries),
 # CLUSTERAPP_APISERVER_EXTRA_SANS (more subjectAltNames for the serving
 # certificate, e.g. IP:10.200.0.1), CLUSTERAPP_APISERVER_EXTRA_ARGS (more
-# kube-apiserver flags, split on spaces).
+# kube-apiserver flags, split on spaces), CLUSTERAPP_APISERVER_ADDRESS (real
+# nodes, tests/bed/nodes/nodes.sh: the API server listens on and advertises
+# this local address instead of 127.0.0.1, so Pods reach it through the
+# `kubernetes` Service, whose endpoint it maintains; it also gets a client
+# certificate for the kubelets and checks theirs against the cluster CA).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,9 +35,12 @@ LOGS="$STATE/logs"
 PIDS="$STATE/pids"          # lines: NAME PID
 PORTS="$STATE/ports.env"    # ETCD_PORT=… APISERVER_PORT=… …
 ADMIN_KUBECONFIG="$STATE/admin.kubeconfig"
-SERVICE_CIDR="10.96.0.0/16"  # numbers for Service objects only: nothing routes there
-SERVICE_IP="10.96.0.1"         # the "kubernetes" Service; the process kubelet forwards it to the API server
+# numbers for Service objects only: nothing routes there (real nodes use a
+# range of their own, so their kube-proxy never takes another cluster's IPs)
+SERVICE_CIDR="${CLUSTERAPP_SERVICE_CIDR:-10.96.0.0/16}"
+SERVICE_IP="${CLUSTERAPP_SERVICE_IP:-10.96.0.1}"  # the "kubernetes" Service; the process kubelet forwards it to the API server
 NODE_NAME="${CLUSTERAPP_NODE_NAME:-clusterapp-node}"
+APISERVER_ADDRESS="${CLUSTERAPP_APISERVER_ADDRESS:-127.0.0.1}"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 # One `up` or `down` at a time per state folder: a watchdog's `down` for an
@@ -108,7 +115,7 @@ apiserver_ready() {
   # shellcheck disable=SC1090
   source "$PORTS"
   [[ "$(curl -s --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
-        "https://127.0.0.1:$APISERVER_PORT/readyz" 2>/dev/null)" == "ok" ]]
+        "https://$APISERVER_ADDRESS:$APISERVER_PORT/readyz" 2>/dev/null)" == "ok" ]]
 }
 
 default_service_account_exists() {
@@ -116,15 +123,17 @@ default_service_account_exists() {
     -o name --request-timeout=2s >/dev/null 2>&1
 }
 
-# A free TCP port on 127.0.0.1 that no one listens on and we have not handed
-# out yet in this run.
+# A free TCP port on 127.0.0.1 that no socket uses and we have not handed
+# out yet in this run. Below the kernel's ephemeral range (32768+): there, a
+# busy machine's outgoing connections took the port between this check and
+# etcd's bind three times in a row (seen while another suite ran).
 taken=" "
 free_port() {
   local p
   for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 30000 ))
+    p=$(( 20000 + RANDOM % 12000 ))
     [[ $taken == *" $p "* ]] && continue
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && ! ss -Htan "sport = :$p" 2>/dev/null | grep -q .; then
       taken+="$p "
       echo "$p"; return 0
     fi
@@ -203,12 +212,16 @@ make_pki() {
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
     -out "$PKI/ca.crt" 2>/dev/null
   sign apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local${CLUSTERAPP_APISERVER_EXTRA_SANS:+,$CLUSTERAPP_APISERVER_EXTRA_SANS}"
+    "IP:127.0.0.1,IP:$APISERVER_ADDRESS,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local${CLUSTERAPP_APISERVER_EXTRA_SANS:+,$CLUSTERAPP_APISERVER_EXTRA_SANS}"
   sign admin "/O=system:masters/CN=clusterapp-admin"
   sign controller-manager "/CN=system:kube-controller-manager"
   sign scheduler "/CN=system:kube-scheduler"
   # the process kubelet (tests/kubelet) registers this node
   sign node "/O=system:nodes/CN=system:node:$NODE_NAME"
+  # the API server's identity towards real kubelets (logs, exec, port-forward)
+  if [[ $APISERVER_ADDRESS != 127.0.0.1 ]]; then
+    sign apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client"
+  fi
   # ServiceAccount token signing key pair
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
@@ -225,7 +238,7 @@ kind: Config
 clusters:
 - name: local
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$APISERVER_ADDRESS:$APISERVER_PORT
     certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
 users:
 - name: $user
@@ -273,17 +286,30 @@ EOF
     --unsafe-no-fsync --log-level warn
   wait_for etcd 30 curl -sf --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" -o /dev/null
 
-  log "starting kube-apiserver on https://127.0.0.1:$APISERVER_PORT"
+  # Real nodes: Pods reach the API server through the `kubernetes` Service,
+  # so it listens on a node-network address and keeps that Service's
+  # endpoint (lease reconciler); it talks to the kubelets with a client
+  # certificate of its own and checks theirs against the cluster CA.
+  local apiserver_node_args=(--endpoint-reconciler-type none)
+  if [[ $APISERVER_ADDRESS != 127.0.0.1 ]]; then
+    apiserver_node_args=(--endpoint-reconciler-type lease
+      --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$PKI/apiserver-kubelet-client.key"
+      --kubelet-certificate-authority "$PKI/ca.crt"
+      # by node IP: a node's name is no host name anyone can resolve
+      --kubelet-preferred-address-types InternalIP)
+  fi
+  log "starting kube-apiserver on https://$APISERVER_ADDRESS:$APISERVER_PORT"
   start kube-apiserver "$KUBE_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --bind-address "$APISERVER_ADDRESS" --advertise-address "$APISERVER_ADDRESS" --secure-port "$APISERVER_PORT" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" \
     --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
-    --endpoint-reconciler-type none \
+    "${apiserver_node_args[@]}" \
     --allow-privileged \
     --profiling=false \
     --cert-dir "$STATE/apiserver-certs" \

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds the local test bed's binaries from their Go modules, once per machine:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm.
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+#   kubelet, kube-proxy, helm; with --nodes also CoreDNS, the distribution
+#   registry and crictl (what real nodes need, tests/bed/nodes/).
 # They land in $CLUSTERAPP_CACHE (default ~/.cache/clusterapp), one folder per
 # pinned version, so a second run finds them and builds nothing.
 #
-#   tests/bed/install.sh            build what is missing, print the bin folders
-#   tests/bed/install.sh --check    exit 1 (and say what) if anything is missing
+#   tests/bed/install.sh [--nodes]            build what is missing, print the bin folders
+#   tests/bed/install.sh [--nodes] --check    exit 1 (and say what) if anything is missing
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -59,7 +61,13 @@ build_into() {
   log "$name: built in $((SECONDS - started)) s into $out"
 }
 
-kube_missing() { for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do [[ -x "$KUBE_BIN/$b" ]] || return 0; done; return 1; }
+KUBE_CONTROL_PLANE=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+KUBE_NODE=(kubelet kube-proxy)
+kube_missing() { for b in "${KUBE_CONTROL_PLANE[@]}" "${KUBE_NODE[@]}"; do [[ -x "$KUBE_BIN/$b" ]] || return 0; done; return 1; }
+kube_control_plane_missing() { for b in "${KUBE_CONTROL_PLANE[@]}"; do [[ -x "$KUBE_BIN/$b" ]] || return 0; done; return 1; }
+coredns_missing() { [[ -x "$COREDNS_BIN/coredns" ]] || return 0; return 1; }
+registry_missing() { [[ -x "$REGISTRY_BIN/registry" ]] || return 0; return 1; }
+crictl_missing() { [[ -x "$CRICTL_BIN/crictl" ]] || return 0; return 1; }
 etcd_missing() { [[ -x "$ETCD_BIN/etcd" ]] || return 0; return 1; }
 helm_missing() { [[ -x "$HELM_BIN/helm" ]] || return 0; return 1; }
 
@@ -97,11 +105,19 @@ build_kubernetes() {
     ld+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  build_into "kubernetes $KUBERNETES_VERSION" "$work" "$KUBE_BIN" "$ld" \
-    k8s.io/kubernetes/cmd/kube-apiserver \
-    k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kubectl
+  if kube_control_plane_missing; then
+    build_into "kubernetes $KUBERNETES_VERSION" "$work" "$KUBE_BIN" "$ld" \
+      "${KUBE_CONTROL_PLANE[@]/#/k8s.io/kubernetes/cmd/}" "${KUBE_NODE[@]/#/k8s.io/kubernetes/cmd/}"
+  else
+    # A cache from before kubelet and kube-proxy were part of this build:
+    # add them next to the control plane binaries (which may be running)
+    # instead of replacing the folder under their feet.
+    build_into "kubernetes $KUBERNETES_VERSION (node binaries)" "$work" "$KUBE_BIN.nodes" "$ld" \
+      "${KUBE_NODE[@]/#/k8s.io/kubernetes/cmd/}"
+    local b
+    for b in "${KUBE_NODE[@]}"; do mv -f "$KUBE_BIN.nodes/$b" "$KUBE_BIN/$b"; done
+    rm -rf "$KUBE_BIN.nodes"
+  fi
 }
 
 build_etcd() {
@@ -131,14 +147,64 @@ build_helm() {
   build_into "helm $HELM_VERSION" "$work" "$HELM_BIN" "$ld" helm.sh/helm/v3/cmd/helm
 }
 
-if [[ "${1:-}" == "--check" ]]; then
+# wrapper_module NAME MODULE VERSION: a go.mod that requires MODULE@VERSION,
+# in its own source folder; prints the folder.
+wrapper_module() {
+  local name="$1" module="$2" version="$3"
+  local work="$CACHE/src/$name-$version"
+  mkdir -p "$work"
+  printf 'module clusterapp.local/testbed/%s\n\ngo 1.26.0\n\nrequire %s %s\n' "$name" "$module" "$version" > "$work/go.mod"
+  echo "$work"
+}
+
+build_coredns() {
+  local work; work="$(wrapper_module coredns github.com/coredns/coredns "$COREDNS_VERSION")"
+  # CoreDNS's plugin list (core/plugin/zplugin.go) is generated and
+  # committed, so the module builds as published.
+  build_into "coredns $COREDNS_VERSION" "$work" "$COREDNS_BIN" \
+    "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" github.com/coredns/coredns
+}
+
+build_registry() {
+  local work; work="$(wrapper_module distribution github.com/distribution/distribution/v3 "$DISTRIBUTION_VERSION")"
+  build_into "distribution registry $DISTRIBUTION_VERSION" "$work" "$REGISTRY_BIN" \
+    "-X github.com/distribution/distribution/v3/version.version=$DISTRIBUTION_VERSION" \
+    github.com/distribution/distribution/v3/cmd/registry
+}
+
+build_crictl() {
+  local work; work="$(wrapper_module cri-tools sigs.k8s.io/cri-tools "$CRI_TOOLS_VERSION")"
+  build_into "crictl $CRI_TOOLS_VERSION" "$work" "$CRICTL_BIN" \
+    "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION" sigs.k8s.io/cri-tools/cmd/crictl
+}
+
+nodes=0
+check=0
+for arg in "$@"; do
+  case "$arg" in
+    --nodes) nodes=1 ;;
+    --check) check=1 ;;
+    *) die "unknown argument: $arg (usage: install.sh [--nodes] [--check])" ;;
+  esac
+done
+
+if (( check )); then
   missing=()
   kube_missing && missing+=("kubernetes $KUBERNETES_VERSION ($KUBE_BIN)")
   etcd_missing && missing+=("etcd $ETCD_VERSION ($ETCD_BIN)")
   helm_missing && missing+=("helm $HELM_VERSION ($HELM_BIN)")
+  if (( nodes )); then
+    coredns_missing && missing+=("coredns $COREDNS_VERSION ($COREDNS_BIN)")
+    registry_missing && missing+=("distribution registry $DISTRIBUTION_VERSION ($REGISTRY_BIN)")
+    crictl_missing && missing+=("crictl $CRI_TOOLS_VERSION ($CRICTL_BIN)")
+  fi
   if (( ${#missing[@]} )); then
     printf '[install] not built yet: %s\n' "${missing[@]}" >&2
-    printf '[install] run: make tools   (or tests/bed/install.sh)\n' >&2
+    if (( nodes )); then
+      printf '[install] run: make nodes-tools   (or tests/bed/install.sh --nodes)\n' >&2
+    else
+      printf '[install] run: make tools   (or tests/bed/install.sh)\n' >&2
+    fi
     exit 1
   fi
   exit 0
@@ -148,5 +214,11 @@ built=0
 if etcd_missing; then need_go; build_etcd; built=1; fi
 if kube_missing; then need_go; build_kubernetes; built=1; fi
 if helm_missing; then need_go; build_helm; built=1; fi
+if (( nodes )); then
+  if coredns_missing; then need_go; build_coredns; built=1; fi
+  if registry_missing; then need_go; build_registry; built=1; fi
+  if crictl_missing; then need_go; build_crictl; built=1; fi
+fi
 (( built )) || log "all binaries cached, nothing to build"
 printf '%s\n' "$ETCD_BIN" "$KUBE_BIN" "$HELM_BIN"
+(( nodes == 0 )) || printf '%s\n' "$COREDNS_BIN" "$REGISTRY_BIN" "$CRICTL_BIN"

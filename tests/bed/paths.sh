@@ -8,3 +8,7 @@ ETCD_BIN="$CACHE/etcd-$ETCD_VERSION/bin"
 # "-2": the second build recipe (with helm's Kubernetes version ldflags); a
 # new recipe gets a new folder so a cache from an older recipe is not used.
 HELM_BIN="$CACHE/helm-$HELM_VERSION-2/bin"
+# real nodes: cluster DNS, the local image registry, the CRI client
+COREDNS_BIN="$CACHE/coredns-$COREDNS_VERSION/bin"
+REGISTRY_BIN="$CACHE/distribution-$DISTRIBUTION_VERSION/bin"
+CRICTL_BIN="$CACHE/cri-tools-$CRI_TOOLS_VERSION/bin"
