@@ -285,6 +285,9 @@ async fn rebalance_after_scale_up(replication: &str) {
         }),
     )
     .await;
+    // The app's creation time is now or earlier: nodes ready later than two
+    // minutes after it are newcomers (the operator's --rebalance-after).
+    let created_by = Instant::now();
     let port = app.port;
     let mut tracked = Vec::with_capacity(SESSIONS);
     for _ in 0..SESSIONS {
@@ -312,6 +315,8 @@ async fn rebalance_after_scale_up(replication: &str) {
         .collect();
     let browsers = BrowserLoad::start(port, BROWSER_SESSIONS, BROWSER_WORKERS, BROWSER_PAUSE).await;
 
+    let start_grace = Duration::from_secs(125);
+    tokio::time::sleep(start_grace.saturating_sub(created_by.elapsed())).await;
     app.patch_spec(serde_json::json!({"replicas": 5})).await;
     app.wait_ready(5, Duration::from_secs(300)).await;
     let ready_at = Instant::now();

@@ -101,10 +101,18 @@ pub struct BalancerArgs {
     /// Rebalancing: after a member joins (scale-up, rolling update, a node's
     /// return), existing sessions that weigh most for it move to it, spread
     /// over this long from a few seconds after it became ready (the Pod's
-    /// `Ready` time with `--kubernetes-service`). Every replica moves a
-    /// session at the same instant, so none splits. 0: off.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "BALANCER_REBALANCE_RAMP")]
+    /// `Ready` time with `--kubernetes-pod-selector`). Every replica moves a
+    /// session at the same instant, so none splits. Needs every member to
+    /// hold every session (Tomcat DeltaManager). 0: off (the default; the
+    /// operator turns it on).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, env = "BALANCER_REBALANCE_RAMP")]
     pub rebalance_ramp: Duration,
+    /// Unix time (seconds) before which a member that became ready is no
+    /// newcomer: the members of a starting app come up one after another,
+    /// and its first sessions should stay where they were born. The operator
+    /// passes the ClusterApp's creation time plus two minutes.
+    #[arg(long, value_name = "UNIX_SECONDS", default_value_t = 0)]
+    pub rebalance_after: u64,
 
     /// Connect timeout to a member; keeps the cost of a dead node low.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]

@@ -118,7 +118,7 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
     };
     let mut router = Router::new(args.method, !args.no_failover);
     if !args.rebalance_ramp.is_zero() {
-        router = router.with_rebalancing(args.rebalance_ramp);
+        router = router.with_rebalancing(args.rebalance_ramp, args.rebalance_after.saturating_mul(1000));
     }
     Ok(Arc::new(Balancer::new(settings, pool_settings, args.pool_max_per_member, router, secret)))
 }

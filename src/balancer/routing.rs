@@ -258,6 +258,8 @@ pub struct Router {
     pub failover: bool,
     /// Rebalancing after a join: moves spread over this long; `None`: off.
     pub rebalance_ramp: Option<Duration>,
+    /// A member ready before this (unix ms) is no newcomer.
+    rebalance_after_ms: u64,
     next: AtomicUsize,
 }
 
@@ -276,19 +278,21 @@ fn millis(d: Duration) -> u64 {
 
 impl Router {
     pub fn new(method: LbMethod, failover: bool) -> Self {
-        Router { method, failover, rebalance_ramp: None, next: AtomicUsize::new(0) }
+        Router { method, failover, rebalance_ramp: None, rebalance_after_ms: 0, next: AtomicUsize::new(0) }
     }
 
-    /// Turns rebalancing after a join on, its moves spread over `ramp`.
-    pub fn with_rebalancing(mut self, ramp: Duration) -> Self {
+    /// Turns rebalancing after a join on, its moves spread over `ramp`, for
+    /// members that became ready at or after `after_ms` (unix ms).
+    pub fn with_rebalancing(mut self, ramp: Duration, after_ms: u64) -> Self {
         self.rebalance_ramp = Some(ramp);
+        self.rebalance_after_ms = after_ms;
         self
     }
 
     /// Whether a newcomer's rebalancing window is open at `now_ms` (unix ms).
     pub fn rebalance_window_open(&self, member: &Member, now_ms: u64) -> bool {
         match (self.rebalance_ramp, member.ready_since_unix_ms()) {
-            (Some(ramp), Some(since)) => {
+            (Some(ramp), Some(since)) if since >= self.rebalance_after_ms => {
                 let start = since.saturating_add(millis(REBALANCE_LEAD));
                 let end = start.saturating_add(millis(ramp)).saturating_add(millis(REBALANCE_HOLD));
                 (start..end).contains(&now_ms)
@@ -683,7 +687,7 @@ mod tests {
     fn rebalancing_moves_the_newcomers_share_spread_over_the_ramp() {
         const JOINED: u64 = 1_000_000_000;
         let ramp = Duration::from_secs(30);
-        let r = Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp);
+        let r = Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp, 0);
         let ms = ready_at(&[("n0", 1), ("n1", 1), ("n2", 1), ("n3", JOINED), ("n4", JOINED)]);
         let lead = millis(REBALANCE_LEAD);
         let sessions: Vec<String> =
@@ -724,7 +728,7 @@ mod tests {
 
         // Another replica (own router, members in another order) moves the
         // same sessions at the same instants.
-        let other = Router::new(LbMethod::Bybusyness, true).with_rebalancing(ramp);
+        let other = Router::new(LbMethod::Bybusyness, true).with_rebalancing(ramp, 0);
         let mut reversed = ms.clone();
         reversed.reverse();
         for id in sessions.iter().take(500) {
@@ -742,7 +746,7 @@ mod tests {
         let ramp = Duration::from_secs(10);
         let after_ramp = JOINED + millis(REBALANCE_LEAD) + millis(ramp);
         let ms = ready_at(&[("n0", 1), ("n1", JOINED)]);
-        let r = Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp);
+        let r = Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp, 0);
         let movers: Vec<String> = bases(200)
             .into_iter()
             .map(|b| format!("{b}.n0"))
@@ -772,6 +776,30 @@ mod tests {
                 "draining keeps its own"
             );
         }
+    }
+
+    #[test]
+    fn members_of_a_starting_app_are_no_newcomers() {
+        const JOINED: u64 = 1_000_000_000;
+        let ms = ready_at(&[("n0", JOINED - 20_000), ("n1", JOINED)]);
+        let after_ramp = JOINED + millis(REBALANCE_LEAD) + 10_000;
+        let sessions: Vec<String> = bases(100).into_iter().map(|b| format!("{b}.n0")).collect();
+        let moved = |r: &Router| {
+            sessions
+                .iter()
+                .filter(|id| r.choose_at(&ms, key(id), &[], after_ramp).expect("m").1 == Choice::Rebalanced)
+                .count()
+        };
+        let ramp = Duration::from_secs(10);
+        assert!(
+            moved(&Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp, JOINED)) > 20,
+            "n1 joined at the start time: a newcomer"
+        );
+        assert_eq!(
+            moved(&Router::new(LbMethod::Byrequests, true).with_rebalancing(ramp, JOINED + 1)),
+            0,
+            "before it: part of the start"
+        );
     }
 
     #[test]

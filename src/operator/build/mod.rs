@@ -177,6 +177,10 @@ pub fn node_rules() -> Vec<PolicyRule> {
     }]
 }
 
+/// How long after a ClusterApp's creation its nodes count as starting up:
+/// rebalancing moves sessions only to nodes that became ready later.
+pub const REBALANCE_START_GRACE_SECONDS: i64 = 120;
+
 /// The balancer's Role: it follows the EndpointSlices of the nodes' headless
 /// Service (ready / serving / terminating) with a watch, and the nodes' Pods
 /// for the time each became ready (the clock every balancer replica shares
@@ -636,6 +640,12 @@ impl Parts<'_> {
                 "--kubernetes-pod-selector".to_string(),
                 self.names.session_node_selector(),
             ]);
+            // The nodes of a new app start one after another: they are no
+            // newcomers to each other, and its first sessions stay put.
+            if let Some(created) = &self.app.metadata.creation_timestamp {
+                let after = created.0.as_second().saturating_add(REBALANCE_START_GRACE_SECONDS).max(0);
+                args.extend(["--rebalance-after".to_string(), after.to_string()]);
+            }
         } else {
             args.extend(["--rebalance-ramp".to_string(), "0s".to_string()]);
         }

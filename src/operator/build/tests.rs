@@ -252,6 +252,14 @@ fn balancer_runs_with_the_agreed_flags() {
         ),
         "{args}"
     );
+    let mut dated = fixture("default");
+    dated.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("time"),
+    ));
+    let children = build_children(&dated, &material(), &context()).expect("builds");
+    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
+    let args = container.args.clone().unwrap_or_default().join(" ");
+    assert!(args.contains("--rebalance-after 1800000120"), "nodes of a starting app are no newcomers: {args}");
     let mut off = fixture("default");
     off.spec.balancer.rebalance.enabled = false;
     let children = build_children(&off, &material(), &context()).expect("builds");
