@@ -280,14 +280,19 @@ async fn rebalance_after_scale_up(replication: &str) {
         "shop",
         3,
         serde_json::json!({
-            "balancer": {"rebalance": {"rampSeconds": RAMP_SECONDS}},
+            "balancer": {"rebalance": {"enabled": true, "rampSeconds": RAMP_SECONDS}},
             "sessions": {"replication": replication}
         }),
     )
     .await;
     // The app's creation time is now or earlier: nodes ready later than two
-    // minutes after it are newcomers (the operator's --rebalance-after).
-    let created_by = Instant::now();
+    // minutes after it are newcomers (the operator's --rebalance-after). A
+    // node of the app that came up later than that (a slow start) was one,
+    // and takes sessions for 5 + ramp + 60 s: wait until that is over too,
+    // so the sessions start evenly spread over the three nodes.
+    let start_grace = Duration::from_secs(125);
+    tokio::time::sleep(start_grace).await;
+    let created_by = Instant::now() - start_grace;
     let port = app.port;
     let mut tracked = Vec::with_capacity(SESSIONS);
     for _ in 0..SESSIONS {
@@ -307,7 +312,12 @@ async fn rebalance_after_scale_up(replication: &str) {
         }
         per_route
     };
-    println!("before the scale-up: {:?}", spread(&tracked));
+    let before = spread(&tracked);
+    println!("before the scale-up: {before:?}");
+    assert!(
+        before.len() == 3 && before.values().all(|n| (SESSIONS * 28 / 100..=SESSIONS * 38 / 100).contains(n)),
+        "new sessions spread evenly over the three nodes: {before:?}"
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let trackers: Vec<_> = tracked
         .iter()
@@ -315,7 +325,6 @@ async fn rebalance_after_scale_up(replication: &str) {
         .collect();
     let browsers = BrowserLoad::start(port, BROWSER_SESSIONS, BROWSER_WORKERS, BROWSER_PAUSE).await;
 
-    let start_grace = Duration::from_secs(125);
     tokio::time::sleep(start_grace.saturating_sub(created_by.elapsed())).await;
     app.patch_spec(serde_json::json!({"replicas": 5})).await;
     app.wait_ready(5, Duration::from_secs(300)).await;

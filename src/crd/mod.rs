@@ -526,12 +526,15 @@ pub struct Rebalance {
     /// the same moments, the existing sessions that the balancer's failover
     /// rule (rendezvous hashing of the session id) places on it — about
     /// 1/N of them with N ready nodes. It renames each moved session for
-    /// itself; the session's data is already there (replicated). `false`:
-    /// existing sessions stay on their node; only new sessions reach it.
-    /// Applies with `sessions.replication: all` only (with `none` the new
-    /// node has no copy; with `backup` moved sessions lost updates in our
-    /// tests).
-    #[serde(default = "default_true")]
+    /// itself; the session's data is already there (replicated). `false`
+    /// (the default for now): existing sessions stay on their node; only new
+    /// sessions reach it. Applies with `sessions.replication: all` only
+    /// (with `none` the new node has no copy; with `backup` moved sessions
+    /// lost updates in our tests). Off by default because a scale-down right
+    /// after a scale-up, while sessions were still moving, lost 3 of 4890
+    /// increments in one test run; until that is understood, turn it on
+    /// where you scale up and down less often than every two minutes.
+    #[serde(default)]
     pub enabled: bool,
 
     /// The moves onto a joined node are spread evenly over this many
@@ -548,7 +551,7 @@ fn default_rebalance_ramp_seconds() -> i32 {
 
 impl Default for Rebalance {
     fn default() -> Self {
-        Rebalance { enabled: true, ramp_seconds: default_rebalance_ramp_seconds() }
+        Rebalance { enabled: false, ramp_seconds: default_rebalance_ramp_seconds() }
     }
 }
 

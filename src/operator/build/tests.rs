@@ -239,8 +239,12 @@ fn balancer_runs_with_the_agreed_flags() {
         "access log off by default"
     );
     let args = container.args.clone().unwrap_or_default().join(" ");
-    assert!(args.contains("--rebalance-ramp 30s --kubernetes-pod-selector "), "rebalancing on by default: {args}");
+    assert!(
+        args.contains("--rebalance-ramp 0s") && !args.contains("--kubernetes-pod-selector"),
+        "off by default: {args}"
+    );
     let mut slow = fixture("default");
+    slow.spec.balancer.rebalance.enabled = true;
     slow.spec.balancer.rebalance.ramp_seconds = 90;
     let children = build_children(&slow, &material(), &context()).expect("builds");
     let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
@@ -253,6 +257,7 @@ fn balancer_runs_with_the_agreed_flags() {
         "{args}"
     );
     let mut dated = fixture("default");
+    dated.spec.balancer.rebalance.enabled = true;
     dated.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("time"),
     ));
@@ -268,6 +273,7 @@ fn balancer_runs_with_the_agreed_flags() {
     assert!(args.contains("--rebalance-ramp 0s") && !args.contains("--kubernetes-pod-selector"), "off: {args}");
     for replication in [Replication::Backup, Replication::None] {
         let mut app = fixture("default");
+        app.spec.balancer.rebalance.enabled = true;
         app.spec.sessions.replication = replication;
         let children = build_children(&app, &material(), &context()).expect("builds");
         let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
