@@ -153,16 +153,20 @@ impl Member {
     /// shared time of `spec` when there is one, else `now` when it was not
     /// ready before; a member that is not ready has none.
     fn note_readiness(&self, spec: &MemberSpec, now: SystemTime) {
-        let unix_ms = |t: SystemTime| {
-            t.duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
-        };
         if spec.state != MemberState::Ready {
             self.ready_since_ms.store(0, Ordering::Relaxed);
         } else if let Some(shared) = spec.ready_since {
-            self.ready_since_ms.store(unix_ms(shared), Ordering::Relaxed);
+            self.store_ready_since(shared);
         } else if self.ready_since_ms.load(Ordering::Relaxed) == 0 {
-            self.ready_since_ms.store(unix_ms(now), Ordering::Relaxed);
+            self.store_ready_since(now);
         }
+    }
+
+    /// Stores a ready time (0 is kept for "not ready", so the epoch itself
+    /// reads as 1 ms).
+    fn store_ready_since(&self, t: SystemTime) {
+        let ms = t.duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        self.ready_since_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Unix milliseconds since the member is ready; `None` while it is not.
@@ -331,14 +335,7 @@ impl MemberTable {
             && let Some(member) = current.iter().find(|m| m.route == route)
             && member.state() == MemberState::Ready
         {
-            let spec_like = MemberSpec {
-                route: route.to_string(),
-                address: member.address,
-                state: MemberState::Ready,
-                terminating: false,
-                ready_since: Some(t),
-            };
-            member.note_readiness(&spec_like, SystemTime::now());
+            member.store_ready_since(t);
         }
     }
 

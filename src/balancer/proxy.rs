@@ -595,19 +595,22 @@ async fn proxy(
     let path = parts.uri.path();
     let session = session_of_request(path, &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param);
     let snapshot = bal.members.snapshot();
+    // One wall-clock read per request, for the rebalancing schedule and the
+    // session estimate alike.
+    let now_ms = unix_now_ms();
     let mut tried: Vec<usize> = Vec::new();
     let mut write_failures = 0;
     let started = Instant::now();
 
     let mut failed_over = false;
     let (member, lease) = loop {
-        let (member, choice) = bal.router.choose(&snapshot, session, &tried).map_err(Rejection::NoMember)?;
+        let (member, choice) = bal.router.choose_at(&snapshot, session, &tried, now_ms).map_err(Rejection::NoMember)?;
         failed_over |= choice == Choice::Failover;
         if choice == Choice::Rebalanced {
             bal.metrics.sessions_moved.inc();
         }
         if let (Some(session), true) = (session, tried.is_empty()) {
-            member.sessions.record(SessionWeigher::new(session.base).sketch_hash(), unix_now_ms());
+            member.sessions.record(SessionWeigher::new(session.base).sketch_hash(), now_ms);
         }
         if choice == Choice::Failover && tried.is_empty() {
             bal.metrics.failovers.inc();
