@@ -7,8 +7,11 @@
 #   chromium   headless browser that looks at the balancer's status page
 #   openssl    certificates for the local control plane
 #   iproute2, procps, curl   plumbing the test bed uses
+#
+#   tests/bed/apt-deps.sh [PACKAGE...]   these packages instead (tests/bed/nodes/apt-deps.sh)
 set -euo pipefail
 packages=(tomcat10 openjdk-17-jdk-headless apache2 wrk chromium openssl iproute2 procps curl ca-certificates)
+(( $# == 0 )) || packages=("$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,7 +28,8 @@ if [[ $(id -u) -ne 0 ]]; then
   sudo="sudo"
 fi
 # Package scripts must not start system services (apache2 would take port 80,
-# tomcat10 port 8080): the tests start their own instances on loopback.
+# tomcat10 port 8080, containerd would run host-wide on /run/containerd): the
+# tests start their own instances.
 policy=/usr/sbin/policy-rc.d
 made_policy=0
 if [[ ! -e $policy ]]; then

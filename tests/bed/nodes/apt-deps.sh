@@ -12,30 +12,4 @@
 set -euo pipefail
 packages=(containerd runc containernetworking-plugins nftables iptables buildah mmdebstrap musl-tools
           conntrack iproute2 procps curl openssl ca-certificates util-linux)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-(( ${#missing[@]} )) || exit 0
-echo "[apt] installing: ${missing[*]}" >&2
-command -v apt-get >/dev/null 2>&1 || { echo "[apt] error: apt-get not found; install these Debian packages by hand: ${missing[*]}" >&2; exit 1; }
-sudo=""
-if [[ $(id -u) -ne 0 ]]; then
-  command -v sudo >/dev/null 2>&1 || { echo "[apt] error: not root and no sudo; run as root: apt-get install ${missing[*]}" >&2; exit 1; }
-  sudo="sudo"
-fi
-# Package scripts must not start system services: the Debian containerd
-# package would start a host-wide containerd on /run/containerd; our nodes run
-# their own, each under its state folder.
-policy=/usr/sbin/policy-rc.d
-made_policy=0
-if [[ ! -e $policy ]]; then
-  printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
-  $sudo chmod +x "$policy"
-  made_policy=1
-fi
-trap '[[ $made_policy == 1 ]] && $sudo rm -f "$policy"' EXIT
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-echo "[apt] done" >&2
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../apt-deps.sh" "${packages[@]}"
