@@ -26,6 +26,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 # shellcheck source=tests/bed/paths.sh
 source "$here/paths.sh"
+# shellcheck source=tests/bed/pki.sh
+source "$here/pki.sh"
 
 STATE="${CLUSTERAPP_STATE:-$repo/target/cluster}"
 mkdir -p "$STATE"
@@ -189,21 +191,6 @@ wait_for() {
 
 # --- certificates -------------------------------------------------------------
 
-# sign NAME SUBJECT [SAN]: a key and a certificate signed by the cluster CA
-sign() {
-  local name="$1" subj="$2" san="${3:-}"
-  openssl genrsa -out "$PKI/$name.key" 2048 2>/dev/null
-  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
-  local ext="$PKI/$name.ext"
-  {
-    echo "basicConstraints=CA:FALSE"
-    echo "keyUsage=critical,digitalSignature,keyEncipherment"
-    if [[ -n $san ]]; then echo "extendedKeyUsage=serverAuth,clientAuth"; echo "subjectAltName=$san"; else echo "extendedKeyUsage=clientAuth"; fi
-  } > "$ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 3650 -sha256 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr" "$ext"
-}
 
 make_pki() {
   mkdir -p "$PKI"

@@ -33,6 +33,8 @@ LOG_TAG=nodes
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tests/bed/nodes/lib.sh
 source "$here/lib.sh"
+# shellcheck source=tests/bed/pki.sh
+source "$here/../pki.sh"
 repo="$NODES_REPO"
 
 export CLUSTERAPP_STATE="${CLUSTERAPP_STATE:-$repo/target/cluster-nodes}"
@@ -171,22 +173,7 @@ component_failed() {
   exit 1
 }
 
-# --- certificates -------------------------------------------------------------------
-
-sign() {
-  local name="$1" subj="$2" san="${3:-}"
-  openssl genrsa -out "$PKI/$name.key" 2048 2>/dev/null
-  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
-  {
-    echo "basicConstraints=CA:FALSE"
-    echo "keyUsage=critical,digitalSignature,keyEncipherment"
-    if [[ -n $san ]]; then echo "extendedKeyUsage=serverAuth"; echo "subjectAltName=$san"; else echo "extendedKeyUsage=clientAuth"; fi
-  } > "$PKI/$name.ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 3650 -sha256 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr" "$PKI/$name.ext"
-  chmod 600 "$PKI/$name.key"
-}
+# --- certificates (sign: tests/bed/pki.sh) -------------------------------------------
 
 kubeconfig_for() {
   local file="$1" cert="$2" server
