@@ -490,6 +490,48 @@ async fn deleting_the_app_garbage_collects_every_child() {
     .await;
 }
 
+/// A terminating session node is labelled `clusterapp.io/leaving`, which the
+/// nodes' Tomcat membership selector excludes: its peers stop replicating to
+/// it before it stops (see `src/operator/reconcile/leaving.rs`). Under the
+/// operator's own RBAC, so the chart grants what this needs.
+#[tokio::test]
+async fn a_terminating_session_node_is_labelled_leaving_and_left_out_of_the_membership_selector() {
+    let ns = operator_common::OperatorNamespace::new("capp-leaving").await;
+    let _operator = operator_common::operator_in(&ns).await;
+    create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
+    wait_for_children(&ns, "shop").await;
+    make_pod_ready(&ns, "shop-0", "10.0.0.10").await;
+    let pods = ns.api::<Pod>();
+    // The membership selector Tomcat lists its peers with leaves it out.
+    let sts = ns.api::<StatefulSet>().get("shop").await.expect("StatefulSet");
+    let template = sts.spec.template.spec.expect("pod spec");
+    let selector = template.containers[0]
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "KUBERNETES_LABELS")
+        .and_then(|e| e.value)
+        .expect("KUBERNETES_LABELS");
+    assert!(selector.ends_with(",clusterapp.io/leaving!=true"), "{selector}");
+    let members = |pods: Vec<Pod>| pods.into_iter().filter_map(|p| p.metadata.name).collect::<Vec<_>>();
+    let listed = pods.list(&ListParams::default().labels(&selector)).await.expect("list");
+    assert_eq!(members(listed.items), ["shop-0"]);
+    // A finalizer keeps the pod terminating (there is no kubelet to stop it).
+    let hold = json!({"metadata": {"finalizers": ["clusterapp.io/test-hold"]}});
+    pods.patch("shop-0", &PatchParams::default(), &Patch::Merge(&hold)).await.expect("finalizer");
+    pods.delete("shop-0", &DeleteParams::default()).await.expect("delete");
+    wait_until(WAIT, "shop-0 labelled leaving", || async {
+        let pod = pods.get("shop-0").await.expect("pod");
+        pod.metadata.labels.as_ref().and_then(|l| l.get("clusterapp.io/leaving")).map(String::as_str) == Some("true")
+    })
+    .await;
+    let listed = pods.list(&ListParams::default().labels(&selector)).await.expect("list");
+    assert_eq!(members(listed.items), Vec::<String>::new(), "a leaving node is no member");
+    let release = json!({"metadata": {"finalizers": null}});
+    pods.patch("shop-0", &PatchParams::default(), &Patch::Merge(&release)).await.expect("release");
+}
+
 #[tokio::test]
 async fn missing_secret_ref_degrades_and_creating_it_heals() {
     let ns = operator_common::OperatorNamespace::new("capp-secret").await;

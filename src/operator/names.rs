@@ -18,6 +18,9 @@ pub const NAME_VALUE: &str = "clusterapp";
 pub const MANAGED_BY_VALUE: &str = "clusterapp-operator";
 pub const COMPONENT_SESSION_NODE: &str = "session-node";
 pub const COMPONENT_BALANCER: &str = "balancer";
+/// Set by the operator on a terminating session node: its peers' Tomcat
+/// membership selector excludes it (see `reconcile::leaving`).
+pub const LABEL_LEAVING: &str = "clusterapp.io/leaving";
 
 /// Label selector of every object the operator owns.
 pub fn managed_selector() -> String {
@@ -115,10 +118,15 @@ impl AppNames {
         labels
     }
 
-    /// The session nodes' selector as text: `status.selector` and Tomcat's
-    /// `KUBERNETES_LABELS` (without it, every pod of the namespace would join).
+    /// The session nodes' selector as text (`status.selector`).
     pub fn session_node_selector(&self) -> String {
         label_selector_text(&self.selector_labels(COMPONENT_SESSION_NODE))
+    }
+
+    /// Tomcat's `KUBERNETES_LABELS`: the session nodes that are not leaving
+    /// (without a selector, every pod of the namespace would join).
+    pub fn tribes_member_selector(&self) -> String {
+        format!("{},{LABEL_LEAVING}!=true", self.session_node_selector())
     }
 }
 

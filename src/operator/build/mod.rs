@@ -455,8 +455,8 @@ impl Parts<'_> {
             // Tomcat's Kubernetes membership reads the namespace from here,
             // not from the ServiceAccount files.
             env_field("KUBERNETES_NAMESPACE", "metadata.namespace"),
-            // Without it Tomcat would take every pod of the namespace as a peer.
-            env_value("KUBERNETES_LABELS", &self.names.session_node_selector()),
+            // The app's session nodes except those leaving (terminating).
+            env_value("KUBERNETES_LABELS", &self.names.tribes_member_selector()),
             env_secret(ENV_AJP_SECRET, ajp_secret_selector(self.app)),
             env_value("CATALINA_OPTS", &catalina_opts),
         ];

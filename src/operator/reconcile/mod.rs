@@ -4,6 +4,9 @@
 //!
 //! 1. [`observe`]: what the caches (and, for what they lack, the API server)
 //!    hold about the app → [`Observation`];
+//!    Then [`leaving`]: terminating session nodes are labelled so that
+//!    their peers stop replicating to them (an effect, whatever the app's
+//!    validity);
 //! 2. [`validate`]: pure; the observation judged → [`Validated`], or a
 //!    [`Problem`] the user can fix (then nothing is applied);
 //! 3. [`keys`]: the key material, new random keys for missing ones (an
@@ -21,6 +24,7 @@
 mod apply;
 mod events;
 mod keys;
+mod leaving;
 mod observe;
 mod update_status;
 mod validate;
@@ -98,6 +102,7 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
     ctx.caches.wait_until_filled().await;
 
     let observation = observe::observe(app, ctx, namespace, names).await?;
+    leaving::label_leaving_nodes(ctx, &observation.namespace, &observation.pods).await;
     // Not while a problem would make the nodes unable to start.
     let (problem, requeue) = match validate::validate(app, &observation) {
         Err(problem) => (Some(problem), None),
