@@ -29,8 +29,8 @@ async fn two_operators_only_the_leader_writes_and_the_standby_takes_over() {
     let ns = operator_common::OperatorNamespace::new("capp-leader").await;
     operator_common::install_crd(&ns.client).await;
     let client = operator_common::operator_client(&ns).await;
-    let a = operator_common::start_operator(client.clone(), &ns.name, "operator-a");
-    let b = operator_common::start_operator(client.clone(), &ns.name, "operator-b");
+    let a = operator_common::start_operator(client.clone(), &ns.name, "operator-a", operator_common::fast_lease());
+    let b = operator_common::start_operator(client.clone(), &ns.name, "operator-b", operator_common::fast_lease());
     wait_until(Duration::from_secs(20), "one leader", || async { a.state.is_leader() || b.state.is_leader() }).await;
     let (leader, standby) = if a.state.is_leader() { (a, b) } else { (b, a) };
 

@@ -260,8 +260,16 @@ pub fn fast_lease() -> clusterapp::operator::leader::LeaseTiming {
     }
 }
 
-/// Starts an operator watching `ns` only, under the client `client`.
-pub fn start_operator(client: Client, ns: &str, identity: &str) -> RunningOperator {
+/// Starts an operator watching `ns` only, under the client `client`, with
+/// the Lease timing `lease_timing` (the production one unless a test is
+/// about takeovers: a 3 s renew deadline is lost on a loaded machine, and a
+/// leader that loses its Lease stops).
+pub fn start_operator(
+    client: Client,
+    ns: &str,
+    identity: &str,
+    lease_timing: clusterapp::operator::leader::LeaseTiming,
+) -> RunningOperator {
     // Operator logs in the test output (shown for failing tests); RUST_LOG to tune.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -276,7 +284,7 @@ pub fn start_operator(client: Client, ns: &str, identity: &str) -> RunningOperat
         lease_namespace: ns.to_string(),
         lease_name: "clusterapp-operator".to_string(),
         identity: identity.to_string(),
-        lease_timing: fast_lease(),
+        lease_timing,
         tuning: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -290,5 +298,5 @@ pub fn start_operator(client: Client, ns: &str, identity: &str) -> RunningOperat
 pub async fn operator_in(ns: &OperatorNamespace) -> RunningOperator {
     install_crd(&ns.client).await;
     let client = operator_client(ns).await;
-    start_operator(client, &ns.name, "operator-a")
+    start_operator(client, &ns.name, "operator-a", clusterapp::operator::leader::LeaseTiming::default())
 }
