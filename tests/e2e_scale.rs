@@ -228,6 +228,12 @@ struct TrackedSession {
     failures: Vec<String>,
 }
 
+/// Time since the first call, for lines that must be put side by side.
+fn test_clock() -> Duration {
+    static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    STARTED.get_or_init(Instant::now).elapsed()
+}
+
 async fn track_session(
     port: u16,
     session: std::sync::Arc<std::sync::Mutex<TrackedSession>>,
@@ -243,7 +249,18 @@ async fn track_session(
             Ok(r) if r.status == 200 => {
                 let counter = r.counter.unwrap_or(0);
                 if counter != s.counter + 1 {
-                    let gap = format!("{} after {} (route {:?})", counter, s.counter, r.route);
+                    // When and where, with both ids: enough to find the
+                    // session in the nodes' logs.
+                    let gap = format!(
+                        "{} after {} at {:.1} s: {} on {:?} answered as {:?} (was on {})",
+                        counter,
+                        s.counter,
+                        test_clock().as_secs_f64(),
+                        id,
+                        r.route,
+                        r.session,
+                        s.route
+                    );
                     s.gaps.push(gap);
                 }
                 s.counter = counter;
@@ -252,8 +269,10 @@ async fn track_session(
                 }
                 s.route = r.route.unwrap_or_default();
             }
-            Ok(r) => s.failures.push(format!("HTTP {} on {:?}", r.status, r.route)),
-            Err(e) => s.failures.push(e),
+            Ok(r) => {
+                s.failures.push(format!("HTTP {} on {:?} at {:.1} s", r.status, r.route, test_clock().as_secs_f64()))
+            }
+            Err(e) => s.failures.push(format!("{e} at {:.1} s", test_clock().as_secs_f64())),
         }
     }
 }
@@ -280,7 +299,7 @@ async fn rebalance_after_scale_up(replication: &str) {
         "shop",
         3,
         serde_json::json!({
-            "balancer": {"rebalance": {"enabled": true, "rampSeconds": RAMP_SECONDS}},
+            "balancer": {"rebalance": {"enabled": true, "rampSeconds": RAMP_SECONDS}, "accessLog": true},
             "sessions": {"replication": replication}
         }),
     )
@@ -295,6 +314,7 @@ async fn rebalance_after_scale_up(replication: &str) {
     let created_by = Instant::now() - start_grace;
     let port = app.port;
     let mut tracked = Vec::with_capacity(SESSIONS);
+    println!("sessions start at {:.1} s", test_clock().as_secs_f64());
     for _ in 0..SESSIONS {
         let r = get_counter(port, None).await.expect("a new session");
         assert_eq!(r.status, 200);
@@ -329,6 +349,7 @@ async fn rebalance_after_scale_up(replication: &str) {
     app.patch_spec(serde_json::json!({"replicas": 5})).await;
     app.wait_ready(5, Duration::from_secs(300)).await;
     let ready_at = Instant::now();
+    println!("Ready 5/5 at {:.1} s", test_clock().as_secs_f64());
     let mut timeline = Vec::new();
     let mut balanced_after = None;
     while ready_at.elapsed() < Duration::from_secs(60 + 5) {
@@ -349,24 +370,63 @@ async fn rebalance_after_scale_up(replication: &str) {
             break;
         }
     }
+    // --- scale down 5 -> 2 while sessions still move ------------------------
+    // The newcomers' window is still open (ready + 5 s + ramp + 60 s): the
+    // sessions that just moved to shop-3 and shop-4 fail over again, while
+    // the balancers still move others. The same sessions and browsers go on.
+    println!("scale 5 -> 2 at {:.1} s, {} s after Ready 5/5", test_clock().as_secs_f64(), ready_at.elapsed().as_secs());
+    let scaled_down_at = Instant::now();
+    // The removed nodes' logs go with their Pods: keep the last read of each.
+    let mut node_logs = std::collections::BTreeMap::<String, String>::new();
+    app.patch_spec(serde_json::json!({"replicas": 2})).await;
+    {
+        let ready = app.wait_ready(2, Duration::from_secs(300));
+        tokio::pin!(ready);
+        loop {
+            for i in 0..5 {
+                let pod = format!("shop-{i}");
+                let log = app.node_log(&pod);
+                if !log.is_empty() {
+                    node_logs.insert(pod, log);
+                }
+            }
+            tokio::select! {
+                _ = &mut ready => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+    println!("Ready 2/2 at {:.1} s", test_clock().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in trackers {
         t.await.expect("tracker");
     }
     let outcome = browsers.finish().await;
-    browser_summary(&format!("6b rebalance 3 -> 5 {replication} (browsers)"), &outcome, ready_at.elapsed());
+    browser_summary(&format!("6b rebalance 3 -> 5 -> 2 {replication} (browsers)"), &outcome, scaled_down_at.elapsed());
     let final_spread = spread(&tracked);
     let gaps: Vec<String> = tracked.iter().flat_map(|s| s.lock().expect("s").gaps.clone()).collect();
     let failures: Vec<String> = tracked.iter().flat_map(|s| s.lock().expect("s").failures.clone()).collect();
     let requests: u64 = tracked.iter().map(|s| s.lock().expect("s").counter).sum();
     summary(
-        &format!("6 rebalance 3 -> 5 {replication} (600)"),
+        &format!("6 rebalance 3 -> 5 -> 2 {replication} (600)"),
         requests,
         failures.len() as u64,
         gaps.len() as u64,
         balanced_after.unwrap_or(ready_at.elapsed()),
         &format!("spread after Ready: {}", timeline.join(", ")),
     );
+    if !gaps.is_empty() || outcome.lost_sessions > 0 {
+        // For the failure's reader: every node's log, next to the test's output.
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-rebalance-{replication}"));
+        let _ = std::fs::create_dir_all(&dir);
+        for (pod, log) in node_logs.iter_mut() {
+            let now = app.node_log(pod);
+            let log = if now.len() > log.len() { &now } else { &*log };
+            let _ = std::fs::write(dir.join(format!("{pod}.log")), log);
+        }
+        println!("nodes' logs in {}", dir.display());
+    }
     app.operator.stop().await;
     assert!(gaps.is_empty(), "increments lost or sessions new: {gaps:?}");
     assert!(failures.is_empty(), "requests failed: {failures:?}");

@@ -111,8 +111,25 @@ async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
 
 #[tokio::test]
 async fn kill_9_under_load_loses_no_acknowledged_increment() {
+    kill_9_under_load("all").await;
+}
+
+/// The same with `replication: backup` (BackupManager: each session on its
+/// primary node and one backup; the node a session fails over to fetches it).
+#[tokio::test]
+async fn kill_9_under_load_with_backup_replication_loses_no_acknowledged_increment() {
+    kill_9_under_load("backup").await;
+}
+
+async fn kill_9_under_load(replication: &str) {
     let _serial = serial().await;
-    let app = App::start("e2e-kill", "shop", 3, serde_json::json!({})).await;
+    let app = App::start(
+        &format!("e2e-kill-{replication}"),
+        "shop",
+        3,
+        serde_json::json!({"sessions": {"replication": replication}}),
+    )
+    .await;
     const CLIENTS: usize = 20;
     const BROWSER_SESSIONS: usize = 12;
     const BROWSER_WORKERS: usize = 4;
@@ -135,7 +152,7 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
         browsed.report
     );
     summary(
-        "5b kill -9 (browsers)",
+        &format!("5b kill -9 {replication} (browsers)"),
         (browsed.answered + browsed.failures.len()) as u64,
         browsed.failures.len() as u64,
         browsed.lost_sessions as u64,
@@ -157,7 +174,7 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
         total.requests, total.ok, total.failures, total.lost, total.skipped, total.errors
     );
     summary(
-        "5 kill -9 under load",
+        &format!("5 kill -9 {replication} under load"),
         total.requests,
         total.failures,
         total.lost,
