@@ -9,8 +9,11 @@
 //! merge without counting a session twice: the operator merges the
 //! replicas' `/sessions.json` into `status.members[].sessions`.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
 
 /// log2 of the number of registers.
 pub const PRECISION: u32 = 10;
@@ -136,6 +139,27 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
     (bytes.len() == REGISTERS && bytes.iter().all(|r| u32::from(*r) <= 64 - PRECISION + 1)).then_some(bytes)
+}
+
+/// What one balancer replica answers on `/sessions.json`: written by the
+/// balancer, read by the operator (one type, so the two cannot drift).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionsReport {
+    /// log2 of the registers per sketch ([`PRECISION`]).
+    pub precision: u32,
+    /// The span the sketches cover, seconds.
+    pub window_seconds: u64,
+    /// Route → [`encode`]d sketch of the sessions seen on that member.
+    pub members: BTreeMap<String, String>,
+    /// This replica's `clusterapp_balancer_sessions_moved_total`: requests
+    /// that moved their session to a newcomer since the replica started.
+    #[serde(default)]
+    pub sessions_moved: u64,
+    /// Routes of the newcomers whose rebalancing window is open now
+    /// (sessions may move to them), in route order.
+    #[serde(default)]
+    pub rebalancing: Vec<String>,
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ const HTTP_TOKEN_RULE: &str = "self.matches('^[!#$%&*+.^_`|~0-9A-Za-z-]+$')";
     scale(spec_replicas_path = ".spec.replicas", status_replicas_path = ".status.replicas", label_selector_path = ".status.selector"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready session nodes out of the desired number"),
     printcolumn(name = "Routes", type_ = "string", json_path = ".status.routes", description = "Routes (jvmRoute) of the session nodes"),
+    printcolumn(name = "Sessions", type_ = "string", json_path = ".status.sessions", description = "Sessions per session node over the last 5 minutes, in node order (balancer estimates)"),
     printcolumn(name = "Replication", type_ = "string", json_path = ".spec.sessions.replication", description = "How sessions are replicated"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS label of at most 40 characters (lowercase letters, digits and '-', starting with a letter): it names the StatefulSet, its pods and the Services"),
@@ -430,6 +431,13 @@ pub struct ClusterAppStatus {
     #[serde(default)]
     pub members: Vec<Member>,
 
+    /// The spread of sessions over the session nodes, `members[].sessions`
+    /// in member order joined by `/` (e.g. `41/40/39/38/42`; `-` for a node
+    /// without an estimate): what `kubectl get clusterapp` shows as
+    /// SESSIONS. Absent while no balancer replica answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<String>,
+
     /// `Ready`, `Progressing` and `Degraded`, with a reason and a message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -451,6 +459,15 @@ pub struct Member {
     pub ready: bool,
     /// The pod is stopping: the balancer sends it only its own sessions.
     pub draining: bool,
+    /// Distinct session ids the balancers saw on this node over the last 5
+    /// minutes: a HyperLogLog estimate (about 3 % standard error), merged
+    /// across the balancer replicas so a session served by several counts
+    /// once. A session that moved to another node counts on both until its
+    /// requests here are 5 minutes old. Read every 15 seconds, written when
+    /// it moved by 2 sessions and 5 % (else once a minute); absent when no
+    /// balancer replica answered for a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<i64>,
 }
 
 fn default_replicas() -> i32 {

@@ -19,10 +19,10 @@
 //! [`Problem`]: crate::operator::status::Problem
 
 mod apply;
-mod events;
+pub(crate) mod events;
 mod keys;
 mod observe;
-mod update_status;
+pub(crate) mod update_status;
 mod validate;
 
 use std::sync::Arc;
