@@ -67,6 +67,8 @@ async fn metrics_probes_and_status_page() {
     }
     let sketches = get(balancer.admin, "/sessions.json", None).await.json();
     assert_eq!(sketches["windowSeconds"], 300);
+    assert_eq!(sketches["sessionsMoved"], 0, "no rebalancing here");
+    assert_eq!(sketches["rebalancing"], serde_json::json!([]));
     for route in ["a1", "a2"] {
         let text = sketches["members"][route].as_str().expect("a sketch per member");
         let registers = clusterapp::balancer::sessions::decode(text).expect("a valid sketch");

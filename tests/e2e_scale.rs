@@ -234,14 +234,16 @@ fn test_clock() -> Duration {
     STARTED.get_or_init(Instant::now).elapsed()
 }
 
+/// `period_ms`: the pause between two requests, milliseconds (shared, so a
+/// test can slow every tracker down at once).
 async fn track_session(
     port: u16,
     session: std::sync::Arc<std::sync::Mutex<TrackedSession>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    period: Duration,
+    period_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        tokio::time::sleep(period).await;
+        tokio::time::sleep(Duration::from_millis(period_ms.load(std::sync::atomic::Ordering::Relaxed))).await;
         let id = session.lock().expect("session").id.clone();
         let reply = get_counter(port, Some(&id)).await;
         let mut s = session.lock().expect("session");
@@ -339,10 +341,9 @@ async fn rebalance_after_scale_up(replication: &str) {
         "new sessions spread evenly over the three nodes: {before:?}"
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let trackers: Vec<_> = tracked
-        .iter()
-        .map(|s| tokio::spawn(track_session(port, s.clone(), stop.clone(), Duration::from_millis(2000))))
-        .collect();
+    let period_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(2000));
+    let trackers: Vec<_> =
+        tracked.iter().map(|s| tokio::spawn(track_session(port, s.clone(), stop.clone(), period_ms.clone()))).collect();
     let browsers = BrowserLoad::start(port, BROWSER_SESSIONS, BROWSER_WORKERS, BROWSER_PAUSE).await;
 
     tokio::time::sleep(start_grace.saturating_sub(created_by.elapsed())).await;
@@ -398,12 +399,22 @@ async fn rebalance_after_scale_up(replication: &str) {
     }
     println!("Ready 2/2 at {:.1} s", test_clock().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let outcome = browsers.finish().await;
+    browser_summary(&format!("6b rebalance 3 -> 5 -> 2 {replication} (browsers)"), &outcome, scaled_down_at.elapsed());
+    // What the operator reports (`status.members[].sessions`, the SESSIONS
+    // column) against the spread measured from the routes. The estimate
+    // counts the sessions a node served in the last minutes, so a node that
+    // gave sessions away counts them until their last request there is that
+    // old: the sessions stay busy (at a gentler pace; once a window is
+    // enough) until then, and every node's estimate must come within 15 %.
+    period_ms.store(10_000, std::sync::atomic::Ordering::Relaxed);
+    let estimates = estimates_agree_with_spread(&app, &tracked, &spread, Instant::now()).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in trackers {
         t.await.expect("tracker");
     }
-    let outcome = browsers.finish().await;
-    browser_summary(&format!("6b rebalance 3 -> 5 -> 2 {replication} (browsers)"), &outcome, scaled_down_at.elapsed());
+    let rebalance_events = rebalance_events(&app).await;
+    println!("rebalancing events: {rebalance_events:?}");
     let final_spread = spread(&tracked);
     let gaps: Vec<String> = tracked.iter().flat_map(|s| s.lock().expect("s").gaps.clone()).collect();
     let failures: Vec<String> = tracked.iter().flat_map(|s| s.lock().expect("s").failures.clone()).collect();
@@ -436,4 +447,81 @@ async fn rebalance_after_scale_up(replication: &str) {
         balanced_after.is_some(),
         "not every node served 20 % ± 5 % of the sessions within 60 s of Ready: {timeline:?}; now {final_spread:?}"
     );
+    let (agreed_after, estimate_timeline) = estimates;
+    assert!(
+        agreed_after.is_some(),
+        "status.members[].sessions never came within 15 % of the measured spread {final_spread:?}: {estimate_timeline:?}"
+    );
+    assert!(
+        rebalance_events.iter().any(|(reason, _)| reason == "RebalanceStarted"),
+        "a RebalanceStarted event: {rebalance_events:?}"
+    );
+    assert!(
+        rebalance_events.iter().any(|(reason, note)| reason == "RebalanceFinished" && note.contains("sessions moved")),
+        "a RebalanceFinished event with the sessions moved: {rebalance_events:?}"
+    );
+}
+
+type Tracked = [std::sync::Arc<std::sync::Mutex<TrackedSession>>];
+
+/// Polls the app's status until every node's `status.members[].sessions`
+/// is within 15 % of the sessions the routes show on it (the estimate
+/// covers the balancers' session window: allowed until a window after
+/// `since`, the last moves, plus the operator's polling and a minute of
+/// slack). Returns when they first agreed (after `since`) and the SESSIONS
+/// column over time.
+async fn estimates_agree_with_spread(
+    app: &e2e_common::App,
+    tracked: &Tracked,
+    spread: &impl Fn(&Tracked) -> std::collections::BTreeMap<String, usize>,
+    since: Instant,
+) -> (Option<Duration>, Vec<String>) {
+    // The last move (the scale-down) ages out of the window, plus the
+    // operator's 15 s polling and a minute of slack.
+    let window = Duration::from_millis(
+        clusterapp::balancer::sessions::WINDOW_MS * clusterapp::balancer::sessions::ACTIVE_WINDOWS,
+    );
+    let deadline = since + window + Duration::from_secs(15 + 60);
+    let mut timeline = Vec::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let measured = spread(tracked);
+        let status = app.get().await.status.unwrap_or_default();
+        let column = status.sessions.clone().unwrap_or_default();
+        let measured_text = measured.values().map(|n| n.to_string()).collect::<Vec<_>>().join("/");
+        let line = format!("{:>3} s: SESSIONS {column} (measured {measured_text})", since.elapsed().as_secs());
+        println!("estimates {line}");
+        timeline.push(line);
+        let estimated: Vec<Option<i64>> = status.members.iter().map(|m| m.sessions).collect();
+        let column_matches = status.sessions.as_deref()
+            == Some(
+                estimated
+                    .iter()
+                    .map(|e| e.map_or("-".to_string(), |n| n.to_string()))
+                    .collect::<Vec<_>>()
+                    .join("/")
+                    .as_str(),
+            );
+        let agree = measured.len() == status.members.len()
+            && status.members.iter().all(|m| {
+                let (Some(estimate), Some(&truth)) = (m.sessions, measured.get(&m.route)) else { return false };
+                (estimate - truth as i64).abs() as f64 <= 0.15 * truth as f64
+            });
+        if agree && column_matches {
+            return (Some(since.elapsed()), timeline);
+        }
+    }
+    (None, timeline)
+}
+
+/// `(reason, note)` of the app's rebalancing events.
+async fn rebalance_events(app: &e2e_common::App) -> Vec<(String, String)> {
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = app.ns.api();
+    let list = events.list(&Default::default()).await.expect("events");
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(app.name.as_str()))
+        .filter_map(|e| Some((e.reason?, e.note.unwrap_or_default())))
+        .filter(|(reason, _)| reason.starts_with("Rebalance"))
+        .collect()
 }

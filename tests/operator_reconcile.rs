@@ -1025,3 +1025,171 @@ async fn a_crash_looping_node_degrades_the_app_with_its_last_lines_and_a_warning
     })
     .await;
 }
+
+/// A stand-in for one balancer replica's admin server: answers every request
+/// with `body` (swappable), on `address`.
+struct FakeBalancerAdmin {
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeBalancerAdmin {
+    async fn start(address: &str, body: String) -> FakeBalancerAdmin {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .unwrap_or_else(|e| panic!("binding {address} for a fake balancer admin server: {e}"));
+        let body = std::sync::Arc::new(std::sync::Mutex::new(body));
+        let served = body.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let text = served.lock().expect("body").clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                        text.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        FakeBalancerAdmin { body, task }
+    }
+
+    fn answer(&self, body: String) {
+        *self.body.lock().expect("body") = body;
+    }
+}
+
+impl Drop for FakeBalancerAdmin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `/sessions.json` whose node `route` saw the sessions numbered `ids`.
+fn sessions_report(routes: &[(&str, std::ops::Range<u64>)], moved: u64, rebalancing: &[&str]) -> String {
+    use clusterapp::balancer::routing::SessionWeigher;
+    use clusterapp::balancer::sessions::{SessionSketch, SessionsReport, encode};
+    let now_ms = 10 * 60_000;
+    let report = SessionsReport {
+        precision: clusterapp::balancer::sessions::PRECISION,
+        window_seconds: 300,
+        members: routes
+            .iter()
+            .map(|(route, ids)| {
+                let sketch = SessionSketch::default();
+                for i in ids.clone() {
+                    sketch.record(SessionWeigher::new(&format!("{i:032X}")).sketch_hash(), now_ms);
+                }
+                (route.to_string(), encode(&sketch.registers(now_ms)))
+            })
+            .collect(),
+        sessions_moved: moved,
+        rebalancing: rebalancing.iter().map(|r| r.to_string()).collect(),
+    };
+    serde_json::to_string(&report).expect("report")
+}
+
+/// The operator merges the balancer replicas' session sketches into
+/// `status.members[].sessions` and the SESSIONS column (`status.sessions`),
+/// skips a replica that does not answer or answers garbage, tells of a
+/// rebalancing in events with the sessions moved over every replica, and
+/// writes nothing while the estimates stay put.
+#[tokio::test]
+async fn session_estimates_from_the_balancers_reach_the_status_and_rebalancing_makes_events() {
+    let ns = operator_common::OperatorNamespace::new("capp-sessions").await;
+    let operator = operator_common::operator_in(&ns).await;
+    create_app(
+        &ns,
+        "shop",
+        json!({
+            "replicas": 2, "image": "registry.example/shop:1.4",
+            "balancer": {"replicas": 3, "rebalance": {"enabled": true, "rampSeconds": 10}}
+        }),
+    )
+    .await;
+    wait_for_children(&ns, "shop").await;
+    make_pod_ready(&ns, "shop-0", "10.0.0.10").await;
+    make_pod_ready(&ns, "shop-1", "10.0.0.11").await;
+
+    // Two replicas saw overlapping sessions: 90 distinct on shop-0, 60 on
+    // shop-1. A third replica does not listen at all.
+    let a = FakeBalancerAdmin::start(
+        "127.77.0.10:9090",
+        sessions_report(&[("shop-0", 0..60), ("shop-1", 100..140)], 5, &[]),
+    )
+    .await;
+    let b = FakeBalancerAdmin::start(
+        "127.77.0.11:9090",
+        sessions_report(&[("shop-0", 30..90), ("shop-1", 120..160)], 7, &[]),
+    )
+    .await;
+    let pods = ns.api::<Pod>();
+    let selector = "app.kubernetes.io/instance=shop,app.kubernetes.io/component=balancer";
+    let list = ListParams::default().labels(selector);
+    wait_until(WAIT, "3 balancer pods", || async { pods.list(&list).await.is_ok_and(|l| l.items.len() >= 3) }).await;
+    let names: Vec<String> =
+        pods.list(&list).await.expect("balancer pods").items.into_iter().filter_map(|p| p.metadata.name).collect();
+    for (name, ip) in names.iter().zip(["127.77.0.10", "127.77.0.11", "127.77.0.12"]) {
+        make_pod_ready(&ns, name, ip).await;
+    }
+
+    let near = |estimate: Option<i64>, truth: i64| estimate.is_some_and(|e| (e - truth).abs() * 100 <= truth * 6);
+    let merged = |app: &ClusterApp| {
+        app.status
+            .as_ref()
+            .is_some_and(|s| s.members.len() == 2 && near(s.members[0].sessions, 90) && near(s.members[1].sessions, 60))
+    };
+    // A round every 15 s; a write that meets a reconcile's waits a round.
+    wait_until(Duration::from_secs(60), "merged session estimates", || async { merged(&app_get(&ns, "shop").await) })
+        .await;
+    let app = wait_for_status(&ns, "shop", "merged session estimates", merged).await;
+    let status = app.status.expect("status");
+    let column = format!("{}/{}", status.members[0].sessions.expect("0"), status.members[1].sessions.expect("1"));
+    assert_eq!(status.sessions.as_deref(), Some(column.as_str()), "the SESSIONS column in member order");
+
+    // A rebalancing onto shop-1 begins (moves since the last round count);
+    // replica b answers garbage meanwhile and is left out.
+    a.answer(sessions_report(&[("shop-0", 0..60), ("shop-1", 100..140)], 15, &["shop-1"]));
+    b.answer("{\"precision\": \"garbage\"".to_string());
+    wait_until(Duration::from_secs(40), "a RebalanceStarted event", || async {
+        events_of(&ns, "shop")
+            .await
+            .iter()
+            .any(|(reason, note)| reason == "RebalanceStarted" && note.contains("shop-1"))
+    })
+    .await;
+    // It ends: 10 + 10 moves on a, 3 on b since its last good answer.
+    a.answer(sessions_report(&[("shop-0", 0..60), ("shop-1", 100..140)], 25, &[]));
+    b.answer(sessions_report(&[("shop-0", 30..90), ("shop-1", 120..160)], 10, &[]));
+    wait_until(Duration::from_secs(40), "a RebalanceFinished event", || async {
+        events_of(&ns, "shop").await.iter().any(|(reason, _)| reason == "RebalanceFinished")
+    })
+    .await;
+    let events = events_of(&ns, "shop").await;
+    let finished: Vec<_> = events.iter().filter(|(reason, _)| reason == "RebalanceFinished").collect();
+    assert_eq!(finished.len(), 1, "{events:?}");
+    assert!(finished[0].1.contains("23 sessions moved"), "{events:?}");
+    assert!(!events.iter().any(|(reason, _)| reason.starts_with("Degraded")), "{events:?}");
+
+    // Steady estimates: no status write, no reconcile, over two rounds.
+    wait_until(Duration::from_secs(60), "merged session estimates again", || async {
+        merged(&app_get(&ns, "shop").await)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let version = app_get(&ns, "shop").await.metadata.resource_version;
+    let reconciles = operator.state.reconcile_count();
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    assert_eq!(app_get(&ns, "shop").await.metadata.resource_version, version, "the status churned");
+    assert_eq!(operator.state.reconcile_count(), reconciles, "the operator reacted to its own writes");
+}

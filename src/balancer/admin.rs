@@ -44,20 +44,27 @@ fn masked_session_id(id: &str) -> String {
 }
 
 /// Each member's session sketch of the last minutes (`/sessions.json`):
-/// what the operator merges over the balancer replicas.
-pub fn sessions_json(bal: &Balancer) -> serde_json::Value {
+/// what the operator merges over the balancer replicas, with the moves of
+/// sessions to newcomers (for its rebalancing events).
+pub fn sessions_report(bal: &Balancer) -> sessions::SessionsReport {
     let now_ms = unix_now_ms();
-    let members: serde_json::Map<String, serde_json::Value> = bal
-        .members
-        .snapshot()
-        .iter()
-        .map(|m| (m.route.clone(), json!(sessions::encode(&m.sessions.registers(now_ms)))))
-        .collect();
-    json!({
-        "precision": sessions::PRECISION,
-        "windowSeconds": sessions::ACTIVE_WINDOWS * sessions::WINDOW_MS / 1000,
-        "members": members,
-    })
+    let snapshot = bal.members.snapshot();
+    sessions::SessionsReport {
+        precision: sessions::PRECISION,
+        window_seconds: sessions::ACTIVE_WINDOWS * sessions::WINDOW_MS / 1000,
+        members: snapshot.iter().map(|m| (m.route.clone(), sessions::encode(&m.sessions.registers(now_ms)))).collect(),
+        sessions_moved: bal.metrics.sessions_moved.get(),
+        rebalancing: {
+            let mut routes: Vec<String> = snapshot
+                .iter()
+                .filter(|m| bal.router.rebalance_window_open(m, now_ms))
+                .map(|m| m.route.clone())
+                .collect();
+            routes.sort();
+            routes.dedup();
+            routes
+        },
+    }
 }
 
 fn refresh_session_gauges(bal: &Balancer) {
@@ -131,7 +138,10 @@ async fn route_admin(bal: Arc<Balancer>, req: Request<Incoming>) -> Result<Respo
             refresh_session_gauges(&bal);
             respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", bal.metrics.encode())
         }
-        "/sessions.json" => respond(StatusCode::OK, "application/json", sessions_json(&bal).to_string()),
+        "/sessions.json" => match serde_json::to_string(&sessions_report(&bal)) {
+            Ok(body) => respond(StatusCode::OK, "application/json", body),
+            Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+        },
         "/healthz" | "/livez" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if bal.is_shutting_down() {

@@ -161,7 +161,7 @@ impl Metrics {
         );
         registry.register(
             "member_sessions",
-            "Estimated sessions a member served in the last 5 minutes, as this balancer saw them (HyperLogLog, about 3 % error)",
+            "Estimated sessions a member served in the last 2 minutes, as this balancer saw them (HyperLogLog, about 3 % error)",
             member_sessions.clone(),
         );
         registry.register("rejected", "Requests answered by the balancer itself, by reason", rejected.clone());

@@ -1,39 +1,46 @@
 //! How many sessions each member serves: an estimate of the distinct
 //! session ids whose requests reached it in the last minutes.
 //!
-//! Each member keeps a HyperLogLog sketch per minute (1024 one-byte
+//! Each member keeps a HyperLogLog sketch per 30 s window (1024 one-byte
 //! registers, about 3 % standard error) of the hashes of the session bases
 //! it served. A sketch's union with another is the register-wise maximum,
-//! so the minutes of one balancer, and the sketches of every balancer
+//! so the windows of one balancer, and the sketches of every balancer
 //! replica (a browser's requests of one session reach several of them),
 //! merge without counting a session twice: the operator merges the
 //! replicas' `/sessions.json` into `status.members[].sessions`.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
 
 /// log2 of the number of registers.
 pub const PRECISION: u32 = 10;
 /// Registers per sketch.
 pub const REGISTERS: usize = 1 << PRECISION;
 /// Length of one window, ms.
-pub const WINDOW_MS: u64 = 60_000;
-/// The estimate covers this many windows: the current one and the ones
-/// before it (a session counts as active while it made a request in them).
-pub const ACTIVE_WINDOWS: u64 = 5;
+pub const WINDOW_MS: u64 = 30_000;
+/// The estimate covers this many windows, 2 minutes: the current one and
+/// the ones before it (a session counts as active while it made a request
+/// in them). Short, because a session that moved to another node counts on
+/// both until it ages out here: after a rebalance the old nodes' numbers
+/// fall within 2 minutes; longer would count more idle readers as active,
+/// and show a rebalance later.
+pub const ACTIVE_WINDOWS: u64 = 4;
 const SLOTS: usize = ACTIVE_WINDOWS as usize + 1;
 
 struct Window {
-    /// Index of the minute (unix ms / WINDOW_MS) the registers are for, + 1
+    /// Index of the window (unix ms / WINDOW_MS) the registers are for, + 1
     /// (0: empty).
-    minute: AtomicU64,
+    index: AtomicU64,
     registers: Box<[AtomicU8]>,
 }
 
-/// The per-minute sketches of one member.
+/// The per-window sketches of one member.
 pub struct SessionSketch {
     windows: [Window; SLOTS],
-    /// Held only to reset a window for a new minute.
+    /// Held only to reset a slot for a new window.
     rotating: Mutex<()>,
 }
 
@@ -41,7 +48,7 @@ impl Default for SessionSketch {
     fn default() -> Self {
         SessionSketch {
             windows: std::array::from_fn(|_| Window {
-                minute: AtomicU64::new(0),
+                index: AtomicU64::new(0),
                 registers: (0..REGISTERS).map(|_| AtomicU8::new(0)).collect(),
             }),
             rotating: Mutex::new(()),
@@ -62,30 +69,30 @@ fn register_of(hash: u64) -> (usize, u8) {
 impl SessionSketch {
     /// Counts the session whose base hashes to `hash` at `now_ms` (unix ms).
     pub fn record(&self, hash: u64, now_ms: u64) {
-        let minute = now_ms / WINDOW_MS + 1;
-        let window = &self.windows[(minute % SLOTS as u64) as usize];
-        if window.minute.load(Ordering::Acquire) != minute {
+        let index = now_ms / WINDOW_MS + 1;
+        let window = &self.windows[(index % SLOTS as u64) as usize];
+        if window.index.load(Ordering::Acquire) != index {
             let _guard = self.rotating.lock().unwrap_or_else(|p| p.into_inner());
-            if window.minute.load(Ordering::Acquire) != minute {
+            if window.index.load(Ordering::Acquire) != index {
                 // A request recorded into this window meanwhile may be lost:
                 // the estimate is an estimate.
                 for r in window.registers.iter() {
                     r.store(0, Ordering::Relaxed);
                 }
-                window.minute.store(minute, Ordering::Release);
+                window.index.store(index, Ordering::Release);
             }
         }
-        let (index, rank) = register_of(hash);
-        window.registers[index].fetch_max(rank, Ordering::Relaxed);
+        let (register, rank) = register_of(hash);
+        window.registers[register].fetch_max(rank, Ordering::Relaxed);
     }
 
-    /// The union of the windows of the last [`ACTIVE_WINDOWS`] minutes.
+    /// The union of the last [`ACTIVE_WINDOWS`] windows.
     pub fn registers(&self, now_ms: u64) -> Vec<u8> {
         let current = now_ms / WINDOW_MS + 1;
         let mut merged = vec![0u8; REGISTERS];
         for window in &self.windows {
-            let minute = window.minute.load(Ordering::Acquire);
-            if minute == 0 || minute > current || current - minute >= ACTIVE_WINDOWS {
+            let index = window.index.load(Ordering::Acquire);
+            if index == 0 || index > current || current - index >= ACTIVE_WINDOWS {
                 continue;
             }
             for (m, r) in merged.iter_mut().zip(window.registers.iter()) {
@@ -136,6 +143,27 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
     (bytes.len() == REGISTERS && bytes.iter().all(|r| u32::from(*r) <= 64 - PRECISION + 1)).then_some(bytes)
+}
+
+/// What one balancer replica answers on `/sessions.json`: written by the
+/// balancer, read by the operator (one type, so the two cannot drift).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionsReport {
+    /// log2 of the registers per sketch ([`PRECISION`]).
+    pub precision: u32,
+    /// The span the sketches cover, seconds.
+    pub window_seconds: u64,
+    /// Route → [`encode`]d sketch of the sessions seen on that member.
+    pub members: BTreeMap<String, String>,
+    /// This replica's `clusterapp_balancer_sessions_moved_total`: requests
+    /// that moved their session to a newcomer since the replica started.
+    #[serde(default)]
+    pub sessions_moved: u64,
+    /// Routes of the newcomers whose rebalancing window is open now
+    /// (sessions may move to them), in route order.
+    #[serde(default)]
+    pub rebalancing: Vec<String>,
 }
 
 #[cfg(test)]
@@ -189,15 +217,18 @@ mod tests {
         for i in 0..100 {
             s.record(hash(i), 0);
         }
+        // The second batch in the last window in which the first still counts.
+        let last = ACTIVE_WINDOWS - 1;
         for i in 100..150 {
-            s.record(hash(i), 3 * WINDOW_MS);
+            s.record(hash(i), last * WINDOW_MS);
         }
-        let at = |minute: u64| estimate(&s.registers(minute * WINDOW_MS)).round() as i64;
-        assert!((140..=160).contains(&at(4)), "both minutes count: {}", at(4));
-        assert!((45..=55).contains(&at(5)), "the first minute aged out: {}", at(5));
-        assert_eq!(at(8), 0, "all aged out");
-        // minute 6 reuses minute 0's slot, which starts empty again
-        s.record(hash(1000), 6 * WINDOW_MS);
-        assert!((46..=56).contains(&at(6)), "minute 3's sessions and one new: {}", at(6));
+        let at = |window: u64| estimate(&s.registers(window * WINDOW_MS)).round() as i64;
+        assert!((140..=160).contains(&at(last)), "both windows count: {}", at(last));
+        assert!((45..=55).contains(&at(last + 1)), "the first window aged out: {}", at(last + 1));
+        assert_eq!(at(last + ACTIVE_WINDOWS), 0, "all aged out");
+        // window SLOTS reuses window 0's slot, which starts empty again
+        let reuse = SLOTS as u64;
+        s.record(hash(1000), reuse * WINDOW_MS);
+        assert!((46..=56).contains(&at(reuse)), "the second batch and one new: {}", at(reuse));
     }
 }

@@ -45,6 +45,7 @@ const HTTP_TOKEN_RULE: &str = "self.matches('^[!#$%&*+.^_`|~0-9A-Za-z-]+$')";
     scale(spec_replicas_path = ".spec.replicas", status_replicas_path = ".status.replicas", label_selector_path = ".status.selector"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready session nodes out of the desired number"),
     printcolumn(name = "Routes", type_ = "string", json_path = ".status.routes", description = "Routes (jvmRoute) of the session nodes"),
+    printcolumn(name = "Sessions", type_ = "string", json_path = ".status.sessions", description = "Sessions per session node over the last 2 minutes, in node order (balancer estimates)"),
     printcolumn(name = "Replication", type_ = "string", json_path = ".spec.sessions.replication", description = "How sessions are replicated"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40").message("metadata.name must be a DNS label of at most 40 characters (lowercase letters, digits and '-', starting with a letter): it names the StatefulSet, its pods and the Services"),
@@ -430,6 +431,13 @@ pub struct ClusterAppStatus {
     #[serde(default)]
     pub members: Vec<Member>,
 
+    /// The spread of sessions over the session nodes, `members[].sessions`
+    /// in member order joined by `/` (e.g. `41/40/39/38/42`; `-` for a node
+    /// without an estimate): what `kubectl get clusterapp` shows as
+    /// SESSIONS. Absent while no balancer replica answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<String>,
+
     /// `Ready`, `Progressing` and `Degraded`, with a reason and a message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -451,6 +459,15 @@ pub struct Member {
     pub ready: bool,
     /// The pod is stopping: the balancer sends it only its own sessions.
     pub draining: bool,
+    /// Distinct session ids the balancers saw on this node over the last 2
+    /// minutes: a HyperLogLog estimate (about 3 % standard error), merged
+    /// across the balancer replicas so a session served by several counts
+    /// once. A session that moved to another node counts on both until its
+    /// requests here are 2 minutes old. Read every 15 seconds, written when
+    /// it moved by 2 sessions and 5 % (else once a minute); absent when no
+    /// balancer replica answered for a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<i64>,
 }
 
 fn default_replicas() -> i32 {
@@ -522,19 +539,18 @@ impl Default for Ajp {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Rebalance {
-    /// `true`: a node that becomes ready takes over, from every balancer at
-    /// the same moments, the existing sessions that the balancer's failover
-    /// rule (rendezvous hashing of the session id) places on it — about
-    /// 1/N of them with N ready nodes. It renames each moved session for
-    /// itself; the session's data is already there (replicated). `false`
-    /// (the default for now): existing sessions stay on their node; only new
-    /// sessions reach it. Applies with `sessions.replication: all` only
-    /// (with `none` the new node has no copy; with `backup` moved sessions
-    /// lost updates in our tests). Off by default because a scale-down right
-    /// after a scale-up, while sessions were still moving, lost 3 of 4890
-    /// increments in one test run; until that is understood, turn it on
-    /// where you scale up and down less often than every two minutes.
-    #[serde(default)]
+    /// `true` (the default): a node that becomes ready takes over, from
+    /// every balancer at the same moments, the existing sessions that the
+    /// balancer's failover rule (rendezvous hashing of the session id)
+    /// places on it — about 1/N of them with N ready nodes. It renames each
+    /// moved session for itself; the session's data is already there
+    /// (replicated). Nodes that become ready within two minutes of the
+    /// app's creation are not newcomers (a new app's first sessions stay
+    /// where they were born). `false`: existing sessions stay on their
+    /// node; only new sessions reach it. Applies with
+    /// `sessions.replication: all` only (with `none` the new node has no
+    /// copy; with `backup` moved sessions lost updates in our tests).
+    #[serde(default = "default_rebalance_enabled")]
     pub enabled: bool,
 
     /// The moves onto a joined node are spread evenly over this many
@@ -545,13 +561,17 @@ pub struct Rebalance {
     pub ramp_seconds: i32,
 }
 
+fn default_rebalance_enabled() -> bool {
+    true
+}
+
 fn default_rebalance_ramp_seconds() -> i32 {
     30
 }
 
 impl Default for Rebalance {
     fn default() -> Self {
-        Rebalance { enabled: false, ramp_seconds: default_rebalance_ramp_seconds() }
+        Rebalance { enabled: default_rebalance_enabled(), ramp_seconds: default_rebalance_ramp_seconds() }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod membership;
 pub mod metrics;
 pub mod names;
 pub mod reconcile;
+pub mod sessions;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -297,7 +298,7 @@ fn apps_referencing(apps: &Store<ClusterApp>, secret: &PartialObjectMeta<Secret>
 
 /// The controller: watches ClusterApps, everything they own, their session
 /// node pods and the Secrets they name; runs until its
-/// watches end.
+/// watches end. Beside it, the session watch polls the balancers.
 pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<OperatorState>) {
     let namespace = config.watch_namespace.as_deref();
     let written = Arc::new(WrittenRecords::default());
@@ -379,6 +380,8 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
         .applied_objects();
     let tuning = controller::Config::default().concurrency(config.tuning.concurrency).debounce(config.tuning.debounce);
     let apps_of_secret = apps.clone();
+    // Beside the controller, on its own clock: see `sessions`.
+    let session_watch = sessions::run(context.clone(), apps.clone(), config.watch_namespace.clone());
     let controller = Controller::for_stream(app_events, apps)
         .with_config(tuning)
         .owns_stream(sts_events)
@@ -399,5 +402,12 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
                 tracing::debug!(error = %e, "controller event");
             }
         });
+    // The session watch never ends on its own; the controller's end is ours.
+    let controller = async {
+        tokio::select! {
+            () = controller => {}
+            () = session_watch => {}
+        }
+    };
     futures::join!(readiness, controller);
 }

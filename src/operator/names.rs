@@ -32,6 +32,11 @@ pub fn all_session_nodes_selector() -> String {
     format!("{LABEL_MANAGED_BY}={MANAGED_BY_VALUE},{LABEL_COMPONENT}={COMPONENT_SESSION_NODE}")
 }
 
+/// Label selector of every balancer pod of every ClusterApp.
+pub fn all_balancers_selector() -> String {
+    format!("{LABEL_MANAGED_BY}={MANAGED_BY_VALUE},{LABEL_COMPONENT}={COMPONENT_BALANCER}")
+}
+
 /// Secret keys of the app's generated Secret.
 pub const AJP_SECRET_KEY: &str = "ajp-secret";
 pub const TRIBES_KEY_KEY: &str = "tribes-encryption-key";

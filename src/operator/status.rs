@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{ClusterApp, ClusterAppStatus, Member};
 use crate::operator::names::AppNames;
+use crate::operator::sessions;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -86,6 +87,7 @@ pub fn members(pods: &[Pod]) -> Vec<Member> {
                 pod_ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
                 ready: pod_is_ready(pod),
                 draining: pod.metadata.deletion_timestamp.is_some(),
+                sessions: None,
             })
         })
         .collect();
@@ -292,7 +294,9 @@ pub fn compute_status(
     let Observed { pods, stateful_set, balancer } = observed;
     let names = AppNames::new(app.metadata.name.as_deref().unwrap_or_default());
     let generation = app.metadata.generation;
-    let members = members(pods);
+    let mut members = members(pods);
+    // The estimates are the session watch's to write; a reconcile keeps them.
+    sessions::carry_estimates(&mut members, app.status.as_ref());
     let replicas = members.iter().filter(|m| !m.draining).count();
     let ready_replicas = members.iter().filter(|m| m.ready && !m.draining).count();
     let desired = app.spec.replicas;
@@ -338,6 +342,7 @@ pub fn compute_status(
         ready: format!("{ready_replicas}/{desired}"),
         routes: members.iter().filter(|m| !m.draining).map(|m| m.route.as_str()).collect::<Vec<_>>().join(","),
         selector: names.session_node_selector(),
+        sessions: sessions::spread(&members),
         members,
         conditions,
     }

@@ -65,7 +65,7 @@ mod tests {
         Pod {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
-                deletion_timestamp: terminating.then(|| Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+                deletion_timestamp: terminating.then_some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
                 labels: leaving.map(|v| [(LABEL_LEAVING.to_string(), v.to_string())].into()),
                 ..Default::default()
             },

@@ -22,11 +22,11 @@
 //! [`Problem`]: crate::operator::status::Problem
 
 mod apply;
-mod events;
+pub(crate) mod events;
 mod keys;
 mod leaving;
 mod observe;
-mod update_status;
+pub(crate) mod update_status;
 mod validate;
 
 use std::sync::Arc;

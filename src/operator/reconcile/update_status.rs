@@ -29,14 +29,32 @@ pub async fn write_status(
         return Ok(());
     }
     condition_events(app, ctx, &status).await;
+    patch_status(ctx, app, &status, None).await.map_err(Error::WriteStatus)
+}
+
+/// Writes `status` (server-side apply, the operator's field manager, so the
+/// reconcile and the session estimates own the status as one). With
+/// `resource_version`, only onto that version of the app: a writer that
+/// built `status` from a copy that may be stale (the session estimates,
+/// from the reflector's copy) gets a conflict instead of undoing a newer
+/// write.
+pub async fn patch_status(
+    ctx: &Context,
+    app: &ClusterApp,
+    status: &ClusterAppStatus,
+    resource_version: Option<&str>,
+) -> Result<(), kube::Error> {
     let apps: Api<ClusterApp> =
         Api::namespaced(ctx.client.clone(), app.metadata.namespace.as_deref().unwrap_or_default());
-    let patch = StatusPatch { api_version: "clusterapp.io/v1alpha1", kind: "ClusterApp", status: &status };
+    let patch = StatusPatch {
+        api_version: "clusterapp.io/v1alpha1",
+        kind: "ClusterApp",
+        metadata: resource_version.map(|resource_version| PatchMetadata { resource_version }),
+        status,
+    };
     ctx.state.api_writes.inc();
     ctx.state.api_requests.inc();
-    apps.patch_status(&app.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::WriteStatus)?;
+    apps.patch_status(&app.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
 
@@ -45,7 +63,15 @@ pub async fn write_status(
 struct StatusPatch<'a> {
     api_version: &'static str,
     kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<PatchMetadata<'a>>,
     status: &'a ClusterAppStatus,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct PatchMetadata<'a> {
+    resource_version: &'a str,
 }
 
 async fn condition_events(app: &ClusterApp, ctx: &Context, new: &ClusterAppStatus) {
