@@ -15,143 +15,27 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, SET_COOKIE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 
 use super::access::{AccessEntry, ServedBy};
 use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest, SslAttributes, from_container};
+use super::body::{BodyError, ProxyBody};
 use super::framing::FramingVerdicts;
-use super::member::{Member, MemberTable};
+use super::member::Member;
 use super::metrics::{BackendErrorKind, Metrics, RejectReason};
-use super::pool::{AcquireError, ConnError, Lease, PoolSettings};
-use super::routing::{Choice, NoMember, Router, SessionWeigher, member_key, session_of_request, unix_now_ms};
+use super::pool::{AcquireError, ConnError, Lease};
+use super::routing::{Choice, NoMember, SessionWeigher, member_key, session_of_request, unix_now_ms};
+use super::state::Balancer;
 use super::tls::TlsFacts;
-
-/// The connector secret. Its `Debug` never shows the value.
-pub struct AjpSecret(String);
-
-impl AjpSecret {
-    pub fn new(secret: String) -> Self {
-        AjpSecret(secret)
-    }
-    fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for AjpSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AjpSecret(<redacted>)")
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ProxySettings {
-    pub packet_size: usize,
-    pub sticky_cookie: String,
-    pub sticky_path_param: String,
-    pub backend_timeout: Duration,
-    pub max_body_bytes: Option<u64>,
-    /// How long a terminating member keeps its sticky sessions.
-    pub drain_timeout: Duration,
-    /// Write an access log line per request.
-    pub access_log: bool,
-}
-
-/// Shared state of the balancer.
-pub struct Balancer {
-    pub settings: ProxySettings,
-    pub pool_settings: PoolSettings,
-    pub members: MemberTable,
-    pub router: Router,
-    pub metrics: Metrics,
-    secret: AjpSecret,
-    shutting_down: AtomicBool,
-    /// Failovers come one per moved session; the log gets at most one line a second.
-    failover_log: LogLimiter,
-}
-
-/// Lets a repetitive log line through at most once per interval and counts
-/// the ones it held back.
-#[derive(Debug)]
-pub struct LogLimiter {
-    epoch: Instant,
-    interval_ms: u64,
-    /// Milliseconds after `epoch` from which the next line may pass.
-    next_ms: AtomicU64,
-    held_back: AtomicU64,
-}
-
-impl LogLimiter {
-    pub fn new(interval: Duration) -> Self {
-        LogLimiter {
-            epoch: Instant::now(),
-            interval_ms: interval.as_millis() as u64,
-            next_ms: AtomicU64::new(0),
-            held_back: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` when this line may be logged.
-    pub fn allow(&self) -> Option<u64> {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next
-            && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
-            return Some(self.held_back.swap(0, Ordering::Relaxed));
-        }
-        self.held_back.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
-impl Balancer {
-    pub fn new(
-        settings: ProxySettings,
-        pool_settings: PoolSettings,
-        pool_max: usize,
-        router: Router,
-        secret: AjpSecret,
-    ) -> Self {
-        Balancer {
-            members: MemberTable::new(pool_max, settings.drain_timeout),
-            settings,
-            pool_settings,
-            router,
-            metrics: Metrics::new(),
-            secret,
-            shutting_down: AtomicBool::new(false),
-            failover_log: LogLimiter::new(Duration::from_secs(1)),
-        }
-    }
-
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::Release);
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    /// Marks a member failed after a connect error (passive health).
-    pub fn mark_failed(&self, member: &Member, why: &dyn std::fmt::Display) {
-        member.pool.clear();
-        if member.set_healthy(false) {
-            tracing::warn!(route = %member.route, address = %member.address, error = %why, "member marked failed");
-        }
-    }
-}
 
 /// Facts of the client connection, formatted once per connection.
 #[derive(Debug)]
@@ -839,59 +723,6 @@ fn note_new_session(member: &Member, headers: &HeaderMap, cookie: &str) {
     }
 }
 
-/// A response body failed mid-stream; hyper closes the client connection.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BodyError(String);
-
-/// Bodies the balancer sends to clients.
-pub enum ProxyBody {
-    Empty,
-    Full(Option<Bytes>),
-    /// A complete body already received.
-    Chunks(VecDeque<Bytes>),
-    Stream(Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>),
-}
-
-impl ProxyBody {
-    pub fn full(bytes: Bytes) -> Self {
-        ProxyBody::Full(Some(bytes))
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            ProxyBody::Empty => Poll::Ready(None),
-            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Chunks(chunks) => Poll::Ready(chunks.pop_front().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Stream(stream) => stream.as_mut().poll_next(cx).map(|item| item.map(|r| r.map(Frame::data))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Empty => true,
-            ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Chunks(chunks) => chunks.is_empty(),
-            ProxyBody::Stream(_) => false,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Empty => SizeHint::with_exact(0),
-            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ProxyBody::Full(None) => SizeHint::with_exact(0),
-            ProxyBody::Chunks(chunks) => SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum()),
-            ProxyBody::Stream(_) => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -905,18 +736,6 @@ mod tests {
             );
         }
         h
-    }
-
-    #[test]
-    fn log_limiter_lets_one_line_a_period_through_and_counts_the_rest() {
-        let limiter = LogLimiter::new(Duration::from_millis(200));
-        assert_eq!(limiter.allow(), Some(0));
-        for _ in 0..5 {
-            assert_eq!(limiter.allow(), None);
-        }
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(limiter.allow(), Some(5), "the next line reports the five held back");
-        assert_eq!(limiter.allow(), None);
     }
 
     #[test]
@@ -961,12 +780,6 @@ mod tests {
     }
 
     #[test]
-    fn secret_is_not_in_debug_output() {
-        let s = AjpSecret::new("hunter2".into());
-        assert!(!format!("{s:?}").contains("hunter2"));
-    }
-
-    #[test]
     fn hop_by_hop_response_headers_are_dropped() {
         let mut h = headers(&[("connection", "close"), ("transfer-encoding", "chunked"), ("x-route", "s1")]);
         strip_hop_by_hop(&mut h);
@@ -985,9 +798,14 @@ mod reuse_tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
+    use std::time::Duration;
+
     use crate::balancer::config::LbMethod;
     use crate::balancer::front::{FrontSettings, serve_front};
     use crate::balancer::member::{MemberSpec, MemberState};
+    use crate::balancer::pool::PoolSettings;
+    use crate::balancer::routing::Router;
+    use crate::balancer::state::{AjpSecret, ProxySettings};
 
     fn packet(payload: &[u8]) -> Vec<u8> {
         let mut p = b"AB".to_vec();
