@@ -5,15 +5,17 @@
 //! [`pool`] backend connections · [`routing`] sticky/new-session choice ·
 //! [`member`] member table · [`membership`] sources (static, file,
 //! Kubernetes) · [`health`] CPing checks · [`front`] client server ·
-//! [`framing`] smuggling guard on the client's bytes · [`proxy`] the
-//! request exchange · [`body`] response bodies · [`admin`] metrics, probes
-//! and status page · [`config`] command line.
+//! [`framing`] smuggling guard on the client's bytes · [`proxy`] the hyper
+//! service (HTTP side of a request) · [`exchange`] one request's trip to a
+//! member (AJP side, phase by phase) · [`body`] response bodies · [`admin`]
+//! metrics, probes and status page · [`config`] command line.
 
 pub mod access;
 pub mod admin;
 pub mod ajp;
 pub mod body;
 pub mod config;
+pub mod exchange;
 pub mod framing;
 pub mod front;
 pub mod health;
