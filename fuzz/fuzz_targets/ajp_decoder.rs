@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     match decode_container_packet(payload) {
         Ok(ContainerPacket::SendHeaders) => {
             let mut headers = http::HeaderMap::new();
-            let _ = decode_send_headers(payload, &mut headers);
+            let _ = decode_send_headers(&bytes::Bytes::copy_from_slice(payload), &mut headers);
         }
         Ok(ContainerPacket::SendBodyChunk { offset, len }) => assert!(offset + len <= payload.len()),
         _ => {}

@@ -20,7 +20,7 @@ use futures::Stream;
 use http::header::USER_AGENT;
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
 
-use super::proxy::{BodyError, ProxyBody};
+use super::body::{BodyError, ProxyBody};
 
 /// Which member served a request; set by the proxy on the response.
 #[derive(Debug, Clone)]

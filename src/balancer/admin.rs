@@ -22,9 +22,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use super::proxy::{Balancer, ProxyBody};
+use super::body::ProxyBody;
 use super::routing::unix_now_ms;
 use super::sessions;
+use super::state::Balancer;
 
 const STATUS_PAGE: &str = include_str!("status.html");
 

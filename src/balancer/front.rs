@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use super::framing::{HeadScanner, ScanningStream};
-use super::proxy::{self, Balancer, ClientConn, LogLimiter};
+use super::proxy::{self, ClientConn};
+use super::state::{Balancer, LogLimiter};
 use super::tls::{self, TlsFacts};
 use tokio_rustls::TlsAcceptor;
 

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::member::Member;
 use super::pool::AjpConnection;
-use super::proxy::Balancer;
+use super::state::Balancer;
 
 pub async fn check_member(bal: &Balancer, member: &Arc<Member>) -> bool {
     let settings = &bal.pool_settings;

@@ -1,16 +1,21 @@
 //! `clusterapp balancer`: HTTP/1.1 in front, AJP/1.3 to the Tomcat nodes,
 //! sticky by jvmRoute, with live membership, draining and failover.
 //!
-//! Module map: [`ajp`] codec · [`pool`] backend connections · [`routing`]
-//! sticky/new-session choice · [`member`] member table · [`membership`]
-//! sources (static, file, Kubernetes) · [`health`] CPing checks ·
-//! [`proxy`] the request exchange · [`front`] client server · [`admin`]
+//! Module map: [`state`] the process-wide [`Balancer`] · [`ajp`] codec ·
+//! [`pool`] backend connections · [`routing`] sticky/new-session choice ·
+//! [`member`] member table · [`membership`] sources (static, file,
+//! Kubernetes) · [`health`] CPing checks · [`front`] client server ·
+//! [`framing`] smuggling guard on the client's bytes · [`proxy`] the hyper
+//! service (HTTP side of a request) · [`exchange`] one request's trip to a
+//! member (AJP side, phase by phase) · [`body`] response bodies · [`admin`]
 //! metrics, probes and status page · [`config`] command line.
 
 pub mod access;
 pub mod admin;
 pub mod ajp;
+pub mod body;
 pub mod config;
+pub mod exchange;
 pub mod framing;
 pub mod front;
 pub mod health;
@@ -21,6 +26,7 @@ pub mod pool;
 pub mod proxy;
 pub mod routing;
 pub mod sessions;
+pub mod state;
 pub mod tls;
 
 use std::path::PathBuf;
@@ -33,8 +39,8 @@ use tokio::sync::watch;
 pub use config::{BalancerArgs, LbMethod};
 use membership::{MembershipError, MembershipSource};
 use pool::PoolSettings;
-use proxy::{AjpSecret, Balancer, ProxySettings};
 use routing::Router;
+use state::{AjpSecret, Balancer, ProxySettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BalancerError {

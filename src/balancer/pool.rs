@@ -4,10 +4,11 @@
 //! reuse = 1. Before reuse it is checked: a peer that closed it (Tomcat
 //! restarted, node killed) fails the CPing at once; one idle for
 //! `cping_after_idle` or longer (default 0: every reuse, httpd's `ping=`)
-//! is asked for a CPong, and so is every new connection; one reused sooner
-//! is checked by a non-blocking read (only as fresh as the reactor's last
-//! turn). So a request is never written into a dead connection that could
-//! then not be retried: a SIGKILLed JVM closes its sockets only after it has unmapped
+//! is asked for a CPong, and so is every new connection (by the exchange,
+//! before its first request); one reused sooner is checked by a
+//! non-blocking read (only as fresh as the reactor's last turn). So a
+//! request is never written into a dead connection that could then not be
+//! retried: a SIGKILLed JVM closes its sockets only after it has unmapped
 //! its heap, and until then writes into them succeed.
 
 use std::io;
@@ -195,7 +196,11 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
-    /// An idle connection that passed its checks, or a new one.
+    /// An idle connection that passed its checks (`reused`), or a new one
+    /// that the caller still has to CPing: a killed Tomcat's listening
+    /// socket can complete handshakes until the dying process's files are
+    /// closed, so only a CPong proves a live container (the exchange's
+    /// `CPing` phase; a failure there counts as a failed connect).
     pub async fn acquire(&self, address: SocketAddr, settings: &PoolSettings) -> Result<Lease, AcquireError> {
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
@@ -222,17 +227,7 @@ impl Pool {
             }
             return Ok(Lease { conn, reused: true, _slot: slot });
         }
-        let mut conn = AjpConnection::connect(address, settings).await?;
-        // A killed Tomcat's listening socket can still complete handshakes
-        // in the kernel until the dying process's files are closed: only a
-        // CPong proves a live container. A failure here counts as a failed
-        // connect (the member is marked down, the request goes elsewhere).
-        if let Err(e) = conn.cping(settings.cping_timeout).await {
-            return Err(AcquireError::Connect(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!("no CPong on a new connection: {e}"),
-            )));
-        }
+        let conn = AjpConnection::connect(address, settings).await?;
         Ok(Lease { conn, reused: false, _slot: slot })
     }
 

@@ -1,157 +1,34 @@
-//! One client request → one AJP exchange with a member.
+//! The hyper service: one client request in, one response out.
 //!
-//! The exchange is a small state machine driven by what the container asks
-//! for: after `FORWARD_REQUEST` (plus the first body packet when the length
-//! is known and non-zero, as Tomcat expects) the container sends
-//! `GET_BODY_CHUNK` whenever it wants more of the body, `SEND_HEADERS` once,
-//! `SEND_BODY_CHUNK`s, and finally `END_RESPONSE`. Body requests may come
-//! before or after the response head, so both phases answer them.
-//!
-//! Retry rule: a request is retried (another connection or member) only
-//! while none of it can have been processed by Tomcat — a failed connect,
-//! or a failed write of the first packet (Tomcat acts on complete packets
-//! only). After that a failure is a 502, never a replay.
+//! This module is the HTTP side of a request: it refuses what must not
+//! reach a member (smuggling shapes, bodies over the limit), builds the
+//! `FORWARD_REQUEST` every attempt sends, hands the trip to the member to an
+//! `Exchange` (the AJP side, phase by phase), and turns its answer into the
+//! client's response: hop-by-hop headers dropped, new sessions noted,
+//! counted. Whatever it refuses becomes a [`Rejection`], answered by the
+//! balancer itself.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, SET_COOKIE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 
 use super::access::{AccessEntry, ServedBy};
-use super::ajp::{self, ContainerPacket, EncodeError, ForwardRequest, SslAttributes, from_container};
+use super::ajp::{self, EncodeError, ForwardRequest, SslAttributes};
+use super::body::ProxyBody;
+use super::exchange::{Exchange, Outgoing, RequestBody};
 use super::framing::FramingVerdicts;
-use super::member::{Member, MemberTable};
-use super::metrics::{BackendErrorKind, Metrics, RejectReason};
-use super::pool::{AcquireError, ConnError, Lease, PoolSettings};
-use super::routing::{Choice, NoMember, Router, SessionWeigher, member_key, session_of_request, unix_now_ms};
+use super::member::Member;
+use super::metrics::{Metrics, RejectReason};
+use super::pool::ConnError;
+use super::routing::{NoMember, session_of_request, unix_now_ms};
+use super::state::Balancer;
 use super::tls::TlsFacts;
-
-/// The connector secret. Its `Debug` never shows the value.
-pub struct AjpSecret(String);
-
-impl AjpSecret {
-    pub fn new(secret: String) -> Self {
-        AjpSecret(secret)
-    }
-    fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for AjpSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AjpSecret(<redacted>)")
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ProxySettings {
-    pub packet_size: usize,
-    pub sticky_cookie: String,
-    pub sticky_path_param: String,
-    pub backend_timeout: Duration,
-    pub max_body_bytes: Option<u64>,
-    /// How long a terminating member keeps its sticky sessions.
-    pub drain_timeout: Duration,
-    /// Write an access log line per request.
-    pub access_log: bool,
-}
-
-/// Shared state of the balancer.
-pub struct Balancer {
-    pub settings: ProxySettings,
-    pub pool_settings: PoolSettings,
-    pub members: MemberTable,
-    pub router: Router,
-    pub metrics: Metrics,
-    secret: AjpSecret,
-    shutting_down: AtomicBool,
-    /// Failovers come one per moved session; the log gets at most one line a second.
-    failover_log: LogLimiter,
-}
-
-/// Lets a repetitive log line through at most once per interval and counts
-/// the ones it held back.
-#[derive(Debug)]
-pub struct LogLimiter {
-    epoch: Instant,
-    interval_ms: u64,
-    /// Milliseconds after `epoch` from which the next line may pass.
-    next_ms: AtomicU64,
-    held_back: AtomicU64,
-}
-
-impl LogLimiter {
-    pub fn new(interval: Duration) -> Self {
-        LogLimiter {
-            epoch: Instant::now(),
-            interval_ms: interval.as_millis() as u64,
-            next_ms: AtomicU64::new(0),
-            held_back: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` when this line may be logged.
-    pub fn allow(&self) -> Option<u64> {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next
-            && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
-            return Some(self.held_back.swap(0, Ordering::Relaxed));
-        }
-        self.held_back.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
-impl Balancer {
-    pub fn new(
-        settings: ProxySettings,
-        pool_settings: PoolSettings,
-        pool_max: usize,
-        router: Router,
-        secret: AjpSecret,
-    ) -> Self {
-        Balancer {
-            members: MemberTable::new(pool_max, settings.drain_timeout),
-            settings,
-            pool_settings,
-            router,
-            metrics: Metrics::new(),
-            secret,
-            shutting_down: AtomicBool::new(false),
-            failover_log: LogLimiter::new(Duration::from_secs(1)),
-        }
-    }
-
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::Release);
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    /// Marks a member failed after a connect error (passive health).
-    pub fn mark_failed(&self, member: &Member, why: &dyn std::fmt::Display) {
-        member.pool.clear();
-        if member.set_healthy(false) {
-            tracing::warn!(route = %member.route, address = %member.address, error = %why, "member marked failed");
-        }
-    }
-}
 
 /// Facts of the client connection, formatted once per connection.
 #[derive(Debug)]
@@ -264,294 +141,20 @@ pub async fn handle(
     })
 }
 
-/// Refuses the framing shapes used for request smuggling. hyper already
-/// refuses malformed lengths and chunk syntax; these shapes it would accept.
-pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    let content_length = lengths.next();
-    if lengths.next().is_some() {
-        return Err(Rejection::BadFraming("duplicate Content-Length"));
-    }
+/// Refuses the smuggling shape that hyper passes to the service: codings
+/// before `chunked` (`gzip, chunked`) or more than one `Transfer-Encoding`.
+///
+/// The other shapes never get here. hyper refuses invalid or conflicting
+/// lengths, bad chunk syntax and a last coding other than `chunked`. With
+/// both `Content-Length` and `Transfer-Encoding` it drops the length, and
+/// identical duplicate lengths it folds into one, so neither shows in the
+/// request it hands over: [`super::framing`] finds those two on the wire.
+fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Rejection> {
     let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(te) = encodings.next() {
-        if content_length.is_some() {
-            return Err(Rejection::BadFraming("Content-Length with Transfer-Encoding"));
-        }
-        if encodings.next().is_some() || !te.as_bytes().eq_ignore_ascii_case(b"chunked") {
-            return Err(Rejection::BadFraming("Transfer-Encoding other than a single chunked"));
-        }
-        return Ok(None);
-    }
-    match content_length {
-        None => Ok(Some(0)),
-        Some(v) => {
-            let text = v.to_str().map_err(|_| Rejection::BadFraming("invalid Content-Length"))?;
-            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(Rejection::BadFraming("invalid Content-Length"));
-            }
-            text.parse::<u64>().map(Some).map_err(|_| Rejection::BadFraming("invalid Content-Length"))
-        }
-    }
-}
-
-/// The client's request body, handed out in AJP-sized pieces.
-struct RequestBody {
-    incoming: Option<Incoming>,
-    leftover: Bytes,
-    received: u64,
-    limit: Option<u64>,
-}
-
-impl RequestBody {
-    async fn next_piece(&mut self, max: usize) -> Result<Option<Bytes>, Rejection> {
-        while self.leftover.is_empty() {
-            let Some(incoming) = self.incoming.as_mut() else { return Ok(None) };
-            match incoming.frame().await {
-                None => {
-                    self.incoming = None;
-                    return Ok(None);
-                }
-                Some(Err(e)) => {
-                    self.incoming = None;
-                    return Err(Rejection::ClientBody(e));
-                }
-                Some(Ok(frame)) => {
-                    // Trailers have no AJP form; they are dropped like httpd does.
-                    if let Ok(data) = frame.into_data() {
-                        self.received += data.len() as u64;
-                        if self.limit.is_some_and(|limit| self.received > limit) {
-                            self.incoming = None;
-                            return Err(Rejection::BodyTooLarge);
-                        }
-                        self.leftover = data;
-                    }
-                }
-            }
-        }
-        let n = max.min(self.leftover.len());
-        Ok(Some(self.leftover.split_to(n)))
-    }
-}
-
-/// Counts a request in flight on a member for as long as it lives.
-struct InFlight(Arc<Member>);
-
-impl InFlight {
-    fn new(member: Arc<Member>) -> Self {
-        member.metrics.in_flight.inc();
-        InFlight(member)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.metrics.in_flight.dec();
-    }
-}
-
-/// What went wrong mid-exchange: the member's side or the client's.
-enum ExchangeError {
-    Backend(ConnError),
-    Client(Rejection),
-}
-
-impl From<ConnError> for ExchangeError {
-    fn from(e: ConnError) -> Self {
-        ExchangeError::Backend(e)
-    }
-}
-
-/// A connection in use by one request, with what the exchange needs.
-struct Exchange {
-    bal: Arc<Balancer>,
-    member: Arc<Member>,
-    lease: Option<Lease>,
-    body: RequestBody,
-    _in_flight: InFlight,
-    /// Response body bytes still to come, when the head gave a `Content-Length`.
-    body_left: Option<u64>,
-    /// `END_RESPONSE` was read (or the connection given up after a complete body).
-    ended: bool,
-}
-
-/// One packet of the response body phase.
-enum BodyPacket {
-    Data(Bytes),
-    /// An empty `SEND_BODY_CHUNK`: Tomcat's explicit flush.
-    Flush,
-    End,
-    GetBody(usize),
-}
-
-impl Exchange {
-    fn lease(&mut self) -> Result<&mut Lease, ConnError> {
-        self.lease.as_mut().ok_or(ConnError::Closed)
-    }
-
-    async fn read_packet(&mut self) -> Result<Bytes, ExchangeError> {
-        let timeout = self.bal.settings.backend_timeout;
-        let lease = self.lease()?;
-        match tokio::time::timeout(timeout, lease.conn.read_packet()).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(ConnError::Timeout.into()),
-        }
-    }
-
-    /// Answers `GET_BODY_CHUNK`: the next piece, or the empty packet at the end.
-    async fn send_body_piece(&mut self, requested: usize) -> Result<(), ExchangeError> {
-        let max = ajp::max_body_chunk_len(self.bal.settings.packet_size);
-        let want = if requested == 0 { max } else { requested.min(max) };
-        let piece = self.body.next_piece(want).await.map_err(ExchangeError::Client)?;
-        let lease = self.lease()?;
-        let sent = match &piece {
-            Some(data) => {
-                ajp::encode_body_chunk(&mut lease.conn.write_buf, data);
-                data.len()
-            }
-            None => {
-                ajp::encode_empty_body_chunk(&mut lease.conn.write_buf);
-                0
-            }
-        };
-        lease.conn.send().await.map_err(ConnError::Io)?;
-        self.member.traffic_bytes.fetch_add(sent as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Reads up to the response head.
-    async fn read_head(&mut self) -> Result<Bytes, ExchangeError> {
-        loop {
-            let payload = self.read_packet().await?;
-            match ajp::decode_container_packet(&payload).map_err(ConnError::Protocol)? {
-                ContainerPacket::SendHeaders => return Ok(payload),
-                ContainerPacket::GetBodyChunk { requested } => self.send_body_piece(requested).await?,
-                ContainerPacket::SendBodyChunk { .. } => {
-                    return Err(ConnError::Unexpected("SEND_BODY_CHUNK before SEND_HEADERS").into());
-                }
-                ContainerPacket::EndResponse { .. } => {
-                    return Err(ConnError::Unexpected("END_RESPONSE before SEND_HEADERS").into());
-                }
-                ContainerPacket::CPong => return Err(ConnError::Unexpected("CPONG during a request").into()),
-            }
-        }
-    }
-
-    /// The next response body bytes; `None` after `END_RESPONSE`.
-    async fn next_body_bytes(&mut self) -> Result<Option<Bytes>, ExchangeError> {
-        if self.ended {
-            return Ok(None);
-        }
-        loop {
-            let payload = self.read_packet().await?;
-            match self.body_packet(payload)? {
-                BodyPacket::Data(bytes) => {
-                    self.finish_early().await;
-                    return Ok(Some(bytes));
-                }
-                BodyPacket::Flush => continue,
-                BodyPacket::End => return Ok(None),
-                BodyPacket::GetBody(requested) => self.send_body_piece(requested).await?,
-            }
-        }
-    }
-
-    /// Classifies one packet of the body phase; `END_RESPONSE` ends the
-    /// exchange here (the connection goes back to the pool when reusable).
-    fn body_packet(&mut self, payload: Bytes) -> Result<BodyPacket, ConnError> {
-        match ajp::decode_container_packet(&payload)? {
-            ContainerPacket::SendBodyChunk { len: 0, .. } => Ok(BodyPacket::Flush), // Tomcat's explicit flush
-            ContainerPacket::SendBodyChunk { offset, len } => {
-                self.member.traffic_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                if let Some(left) = self.body_left.as_mut() {
-                    *left = left.saturating_sub(len as u64);
-                }
-                Ok(BodyPacket::Data(payload.slice(offset..offset + len)))
-            }
-            ContainerPacket::GetBodyChunk { requested } => Ok(BodyPacket::GetBody(requested)),
-            ContainerPacket::EndResponse { reuse } => {
-                self.ended = true;
-                if let Some(lease) = self.lease.take()
-                    && reuse
-                {
-                    self.member.pool.release(lease);
-                }
-                Ok(BodyPacket::End)
-            }
-            ContainerPacket::SendHeaders => Err(ConnError::Unexpected("second SEND_HEADERS")),
-            ContainerPacket::CPong => Err(ConnError::Unexpected("CPONG during a request")),
-        }
-    }
-
-    /// A body-phase packet of a wanted type that is already in the read
-    /// buffer (no I/O); `None` when the next packet still has to be read or
-    /// is of another type.
-    fn buffered_body_packet(&mut self, wanted: impl Fn(u8) -> bool) -> Result<Option<BodyPacket>, ConnError> {
-        let Some(lease) = self.lease.as_mut() else { return Ok(None) };
-        match lease.conn.buffered_packet(wanted)? {
-            Some(payload) => self.body_packet(payload).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// Takes `END_RESPONSE` as soon as the body is complete, before its last
-    /// bytes go to the client: hyper stops polling a body once it has sent
-    /// `Content-Length` bytes, and a connection whose `END_RESPONSE` was never
-    /// read cannot go back to the pool. A failure here loses no response
-    /// bytes; only the connection is dropped.
-    async fn finish_early(&mut self) {
-        if self.ended {
-            return;
-        }
-        match self.buffered_body_packet(|kind| kind == from_container::END_RESPONSE) {
-            Ok(Some(_)) => return,
-            Ok(None) => {}
-            Err(error) => return self.fail_after_body(&error),
-        }
-        if self.body_left != Some(0) {
-            return;
-        }
-        loop {
-            let payload = match self.read_packet().await {
-                Ok(payload) => payload,
-                Err(ExchangeError::Backend(error)) => return self.fail_after_body(&error),
-                Err(ExchangeError::Client(_)) => return self.fail_after_body(&ConnError::Closed),
-            };
-            match self.body_packet(payload) {
-                Ok(BodyPacket::End) => return,
-                Ok(BodyPacket::Flush) => continue,
-                Ok(BodyPacket::Data(_)) => {
-                    return self.fail_after_body(&ConnError::Unexpected("body bytes beyond Content-Length"));
-                }
-                Ok(BodyPacket::GetBody(requested)) => {
-                    if let Err(error) = self.send_body_piece(requested).await {
-                        let error = match error {
-                            ExchangeError::Backend(error) => error,
-                            ExchangeError::Client(_) => ConnError::Closed,
-                        };
-                        return self.fail_after_body(&error);
-                    }
-                }
-                Err(error) => return self.fail_after_body(&error),
-            }
-        }
-    }
-
-    /// The member failed after the whole body arrived: the client still gets
-    /// the complete response, the connection is dropped.
-    fn fail_after_body(&mut self, error: &ConnError) {
-        tracing::debug!(route = %self.member.route, %error, "member failed after the response body; dropping the connection");
-        self.fail(error);
-        self.ended = true;
-    }
-
-    fn fail(&mut self, error: &ConnError) {
-        self.lease = None;
-        let kind = match error {
-            ConnError::Protocol(_) | ConnError::Unexpected(_) => BackendErrorKind::Protocol,
-            ConnError::Timeout => BackendErrorKind::Timeout,
-            ConnError::Io(_) | ConnError::Closed => BackendErrorKind::Io,
-        };
-        self.member.metrics.count_error(kind);
+    match (encodings.next(), encodings.next()) {
+        (None, _) => Ok(()),
+        (Some(te), None) if te.as_bytes().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(Rejection::BadFraming("Transfer-Encoding other than a single chunked")),
     }
 }
 
@@ -571,64 +174,27 @@ async fn proxy(
         return Err(Rejection::BadFraming(reason));
     }
     let (parts, incoming) = req.into_parts();
-    let content_length = check_framing(&parts.headers)?;
+    check_transfer_encoding(&parts.headers)?;
+    // The length hyper frames the body by: its `Content-Length` (0 without
+    // one), or none for a chunked body.
+    let content_length = incoming.size_hint().exact();
     if let (Some(limit), Some(length)) = (bal.settings.max_body_bytes, content_length)
         && length > limit
     {
         return Err(Rejection::BodyTooLarge);
     }
-    let mut body = RequestBody {
-        incoming: Some(incoming),
-        leftover: Bytes::new(),
-        received: 0,
-        limit: bal.settings.max_body_bytes,
-    };
     let settings = &bal.settings;
-    let max_piece = ajp::max_body_chunk_len(settings.packet_size);
+    let mut body = RequestBody::new(incoming, settings.max_body_bytes);
     // With a known length Tomcat expects the first body packet right after
     // the request packet; read it first so a retry can send it again.
     let first_piece = match content_length {
-        Some(n) if n > 0 => body.next_piece(max_piece).await?,
+        Some(n) if n > 0 => body.next_piece(ajp::max_body_chunk_len(settings.packet_size)).await?,
         _ => None,
     };
 
     let path = parts.uri.path();
-    let session = session_of_request(path, &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param);
-    let snapshot = bal.members.snapshot();
-    // One wall-clock read per request, for the rebalancing schedule and the
-    // session estimate alike.
-    let now_ms = unix_now_ms();
-    let mut tried: Vec<usize> = Vec::new();
-    let mut write_failures = 0;
-    let started = Instant::now();
-
-    let mut failed_over = false;
-    let (member, lease) = loop {
-        let (member, choice) = bal.router.choose_at(&snapshot, session, &tried, now_ms).map_err(Rejection::NoMember)?;
-        failed_over |= choice == Choice::Failover;
-        if choice == Choice::Rebalanced {
-            bal.metrics.sessions_moved.inc();
-        }
-        if let (Some(session), true) = (session, tried.is_empty()) {
-            member.sessions.record(SessionWeigher::new(session.base).sketch_hash(), now_ms);
-        }
-        if choice == Choice::Failover && tried.is_empty() {
-            bal.metrics.failovers.inc();
-            if let Some(held_back) = bal.failover_log.allow() {
-                tracing::info!(from = session.map_or("", |s| s.route), to = %member.route, more_since_last_line = held_back, "sticky member unusable, failing over");
-            }
-        }
-        let mut lease = match member.pool.acquire(member.address, &bal.pool_settings).await {
-            Ok(lease) => lease,
-            Err(AcquireError::SlotTimeout(_)) => return Err(Rejection::PoolExhausted(member.route.clone())),
-            Err(e) => {
-                member.metrics.count_error(BackendErrorKind::Connect);
-                bal.mark_failed(&member, &e);
-                tried.push(member_key(&member));
-                continue;
-            }
-        };
-        let forward = ForwardRequest {
+    let out = Outgoing {
+        forward: ForwardRequest {
             method: parts.method.as_str(),
             protocol: version_text(parts.version),
             request_uri: path,
@@ -640,82 +206,26 @@ async fn proxy(
             local_port: client.local.port(),
             is_ssl: client.tls.is_some(),
             headers: &parts.headers,
-            route: Some(&member.route),
+            route: None,
             secret: bal.secret.expose(),
             ssl: client.ssl_attributes(),
-        };
-        lease.conn.write_buf.clear();
-        if let Err(e) = ajp::encode_forward_request(&mut lease.conn.write_buf, &forward, settings.packet_size) {
-            lease.conn.write_buf.clear();
-            member.pool.release(lease);
-            return Err(Rejection::HeadTooLarge(e));
-        }
-        if let Some(piece) = &first_piece {
-            ajp::encode_body_chunk(&mut lease.conn.write_buf, piece);
-        }
-        match lease.conn.send().await {
-            Ok(()) => break (member, lease),
-            Err(e) => {
-                // A failed write means Tomcat never got a complete packet, so
-                // nothing was processed: safe to try again on a fresh connection.
-                write_failures += 1;
-                member.pool.clear();
-                tracing::debug!(route = %member.route, reused = lease.reused, error = %e, "request write failed, retrying");
-                if write_failures > 2 {
-                    member.metrics.count_error(BackendErrorKind::Io);
-                    return Err(Rejection::BadGateway { route: member.route.clone(), error: ConnError::Io(e) });
-                }
-                if !lease.reused {
-                    tried.push(member_key(&member));
-                }
-            }
-        }
+        },
+        members: bal.members.snapshot(),
+        session: session_of_request(path, &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param),
+        now_ms: unix_now_ms(),
     };
-    if let Some(piece) = &first_piece {
-        member.traffic_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
-    }
+    let started = Instant::now();
+    let mut exchange = Exchange::start(bal, &out, body, first_piece)?;
+    exchange.send_request(&out).await?;
+    let mut response = exchange.read_response_head().await?;
 
-    let mut exchange = Exchange {
-        bal: bal.clone(),
-        member: member.clone(),
-        lease: Some(lease),
-        body,
-        _in_flight: InFlight::new(member.clone()),
-        body_left: None,
-        ended: false,
-    };
-    let head = match exchange.read_head().await {
-        Ok(head) => head,
-        Err(ExchangeError::Client(rejection)) => {
-            exchange.lease = None;
-            return Err(rejection);
-        }
-        Err(ExchangeError::Backend(error)) => {
-            exchange.fail(&error);
-            member.metrics.count_response(502);
-            return Err(match error {
-                ConnError::Timeout => Rejection::GatewayTimeout(member.route.clone()),
-                error => Rejection::BadGateway { route: member.route.clone(), error },
-            });
-        }
-    };
-
-    let mut response = Response::new(ProxyBody::Empty);
-    let status = match ajp::decode_send_headers(&head, response.headers_mut()) {
-        Ok(status) => status,
-        Err(e) => {
-            let error = ConnError::Protocol(e);
-            exchange.fail(&error);
-            member.metrics.count_response(502);
-            return Err(Rejection::BadGateway { route: member.route.clone(), error });
-        }
-    };
-    *response.status_mut() = status;
+    let member = exchange.member();
     if settings.access_log {
-        response.extensions_mut().insert(ServedBy { route: member.route.clone(), failover: failed_over });
+        response.extensions_mut().insert(ServedBy { route: member.route.clone(), failover: exchange.failed_over() });
     }
     strip_hop_by_hop(response.headers_mut());
-    note_new_session(&member, response.headers(), &settings.sticky_cookie);
+    note_new_session(member, response.headers(), &settings.sticky_cookie);
+    let status = response.status();
     member.metrics.count_response(status.as_u16());
     member.metrics.latency.observe(started.elapsed().as_secs_f64());
 
@@ -723,80 +233,9 @@ async fn proxy(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    if bodiless {
-        // Tomcat swallows the body; read on to END_RESPONSE so the
-        // connection goes back to the pool.
-        loop {
-            match exchange.next_body_bytes().await {
-                Ok(None) => break,
-                Ok(Some(_)) => continue,
-                Err(ExchangeError::Backend(e)) => {
-                    exchange.fail(&e);
-                    break;
-                }
-                Err(ExchangeError::Client(_)) => break,
-            }
-        }
-        return Ok(response);
-    }
-    exchange.body_left = response_content_length(response.headers());
-    // Small responses usually arrive whole with the head: hand them over as
-    // a complete body, with the connection already back in the pool.
-    let mut ready: VecDeque<Bytes> = VecDeque::new();
-    let mut broken = None;
-    while !exchange.ended {
-        match exchange.buffered_body_packet(|kind| {
-            kind == from_container::SEND_BODY_CHUNK || kind == from_container::END_RESPONSE
-        }) {
-            Ok(Some(BodyPacket::Data(bytes))) => ready.push_back(bytes),
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(error) => {
-                exchange.fail(&error);
-                broken = Some(error);
-                break;
-            }
-        }
-    }
-    if let Some(error) = broken {
-        tracing::warn!(route = %member.route, %error, "member failed mid-response; aborting client connection");
-        let failed = futures::stream::iter(ready.into_iter().map(Ok))
-            .chain(futures::stream::once(async move { Err(BodyError(error.to_string())) }));
-        *response.body_mut() = ProxyBody::Stream(Box::pin(failed));
-        return Ok(response);
-    }
-    if !exchange.ended && !ready.is_empty() {
-        exchange.finish_early().await;
-    }
-    *response.body_mut() = if exchange.ended {
-        ProxyBody::Chunks(ready)
-    } else if ready.is_empty() {
-        ProxyBody::Stream(Box::pin(response_stream(exchange)))
-    } else {
-        ProxyBody::Stream(Box::pin(futures::stream::iter(ready.into_iter().map(Ok)).chain(response_stream(exchange))))
-    };
+    let content_length = if bodiless { None } else { response_content_length(response.headers()) };
+    *response.body_mut() = exchange.into_body(bodiless, content_length).await;
     Ok(response)
-}
-
-/// Response body from the rest of the exchange.
-fn response_stream(exchange: Exchange) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
-    futures::stream::unfold(Some(exchange), |state| async move {
-        let mut exchange = state?;
-        match exchange.next_body_bytes().await {
-            Ok(Some(bytes)) => Some((Ok(bytes), Some(exchange))),
-            Ok(None) => None,
-            Err(ExchangeError::Backend(error)) => {
-                exchange.fail(&error);
-                tracing::warn!(route = %exchange.member.route, %error, "member failed mid-response; aborting client connection");
-                Some((Err(BodyError(error.to_string())), None))
-            }
-            Err(ExchangeError::Client(rejection)) => {
-                exchange.lease = None;
-                tracing::info!(error = %rejection, "client body failed mid-exchange");
-                Some((Err(BodyError(rejection.to_string())), None))
-            }
-        }
-    })
 }
 
 /// The response's `Content-Length`, when it has exactly one valid one.
@@ -839,59 +278,6 @@ fn note_new_session(member: &Member, headers: &HeaderMap, cookie: &str) {
     }
 }
 
-/// A response body failed mid-stream; hyper closes the client connection.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BodyError(String);
-
-/// Bodies the balancer sends to clients.
-pub enum ProxyBody {
-    Empty,
-    Full(Option<Bytes>),
-    /// A complete body already received.
-    Chunks(VecDeque<Bytes>),
-    Stream(Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>),
-}
-
-impl ProxyBody {
-    pub fn full(bytes: Bytes) -> Self {
-        ProxyBody::Full(Some(bytes))
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            ProxyBody::Empty => Poll::Ready(None),
-            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Chunks(chunks) => Poll::Ready(chunks.pop_front().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Stream(stream) => stream.as_mut().poll_next(cx).map(|item| item.map(|r| r.map(Frame::data))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Empty => true,
-            ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Chunks(chunks) => chunks.is_empty(),
-            ProxyBody::Stream(_) => false,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Empty => SizeHint::with_exact(0),
-            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ProxyBody::Full(None) => SizeHint::with_exact(0),
-            ProxyBody::Chunks(chunks) => SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum()),
-            ProxyBody::Stream(_) => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -907,33 +293,21 @@ mod tests {
         h
     }
 
-    #[test]
-    fn log_limiter_lets_one_line_a_period_through_and_counts_the_rest() {
-        let limiter = LogLimiter::new(Duration::from_millis(200));
-        assert_eq!(limiter.allow(), Some(0));
-        for _ in 0..5 {
-            assert_eq!(limiter.allow(), None);
-        }
-        std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(limiter.allow(), Some(5), "the next line reports the five held back");
-        assert_eq!(limiter.allow(), None);
-    }
-
+    /// Only Transfer-Encoding shapes reach the service (see
+    /// `check_transfer_encoding`); the length shapes are refused before it,
+    /// as `tests/balancer_malformed.rs` shows on the wire.
     #[test]
     fn framing_rules() {
-        assert_eq!(check_framing(&headers(&[])).ok(), Some(Some(0)));
-        assert_eq!(check_framing(&headers(&[("content-length", "12")])).ok(), Some(Some(12)));
-        assert_eq!(check_framing(&headers(&[("transfer-encoding", "chunked")])).ok(), Some(None));
-        assert_eq!(check_framing(&headers(&[("transfer-encoding", "Chunked")])).ok(), Some(None));
+        assert!(check_transfer_encoding(&headers(&[])).is_ok());
+        assert!(check_transfer_encoding(&headers(&[("content-length", "12")])).is_ok());
+        assert!(check_transfer_encoding(&headers(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(check_transfer_encoding(&headers(&[("transfer-encoding", "Chunked")])).is_ok());
         for bad in [
-            vec![("content-length", "1"), ("transfer-encoding", "chunked")],
-            vec![("content-length", "1"), ("content-length", "1")],
-            vec![("content-length", "+1")],
-            vec![("content-length", "1, 1")],
             vec![("transfer-encoding", "gzip, chunked")],
+            vec![("transfer-encoding", "chunked, chunked")],
             vec![("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
         ] {
-            assert!(matches!(check_framing(&headers(&bad)), Err(Rejection::BadFraming(_))), "{bad:?}");
+            assert!(matches!(check_transfer_encoding(&headers(&bad)), Err(Rejection::BadFraming(_))), "{bad:?}");
         }
     }
 
@@ -961,12 +335,6 @@ mod tests {
     }
 
     #[test]
-    fn secret_is_not_in_debug_output() {
-        let s = AjpSecret::new("hunter2".into());
-        assert!(!format!("{s:?}").contains("hunter2"));
-    }
-
-    #[test]
     fn hop_by_hop_response_headers_are_dropped() {
         let mut h = headers(&[("connection", "close"), ("transfer-encoding", "chunked"), ("x-route", "s1")]);
         strip_hop_by_hop(&mut h);
@@ -979,15 +347,20 @@ mod tests {
 /// `END_RESPONSE` arrives with the body or after it.
 #[cfg(test)]
 mod reuse_tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
 
     use super::*;
     use crate::balancer::config::LbMethod;
     use crate::balancer::front::{FrontSettings, serve_front};
     use crate::balancer::member::{MemberSpec, MemberState};
+    use crate::balancer::pool::PoolSettings;
+    use crate::balancer::routing::Router;
+    use crate::balancer::state::{AjpSecret, ProxySettings};
 
     fn packet(payload: &[u8]) -> Vec<u8> {
         let mut p = b"AB".to_vec();
@@ -1031,12 +404,9 @@ mod reuse_tests {
         }
     }
 
-    async fn requests_use_one_connection(split_end: bool) {
-        let member_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let member_address = member_listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(fake_member(member_listener, accepted.clone(), split_end));
-
+    /// A balancer serving `members` (route, address) on a fresh port; it
+    /// stops when the returned sender is dropped.
+    async fn start_balancer(members: &[(&str, SocketAddr)]) -> (Arc<Balancer>, SocketAddr, watch::Sender<bool>) {
         let settings = ProxySettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
             sticky_cookie: "JSESSIONID".into(),
@@ -1060,19 +430,20 @@ mod reuse_tests {
             Router::new(LbMethod::Byrequests, true),
             AjpSecret::new("s".into()),
         ));
-        bal.members.apply(
-            &[MemberSpec {
-                route: "m1".into(),
-                address: member_address,
+        let specs: Vec<MemberSpec> = members
+            .iter()
+            .map(|(route, address)| MemberSpec {
+                route: route.to_string(),
+                address: *address,
                 state: MemberState::Ready,
                 terminating: false,
                 ready_since: None,
-            }],
-            &bal.metrics,
-        );
+            })
+            .collect();
+        bal.members.apply(&specs, &bal.metrics);
         let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let front_address = front.local_addr().expect("addr");
-        let (_shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let front_settings = FrontSettings {
             connection_slots: Arc::new(tokio::sync::Semaphore::new(16)),
             max_connections: 16,
@@ -1082,6 +453,15 @@ mod reuse_tests {
             shutdown_grace: Duration::from_secs(1),
         };
         tokio::spawn(serve_front(bal.clone(), front, None, front_settings, shutdown_rx));
+        (bal, front_address, shutdown_tx)
+    }
+
+    async fn requests_use_one_connection(split_end: bool) {
+        let member_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let member_address = member_listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(fake_member(member_listener, accepted.clone(), split_end));
+        let (bal, front_address, _shutdown) = start_balancer(&[("m1", member_address)]).await;
 
         let mut client = TcpStream::connect(front_address).await.expect("connect");
         for round in 0..3 {
@@ -1108,6 +488,88 @@ mod reuse_tests {
             assert_eq!(member.pool.idle_count(), 1, "round {round}: connection back in the pool");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "every request reused the first AJP connection");
+    }
+
+    /// The payload of the next packet the balancer sends; `None` at EOF.
+    async fn read_request_packet(conn: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut header = [0u8; 4];
+        conn.read_exact(&mut header).await.ok()?;
+        let mut payload = vec![0u8; u16::from_be_bytes([header[2], header[3]]) as usize];
+        conn.read_exact(&mut payload).await.ok()?;
+        Some(payload)
+    }
+
+    /// A member that counts the `FORWARD_REQUEST`s it gets; it answers
+    /// CPings when `cpong`, and closes a connection once a request arrived on it.
+    async fn member_failing_every_request(listener: TcpListener, forwards: Arc<AtomicUsize>, cpong: bool) {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let forwards = forwards.clone();
+            tokio::spawn(async move {
+                while let Some(payload) = read_request_packet(&mut conn).await {
+                    match payload.first() {
+                        Some(&ajp::to_container::CPING) if cpong => {
+                            let _ = conn.write_all(&packet(&[9])).await;
+                        }
+                        Some(&ajp::to_container::FORWARD_REQUEST) => {
+                            forwards.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    }
+
+    /// One request on its own client connection; the whole response.
+    async fn request_once(front: SocketAddr, request: &[u8]) -> String {
+        let mut client = TcpStream::connect(front).await.expect("connect");
+        client.write_all(request).await.expect("write");
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut seen))
+            .await
+            .expect("response in time")
+            .expect("read");
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
+    /// Once the request is written a failure is a 502: the member may have
+    /// acted on it, so it is never sent again.
+    #[tokio::test]
+    async fn a_written_request_is_never_sent_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let forwards = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(member_failing_every_request(listener, forwards.clone(), true));
+        let (_bal, front, _shutdown) = start_balancer(&[("m1", address)]).await;
+        let request = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc";
+        let response = request_once(front, request).await;
+        assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+        assert_eq!(forwards.load(Ordering::SeqCst), 1, "the member got the request once");
+    }
+
+    /// A new connection without a CPong: the member is marked failed and the
+    /// request, which it never got, goes to another member.
+    #[tokio::test]
+    async fn no_cpong_on_a_new_connection_sends_the_request_elsewhere() {
+        let mute = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mute_address = mute.local_addr().expect("addr");
+        let forwards_to_mute = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(member_failing_every_request(mute, forwards_to_mute.clone(), false));
+        let good = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let good_address = good.local_addr().expect("addr");
+        tokio::spawn(fake_member(good, Arc::new(AtomicUsize::new(0)), false));
+        let (bal, front, _shutdown) = start_balancer(&[("mute", mute_address), ("good", good_address)]).await;
+
+        // Sticky to the mute member, so it is certainly chosen first.
+        let request = b"GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID=abc.mute\r\nConnection: close\r\n\r\n";
+        let response = request_once(front, request).await;
+        assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
+        assert_eq!(forwards_to_mute.load(Ordering::SeqCst), 0, "the mute member never got the request");
+        let members = bal.members.snapshot();
+        let mute = members.iter().find(|m| m.route == "mute").expect("mute member");
+        assert!(!mute.is_healthy(), "the mute member is marked failed");
     }
 
     #[tokio::test]

@@ -5,8 +5,10 @@
 //! the socket: [`decode_packet_header`] checks magic and length against the
 //! packet size, then [`decode_container_packet`] validates the payload.
 //! Body chunks are returned as offsets into the payload so the caller can
-//! slice its `Bytes` without copying.
+//! slice its `Bytes` without copying; response header values are slices of
+//! the payload too (a reference count each, not an allocation and a copy).
 
+use bytes::Bytes;
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -177,8 +179,9 @@ pub fn decode_container_packet(payload: &[u8]) -> Result<ContainerPacket, Decode
 }
 
 /// Decodes a `SEND_HEADERS` payload into a status and header map, appending
-/// to `headers` (the caller passes the response's own map).
-pub fn decode_send_headers(payload: &[u8], headers: &mut HeaderMap) -> Result<StatusCode, DecodeError> {
+/// to `headers` (the caller passes the response's own map). Header values
+/// share the payload's buffer.
+pub fn decode_send_headers(payload: &Bytes, headers: &mut HeaderMap) -> Result<StatusCode, DecodeError> {
     let mut c = Cursor::new(payload);
     let kind = c.u8("packet type")?;
     debug_assert_eq!(kind, from_container::SEND_HEADERS);
@@ -205,8 +208,12 @@ pub fn decode_send_headers(payload: &[u8], headers: &mut HeaderMap) -> Result<St
             let raw = c.string("header name")?.ok_or(DecodeError::BadHeaderName)?;
             HeaderName::from_bytes(raw).map_err(|_| DecodeError::BadHeaderName)?
         };
-        let raw_value = c.string("header value")?.unwrap_or_default();
-        let value = HeaderValue::from_bytes(raw_value).map_err(|_| DecodeError::BadHeaderValue)?;
+        let value = match c.string("header value")? {
+            // `raw` is a slice of `payload` (the cursor reads nothing else), as `slice_ref` requires.
+            Some(raw) => HeaderValue::from_maybe_shared(payload.slice_ref(raw)),
+            None => Ok(HeaderValue::from_static("")),
+        };
+        let value = value.map_err(|_| DecodeError::BadHeaderValue)?;
         headers.append(name, value);
     }
     c.finish("SEND_HEADERS")?;
@@ -216,6 +223,11 @@ pub fn decode_send_headers(payload: &[u8], headers: &mut HeaderMap) -> Result<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`decode_send_headers`] on a copy of `payload` in a `Bytes`.
+    fn decode(payload: &[u8], headers: &mut HeaderMap) -> Result<StatusCode, DecodeError> {
+        decode_send_headers(&Bytes::copy_from_slice(payload), headers)
+    }
 
     fn send_headers(status: u16, headers: &[(&[u8], &[u8])]) -> Vec<u8> {
         let mut p = vec![4u8];
@@ -266,7 +278,7 @@ mod tests {
         );
         assert_eq!(decode_container_packet(&p), Ok(ContainerPacket::SendHeaders));
         let mut h = HeaderMap::new();
-        let status = decode_send_headers(&p, &mut h).expect("decode");
+        let status = decode(&p, &mut h).expect("decode");
         assert_eq!(status, StatusCode::CREATED);
         assert_eq!(h["content-type"], "text/html;charset=UTF-8");
         assert_eq!(h["x-route"], "s1");
@@ -279,43 +291,40 @@ mod tests {
         let bad_code = [0xA0, 0x0C];
         let mut h = HeaderMap::new();
         assert_eq!(
-            decode_send_headers(&send_headers(200, &[(&bad_code, b"v")]), &mut h),
+            decode(&send_headers(200, &[(&bad_code, b"v")]), &mut h),
             Err(DecodeError::UnknownHeaderCode(0xA00C))
         );
         let zero_code = [0xA0, 0x00];
         assert_eq!(
-            decode_send_headers(&send_headers(200, &[(&zero_code, b"v")]), &mut h),
+            decode(&send_headers(200, &[(&zero_code, b"v")]), &mut h),
             Err(DecodeError::UnknownHeaderCode(0xA000))
         );
-        assert_eq!(decode_send_headers(&send_headers(1000, &[]), &mut h), Err(DecodeError::BadStatus(1000)));
+        assert_eq!(decode(&send_headers(1000, &[]), &mut h), Err(DecodeError::BadStatus(1000)));
         let bad = named("bad name");
-        assert_eq!(decode_send_headers(&send_headers(200, &[(&bad, b"v")]), &mut h), Err(DecodeError::BadHeaderName));
+        assert_eq!(decode(&send_headers(200, &[(&bad, b"v")]), &mut h), Err(DecodeError::BadHeaderName));
         let x = named("x");
-        assert_eq!(
-            decode_send_headers(&send_headers(200, &[(&x, b"a\r\nInjected: 1")]), &mut h),
-            Err(DecodeError::BadHeaderValue)
-        );
+        assert_eq!(decode(&send_headers(200, &[(&x, b"a\r\nInjected: 1")]), &mut h), Err(DecodeError::BadHeaderValue));
         // Truncated string: claims 10 bytes, has 2.
         let mut p = send_headers(200, &[]);
         p.truncate(3);
         p.extend_from_slice(&[0, 10, b'O', b'K']);
-        assert_eq!(decode_send_headers(&p, &mut h), Err(DecodeError::Truncated("status message")));
+        assert_eq!(decode(&p, &mut h), Err(DecodeError::Truncated("status message")));
         // Missing terminator.
         let mut p = vec![4u8, 0, 200, 0, 2, b'O', b'K', b'X', 0, 0];
-        assert_eq!(decode_send_headers(&p, &mut h), Err(DecodeError::MissingTerminator("status message")));
+        assert_eq!(decode(&p, &mut h), Err(DecodeError::MissingTerminator("status message")));
         // Header count larger than the headers present.
         p = send_headers(200, &[]);
         let n = p.len();
         p[n - 1] = 3;
-        assert_eq!(decode_send_headers(&p, &mut h), Err(DecodeError::Truncated("header name")));
+        assert_eq!(decode(&p, &mut h), Err(DecodeError::Truncated("header name")));
         // A huge header count with nothing behind it: an error, not a panic
         // (the fuzzer's input: count 65530, then one byte).
         let p = [4u8, 0, 254, 255, 255, 255, 250, 4];
-        assert_eq!(decode_send_headers(&p, &mut HeaderMap::new()), Err(DecodeError::Truncated("header name")));
+        assert_eq!(decode(&p, &mut HeaderMap::new()), Err(DecodeError::Truncated("header name")));
         // Trailing garbage.
         let mut p = send_headers(200, &[]);
         p.push(7);
-        assert_eq!(decode_send_headers(&p, &mut h), Err(DecodeError::TrailingBytes(1, "SEND_HEADERS")));
+        assert_eq!(decode(&p, &mut h), Err(DecodeError::TrailingBytes(1, "SEND_HEADERS")));
     }
 
     #[test]
@@ -357,6 +366,21 @@ mod tests {
         assert_eq!(decode_container_packet(b""), Err(DecodeError::Truncated("packet type")));
     }
 
+    /// Header values are slices of the payload's buffer, not copies.
+    #[test]
+    fn header_values_share_the_payload() {
+        let x = named("X-Route");
+        let payload = Bytes::from(send_headers(200, &[(&x, b"shop-1"), (&[0xA0, 0x01], b"text/plain")]));
+        let mut h = HeaderMap::new();
+        decode_send_headers(&payload, &mut h).expect("decode");
+        let inside = payload.as_ptr_range();
+        for value in h.values() {
+            assert!(inside.contains(&value.as_bytes().as_ptr()), "{value:?} was copied");
+        }
+        assert_eq!(h["x-route"], "shop-1");
+        assert_eq!(h["content-type"], "text/plain");
+    }
+
     #[test]
     fn null_string_header_value_is_empty() {
         let x = named("x-empty");
@@ -366,7 +390,7 @@ mod tests {
         p.extend_from_slice(&x);
         p.extend_from_slice(&[0xFF, 0xFF]);
         let mut h = HeaderMap::new();
-        decode_send_headers(&p, &mut h).expect("decode");
+        decode(&p, &mut h).expect("decode");
         assert_eq!(h["x-empty"], "");
     }
 
@@ -392,7 +416,7 @@ mod tests {
             }
             match decode_container_packet(&p) {
                 Ok(ContainerPacket::SendHeaders) => {
-                    let _ = decode_send_headers(&p, &mut HeaderMap::new());
+                    let _ = decode(&p, &mut HeaderMap::new());
                 }
                 Ok(ContainerPacket::SendBodyChunk { offset, len }) => assert!(offset + len <= p.len()),
                 _ => {}

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::MembershipError;
 use crate::balancer::config::resolve;
 use crate::balancer::member::{MemberSpec, MemberState};
-use crate::balancer::proxy::Balancer;
+use crate::balancer::state::Balancer;
 
 /// How often the file is compared with what was applied.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);

@@ -23,7 +23,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
 use crate::balancer::member::{MemberSpec, MemberState};
-use crate::balancer::proxy::Balancer;
+use crate::balancer::state::Balancer;
 
 /// Label the EndpointSlice controller puts on the slices of a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -1,0 +1,718 @@
+//! One client request's trip to a member, as an explicit state machine.
+//!
+//! `Phase` says where an `Exchange` is, and `Phase::advance` is the
+//! only code that moves it, checking (in debug builds) that the move is one
+//! of these:
+//!
+//! ```text
+//! Choose      → Checkout
+//! Checkout    → SendRequest (idle connection) | CPing (new connection) | Choose (retry)
+//! CPing       → SendRequest | Choose (retry)
+//! SendRequest → ReadHead | Choose (retry)
+//! ReadHead    → StreamBody
+//! StreamBody  → Done
+//! every phase before Done → Failed
+//! ```
+//!
+//! * `Choose`: the router picks a member, avoiding those this request
+//!   already failed on (`tried`).
+//! * `Checkout`: a connection from the member's pool — an idle one that
+//!   passed the pool's checks, or a new one.
+//! * `CPing`: a new connection must answer a CPing: a killed Tomcat's
+//!   listening socket can still complete handshakes in the kernel until the
+//!   dying process's files are closed, and only a CPong proves a live container.
+//! * `SendRequest`: `FORWARD_REQUEST`, plus the first body packet when the
+//!   length is known and non-zero (Tomcat expects it right away), in one write.
+//! * `ReadHead`: up to `SEND_HEADERS`; `StreamBody`: `SEND_BODY_CHUNK`s up
+//!   to `END_RESPONSE`. The container asks for more of the request body with
+//!   `GET_BODY_CHUNK` whenever it wants, before or after its head, so both
+//!   phases answer it.
+//! * `Done`: `END_RESPONSE` was read (the connection went back to the pool
+//!   if the container allowed it), or the whole body arrived and only the
+//!   connection was given up. `Failed`: the exchange broke; its connection
+//!   is dropped and the client gets an error or a cut body.
+//!
+//! Retry rule: a request goes out again (to another connection or member)
+//! only while the member cannot have processed any of it: the connect
+//! failed, a new connection gave no CPong, or the write of the first packets
+//! failed (Tomcat acts on complete packets only). The kind travels on the
+//! `Retry` error and `Exchange::send_request` is the one place that acts
+//! on it. Once the request is written, a failure is a 502, never a replay.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use http::Response;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::ajp::{self, ContainerPacket, ForwardRequest, from_container};
+use super::body::{BodyError, ProxyBody};
+use super::member::{Member, MemberSnapshot};
+use super::metrics::BackendErrorKind;
+use super::pool::{AcquireError, ConnError, Lease};
+use super::proxy::Rejection;
+use super::routing::{Choice, SessionKey, SessionWeigher, member_key};
+use super::state::Balancer;
+
+/// Write failures one request survives; the next one is a 502. Connect and
+/// CPing failures need no cap of their own: each puts its member on the
+/// tried list, so they end when the members do. A write failure on a reused
+/// connection does not (the member is fine, its idle connection was stale),
+/// but it empties the member's pool, so the retry writes on a new,
+/// CPong-checked connection; when a write fails even there (that member
+/// goes on the tried list), the next member gets one more chance. A third
+/// failure points at something no other connection fixes, and more tries
+/// would only hold the client longer before the same 502.
+const MAX_WRITE_RETRIES: u32 = 2;
+
+/// Where an exchange is; see the module documentation for the moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Choose,
+    Checkout,
+    CPing,
+    SendRequest,
+    ReadHead,
+    StreamBody,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn may_become(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Choose, Checkout)
+                | (Checkout, CPing | SendRequest | Choose)
+                | (CPing, SendRequest | Choose)
+                | (SendRequest, ReadHead | Choose)
+                | (ReadHead, StreamBody)
+                | (StreamBody, Done)
+                | (Choose | Checkout | CPing | SendRequest | ReadHead | StreamBody, Failed)
+        )
+    }
+
+    /// The one place where an exchange changes phase.
+    fn advance(&mut self, next: Phase) {
+        debug_assert!(self.may_become(next), "exchange moved from {self:?} to {next:?}");
+        *self = next;
+    }
+}
+
+/// Why an attempt may be repeated: the member cannot have seen the request.
+#[derive(Debug)]
+enum Retry {
+    /// No connection: refused, unreachable or timed out.
+    Connect(AcquireError),
+    /// A new connection gave no CPong.
+    CPing(ConnError),
+    /// Writing the request failed, so Tomcat never got a complete packet.
+    Write { reused: bool, error: io::Error },
+}
+
+/// How one attempt on a member ended, when it did not put the request on the wire.
+enum AttemptError {
+    Retry(Retry),
+    Final(Rejection),
+}
+
+/// What went wrong once the request is written: the member's side or the client's.
+enum ExchangeError {
+    Backend(ConnError),
+    Client(Rejection),
+}
+
+impl From<ConnError> for ExchangeError {
+    fn from(e: ConnError) -> Self {
+        ExchangeError::Backend(e)
+    }
+}
+
+/// The request as every attempt sends it, borrowed from the client's request.
+pub(super) struct Outgoing<'r> {
+    /// `FORWARD_REQUEST` without its route, which each attempt fills in.
+    pub forward: ForwardRequest<'r>,
+    /// The member table as the request found it; retries choose from it too.
+    pub members: MemberSnapshot,
+    pub session: Option<SessionKey<'r>>,
+    /// One wall-clock read per request, for the rebalancing schedule and the
+    /// session estimate alike.
+    pub now_ms: u64,
+}
+
+/// The client's request body, handed out in AJP-sized pieces.
+pub(super) struct RequestBody {
+    incoming: Option<Incoming>,
+    leftover: Bytes,
+    received: u64,
+    limit: Option<u64>,
+}
+
+impl RequestBody {
+    pub(super) fn new(incoming: Incoming, limit: Option<u64>) -> Self {
+        RequestBody { incoming: Some(incoming), leftover: Bytes::new(), received: 0, limit }
+    }
+
+    pub(super) async fn next_piece(&mut self, max: usize) -> Result<Option<Bytes>, Rejection> {
+        while self.leftover.is_empty() {
+            let Some(incoming) = self.incoming.as_mut() else { return Ok(None) };
+            match incoming.frame().await {
+                None => {
+                    self.incoming = None;
+                    return Ok(None);
+                }
+                Some(Err(e)) => {
+                    self.incoming = None;
+                    return Err(Rejection::ClientBody(e));
+                }
+                Some(Ok(frame)) => {
+                    // Trailers have no AJP form; they are dropped like httpd does.
+                    if let Ok(data) = frame.into_data() {
+                        self.received += data.len() as u64;
+                        if self.limit.is_some_and(|limit| self.received > limit) {
+                            self.incoming = None;
+                            return Err(Rejection::BodyTooLarge);
+                        }
+                        self.leftover = data;
+                    }
+                }
+            }
+        }
+        let n = max.min(self.leftover.len());
+        Ok(Some(self.leftover.split_to(n)))
+    }
+}
+
+/// Counts a request in flight on a member for as long as it lives.
+struct InFlight(Arc<Member>);
+
+impl InFlight {
+    fn new(member: Arc<Member>) -> Self {
+        member.metrics.in_flight.inc();
+        InFlight(member)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+/// One packet of the response body phase.
+enum BodyPacket {
+    Data(Bytes),
+    /// An empty `SEND_BODY_CHUNK`: Tomcat's explicit flush.
+    Flush,
+    End,
+    GetBody(usize),
+}
+
+/// A client request's trip to a member, from choosing the member to
+/// returning (or dropping) the connection.
+pub(super) struct Exchange {
+    bal: Arc<Balancer>,
+    phase: Phase,
+    /// The member of the current attempt; once the request is written, the one answering it.
+    member: Arc<Member>,
+    /// Some choice on the way was a failover of the request's session.
+    failed_over: bool,
+    /// Members this request failed on before they saw it, by `member_key`.
+    tried: Vec<usize>,
+    /// The connection, from `Checkout` until it is released or dropped.
+    lease: Option<Lease>,
+    body: RequestBody,
+    /// The body piece sent with `FORWARD_REQUEST`, kept until it is written for a retry.
+    first_piece: Option<Bytes>,
+    /// Counts the request on its member once it is written.
+    _in_flight: Option<InFlight>,
+    /// Response body bytes still to come, when the head gave a `Content-Length`.
+    body_left: Option<u64>,
+}
+
+impl Exchange {
+    /// Chooses the first member; the exchange is then in `Checkout`.
+    pub(super) fn start(
+        bal: &Arc<Balancer>,
+        out: &Outgoing<'_>,
+        body: RequestBody,
+        first_piece: Option<Bytes>,
+    ) -> Result<Self, Rejection> {
+        let (member, failed_over) = choose(bal, out, &[])?;
+        let mut exchange = Exchange {
+            bal: bal.clone(),
+            phase: Phase::Choose,
+            member,
+            failed_over,
+            tried: Vec::new(),
+            lease: None,
+            body,
+            first_piece,
+            _in_flight: None,
+            body_left: None,
+        };
+        exchange.phase.advance(Phase::Checkout);
+        Ok(exchange)
+    }
+
+    /// The member answering the request (once it is written).
+    pub(super) fn member(&self) -> &Arc<Member> {
+        &self.member
+    }
+
+    pub(super) fn failed_over(&self) -> bool {
+        self.failed_over
+    }
+
+    /// Takes the exchange from `Checkout` to `ReadHead`; the one place where
+    /// a request is retried, by the kind its failure carries.
+    pub(super) async fn send_request(&mut self, out: &Outgoing<'_>) -> Result<(), Rejection> {
+        let mut write_failures = 0;
+        loop {
+            let retry = match self.attempt(out).await {
+                Ok(()) => return Ok(()),
+                Err(AttemptError::Final(rejection)) => {
+                    self.phase.advance(Phase::Failed);
+                    return Err(rejection);
+                }
+                Err(AttemptError::Retry(retry)) => retry,
+            };
+            let member = &self.member;
+            match retry {
+                Retry::Connect(error) => {
+                    member.metrics.count_error(BackendErrorKind::Connect);
+                    self.bal.mark_failed(member, &error);
+                    self.tried.push(member_key(member));
+                }
+                Retry::CPing(error) => {
+                    // Counted and acted on like a failed connect: the member is not there.
+                    member.metrics.count_error(BackendErrorKind::Connect);
+                    self.bal.mark_failed(member, &format_args!("no CPong on a new connection: {error}"));
+                    self.tried.push(member_key(member));
+                }
+                Retry::Write { reused, error } => {
+                    write_failures += 1;
+                    member.pool.clear();
+                    tracing::debug!(route = %member.route, reused, %error, "request write failed, retrying");
+                    if write_failures > MAX_WRITE_RETRIES {
+                        member.metrics.count_error(BackendErrorKind::Io);
+                        let route = member.route.clone();
+                        self.phase.advance(Phase::Failed);
+                        return Err(Rejection::BadGateway { route, error: ConnError::Io(error) });
+                    }
+                    // A fresh connection failing says the member is in trouble; a stale idle one does not.
+                    if !reused {
+                        self.tried.push(member_key(member));
+                    }
+                }
+            }
+            self.phase.advance(Phase::Choose);
+            match choose(&self.bal, out, &self.tried) {
+                Ok((member, failed_over)) => {
+                    self.member = member;
+                    self.failed_over |= failed_over;
+                    self.phase.advance(Phase::Checkout);
+                }
+                Err(rejection) => {
+                    self.phase.advance(Phase::Failed);
+                    return Err(rejection);
+                }
+            }
+        }
+    }
+
+    /// One attempt on the chosen member: `Checkout`, `CPing` for a new
+    /// connection, `SendRequest`, and `ReadHead` once the request is written.
+    async fn attempt(&mut self, out: &Outgoing<'_>) -> Result<(), AttemptError> {
+        let settings = &self.bal.pool_settings;
+        let mut lease = match self.member.pool.acquire(self.member.address, settings).await {
+            Ok(lease) => lease,
+            Err(AcquireError::SlotTimeout(_)) => {
+                return Err(AttemptError::Final(Rejection::PoolExhausted(self.member.route.clone())));
+            }
+            Err(error) => return Err(AttemptError::Retry(Retry::Connect(error))),
+        };
+        if !lease.reused {
+            self.phase.advance(Phase::CPing);
+            if let Err(error) = lease.conn.cping(settings.cping_timeout).await {
+                return Err(AttemptError::Retry(Retry::CPing(error)));
+            }
+        }
+        self.phase.advance(Phase::SendRequest);
+        let forward = ForwardRequest { route: Some(&self.member.route), ..out.forward };
+        lease.conn.write_buf.clear();
+        let packet_size = self.bal.settings.packet_size;
+        if let Err(e) = ajp::encode_forward_request(&mut lease.conn.write_buf, &forward, packet_size) {
+            lease.conn.write_buf.clear();
+            self.member.pool.release(lease);
+            return Err(AttemptError::Final(Rejection::HeadTooLarge(e)));
+        }
+        if let Some(piece) = &self.first_piece {
+            ajp::encode_body_chunk(&mut lease.conn.write_buf, piece);
+        }
+        if let Err(error) = lease.conn.send().await {
+            return Err(AttemptError::Retry(Retry::Write { reused: lease.reused, error }));
+        }
+        // Written: no retry will need the piece again.
+        if let Some(piece) = self.first_piece.take() {
+            self.member.traffic_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        }
+        self.lease = Some(lease);
+        self._in_flight = Some(InFlight::new(self.member.clone()));
+        self.phase.advance(Phase::ReadHead);
+        Ok(())
+    }
+
+    /// Reads up to `SEND_HEADERS` and decodes it into a response with an
+    /// empty body: `ReadHead` → `StreamBody`.
+    pub(super) async fn read_response_head(&mut self) -> Result<Response<ProxyBody>, Rejection> {
+        let head = match self.read_head().await {
+            Ok(head) => head,
+            Err(ExchangeError::Client(rejection)) => {
+                self.abandon();
+                return Err(rejection);
+            }
+            Err(ExchangeError::Backend(error)) => {
+                self.fail(&error);
+                self.member.metrics.count_response(502);
+                return Err(match error {
+                    ConnError::Timeout => Rejection::GatewayTimeout(self.member.route.clone()),
+                    error => Rejection::BadGateway { route: self.member.route.clone(), error },
+                });
+            }
+        };
+        let mut response = Response::new(ProxyBody::Empty);
+        match ajp::decode_send_headers(&head, response.headers_mut()) {
+            Ok(status) => *response.status_mut() = status,
+            Err(e) => {
+                let error = ConnError::Protocol(e);
+                self.fail(&error);
+                self.member.metrics.count_response(502);
+                return Err(Rejection::BadGateway { route: self.member.route.clone(), error });
+            }
+        }
+        self.phase.advance(Phase::StreamBody);
+        Ok(response)
+    }
+
+    /// The response body from the rest of the exchange. A bodiless response
+    /// (`bodiless`: HEAD, 1xx, 204, 304) is read on to `END_RESPONSE`, so the
+    /// connection goes back to the pool, and gets an empty body.
+    /// `content_length` is the response's own, when it has one.
+    pub(super) async fn into_body(mut self, bodiless: bool, content_length: Option<u64>) -> ProxyBody {
+        if bodiless {
+            // Tomcat swallows the body.
+            loop {
+                match self.next_body_bytes().await {
+                    Ok(None) => break,
+                    Ok(Some(_)) => continue,
+                    Err(ExchangeError::Backend(e)) => {
+                        self.fail(&e);
+                        break;
+                    }
+                    Err(ExchangeError::Client(_)) => break,
+                }
+            }
+            return ProxyBody::Empty;
+        }
+        self.body_left = content_length;
+        // Small responses usually arrive whole with the head: hand them over as
+        // a complete body, with the connection already back in the pool.
+        let mut ready: VecDeque<Bytes> = VecDeque::new();
+        let mut broken = None;
+        while self.phase == Phase::StreamBody {
+            match self.buffered_body_packet(|kind| {
+                kind == from_container::SEND_BODY_CHUNK || kind == from_container::END_RESPONSE
+            }) {
+                Ok(Some(BodyPacket::Data(bytes))) => ready.push_back(bytes),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(error) => {
+                    self.fail(&error);
+                    broken = Some(error);
+                    break;
+                }
+            }
+        }
+        if let Some(error) = broken {
+            tracing::warn!(route = %self.member.route, %error, "member failed mid-response; aborting client connection");
+            let failed = futures::stream::iter(ready.into_iter().map(Ok))
+                .chain(futures::stream::once(async move { Err(BodyError(error.to_string())) }));
+            return ProxyBody::Stream(Box::pin(failed));
+        }
+        if self.phase == Phase::StreamBody && !ready.is_empty() {
+            self.finish_early().await;
+        }
+        if self.phase == Phase::Done {
+            ProxyBody::Chunks(ready)
+        } else if ready.is_empty() {
+            ProxyBody::Stream(Box::pin(response_stream(self)))
+        } else {
+            ProxyBody::Stream(Box::pin(futures::stream::iter(ready.into_iter().map(Ok)).chain(response_stream(self))))
+        }
+    }
+
+    fn lease(&mut self) -> Result<&mut Lease, ConnError> {
+        self.lease.as_mut().ok_or(ConnError::Closed)
+    }
+
+    async fn read_packet(&mut self) -> Result<Bytes, ExchangeError> {
+        let timeout = self.bal.settings.backend_timeout;
+        let lease = self.lease()?;
+        match tokio::time::timeout(timeout, lease.conn.read_packet()).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ConnError::Timeout.into()),
+        }
+    }
+
+    /// Answers `GET_BODY_CHUNK`: the next piece, or the empty packet at the end.
+    async fn send_body_piece(&mut self, requested: usize) -> Result<(), ExchangeError> {
+        let max = ajp::max_body_chunk_len(self.bal.settings.packet_size);
+        let want = if requested == 0 { max } else { requested.min(max) };
+        let piece = self.body.next_piece(want).await.map_err(ExchangeError::Client)?;
+        let lease = self.lease()?;
+        let sent = match &piece {
+            Some(data) => {
+                ajp::encode_body_chunk(&mut lease.conn.write_buf, data);
+                data.len()
+            }
+            None => {
+                ajp::encode_empty_body_chunk(&mut lease.conn.write_buf);
+                0
+            }
+        };
+        lease.conn.send().await.map_err(ConnError::Io)?;
+        self.member.traffic_bytes.fetch_add(sent as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads up to the response head.
+    async fn read_head(&mut self) -> Result<Bytes, ExchangeError> {
+        loop {
+            let payload = self.read_packet().await?;
+            match ajp::decode_container_packet(&payload).map_err(ConnError::Protocol)? {
+                ContainerPacket::SendHeaders => return Ok(payload),
+                ContainerPacket::GetBodyChunk { requested } => self.send_body_piece(requested).await?,
+                ContainerPacket::SendBodyChunk { .. } => {
+                    return Err(ConnError::Unexpected("SEND_BODY_CHUNK before SEND_HEADERS").into());
+                }
+                ContainerPacket::EndResponse { .. } => {
+                    return Err(ConnError::Unexpected("END_RESPONSE before SEND_HEADERS").into());
+                }
+                ContainerPacket::CPong => return Err(ConnError::Unexpected("CPONG during a request").into()),
+            }
+        }
+    }
+
+    /// The next response body bytes; `None` once the exchange is done.
+    async fn next_body_bytes(&mut self) -> Result<Option<Bytes>, ExchangeError> {
+        if self.phase == Phase::Done {
+            return Ok(None);
+        }
+        loop {
+            let payload = self.read_packet().await?;
+            match self.body_packet(payload)? {
+                BodyPacket::Data(bytes) => {
+                    self.finish_early().await;
+                    return Ok(Some(bytes));
+                }
+                BodyPacket::Flush => continue,
+                BodyPacket::End => return Ok(None),
+                BodyPacket::GetBody(requested) => self.send_body_piece(requested).await?,
+            }
+        }
+    }
+
+    /// Classifies one packet of the body phase; `END_RESPONSE` ends the
+    /// exchange here (the connection goes back to the pool when reusable).
+    fn body_packet(&mut self, payload: Bytes) -> Result<BodyPacket, ConnError> {
+        match ajp::decode_container_packet(&payload)? {
+            ContainerPacket::SendBodyChunk { len: 0, .. } => Ok(BodyPacket::Flush), // Tomcat's explicit flush
+            ContainerPacket::SendBodyChunk { offset, len } => {
+                self.member.traffic_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                if let Some(left) = self.body_left.as_mut() {
+                    *left = left.saturating_sub(len as u64);
+                }
+                Ok(BodyPacket::Data(payload.slice(offset..offset + len)))
+            }
+            ContainerPacket::GetBodyChunk { requested } => Ok(BodyPacket::GetBody(requested)),
+            ContainerPacket::EndResponse { reuse } => {
+                if let Some(lease) = self.lease.take()
+                    && reuse
+                {
+                    self.member.pool.release(lease);
+                }
+                self.phase.advance(Phase::Done);
+                Ok(BodyPacket::End)
+            }
+            ContainerPacket::SendHeaders => Err(ConnError::Unexpected("second SEND_HEADERS")),
+            ContainerPacket::CPong => Err(ConnError::Unexpected("CPONG during a request")),
+        }
+    }
+
+    /// A body-phase packet of a wanted type that is already in the read
+    /// buffer (no I/O); `None` when the next packet still has to be read or
+    /// is of another type.
+    fn buffered_body_packet(&mut self, wanted: impl Fn(u8) -> bool) -> Result<Option<BodyPacket>, ConnError> {
+        let Some(lease) = self.lease.as_mut() else { return Ok(None) };
+        match lease.conn.buffered_packet(wanted)? {
+            Some(payload) => self.body_packet(payload).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes `END_RESPONSE` as soon as the body is complete, before its last
+    /// bytes go to the client: hyper stops polling a body once it has sent
+    /// `Content-Length` bytes, and a connection whose `END_RESPONSE` was never
+    /// read cannot go back to the pool. A failure here loses no response
+    /// bytes; only the connection is dropped.
+    async fn finish_early(&mut self) {
+        if self.phase != Phase::StreamBody {
+            return;
+        }
+        match self.buffered_body_packet(|kind| kind == from_container::END_RESPONSE) {
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(error) => return self.fail_after_body(&error),
+        }
+        if self.body_left != Some(0) {
+            return;
+        }
+        loop {
+            let payload = match self.read_packet().await {
+                Ok(payload) => payload,
+                Err(ExchangeError::Backend(error)) => return self.fail_after_body(&error),
+                Err(ExchangeError::Client(_)) => return self.fail_after_body(&ConnError::Closed),
+            };
+            match self.body_packet(payload) {
+                Ok(BodyPacket::End) => return,
+                Ok(BodyPacket::Flush) => continue,
+                Ok(BodyPacket::Data(_)) => {
+                    return self.fail_after_body(&ConnError::Unexpected("body bytes beyond Content-Length"));
+                }
+                Ok(BodyPacket::GetBody(requested)) => {
+                    if let Err(error) = self.send_body_piece(requested).await {
+                        let error = match error {
+                            ExchangeError::Backend(error) => error,
+                            ExchangeError::Client(_) => ConnError::Closed,
+                        };
+                        return self.fail_after_body(&error);
+                    }
+                }
+                Err(error) => return self.fail_after_body(&error),
+            }
+        }
+    }
+
+    /// The member failed after the whole body arrived: the client still gets
+    /// the complete response, the connection is dropped.
+    fn fail_after_body(&mut self, error: &ConnError) {
+        tracing::debug!(route = %self.member.route, %error, "member failed after the response body; dropping the connection");
+        self.drop_connection(error);
+        self.phase.advance(Phase::Done);
+    }
+
+    /// The member broke the exchange.
+    fn fail(&mut self, error: &ConnError) {
+        self.drop_connection(error);
+        self.phase.advance(Phase::Failed);
+    }
+
+    /// The client broke the exchange (its body failed or was too large):
+    /// the member is not to blame, but the connection is mid-request.
+    fn abandon(&mut self) {
+        self.lease = None;
+        self.phase.advance(Phase::Failed);
+    }
+
+    fn drop_connection(&mut self, error: &ConnError) {
+        self.lease = None;
+        let kind = match error {
+            ConnError::Protocol(_) | ConnError::Unexpected(_) => BackendErrorKind::Protocol,
+            ConnError::Timeout => BackendErrorKind::Timeout,
+            ConnError::Io(_) | ConnError::Closed => BackendErrorKind::Io,
+        };
+        self.member.metrics.count_error(kind);
+    }
+}
+
+/// Picks a member for the request, avoiding `tried`, and counts what the
+/// choice means; the flag says whether it was a failover.
+fn choose(bal: &Balancer, out: &Outgoing<'_>, tried: &[usize]) -> Result<(Arc<Member>, bool), Rejection> {
+    let (member, choice) =
+        bal.router.choose_at(&out.members, out.session, tried, out.now_ms).map_err(Rejection::NoMember)?;
+    if choice == Choice::Rebalanced {
+        bal.metrics.sessions_moved.inc();
+    }
+    // A retry is the same request: its session was counted and its failover logged the first time.
+    if tried.is_empty() {
+        if let Some(session) = out.session {
+            member.sessions.record(SessionWeigher::new(session.base).sketch_hash(), out.now_ms);
+        }
+        if choice == Choice::Failover {
+            bal.metrics.failovers.inc();
+            if let Some(held_back) = bal.failover_log.allow() {
+                tracing::info!(from = out.session.map_or("", |s| s.route), to = %member.route, more_since_last_line = held_back, "sticky member unusable, failing over");
+            }
+        }
+    }
+    Ok((member, choice == Choice::Failover))
+}
+
+/// Response body from the rest of the exchange.
+fn response_stream(exchange: Exchange) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
+    futures::stream::unfold(Some(exchange), |state| async move {
+        let mut exchange = state?;
+        match exchange.next_body_bytes().await {
+            Ok(Some(bytes)) => Some((Ok(bytes), Some(exchange))),
+            Ok(None) => None,
+            Err(ExchangeError::Backend(error)) => {
+                exchange.fail(&error);
+                tracing::warn!(route = %exchange.member.route, %error, "member failed mid-response; aborting client connection");
+                Some((Err(BodyError(error.to_string())), None))
+            }
+            Err(ExchangeError::Client(rejection)) => {
+                exchange.abandon();
+                tracing::info!(error = %rejection, "client body failed mid-exchange");
+                Some((Err(BodyError(rejection.to_string())), None))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_move_only_forward_or_back_to_choose() {
+        use Phase::*;
+        let all = [Choose, Checkout, CPing, SendRequest, ReadHead, StreamBody, Done, Failed];
+        // The happy paths, for a reused and a new connection.
+        for path in [
+            &[Choose, Checkout, SendRequest, ReadHead, StreamBody, Done][..],
+            &[Choose, Checkout, CPing, SendRequest, ReadHead, StreamBody, Done][..],
+        ] {
+            for step in path.windows(2) {
+                assert!(step[0].may_become(step[1]), "{:?} -> {:?}", step[0], step[1]);
+            }
+        }
+        // Only the phases before the request is written lead back to Choose.
+        for from in all {
+            assert_eq!(from.may_become(Choose), matches!(from, Checkout | CPing | SendRequest), "{from:?}");
+        }
+        // Done and Failed are final; everything else can fail.
+        for to in all {
+            assert!(!Done.may_become(to) && !Failed.may_become(to), "{to:?}");
+        }
+        for from in all {
+            assert_eq!(from.may_become(Failed), !matches!(from, Done | Failed), "{from:?}");
+        }
+    }
+}
