@@ -36,7 +36,7 @@ use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, ClusterAppStatus, Member};
 use crate::operator::cache;
 use crate::operator::names::{self, LABEL_INSTANCE};
 use crate::operator::reconcile::Context;
-use crate::operator::reconcile::events::publish;
+use crate::operator::reconcile::events::publish_event;
 use crate::operator::reconcile::update_status::patch_status;
 
 /// How often each app's balancers are asked.
@@ -416,8 +416,36 @@ async fn round(
     }
 }
 
+/// The session node Pod of `route` as an event's related object, with its
+/// UID. Kubernetes folds events with the same reason, action, regarding and
+/// related object into one series and keeps the first note: without the
+/// Pod, a rebalance onto shop-3 would show as a repeat of an earlier one
+/// onto shop-2. With the UID, a node that leaves and joins again is a new
+/// object, so its next rebalance is a new event too.
+fn newcomer_reference(
+    ctx: &Context,
+    app: &ClusterApp,
+    routes: &[String],
+) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
+    let namespace = app.namespace()?;
+    let pod = ctx.caches.pods.get(&ObjectRef::new(routes.first()?).within(&namespace))?;
+    Some(k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".to_string()),
+        kind: Some("Pod".to_string()),
+        name: pod.metadata.name.clone(),
+        namespace: Some(namespace),
+        uid: pod.metadata.uid.clone(),
+        ..Default::default()
+    })
+}
+
 async fn publish_rebalance_event(ctx: &Context, app: &ClusterApp, event: RebalanceEvent) {
     let ramp = app.spec.balancer.rebalance.ramp_seconds;
+    let secondary = match &event {
+        RebalanceEvent::Started { routes } | RebalanceEvent::Finished { routes, .. } => {
+            newcomer_reference(ctx, app, routes)
+        }
+    };
     let (reason, note) = match event {
         RebalanceEvent::Started { routes } => (
             "RebalanceStarted",
@@ -434,7 +462,14 @@ async fn publish_rebalance_event(ctx: &Context, app: &ClusterApp, event: Rebalan
             ),
         ),
     };
-    publish(ctx, app, EventType::Normal, reason, "Rebalance", note).await;
+    let event = kube::runtime::events::Event {
+        type_: EventType::Normal,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Rebalance".to_string(),
+        secondary,
+    };
+    publish_event(ctx, app, event).await;
 }
 
 #[cfg(test)]
