@@ -120,8 +120,10 @@ pub struct ClusterAppSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Sessions {
     /// `all`: every node holds every session (DeltaManager); `backup`: each
-    /// session has one backup node (BackupManager); `none`: no replication,
-    /// a session is lost with its node.
+    /// session has one backup node (BackupManager; in our tests a session
+    /// whose parallel requests failed over together could be lost, which
+    /// `all` never did); `none`: no replication, a session is lost with its
+    /// node.
     #[serde(default)]
     pub replication: Replication,
 
