@@ -66,7 +66,9 @@ async fn metrics_probes_and_status_page() {
         assert_eq!(metric_value(&metrics, &series), per_member(route), "{route}'s session estimate");
     }
     let sketches = get(balancer.admin, "/sessions.json", None).await.json();
-    assert_eq!(sketches["windowSeconds"], 300);
+    let window_seconds =
+        clusterapp::balancer::sessions::ACTIVE_WINDOWS * clusterapp::balancer::sessions::WINDOW_MS / 1000;
+    assert_eq!(sketches["windowSeconds"], window_seconds);
     assert_eq!(sketches["sessionsMoved"], 0, "no rebalancing here");
     assert_eq!(sketches["rebalancing"], serde_json::json!([]));
     for route in ["a1", "a2"] {
