@@ -1082,7 +1082,8 @@ fn sessions_report(routes: &[(&str, std::ops::Range<u64>)], moved: u64, rebalanc
     let now_ms = 10 * 60_000;
     let report = SessionsReport {
         precision: clusterapp::balancer::sessions::PRECISION,
-        window_seconds: 300,
+        window_seconds: clusterapp::balancer::sessions::ACTIVE_WINDOWS * clusterapp::balancer::sessions::WINDOW_MS
+            / 1000,
         members: routes
             .iter()
             .map(|(route, ids)| {

@@ -486,7 +486,7 @@ mod tests {
     fn report(routes: &[(&str, std::ops::Range<u64>)], moved: u64, rebalancing: &[&str]) -> SessionsReport {
         SessionsReport {
             precision: sketch::PRECISION,
-            window_seconds: 300,
+            window_seconds: sketch::ACTIVE_WINDOWS * WINDOW_MS / 1000,
             members: routes
                 .iter()
                 .map(|(route, ids)| {
