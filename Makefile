@@ -6,19 +6,18 @@ CARGO ?= cargo
 export CLUSTERAPP_CACHE ?= $(HOME)/.cache/clusterapp
 
 .PHONY: help deps tools build cluster cluster-down test demo bench deploy fuzz \
-        nodes-deps nodes-tools images nodes nodes-down nodes-check
+        nodes-deps nodes-tools images nodes-check
 
 help:
 	@echo "make demo          run the operator on a local cluster with a sample ClusterApp"
 	@echo "make test          install what is missing, then run every test"
 	@echo "make bench         benchmarks (balancer vs Apache httpd, operator at scale)"
 	@echo "make fuzz          the balancer's cargo-fuzz targets, FUZZ_SECONDS (60) each"
-	@echo "make cluster       start the local control plane (last line: KUBECONFIG=...)"
-	@echo "make cluster-down  stop it"
+	@echo "make cluster       control plane + 3 real nodes (containerd, kubelet), kube-proxy, CoreDNS,"
+	@echo "                   our images in the local registry (last line: KUBECONFIG=...)"
+	@echo "make cluster-down  stop it all and check that nothing is left"
 	@echo "make images        build our images with buildah into the local registry (cached)"
-	@echo "make nodes         control plane + 3 real nodes (containerd, kubelet), kube-proxy, CoreDNS"
 	@echo "make nodes-check   check the real nodes (Pods, exec/logs, Services, DNS)"
-	@echo "make nodes-down    stop them and check that nothing is left"
 
 # Debian packages (tomcat10, apache2, wrk, chromium, ...), installed when missing.
 deps:
@@ -36,16 +35,17 @@ build:
 deploy: tools
 	@bash tests/bed/gen-deploy.sh
 
-cluster: tools
-	@bash tests/bed/cluster.sh up
+# The local cluster: tests/bed/nodes/README.md says what runs where.
+cluster: images
+	@bash tests/bed/nodes/nodes.sh up
 
 cluster-down:
-	@bash tests/bed/cluster.sh down
+	@bash tests/bed/nodes/nodes.sh down
 
-test: tools
+test: nodes-tools
 	@bash tests/bed/run-tests.sh
 
-demo: tools
+demo: nodes-tools
 	@bash tests/bed/demo.sh
 
 # The balancer against Apache httpd, then the operator at N = 1, 100, 300
@@ -60,8 +60,8 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	bash tests/bed/fuzz.sh $(FUZZ_SECONDS)
 
-# Real nodes (tests/bed/nodes/, issue 10): not used by `make test` yet.
-# Debian packages: containerd, runc, CNI plugins, nftables, buildah, mmdebstrap.
+# Debian packages of the nodes: containerd, runc, CNI plugins, nftables,
+# buildah, mmdebstrap, musl-tools.
 nodes-deps:
 	@bash tests/bed/nodes/apt-deps.sh
 
@@ -71,12 +71,6 @@ nodes-tools: deps nodes-deps
 
 images: nodes-tools
 	@bash tests/bed/nodes/images.sh
-
-nodes: nodes-tools
-	@bash tests/bed/nodes/nodes.sh up
-
-nodes-down:
-	@bash tests/bed/nodes/nodes.sh down
 
 # starts the nodes when they do not run yet (and leaves them running)
 nodes-check: nodes-tools

@@ -1,7 +1,7 @@
-//! `helm install` as a user runs it: the chart's operator runs as Pods (on
-//! the process kubelet) under the chart's ServiceAccount, and reconciles a
-//! ClusterApp of real Tomcat nodes to Ready. Installs the cluster-wide CRD,
-//! so this binary has a control plane of its own.
+//! `helm install` as a user runs it: the chart's operator runs as Pods (our
+//! image, pulled from the local registry, on the real nodes) under the
+//! chart's ServiceAccount, and reconciles a ClusterApp of real Tomcat nodes
+//! to Ready.
 
 mod support;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use support::kubelet::kubelet;
+use support::nodes::nodes;
 use support::{TestNamespace, helm, kubectl, run_ok, wait_until};
 
 fn pod_ready(p: &Pod) -> bool {
@@ -21,9 +21,9 @@ fn pod_ready(p: &Pod) -> bool {
 
 #[tokio::test]
 async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_ready() {
-    support::private_cluster();
-    kubelet();
+    nodes();
     let system = TestNamespace::new("chart-op").await;
+    adopt_crd_into_the_release("op", &system.name);
     let apps_ns = TestNamespace::new("chart-app").await;
     run_ok(helm().args(["install", "op"]).arg(support::repo_root().join("charts/clusterapp")).args([
         "--namespace",
@@ -93,4 +93,31 @@ async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_r
 
     run_ok(kubectl().args(["delete", "clusterapp", "counter", "-n", &apps_ns.name, "--wait=true", "--timeout=120s"]));
     run_ok(helm().args(["uninstall", "op", "--namespace", &system.name, "--wait"]));
+}
+
+/// The nodes are shared by the whole suite, and the other test binaries
+/// apply the ClusterApp CRD themselves. Helm refuses to install over an
+/// object it does not own, so the CRD gets the release's ownership marks
+/// first — what a user does who applied the CRD with kubectl before
+/// installing the chart. Helm then adopts and updates it.
+fn adopt_crd_into_the_release(release: &str, namespace: &str) {
+    let exists = kubectl().args(["get", "crd", "clusterapps.clusterapp.io", "--ignore-not-found", "-o", "name"]).output();
+    if !exists.is_ok_and(|o| !o.stdout.is_empty()) {
+        return;
+    }
+    run_ok(kubectl().args([
+        "label",
+        "--overwrite",
+        "crd",
+        "clusterapps.clusterapp.io",
+        "app.kubernetes.io/managed-by=Helm",
+    ]));
+    run_ok(kubectl().args([
+        "annotate",
+        "--overwrite",
+        "crd",
+        "clusterapps.clusterapp.io",
+        &format!("meta.helm.sh/release-name={release}"),
+        &format!("meta.helm.sh/release-namespace={namespace}"),
+    ]));
 }

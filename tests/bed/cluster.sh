@@ -40,8 +40,7 @@ ADMIN_KUBECONFIG="$STATE/admin.kubeconfig"
 # numbers for Service objects only: nothing routes there (real nodes use a
 # range of their own, so their kube-proxy never takes another cluster's IPs)
 SERVICE_CIDR="${CLUSTERAPP_SERVICE_CIDR:-10.96.0.0/16}"
-SERVICE_IP="${CLUSTERAPP_SERVICE_IP:-10.96.0.1}"  # the "kubernetes" Service; the process kubelet forwards it to the API server
-NODE_NAME="${CLUSTERAPP_NODE_NAME:-clusterapp-node}"
+SERVICE_IP="${CLUSTERAPP_SERVICE_IP:-10.96.0.1}"  # the "kubernetes" Service (kube-proxy forwards it to the API server)
 APISERVER_ADDRESS="${CLUSTERAPP_APISERVER_ADDRESS:-127.0.0.1}"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
@@ -203,8 +202,6 @@ make_pki() {
   sign admin "/O=system:masters/CN=clusterapp-admin"
   sign controller-manager "/CN=system:kube-controller-manager"
   sign scheduler "/CN=system:kube-scheduler"
-  # the process kubelet (tests/kubelet) registers this node
-  sign node "/O=system:nodes/CN=system:node:$NODE_NAME"
   # the API server's identity towards real kubelets (logs, exec, port-forward)
   if [[ $APISERVER_ADDRESS != 127.0.0.1 ]]; then
     sign apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client"
@@ -263,7 +260,6 @@ EOF
   kubeconfig "$ADMIN_KUBECONFIG" admin
   kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
   kubeconfig "$STATE/scheduler.kubeconfig" scheduler
-  kubeconfig "$STATE/node.kubeconfig" node
 
   log "starting etcd on 127.0.0.1:$ETCD_PORT"
   start etcd "$ETCD_BIN/etcd" --name local --data-dir "$STATE/etcd" \

@@ -9,7 +9,14 @@ repo="$(cd "$here/../.." && pwd)"
 cd "$repo"
 
 export CLUSTERAPP_STATE="$repo/target/cluster-test"
-cleanup() { bash "$here/cluster.sh" down >/dev/null 2>&1 || true; }
+# The real nodes (with a control plane of their own) for the tests that run
+# Pods: tests/support/nodes.rs. Tests that play the kubelet themselves use
+# the control plane above, which has no nodes.
+export CLUSTERAPP_TEST_NODES="$repo/target/cluster-test-nodes"
+cleanup() {
+  CLUSTERAPP_STATE="$CLUSTERAPP_TEST_NODES" bash "$here/nodes/nodes.sh" down >/dev/null 2>&1 || true
+  bash "$here/cluster.sh" down >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 
 # "name seconds" of every finished step, for the closing table.
@@ -56,10 +63,16 @@ run_step unit cargo test --locked --workspace --lib --bins
 
 # --- cluster and integration suites -------------------------------------------
 run_step control-plane start_control_plane
+# our images from the repository's Dockerfiles (cached: only what changed)
+run_step images bash "$here/nodes/images.sh"
+start_nodes() {
+  local line
+  line="$(CLUSTERAPP_STATE="$CLUSTERAPP_TEST_NODES" bash "$here/nodes/nodes.sh" up | tail -n 1)" || return
+  [[ $line == "KUBECONFIG=$CLUSTERAPP_TEST_NODES/admin.kubeconfig" ]] || { echo "[test] nodes.sh up said: $line" >&2; return 1; }
+  echo "[test] nodes: $CLUSTERAPP_TEST_NODES (3 nodes Ready)" >&2
+}
+run_step nodes start_nodes
 run_step build cargo build --locked --workspace --all-targets
-# the process kubelet the tests start (built above with the workspace's
-# feature set; otherwise each test binary would build it once more)
-export CLUSTERAPP_KUBELET_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/clusterapp-kubelet"
 # The end-to-end tests (tests/e2e_*.rs) append their figures here.
 summary="$repo/target/e2e-summary.txt"
 rm -f "$summary"

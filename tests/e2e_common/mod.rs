@@ -1,16 +1,16 @@
 //! Helpers of the end-to-end tests (tests/e2e_*.rs, issue 5): the operator
 //! under its own ServiceAccount, a ClusterApp of real Tomcat session nodes
-//! (the counter app) on the process kubelet, real HTTP clients against the
-//! balancer's NodePort on 127.0.0.1, and the suite's summary table.
+//! (the counter app's image) in containers on the real nodes, real HTTP
+//! clients against the balancer's NodePort on a node's IP, and the suite's
+//! summary table.
 //!
-//! Every e2e test takes [`serial`] first: the tests of a binary share one
-//! kubelet (one Pod network, 2 cores), so they run one after another.
+//! Every e2e test takes [`serial`] first: the tests of a binary share the
+//! nodes (2 cores), so they run one after another.
 #![allow(dead_code)]
 
 pub mod tls;
 
 use std::io::Write as _;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use crate::operator_common::{self, OperatorNamespace, RunningOperator};
 use crate::support;
 use crate::support::browser::{BrowserSession, start_browsers};
-use crate::support::kubelet::kubelet;
+use crate::support::nodes::{NODE_ADDRESS, nodes, pods_report};
 
 /// Held for the whole test: e2e tests of one binary run one at a time. An
 /// async lock, because a test holds it across its awaits (a waiting test
@@ -40,7 +40,7 @@ pub struct App {
     pub ns: OperatorNamespace,
     pub operator: RunningOperator,
     pub name: String,
-    /// The balancer Service's nodePort on 127.0.0.1.
+    /// The balancer Service's nodePort (on [`NODE_ADDRESS`]).
     pub port: u16,
     /// From create to Ready n/n and the balancer answering 200.
     pub ready_after: Duration,
@@ -63,7 +63,7 @@ impl App {
         extra: serde_json::Value,
         secrets: &[serde_json::Value],
     ) -> App {
-        kubelet();
+        nodes();
         let ns = OperatorNamespace::new(prefix).await;
         let secret_api: Api<Secret> = ns.api();
         for secret in secrets {
@@ -97,9 +97,9 @@ impl App {
         while !get_counter(app.port, None).await.is_ok_and(|r| r.status == 200) {
             assert!(
                 Instant::now() < deadline,
-                "the balancer on 127.0.0.1:{} never answered 200\n{}",
+                "the balancer on {NODE_ADDRESS}:{} never answered 200\n{}",
                 app.port,
-                kubelet().log_tail(30)
+                pods_report(&app.ns.name)
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -164,37 +164,22 @@ impl App {
             .expect("patching the ClusterApp");
     }
 
-    /// What a session node's Tomcat wrote (catalina.sh run: stdout).
+    /// What a session node's Tomcat wrote (catalina.sh run: stdout), every
+    /// restart, from the kubelet's log files.
     pub fn node_log(&self, pod: &str) -> String {
-        kubelet().container_log(&self.ns.name, pod, "tomcat")
+        nodes().container_log(&self.ns.name, pod, "tomcat")
     }
 
-    /// kill -9 of a node's Tomcat (the PID the kubelet logged at its last
-    /// start); returns the PID.
-    pub fn kill_node(&self, pod: &str) -> String {
-        let pid = container_pid(&self.ns.name, pod, "tomcat")
-            .unwrap_or_else(|| panic!("the kubelet logged no PID for {pod}"));
-        support::run_ok(Command::new("kill").args(["-KILL", &pid]));
-        pid
+    /// kill -9 of a node's Tomcat (the JVM, its container's main process);
+    /// returns its host PID.
+    pub fn kill_node(&self, pod: &str) -> u32 {
+        nodes().kill_container(&self.ns.name, pod, "tomcat")
     }
-}
 
-/// The last lines of the shared kubelet's log (for failure messages).
-pub fn kubelet_log_tail(lines: usize) -> String {
-    kubelet().log_tail(lines)
-}
-
-/// The PID of the last start of a container, from the kubelet's log.
-pub fn container_pid(namespace: &str, pod: &str, container: &str) -> Option<String> {
-    kubelet()
-        .log_text()
-        .lines()
-        .rfind(|l| {
-            l.contains("container started")
-                && l.contains(&format!("pod=\"{namespace}/{pod}\""))
-                && l.contains(&format!("container=\"{container}\""))
-        })
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")).map(str::to_string))
+    /// Pods, their nodes and the namespace's last events, for a failure.
+    pub fn pods_report(&self) -> String {
+        pods_report(&self.ns.name)
+    }
 }
 
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
@@ -241,12 +226,12 @@ impl Reply {
 /// NodePort spreads requests over both balancer Pods).
 pub async fn get_counter(port: u16, session: Option<&str>) -> Result<Reply, String> {
     let exchange = async {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+        let stream = TcpStream::connect((NODE_ADDRESS, port)).await.map_err(|e| format!("connect: {e}"))?;
         let io = hyper_util::rt::TokioIo::new(stream);
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
-        let mut request = http::Request::get("/counter/").header("host", format!("127.0.0.1:{port}"));
+        let mut request = http::Request::get("/counter/").header("host", format!("{NODE_ADDRESS}:{port}"));
         if let Some(id) = session {
             request = request.header("cookie", format!("JSESSIONID={id}"));
         }
@@ -395,7 +380,7 @@ impl BrowserLoad {
             let r = get_counter(port, None).await.expect("a new session");
             list.push(BrowserSession::new(&r.session.expect("a session cookie")));
         }
-        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let address = std::net::SocketAddr::new(NODE_ADDRESS.parse().expect("node address"), port);
         let (stop, workers) = start_browsers(&[address], &list, workers, pause);
         BrowserLoad { sessions: list, stop, workers }
     }

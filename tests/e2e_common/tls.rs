@@ -24,7 +24,7 @@ pub fn tls_secret(name: &str, leaf: &Leaf) -> serde_json::Value {
     })
 }
 
-/// One HTTP/1.1 connection over TLS to 127.0.0.1:`port`, with what the
+/// One HTTP/1.1 connection over TLS to the NodePort `port`, with what the
 /// handshake gave.
 pub struct HttpsConn {
     sender: hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>,
@@ -50,7 +50,7 @@ pub struct HttpsReply {
 impl HttpsConn {
     pub async fn open(port: u16, config: Arc<ClientConfig>) -> Result<HttpsConn, String> {
         let connect = async {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+            let tcp = tokio::net::TcpStream::connect((crate::support::nodes::NODE_ADDRESS, port)).await.map_err(|e| format!("connect: {e}"))?;
             let name = ServerName::try_from(SERVER_NAME).expect("server name");
             let tls = TlsConnector::from(config).connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
             let session = tls.get_ref().1;

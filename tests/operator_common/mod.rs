@@ -279,7 +279,8 @@ pub fn start_operator(
         .try_init();
     let state = clusterapp::operator::metrics::OperatorState::new();
     let config = clusterapp::operator::OperatorConfig {
-        balancer_image: "ghcr.io/clusterapp/clusterapp:test".to_string(),
+        // the image `make images` builds from this tree (tests/bed/nodes/images.sh)
+        balancer_image: clusterapp::operator::DEFAULT_BALANCER_IMAGE.to_string(),
         watch_namespace: Some(ns.to_string()),
         lease_namespace: ns.to_string(),
         lease_name: "clusterapp-operator".to_string(),

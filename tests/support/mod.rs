@@ -13,8 +13,8 @@
 
 /// A browser's parallel requests of one session: `support::browser`.
 pub mod browser;
-/// The process kubelet (tests/kubelet): `support::kubelet::kubelet()`.
-pub mod kubelet;
+/// The real nodes (tests/bed/nodes): `support::nodes::nodes()`.
+pub mod nodes;
 /// Test certificates: `support::pki::Pki`.
 pub mod pki;
 
@@ -45,6 +45,8 @@ fn env_file_value(file: &Path, key: &str) -> String {
 
 /// Folders of the binaries that tests/bed/install.sh builds.
 pub struct BedPaths {
+    /// `$CLUSTERAPP_CACHE`: every tool tests/bed builds lives under it.
+    pub cache: PathBuf,
     pub kube_bin: PathBuf,
     pub etcd_bin: PathBuf,
     pub helm_bin: PathBuf,
@@ -62,6 +64,7 @@ pub fn bed_paths() -> BedPaths {
     let etcd_version = env_file_value(&versions, "ETCD_VERSION");
     let helm_version = env_file_value(&versions, "HELM_VERSION");
     BedPaths {
+        cache: cache.clone(),
         kube_bin: cache.join(format!("kubernetes-{kubernetes_version}/bin")),
         etcd_bin: cache.join(format!("etcd-{etcd_version}/bin")),
         helm_bin: cache.join(format!("helm-{helm_version}-2/bin")),
@@ -87,6 +90,17 @@ pub fn cluster() -> &'static Cluster {
         }
         start_own_cluster()
     })
+}
+
+/// Makes `kubeconfig` this binary's control plane ([`nodes::nodes`]: the
+/// one its nodes belong to); a binary that already uses another one is a
+/// mistake in the test.
+fn use_cluster(kubeconfig: PathBuf) {
+    let cluster = CLUSTER.get_or_init(|| Cluster { kubeconfig: kubeconfig.clone() });
+    assert_eq!(
+        cluster.kubeconfig, kubeconfig,
+        "this test binary already uses another control plane than the nodes' (call nodes() first)"
+    );
 }
 
 /// For test binaries that change cluster-wide objects other binaries rely on

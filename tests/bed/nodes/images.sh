@@ -163,11 +163,14 @@ clusterapp_binary() {
   mkdir -p "$dir"
   rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
     || { log "clusterapp: rustup target add x86_64-unknown-linux-musl"; rustup target add x86_64-unknown-linux-musl >&2; }
-  log "clusterapp: cargo build --release (static musl, target folder $target)"
+  # CLUSTERAPP_IMAGE_PROFILE: `bed` (default; release without LTO, see
+  # Cargo.toml) or `release` for the image users get from the Dockerfile.
+  local profile="${CLUSTERAPP_IMAGE_PROFILE:-bed}"
+  log "clusterapp: cargo build --profile $profile (static musl, target folder $target)"
   local started=$SECONDS
-  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --quiet -p clusterapp \
+  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --profile "$profile" --locked --quiet -p clusterapp \
       --target x86_64-unknown-linux-musl) || die "clusterapp: cargo build for x86_64-unknown-linux-musl failed"
-  local bin="$target/x86_64-unknown-linux-musl/release/clusterapp"
+  local bin="$target/x86_64-unknown-linux-musl/$profile/clusterapp"
   file "$bin" 2>/dev/null | grep -qE "statically linked|static-pie linked" || [[ ! -x /usr/bin/file ]] \
     || die "clusterapp: $bin is not statically linked"
   copy_if_changed "$bin" "$dir/clusterapp"

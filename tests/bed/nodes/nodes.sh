@@ -385,6 +385,10 @@ clusterDNS: [$DNS_IP]
 # Pods with dnsPolicy Default get no name server: nothing leaves the machine
 resolvConf: ""
 podLogsDir: $dir/pod-logs
+# How soon a changed Secret or ConfigMap reaches a Pod's volume (a Pod's
+# periodic sync, jittered by up to half): 1 min by default, which is what
+# users get; 10 s here so the certificate renewal test waits 25 s, not 2 min.
+syncFrequency: 10s
 volumePluginDir: $dir/kubelet/volume-plugins
 serializeImagePulls: false
 rotateCertificates: false

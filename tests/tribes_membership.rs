@@ -1,4 +1,4 @@
-//! Three Tomcat session nodes on the process kubelet find each other through
+//! Three Tomcat session nodes in containers on the real nodes find each other through
 //! the Kubernetes API (Tomcat's CloudMembershipService, provider
 //! `kubernetes`, with the Pod's projected ServiceAccount token and RBAC), and
 //! replicate a session. The StatefulSet, Role and server.xml are written by
@@ -17,7 +17,7 @@ use kube::Api;
 use kube::api::ListParams;
 use serde_json::json;
 use support::TestNamespace;
-use support::kubelet::{create, kubelet, pod_ready as ready};
+use support::nodes::{create, pod_ready as ready, pods_report};
 
 const SERVER_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <Server port="-1" shutdown="SHUTDOWN">
@@ -73,8 +73,8 @@ fn counter(ip: Ipv4Addr, session: Option<&str>) -> (String, String) {
 
 #[tokio::test]
 async fn three_tomcats_find_each_other_through_the_kubernetes_api_and_replicate_a_session() {
-    kubelet();
-    let ns = TestNamespace::new("kubelet-tribes").await;
+    let bed = support::nodes::nodes();
+    let ns = TestNamespace::new("tribes").await;
     create(
         &ns.api::<Role>(),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "members"},
@@ -124,7 +124,7 @@ async fn three_tomcats_find_each_other_through_the_kubernetes_api_and_replicate_
             ready_pods.sort_by_key(|p| p.metadata.name.clone());
             break ready_pods;
         }
-        assert!(Instant::now() < deadline, "3 Tomcats not ready after 240 s:\n{}", kubelet().log_tail(30));
+        assert!(Instant::now() < deadline, "3 Tomcats not ready after 240 s:\n{}", pods_report(&ns.name));
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     println!("3 Tomcat session nodes (ordered StatefulSet) ready {} ms after create", started.elapsed().as_millis());
@@ -141,7 +141,7 @@ async fn three_tomcats_find_each_other_through_the_kubernetes_api_and_replicate_
     let deadline = Instant::now() + Duration::from_secs(60);
     for (name, ip) in &nodes {
         loop {
-            let log = kubelet().container_log(&ns.name, name, "tomcat");
+            let log = bed.container_log(&ns.name, name, "tomcat");
             let added: Vec<&str> = log.lines().filter(|l| l.contains("Replication member added")).collect();
             let sees_peers = nodes
                 .iter()
