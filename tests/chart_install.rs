@@ -101,7 +101,8 @@ async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_r
 /// first — what a user does who applied the CRD with kubectl before
 /// installing the chart. Helm then adopts and updates it.
 fn adopt_crd_into_the_release(release: &str, namespace: &str) {
-    let exists = kubectl().args(["get", "crd", "clusterapps.clusterapp.io", "--ignore-not-found", "-o", "name"]).output();
+    let exists =
+        kubectl().args(["get", "crd", "clusterapps.clusterapp.io", "--ignore-not-found", "-o", "name"]).output();
     if !exists.is_ok_and(|o| !o.stdout.is_empty()) {
         return;
     }

@@ -50,7 +50,9 @@ pub struct HttpsReply {
 impl HttpsConn {
     pub async fn open(port: u16, config: Arc<ClientConfig>) -> Result<HttpsConn, String> {
         let connect = async {
-            let tcp = tokio::net::TcpStream::connect((crate::support::nodes::NODE_ADDRESS, port)).await.map_err(|e| format!("connect: {e}"))?;
+            let tcp = tokio::net::TcpStream::connect((crate::support::nodes::NODE_ADDRESS, port))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
             let name = ServerName::try_from(SERVER_NAME).expect("server name");
             let tls = TlsConnector::from(config).connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
             let session = tls.get_ref().1;

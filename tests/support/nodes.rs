@@ -115,10 +115,10 @@ impl Nodes {
     fn crictl(&self, node: &Path) -> Command {
         let version = env_file_value(&repo_root().join("tests/bed/versions.env"), "CRI_TOOLS_VERSION");
         let mut cmd = Command::new(bed_paths().cache.join(format!("cri-tools-{version}/bin/crictl")));
-        cmd.arg("--timeout").arg("20s").arg("--runtime-endpoint").arg(format!(
-            "unix://{}",
-            node.join("containerd/containerd.sock").display()
-        ));
+        cmd.arg("--timeout")
+            .arg("20s")
+            .arg("--runtime-endpoint")
+            .arg(format!("unix://{}", node.join("containerd/containerd.sock").display()));
         cmd
     }
 
@@ -140,7 +140,14 @@ impl Nodes {
                 &format!("io.kubernetes.pod.name={pod}"),
             ]));
             let Some(id) = ids.split_whitespace().next() else { continue };
-            let pid = run_ok(self.crictl(&node).args(["inspect", "--output", "go-template", "--template", "{{.info.pid}}", id]));
+            let pid = run_ok(self.crictl(&node).args([
+                "inspect",
+                "--output",
+                "go-template",
+                "--template",
+                "{{.info.pid}}",
+                id,
+            ]));
             return pid.trim().parse().ok();
         }
         None
@@ -161,9 +168,7 @@ impl Nodes {
 /// run, their state and the namespace's last events.
 pub fn pods_report(namespace: &str) -> String {
     let pods = super::kubectl().args(["get", "pods", "-o", "wide", "-n", namespace]).output();
-    let events = super::kubectl()
-        .args(["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"])
-        .output();
+    let events = super::kubectl().args(["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"]).output();
     let text = |out: std::io::Result<std::process::Output>| {
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
     };

@@ -27,7 +27,7 @@
 #            and another interface: nothing from a Pod leaves this machine.
 #   Services 10.97.0.0/16 (kubernetes 10.97.0.1, kube-dns 10.97.0.10), a
 #            range of their own so this kube-proxy never takes the ClusterIPs
-#            of another local cluster (the process kubelet's uses 10.96/16).
+#            of another local cluster (a node-less one uses 10.96/16).
 set -euo pipefail
 LOG_TAG=nodes
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
