@@ -97,7 +97,10 @@ pub struct ClusterAppSpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 600").message("drainSeconds must be between 0 and 600"))]
     pub drain_seconds: i32,
 
-    /// CPU and memory for each session node container.
+    /// CPU and memory for each session node container. Unset: requests of
+    /// 250m CPU and 768Mi memory and no limits (a JVM sizes its heap from
+    /// the memory limit, so set one together with your -Xmx or
+    /// -XX:MaxRAMPercentage in `javaOpts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
@@ -299,7 +302,10 @@ pub struct Balancer {
     #[schemars(length(max = 512))]
     pub image: Option<String>,
 
-    /// CPU and memory for each balancer container.
+    /// CPU and memory for each balancer container. Unset: requests of 100m
+    /// CPU and 64Mi memory, and a memory limit of 256Mi (the balancer holds
+    /// no sessions; its memory grows with open connections, about 26 MB at
+    /// 1000 idle ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 

@@ -14,14 +14,16 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
+    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecretProjection, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
@@ -32,7 +34,7 @@ use crate::operator::names::{
     AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TLS_CERT_KEY,
     TLS_PRIVATE_KEY_KEY, TRIBES_KEY_KEY,
 };
-use server_xml::{DEPLOY_DELAY_SECONDS, ENV_AJP_SECRET, ENV_POD_IP, ENV_POD_NAME, ENV_TRIBES_KEY};
+use server_xml::{BINDING_AJP_SECRET, BINDING_TRIBES_KEY, DEPLOY_DELAY_SECONDS, ENV_POD_IP, ENV_POD_NAME};
 
 /// Time a session node's JVM may take from its start to the Engine's start
 /// (server.xml parsed, cluster receiver open); see `stateful_set`.
@@ -54,9 +56,16 @@ pub const BALANCER_TLS_DIR: &str = "/etc/clusterapp/tls";
 pub const BALANCER_TLS_CLIENT_CA_DIR: &str = "/etc/clusterapp/tls-client-ca";
 
 /// Tomcat's system property that makes `${NAME}` in server.xml read
-/// environment variables.
-const ENVIRONMENT_PROPERTY_SOURCE: &str =
-    "-Dorg.apache.tomcat.util.digester.PROPERTY_SOURCE=org.apache.tomcat.util.digester.EnvironmentPropertySource";
+/// environment variables (the route, the pod IP) and then files under
+/// `$SERVICE_BINDING_ROOT` (the secrets; see `server_xml`). Tomcat asks the
+/// sources in this order.
+const PROPERTY_SOURCES: &str = "-Dorg.apache.tomcat.util.digester.PROPERTY_SOURCE=\
+    org.apache.tomcat.util.digester.EnvironmentPropertySource,\
+    org.apache.tomcat.util.digester.ServiceBindingPropertySource";
+
+/// Where a session node finds its secrets as files, one folder per binding
+/// (`ajp/secret`, `tribes/key`): Tomcat's `SERVICE_BINDING_ROOT`.
+pub const SESSION_NODE_BINDINGS_DIR: &str = "/etc/clusterapp/bindings";
 
 /// uid/gid the containers run as: images such as the official tomcat one
 /// default to root, so the user is set explicitly for `runAsNonRoot`.
@@ -254,10 +263,19 @@ fn env_field(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
-fn env_secret(name: &str, selector: SecretKeySelector) -> EnvVar {
-    EnvVar {
-        name: name.to_string(),
-        value_from: Some(EnvVarSource { secret_key_ref: Some(selector), ..Default::default() }),
+/// Key `key` of Secret `secret` as the file `<binding>/<name>` of a
+/// projected bindings volume.
+fn secret_projection(secret: &str, key: &str, (binding, name): (&str, &str)) -> VolumeProjection {
+    VolumeProjection {
+        secret: Some(SecretProjection {
+            name: secret.to_string(),
+            items: Some(vec![KeyToPath {
+                key: key.to_string(),
+                path: format!("{binding}/{name}"),
+                ..Default::default()
+            }]),
+            optional: Some(false),
+        }),
         ..Default::default()
     }
 }
@@ -316,6 +334,44 @@ fn http_probe(path: &str, port_name: &str, period: i32, failure_threshold: i32) 
         timeout_seconds: Some(2),
         ..Default::default()
     }
+}
+
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs.iter().map(|(k, v)| (k.to_string(), Quantity(v.to_string()))).collect()
+}
+
+/// A session node's resources when the ClusterApp names none (documented on
+/// `spec.resources`): requests only, so the scheduler counts Tomcat and a
+/// cluster admin's quota sees it; no limit, because a JVM sizes its heap
+/// from the limit and a limit without matching `javaOpts` gets OOM-killed.
+fn default_session_node_resources() -> ResourceRequirements {
+    ResourceRequirements { requests: Some(quantities(&[("cpu", "250m"), ("memory", "768Mi")])), ..Default::default() }
+}
+
+/// The balancer's resources when the ClusterApp names none (documented on
+/// `spec.balancer.resources`): it holds no sessions, so a memory limit is
+/// safe and stops a leak from taking the node down with it.
+fn default_balancer_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(quantities(&[("cpu", "100m"), ("memory", "64Mi")])),
+        limits: Some(quantities(&[("memory", "256Mi")])),
+        ..Default::default()
+    }
+}
+
+/// Spread a component's Pods over the cluster's nodes (one per node while
+/// there are enough), as a preference only, so a single-node cluster still
+/// schedules all of them: a node that dies then takes one session node, not
+/// several (with `replication: all` every other node still has the
+/// sessions).
+fn spread_over_nodes(labels: &BTreeMap<String, String>) -> Vec<TopologySpreadConstraint> {
+    vec![TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "kubernetes.io/hostname".to_string(),
+        when_unsatisfiable: "ScheduleAnyway".to_string(),
+        label_selector: Some(LabelSelector { match_labels: Some(labels.clone()), ..Default::default() }),
+        ..Default::default()
+    }]
 }
 
 /// Non-root, no privilege escalation, no capabilities, read-only root.
@@ -444,7 +500,7 @@ impl Parts<'_> {
         let sessions = &spec.sessions;
         let base = spec.catalina_base.trim_end_matches('/');
 
-        let mut catalina_opts = ENVIRONMENT_PROPERTY_SOURCE.to_string();
+        let mut catalina_opts = PROPERTY_SOURCES.to_string();
         if let Some(extra) = spec.java_opts.as_deref().filter(|o| !o.trim().is_empty()) {
             catalina_opts.push(' ');
             catalina_opts.push_str(extra.trim());
@@ -457,7 +513,8 @@ impl Parts<'_> {
             env_field("KUBERNETES_NAMESPACE", "metadata.namespace"),
             // The app's session nodes except those leaving (terminating).
             env_value("KUBERNETES_LABELS", &self.names.tribes_member_selector()),
-            env_secret(ENV_AJP_SECRET, ajp_secret_selector(self.app)),
+            // Not a secret: where the secret files are.
+            env_value("SERVICE_BINDING_ROOT", SESSION_NODE_BINDINGS_DIR),
             env_value("CATALINA_OPTS", &catalina_opts),
         ];
         if sessions.membership == Membership::Dns {
@@ -466,11 +523,13 @@ impl Parts<'_> {
                 &format!("{}.{}.svc", self.names.peers_service(), self.namespace),
             ));
         }
-        if sessions.encryption {
-            env.push(env_secret(
-                ENV_TRIBES_KEY,
-                SecretKeySelector { name: self.names.secret(), key: TRIBES_KEY_KEY.to_string(), optional: None },
-            ));
+        // The secrets as files: the AJP secret (the user's Secret or ours)
+        // and the Tribes key (always ours) where the cluster encrypts: only
+        // a replicating node has a cluster.
+        let ajp_secret = ajp_secret_selector(self.app);
+        let mut binding_sources = vec![secret_projection(&ajp_secret.name, &ajp_secret.key, BINDING_AJP_SECRET)];
+        if sessions.encryption && sessions.replication != Replication::None {
+            binding_sources.push(secret_projection(&self.names.secret(), TRIBES_KEY_KEY, BINDING_TRIBES_KEY));
         }
 
         // A starting node blocks until it has received every session (up to
@@ -501,7 +560,7 @@ impl Parts<'_> {
                 port("tribes", sessions.receiver_port),
             ]),
             env: Some(env),
-            resources: spec.resources.clone(),
+            resources: Some(spec.resources.clone().unwrap_or_else(default_session_node_resources)),
             volume_mounts: Some(vec![
                 VolumeMount {
                     name: "server-xml".to_string(),
@@ -515,6 +574,7 @@ impl Parts<'_> {
                 mount("work", &format!("{base}/work")),
                 // Tomcat creates conf/Catalina/localhost at start.
                 mount("conf-catalina", &format!("{base}/conf/Catalina")),
+                read_only_mount("bindings", SESSION_NODE_BINDINGS_DIR),
             ]),
             startup_probe: Some(Probe {
                 initial_delay_seconds: (startup_delay > 0).then_some(startup_delay),
@@ -575,6 +635,9 @@ impl Parts<'_> {
                         automount_service_account_token: Some(sessions.membership == Membership::Kubernetes),
                         termination_grace_period_seconds: Some(i64::from(spec.drain_seconds) + 30),
                         security_context: Some(pod_security_context()),
+                        topology_spread_constraints: Some(spread_over_nodes(
+                            &self.names.selector_labels(COMPONENT_SESSION_NODE),
+                        )),
                         containers: vec![container],
                         volumes: Some(vec![
                             Volume {
@@ -589,6 +652,16 @@ impl Parts<'_> {
                             empty_dir("temp"),
                             empty_dir("work"),
                             empty_dir("conf-catalina"),
+                            Volume {
+                                name: "bindings".to_string(),
+                                projected: Some(ProjectedVolumeSource {
+                                    sources: Some(binding_sources),
+                                    // owner and fsGroup may read, nobody writes
+                                    default_mode: Some(0o440),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            },
                         ]),
                         ..Default::default()
                     }),
@@ -695,7 +768,7 @@ impl Parts<'_> {
             args: Some(args),
             env: Some(vec![env_value("LOG_FORMAT", "json")]),
             ports: Some(ports),
-            resources: balancer.resources.clone(),
+            resources: Some(balancer.resources.clone().unwrap_or_else(default_balancer_resources)),
             volume_mounts: Some(volume_mounts),
             readiness_probe: Some(http_probe("/readyz", "admin", 5, 2)),
             liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
@@ -718,6 +791,9 @@ impl Parts<'_> {
                         service_account_name: Some(self.names.balancer()),
                         automount_service_account_token: Some(true),
                         security_context: Some(pod_security_context()),
+                        topology_spread_constraints: Some(spread_over_nodes(
+                            &self.names.selector_labels(COMPONENT_BALANCER),
+                        )),
                         containers: vec![container],
                         volumes: Some(volumes),
                         ..Default::default()

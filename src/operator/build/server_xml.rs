@@ -1,10 +1,15 @@
 //! Tomcat's `server.xml` for the session nodes.
 //!
-//! Per-pod values (route, pod IP, secrets) are not written here: the file is
-//! the same for every node and refers to environment variables with
-//! `${NAME}`, which Tomcat resolves because the pod sets
-//! `org.apache.tomcat.util.digester.PROPERTY_SOURCE` to its
-//! `EnvironmentPropertySource`. So secrets never land in the ConfigMap.
+//! Per-pod values (route, pod IP) and secrets are not written here: the file
+//! is the same for every node and refers to them with `${NAME}`, which Tomcat
+//! resolves through the property sources the pod names in
+//! `org.apache.tomcat.util.digester.PROPERTY_SOURCE`: environment variables
+//! (`EnvironmentPropertySource`) for the route and address, and files
+//! (`ServiceBindingPropertySource`: `${chomp:BINDING.KEY}` is the file
+//! `$SERVICE_BINDING_ROOT/BINDING/KEY` without its trailing newline) for the
+//! secrets. So secrets never land in the ConfigMap, and never in an
+//! environment variable, where `kubectl describe`, `/proc/*/environ` and
+//! crash reports would show them.
 
 use std::fmt::Write as _;
 
@@ -13,8 +18,17 @@ use crate::crd::{ClusterAppSpec, Membership, Replication, SendMode};
 /// Environment variables the server.xml refers to (set by the StatefulSet).
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_IP: &str = "POD_IP";
-pub const ENV_AJP_SECRET: &str = "AJP_SECRET";
-pub const ENV_TRIBES_KEY: &str = "TRIBES_ENCRYPTION_KEY";
+
+/// Secret files the server.xml refers to: `(binding, key)`, the file
+/// `<bindings folder>/<binding>/<key>` (mounted by the StatefulSet).
+pub const BINDING_AJP_SECRET: (&str, &str) = ("ajp", "secret");
+pub const BINDING_TRIBES_KEY: (&str, &str) = ("tribes", "key");
+
+/// `${chomp:ajp.secret}`: the file's content without a trailing newline (a
+/// Secret written with `kubectl create secret --from-file` often has one).
+fn binding_property((binding, key): (&str, &str)) -> String {
+    format!("${{chomp:{binding}.{key}}}")
+}
 
 /// Seconds between a node's cluster receiver opening and its web
 /// applications starting (and so their state transfer): two membership
@@ -74,8 +88,10 @@ pub fn server_xml(app_name: &str, spec: &ClusterAppSpec) -> String {
     );
     let _ = writeln!(
         xml,
-        r#"    <Connector protocol="AJP/1.3" address="${{{ENV_POD_IP}}}" port="{}" packetSize="{}" secretRequired="true" secret="${{{ENV_AJP_SECRET}}}"/>"#,
-        spec.ajp.port, spec.ajp.packet_size
+        r#"    <Connector protocol="AJP/1.3" address="${{{ENV_POD_IP}}}" port="{}" packetSize="{}" secretRequired="true" secret="{}"/>"#,
+        spec.ajp.port,
+        spec.ajp.packet_size,
+        binding_property(BINDING_AJP_SECRET)
     );
     // jvmRoute from the pod name: Tomcat 10.1+ ignores -DjvmRoute.
     let _ = writeln!(xml, r#"    <Engine name="Catalina" defaultHost="localhost" jvmRoute="${{{ENV_POD_NAME}}}">"#);
@@ -178,8 +194,9 @@ fn write_cluster(xml: &mut String, spec: &ClusterAppSpec) {
     if sessions.encryption {
         let _ = writeln!(
             xml,
-            r#"          <Interceptor className="org.apache.catalina.tribes.group.interceptors.EncryptInterceptor" encryptionAlgorithm="{}" encryptionKey="${{{ENV_TRIBES_KEY}}}"/>"#,
-            sessions.encryption_algorithm.as_str()
+            r#"          <Interceptor className="org.apache.catalina.tribes.group.interceptors.EncryptInterceptor" encryptionAlgorithm="{}" encryptionKey="{}"/>"#,
+            sessions.encryption_algorithm.as_str(),
+            binding_property(BINDING_TRIBES_KEY)
         );
     }
     let _ = writeln!(

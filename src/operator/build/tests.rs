@@ -103,7 +103,7 @@ fn server_xml_parses_and_has_what_tomcat_needs() {
             .find(|n| n.has_tag_name("Connector") && n.attribute("protocol") == Some("AJP/1.3"))
             .expect("an AJP connector");
         assert_eq!(ajp.attribute("secretRequired"), Some("true"), "{name}");
-        assert_eq!(ajp.attribute("secret"), Some("${AJP_SECRET}"), "{name}");
+        assert_eq!(ajp.attribute("secret"), Some("${chomp:ajp.secret}"), "{name}: the secret from its file");
         assert_eq!(ajp.attribute("address"), Some("${POD_IP}"), "{name}: not loopback");
         assert!(
             doc.descendants().any(|n| n.attribute("className") == Some("org.apache.catalina.valves.HealthCheckValve")),
@@ -153,7 +153,7 @@ fn server_xml_default_cluster_is_sync_delta_encrypted() {
     assert_eq!(interceptors(&doc), ["EncryptInterceptor", "TcpFailureDetector", "MessageDispatchInterceptor"]);
     let encrypt = doc.descendants().find(|n| n.has_tag_name("Interceptor")).expect("interceptor");
     assert_eq!(encrypt.attribute("encryptionAlgorithm"), Some("AES/GCM/NoPadding"), "explicit algorithm");
-    assert_eq!(encrypt.attribute("encryptionKey"), Some("${TRIBES_ENCRYPTION_KEY}"));
+    assert_eq!(encrypt.attribute("encryptionKey"), Some("${chomp:tribes.key}"), "the key from its file");
     for valve in ["ReplicationValve", "JvmRouteBinderValve"] {
         assert!(xml.contains(valve), "{valve}");
     }
@@ -198,6 +198,54 @@ fn key_material_only_in_the_secret() {
         }
         assert_eq!(values[0]["kind"], "Secret");
         assert!(!format!("{:?}", material()).contains(AJP_SECRET), "Debug redacts");
+    }
+}
+
+/// Secrets reach Tomcat as files of a projected volume, never as environment
+/// variables (which `kubectl describe`, `/proc/<pid>/environ` and crash
+/// reports show): no env var of any container refers to a Secret, and the
+/// files the server.xml names are the ones the volume holds.
+#[test]
+fn secrets_reach_tomcat_as_files_not_environment_variables() {
+    for name in ["default", "every-option", "no-replication"] {
+        let app = fixture(name);
+        let children = build_children(&app, &material(), &context()).expect("builds");
+        let pod = children.stateful_set.spec.template.spec.as_ref().expect("pod spec");
+        for container in &pod.containers {
+            for var in container.env.iter().flatten() {
+                let from_secret = var.value_from.as_ref().is_some_and(|v| v.secret_key_ref.is_some());
+                assert!(!from_secret, "{name}: env {} of {} comes from a Secret", var.name, container.name);
+            }
+            assert!(container.env_from.is_none(), "{name}: envFrom");
+        }
+        let tomcat = &pod.containers[0];
+        let env = |key: &str| tomcat.env.iter().flatten().find(|v| v.name == key).and_then(|v| v.value.clone());
+        assert_eq!(env("SERVICE_BINDING_ROOT").as_deref(), Some(SESSION_NODE_BINDINGS_DIR), "{name}");
+        let opts = env("CATALINA_OPTS").expect("CATALINA_OPTS");
+        assert!(
+            opts.contains("PROPERTY_SOURCE=org.apache.tomcat.util.digester.EnvironmentPropertySource,org.apache.tomcat.util.digester.ServiceBindingPropertySource"),
+            "{name}: {opts}"
+        );
+        let mount = tomcat.volume_mounts.iter().flatten().find(|m| m.name == "bindings").expect("bindings mount");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (SESSION_NODE_BINDINGS_DIR, Some(true)));
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "bindings").expect("bindings volume");
+        let projected = volume.projected.as_ref().expect("projected");
+        let files: Vec<(String, String, String)> = projected
+            .sources
+            .iter()
+            .flatten()
+            .filter_map(|s| s.secret.as_ref())
+            .flat_map(|s| s.items.iter().flatten().map(|i| (s.name.clone(), i.key.clone(), i.path.clone())))
+            .collect();
+        let xml = server_xml_of(name);
+        // the AJP secret always; the Tribes key where the Cluster encrypts
+        assert!(files.iter().any(|(_, _, path)| path == "ajp/secret"), "{name}: {files:?}");
+        assert_eq!(
+            files.iter().any(|(_, _, path)| path == "tribes/key"),
+            xml.contains("${chomp:tribes.key}"),
+            "{name}: the Tribes key file exactly when server.xml uses it: {files:?}"
+        );
+        assert_eq!(projected.default_mode, Some(0o440), "{name}: read-only, owner and group");
     }
 }
 
