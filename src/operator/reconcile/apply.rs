@@ -142,8 +142,8 @@ fn node_rbac_drift(
         name: name.clone(),
         source,
     })?;
-    let cached_role = ctx.caches.roles.get(&ObjectRef::new(&name).within(namespace));
-    let cached_binding = ctx.caches.role_bindings.get(&ObjectRef::new(&name).within(namespace));
+    let cached_role = ctx.caches.children.roles.get(&ObjectRef::new(&name).within(namespace));
+    let cached_binding = ctx.caches.children.role_bindings.get(&ObjectRef::new(&name).within(namespace));
     let written = &ctx.caches.written;
     let mut drift = Vec::new();
     if let Some(change) = membership::role_change(
