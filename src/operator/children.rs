@@ -69,10 +69,10 @@ pub trait ChildKind:
     fn cached_meta(caches: &Caches, namespace: &str, name: &str) -> Option<ObjectMeta> {
         Self::cache(caches).cached_meta(namespace, name)
     }
-    /// Puts `object` into the test caches as its watch would deliver it
-    /// (trimmed, or metadata only).
+    /// Delivers `object` to the test caches as its watch would (trimmed,
+    /// or metadata only).
     #[cfg(test)]
-    fn cache_for_test(writers: &mut ChildCacheWriters, object: Self);
+    fn cache_for_test(writers: &mut ChildCacheWriters, object: Self, watched: Watched);
 }
 
 /// The type a kind's store holds: the whole object (`full`, trimmed by the
@@ -111,8 +111,9 @@ macro_rules! child_kinds {
                 &caches.children.$field
             }
             #[cfg(test)]
-            fn cache_for_test(writers: &mut ChildCacheWriters, object: Self) {
-                cache_as_watched(&mut writers.$field, object_for_test!($form, object), strip_fn!($form $(($strip))?));
+            fn cache_for_test(writers: &mut ChildCacheWriters, object: Self, watched: Watched) {
+                let cached = object_for_test!($form, object);
+                cache_as_watched(&mut writers.$field, cached, strip_fn!($form $(($strip))?), watched);
             }
         })+
 
@@ -170,14 +171,14 @@ macro_rules! child_kinds {
                 $(self.$field.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);)+
             }
 
-            /// Caches `object` (JSON with `apiVersion` and `kind`, as the API
-            /// server returns it) in the store of its kind, as its watch
-            /// would. Err for a kind that is not a child kind.
-            pub fn cache_json(&mut self, object: serde_json::Value) -> Result<(), String> {
+            /// Delivers `object` (JSON with its `kind`, as the API server
+            /// returns it) to the store of its kind, as its watch would. Err
+            /// for a kind that is not a child kind.
+            pub fn cache_json(&mut self, object: serde_json::Value, watched: Watched) -> Result<(), String> {
                 let kind = object.get("kind").and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
                 $(if kind == <$kind as k8s_openapi::Resource>::KIND {
                     let object: $kind = serde_json::from_value(object).map_err(|e| format!("{kind}: {e}"))?;
-                    <$kind as ChildKind>::cache_for_test(self, object);
+                    <$kind as ChildKind>::cache_for_test(self, object, watched);
                     return Ok(());
                 })+
                 Err(format!("{kind} is not a child kind"))
@@ -219,14 +220,32 @@ child_kinds! {
     RoleBinding => role_bindings, full(cache::strip_managed_fields), ResourceVersion;
 }
 
-/// Strips `object` as the watch of its kind does and caches it.
+/// What a test's watch event says of an object.
 #[cfg(test)]
-fn cache_as_watched<C>(writer: &mut kube::runtime::reflector::store::Writer<C>, mut object: C, strip: fn(&mut C))
-where
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// Created or changed.
+    Applied,
+    Deleted,
+}
+
+/// Strips `object` as the watch of its kind does and delivers it.
+#[cfg(test)]
+fn cache_as_watched<C>(
+    writer: &mut kube::runtime::reflector::store::Writer<C>,
+    mut object: C,
+    strip: fn(&mut C),
+    watched: Watched,
+) where
     C: Resource<DynamicType = ()> + Clone + 'static,
 {
+    use kube::runtime::watcher::Event;
     strip(&mut object);
-    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(object));
+    let event = match watched {
+        Watched::Applied => Event::Apply(object),
+        Watched::Deleted => Event::Delete(object),
+    };
+    writer.apply_watcher_event(&event);
 }
 
 /// Something done with every child, each with its static kind.
