@@ -10,17 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerState, ContainerStateWaiting, ContainerStatus, Pod, PodStatus, Secret, Service, ServiceAccount,
-};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus, Pod, PodStatus, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
+
+use crate::operator::children::ChildCaches;
 
 /// Annotation on every applied child: a hash of the desired object as we
 /// built it (before this annotation was added).
@@ -176,26 +173,13 @@ where
 
 /// The caches a reconcile reads instead of the API server.
 pub struct Caches {
-    /// Our generated Secrets, with data (the keys are kept from them).
-    pub secrets: Store<Secret>,
+    /// Our children, one store per kind of the registry
+    /// (`operator::children`).
+    pub children: ChildCaches,
     /// Every other Secret in scope, metadata only: whether a Secret the app
     /// names (`spec.ajp.secretRef`, `spec.balancer.tls`) exists, and a
     /// trigger when it appears or changes.
     pub other_secrets: Store<PartialObjectMeta<Secret>>,
-    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
-    pub services: Store<PartialObjectMeta<Service>>,
-    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
-    /// Full Roles and RoleBindings (small): a change of the session nodes'
-    /// `list pods` grant is reported by what it changed.
-    pub roles: Store<Role>,
-    pub role_bindings: Store<RoleBinding>,
-    /// Full objects (without their pod template): status reads them.
-    pub stateful_sets: Store<StatefulSet>,
-    /// Full objects (without their pod template): `Ready` needs the
-    /// balancer's available replicas.
-    pub deployments: Store<Deployment>,
-    pub pod_disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
-    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
     /// Session node pods (stripped to what `status.members` needs).
     pub pods: Store<Pod>,
     pub written: Arc<WrittenRecords>,
@@ -225,38 +209,13 @@ impl Caches {
     /// in a warning (a watch that cannot list, e.g. for want of RBAC, would
     /// otherwise stall every reconcile in silence).
     pub async fn fill(&self) {
-        // No `..`: the store of a new child kind (see `operator::children`)
-        // does not compile until it is waited for here too.
-        let Caches {
-            secrets,
-            other_secrets,
-            config_maps,
-            services,
-            service_accounts,
-            roles,
-            role_bindings,
-            stateful_sets,
-            deployments,
-            pod_disruption_budgets,
-            network_policies,
-            pods,
-            written: _,
-            secret_keys: _,
-            filled: filled_sender,
-        } = self;
+        // No `..`: a new store does not compile until it is waited for here
+        // too (the child kinds' stores are waited for by the registry).
+        let Caches { children, other_secrets, pods, written: _, secret_keys: _, filled: filled_sender } = self;
         let _ = futures::join!(
-            filled("Secrets (ours)", secrets.wait_until_ready()),
-            filled("Secrets (referenced)", other_secrets.wait_until_ready()),
-            filled("ConfigMaps", config_maps.wait_until_ready()),
-            filled("Services", services.wait_until_ready()),
-            filled("ServiceAccounts", service_accounts.wait_until_ready()),
-            filled("Roles", roles.wait_until_ready()),
-            filled("RoleBindings", role_bindings.wait_until_ready()),
-            filled("StatefulSets", stateful_sets.wait_until_ready()),
-            filled("Deployments", deployments.wait_until_ready()),
-            filled("PodDisruptionBudgets", pod_disruption_budgets.wait_until_ready()),
-            filled("NetworkPolicies", network_policies.wait_until_ready()),
-            filled("Pods", pods.wait_until_ready()),
+            children.fill(),
+            filled("secrets (referenced)", other_secrets.wait_until_ready()),
+            filled("pods", pods.wait_until_ready()),
         );
         filled_sender.send_replace(true);
     }
@@ -284,7 +243,7 @@ impl Caches {
 pub const FILL_WARNING: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Waits for one store, warning once when it takes longer than [`FILL_WARNING`].
-async fn filled<T>(what: &'static str, ready: impl Future<Output = T>) -> T {
+pub(crate) async fn filled<T>(what: &'static str, ready: impl Future<Output = T>) -> T {
     tokio::pin!(ready);
     tokio::select! {
         out = &mut ready => return out,
@@ -379,6 +338,8 @@ pub fn namespace_and_name<K: Resource>(object: &K) -> (String, String) {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::ConfigMap;
+
     use super::*;
 
     fn meta(hash: &str, rv: &str, generation: Option<i64>) -> ObjectMeta {
@@ -486,11 +447,14 @@ mod tests {
         assert_ne!(desired_hash(&edited).expect("hash"), desired_hash(&config_map).expect("hash"));
     }
 
-    /// Caches whose stores are filled by calling the returned closures (one
-    /// per store, as their watches' first lists would).
+    /// Caches whose stores are filled by calling the returned closures (the
+    /// child kinds' stores at once, the others one each), as their watches'
+    /// first lists would.
     fn unfilled_caches() -> (Caches, Vec<Box<dyn FnMut() + Send>>) {
         use kube::runtime::{reflector, watcher};
         let mut fillers: Vec<Box<dyn FnMut() + Send>> = Vec::new();
+        let (children, mut children_writers) = ChildCaches::for_tests();
+        fillers.push(Box::new(move || children_writers.list_done()));
         macro_rules! store {
             ($kind:ty) => {{
                 let (store, mut writer) = reflector::store::<$kind>();
@@ -499,17 +463,8 @@ mod tests {
             }};
         }
         let caches = Caches {
-            secrets: store!(Secret),
+            children,
             other_secrets: store!(PartialObjectMeta<Secret>),
-            config_maps: store!(PartialObjectMeta<ConfigMap>),
-            services: store!(PartialObjectMeta<Service>),
-            service_accounts: store!(PartialObjectMeta<ServiceAccount>),
-            roles: store!(Role),
-            role_bindings: store!(RoleBinding),
-            stateful_sets: store!(StatefulSet),
-            deployments: store!(Deployment),
-            pod_disruption_budgets: store!(PartialObjectMeta<PodDisruptionBudget>),
-            network_policies: store!(PartialObjectMeta<NetworkPolicy>),
             pods: store!(Pod),
             written: Default::default(),
             secret_keys: Default::default(),

@@ -1,17 +1,18 @@
 //! The registry of child kinds: every object a ClusterApp owns is listed
-//! once, in [`Children::visit`], and every kind says once, in its
-//! [`ChildKind`] impl, which cache holds it and how it reports changes.
+//! once, in [`Children::visit`], and every kind of them once, in
+//! [`child_kinds!`], which says how it is cached and how it shows edits.
 //!
 //! Adding a child is one change the compiler walks you through: a field in
-//! [`Children`], its line in [`Children::visit`] (which destructures the
-//! struct without `..`, so a forgotten field does not compile), and for a
-//! new kind a [`ChildKind`] impl, which needs a store in [`Caches`] — and a
-//! store does not compile until `Caches::fill` waits for it and
-//! `run_controller` builds it (then give it a watch and `owns_stream` there,
-//! next to the others). The golden files, the applies and the tests all walk
-//! the children through `visit`.
+//! [`Children`] and its line in [`Children::visit`] (which destructures the
+//! struct without `..`, so a forgotten field does not compile). A child of a
+//! new kind does not compile until the kind has its line in
+//! [`child_kinds!`]; that one line gives it its store in [`ChildCaches`],
+//! its label-selected watch, its `owns_stream` trigger of the controller,
+//! its wait in `Caches::fill`, and its place in the test caches. The golden
+//! files, the applies and the tests all walk the children through `visit`.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -20,12 +21,16 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::Resource;
+use kube::core::PartialObjectMeta;
+use kube::runtime::Controller;
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::crd::ClusterApp;
 use crate::operator::build::Children;
-use crate::operator::cache::{CachedMeta, Caches, ChangeTracking};
+use crate::operator::cache::{self, CachedMeta, Caches, ChangeTracking, WrittenRecords};
 
 /// When a child is applied within one reconcile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +50,7 @@ impl ApplyStage {
 }
 
 /// A kind of child object: a namespaced Kubernetes type with a cache.
+/// Implemented by [`child_kinds!`] only.
 pub trait ChildKind:
     Resource<Scope = NamespaceResourceScope, DynamicType = ()>
     + Serialize
@@ -63,32 +69,184 @@ pub trait ChildKind:
     fn cached_meta(caches: &Caches, namespace: &str, name: &str) -> Option<ObjectMeta> {
         Self::cache(caches).cached_meta(namespace, name)
     }
+    /// Delivers `object` to the test caches as its watch would (trimmed,
+    /// or metadata only).
+    #[cfg(test)]
+    fn cache_for_test(writers: &mut ChildCacheWriters, object: Self, watched: Watched);
 }
 
-macro_rules! child_kind {
-    ($kind:ty, $tracking:ident, $cache:ident) => {
-        impl ChildKind for $kind {
+/// The type a kind's store holds: the whole object (`full`, trimmed by the
+/// kind's strip function) or its metadata only (`metadata`: the watch makes
+/// metadata-only requests, so no body is ever transferred or kept).
+macro_rules! cached_type {
+    (full, $kind:ty) => { $kind };
+    (metadata, $kind:ty) => { PartialObjectMeta<$kind> };
+}
+
+/// What the cache keeps of an object of the kind (see [`cached_type!`]).
+macro_rules! strip_fn {
+    (full($strip:path)) => {
+        $strip
+    };
+    (metadata) => {
+        cache::strip_partial
+    };
+}
+
+/// The registry of child kinds. One line per kind:
+/// `Kind => store field, cached form, change tracking;` where the cached
+/// form is `full(strip function)` or `metadata` (see [`cached_type!`]) and
+/// the tracking a [`ChangeTracking`] variant.
+macro_rules! child_kinds {
+    ($($kind:ident => $field:ident, $form:ident $(($strip:path))?, $tracking:ident;)+) => {
+        /// The stores of the child kinds, one per line of [`child_kinds!`],
+        /// each filled by a label-selected watch of our objects.
+        pub struct ChildCaches {
+            $(pub $field: Store<cached_type!($form, $kind)>,)+
+        }
+
+        $(impl ChildKind for $kind {
             const TRACKING: ChangeTracking = ChangeTracking::$tracking;
             fn cache(caches: &Caches) -> &dyn CachedMeta {
-                &caches.$cache
+                &caches.children.$field
+            }
+            #[cfg(test)]
+            fn cache_for_test(writers: &mut ChildCacheWriters, object: Self, watched: Watched) {
+                let cached = object_for_test!($form, object);
+                cache_as_watched(&mut writers.$field, cached, strip_fn!($form $(($strip))?), watched);
+            }
+        })+
+
+        impl ChildCaches {
+            /// Starts the watch of every child kind (only our objects: see
+            /// `operator::owned_watch`), and makes each a trigger of
+            /// `controller` for the owning app. Returns the stores the
+            /// watches fill and the controller with its triggers.
+            pub fn watch(
+                client: &Client,
+                namespace: Option<&str>,
+                written: &Arc<WrittenRecords>,
+                controller: Controller<ClusterApp>,
+            ) -> (Self, Controller<ClusterApp>) {
+                $(
+                    let ($field, events) =
+                        crate::operator::owned_watch(client, namespace, written, strip_fn!($form $(($strip))?));
+                    let controller = controller.owns_stream(events);
+                )+
+                (ChildCaches { $($field,)+ }, controller)
+            }
+
+            /// Waits until every store has been filled by its watch's first
+            /// list (see `Caches::fill`, the only caller).
+            pub async fn fill(&self) {
+                // Err only when a watch's writer is gone, i.e. the controller
+                // stopped: nothing left to wait for.
+                let _ = futures::join!($(cache::filled(
+                    <$kind as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+                    self.$field.wait_until_ready(),
+                ),)+);
+            }
+
+            /// Empty stores and their writers, for tests: nothing is cached
+            /// until [`ChildCacheWriters::list_done`].
+            #[cfg(test)]
+            pub fn for_tests() -> (Self, ChildCacheWriters) {
+                // (store, writer) of each kind, named by its field.
+                $(let $field = kube::runtime::reflector::store();)+
+                (ChildCaches { $($field: $field.0,)+ }, ChildCacheWriters { $($field: $field.1,)+ })
+            }
+        }
+
+        /// The writers of [`ChildCaches::for_tests`]: tests play the
+        /// watches.
+        #[cfg(test)]
+        pub struct ChildCacheWriters {
+            $(pub $field: kube::runtime::reflector::store::Writer<cached_type!($form, $kind)>,)+
+        }
+
+        #[cfg(test)]
+        impl ChildCacheWriters {
+            /// Every store as after its watch's first (empty) list: filled.
+            pub fn list_done(&mut self) {
+                $(self.$field.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);)+
+            }
+
+            /// Delivers `object` (JSON with its `kind`, as the API server
+            /// returns it) to the store of its kind, as its watch would. Err
+            /// for a kind that is not a child kind.
+            pub fn cache_json(&mut self, object: serde_json::Value, watched: Watched) -> Result<(), String> {
+                let kind = object.get("kind").and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+                $(if kind == <$kind as k8s_openapi::Resource>::KIND {
+                    let object: $kind = serde_json::from_value(object).map_err(|e| format!("{kind}: {e}"))?;
+                    <$kind as ChildKind>::cache_for_test(self, object, watched);
+                    return Ok(());
+                })+
+                Err(format!("{kind} is not a child kind"))
             }
         }
     };
 }
 
-// `metadata.generation` moves on every spec change of these (status
-// updates by their controllers do not count as edits)...
-child_kind!(StatefulSet, Generation, stateful_sets);
-child_kind!(Deployment, Generation, deployments);
-child_kind!(PodDisruptionBudget, Generation, pod_disruption_budgets);
-child_kind!(NetworkPolicy, Generation, network_policies);
-// ...these have no generation: any new resourceVersion may be an edit.
-child_kind!(Secret, ResourceVersion, secrets);
-child_kind!(ConfigMap, ResourceVersion, config_maps);
-child_kind!(Service, ResourceVersion, services);
-child_kind!(ServiceAccount, ResourceVersion, service_accounts);
-child_kind!(Role, ResourceVersion, roles);
-child_kind!(RoleBinding, ResourceVersion, role_bindings);
+/// A child object as its store keeps it, in tests (see [`cached_type!`]).
+#[cfg(test)]
+macro_rules! object_for_test {
+    (full, $object:expr) => {
+        $object
+    };
+    (metadata, $object:expr) => {
+        kube::core::PartialObjectMetaExt::into_response_partial($object.metadata)
+    };
+}
+
+child_kinds! {
+    // `metadata.generation` moves on every spec change of these (status
+    // updates by their controllers do not count as edits)...
+    // Full objects (without their pod template): status reads them.
+    StatefulSet => stateful_sets, full(cache::strip_stateful_set), Generation;
+    // Full objects (without their pod template): `Ready` needs the
+    // balancer's available replicas.
+    Deployment => deployments, full(cache::strip_deployment), Generation;
+    PodDisruptionBudget => pod_disruption_budgets, metadata, Generation;
+    NetworkPolicy => network_policies, metadata, Generation;
+    // ...these have no generation: any new resourceVersion may be an edit.
+    // Our generated Secrets, with data (the keys are kept from them).
+    Secret => secrets, full(cache::strip_secret), ResourceVersion;
+    ConfigMap => config_maps, metadata, ResourceVersion;
+    Service => services, metadata, ResourceVersion;
+    ServiceAccount => service_accounts, metadata, ResourceVersion;
+    // Full Roles and RoleBindings (small): a change of the session nodes'
+    // `list pods` grant is reported by what it changed.
+    Role => roles, full(cache::strip_managed_fields), ResourceVersion;
+    RoleBinding => role_bindings, full(cache::strip_managed_fields), ResourceVersion;
+}
+
+/// What a test's watch event says of an object.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// Created or changed.
+    Applied,
+    Deleted,
+}
+
+/// Strips `object` as the watch of its kind does and delivers it.
+#[cfg(test)]
+fn cache_as_watched<C>(
+    writer: &mut kube::runtime::reflector::store::Writer<C>,
+    mut object: C,
+    strip: fn(&mut C),
+    watched: Watched,
+) where
+    C: Resource<DynamicType = ()> + Clone + 'static,
+{
+    use kube::runtime::watcher::Event;
+    strip(&mut object);
+    let event = match watched {
+        Watched::Applied => Event::Apply(object),
+        Watched::Deleted => Event::Delete(object),
+    };
+    writer.apply_watcher_event(&event);
+}
 
 /// Something done with every child, each with its static kind.
 pub trait ChildVisitor {

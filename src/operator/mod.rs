@@ -23,11 +23,7 @@ use std::sync::atomic::Ordering;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -39,6 +35,7 @@ use serde::de::DeserializeOwned;
 use crate::crd::ClusterApp;
 use build::BuildContext;
 use cache::{Caches, WrittenRecords};
+use children::ChildCaches;
 use leader::{LeaderError, LeaseLock, LeaseTiming};
 use metrics::OperatorState;
 use reconcile::Context;
@@ -213,16 +210,20 @@ fn owned_config() -> watcher::Config {
     watcher::Config::default().labels(&names::managed_selector())
 }
 
-/// A reflector store of one owned kind, metadata only (managedFields
-/// stripped), and the stream that fills it and triggers reconciles of the
-/// owner. A deleted child's write record is forgotten.
-fn owned_metadata<K>(
+/// The watch of one kind of our children (see `children::child_kinds!`):
+/// its reflector store and the stream that fills it and triggers reconciles
+/// of the owner. `C` is what the store keeps: the object itself, trimmed by
+/// `strip`, or `PartialObjectMeta<Kind>`, for which the Api makes
+/// metadata-only list/watch requests. A deleted child's write record is
+/// forgotten.
+pub(crate) fn owned_watch<C>(
     client: &Client,
     namespace: Option<&str>,
     written: &Arc<WrittenRecords>,
-) -> (Store<PartialObjectMeta<K>>, impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static)
+    strip: fn(&mut C),
+) -> (Store<C>, impl Stream<Item = Result<C, watcher::Error>> + Send + 'static)
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    C: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug
@@ -230,39 +231,11 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store::<PartialObjectMeta<K>>();
-    // An Api of PartialObjectMeta makes metadata-only list/watch requests.
-    let events = watcher(scoped::<PartialObjectMeta<K>>(client, namespace), owned_config())
-        .default_backoff()
-        .modify(cache::strip_partial)
-        .map_ok(forget_deleted(written, reconcile::kind_name::<K>()))
-        .reflect(writer)
-        .touched_objects();
-    (store, events)
-}
-
-/// A reflector store of one owned kind with full objects, trimmed by
-/// `strip`.
-fn owned_full<K>(
-    client: &Client,
-    namespace: Option<&str>,
-    written: &Arc<WrittenRecords>,
-    strip: fn(&mut K),
-) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store::<K>();
-    let events = watcher(scoped::<K>(client, namespace), owned_config())
+    let (store, writer) = reflector::store::<C>();
+    let events = watcher(scoped::<C>(client, namespace), owned_config())
         .default_backoff()
         .modify(strip)
-        .map_ok(forget_deleted(written, reconcile::kind_name::<K>()))
+        .map_ok(forget_deleted(written, reconcile::kind_name::<C>()))
         .reflect(writer)
         .touched_objects();
     (store, events)
@@ -322,31 +295,21 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
             .modify(cache::strip_partial)
             .reflect(other_secrets_writer)
             .touched_objects();
-    let (secrets, secret_events) = owned_full::<Secret>(&client, namespace, &written, cache::strip_secret);
-    let (stateful_sets, sts_events) =
-        owned_full::<StatefulSet>(&client, namespace, &written, cache::strip_stateful_set);
-    let (config_maps, config_map_events) = owned_metadata::<ConfigMap>(&client, namespace, &written);
-    let (services, service_events) = owned_metadata::<Service>(&client, namespace, &written);
-    let (service_accounts, service_account_events) = owned_metadata::<ServiceAccount>(&client, namespace, &written);
-    let (roles, role_events) = owned_full::<Role>(&client, namespace, &written, cache::strip_managed_fields);
-    let (role_bindings, role_binding_events) =
-        owned_full::<RoleBinding>(&client, namespace, &written, cache::strip_managed_fields);
-    let (deployments, deployment_events) =
-        owned_full::<Deployment>(&client, namespace, &written, cache::strip_deployment);
-    let (pod_disruption_budgets, pdb_events) = owned_metadata::<PodDisruptionBudget>(&client, namespace, &written);
-    let (network_policies, network_policy_events) = owned_metadata::<NetworkPolicy>(&client, namespace, &written);
+    let (apps, apps_writer) = reflector::store::<ClusterApp>();
+    let app_events = watcher(scoped::<ClusterApp>(&client, namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(cache::strip_managed_fields)
+        .reflect(apps_writer)
+        .applied_objects();
+    let tuning = controller::Config::default().concurrency(config.tuning.concurrency).debounce(config.tuning.debounce);
+    let apps_of_secret = apps.clone();
+    let apps_of_sessions = apps.clone();
+    let controller = Controller::for_stream(app_events, apps).with_config(tuning);
+    // Every kind of the child registry: its store, and its watch as a trigger.
+    let (children, controller) = ChildCaches::watch(&client, namespace, &written, controller);
     let caches = Arc::new(Caches {
-        secrets,
+        children,
         other_secrets,
-        config_maps,
-        services,
-        service_accounts,
-        roles,
-        role_bindings,
-        stateful_sets,
-        deployments,
-        pod_disruption_budgets,
-        network_policies,
         pods,
         written,
         secret_keys: Default::default(),
@@ -372,28 +335,9 @@ pub async fn run_controller(client: Client, config: &OperatorConfig, state: Arc<
         }
     };
 
-    let (apps, apps_writer) = reflector::store::<ClusterApp>();
-    let app_events = watcher(scoped::<ClusterApp>(&client, namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(cache::strip_managed_fields)
-        .reflect(apps_writer)
-        .applied_objects();
-    let tuning = controller::Config::default().concurrency(config.tuning.concurrency).debounce(config.tuning.debounce);
-    let apps_of_secret = apps.clone();
     // Beside the controller, on its own clock: see `sessions`.
-    let session_watch = sessions::run(context.clone(), apps.clone(), config.watch_namespace.clone());
-    let controller = Controller::for_stream(app_events, apps)
-        .with_config(tuning)
-        .owns_stream(sts_events)
-        .owns_stream(secret_events)
-        .owns_stream(config_map_events)
-        .owns_stream(service_events)
-        .owns_stream(service_account_events)
-        .owns_stream(role_events)
-        .owns_stream(role_binding_events)
-        .owns_stream(deployment_events)
-        .owns_stream(pdb_events)
-        .owns_stream(network_policy_events)
+    let session_watch = sessions::run(context.clone(), apps_of_sessions, config.watch_namespace.clone());
+    let controller = controller
         .watches_stream(pod_events, |pod| reconcile::app_of_pod(&pod))
         .watches_stream(other_secret_events, move |secret| apps_referencing(&apps_of_secret, &secret))
         .run(reconcile::reconcile, reconcile::error_policy, context)

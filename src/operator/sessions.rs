@@ -417,11 +417,13 @@ async fn round(
 }
 
 /// The session node Pod of `route` as an event's related object, with its
-/// UID. Kubernetes folds events with the same reason, action, regarding and
-/// related object into one series and keeps the first note: without the
-/// Pod, a rebalance onto shop-3 would show as a repeat of an earlier one
-/// onto shop-2. With the UID, a node that leaves and joins again is a new
-/// object, so its next rebalance is a new event too.
+/// UID: the event names its newcomer. The recorder folds events with the
+/// same reason, action, regarding and related object into one series and
+/// keeps the first note; the note's hash in the action (see
+/// `reconcile::events`) keeps a rebalance onto shop-3 from showing as a
+/// repeat of one onto shop-2, and the Pod with its UID makes a node that
+/// leaves and joins again a new object, so its next rebalance is a new
+/// event even with the same note.
 fn newcomer_reference(
     ctx: &Context,
     app: &ClusterApp,

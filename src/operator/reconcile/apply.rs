@@ -67,9 +67,9 @@ pub async fn apply(
     for (kind, change) in &drift {
         if written.restored(kind, &names.node_account()) {
             let note = membership::restored_note(kind, namespace, names, change, membership::uses_api(app));
-            // The object as the event's `related`: the recorder folds
-            // events of one key (which ignores the note) into a series,
-            // so each object and each kind of change gets its own.
+            // The object as the event's `related`: it names what was put
+            // back. (Each distinct note is its own series anyway: see
+            // `events`.)
             let related = ObjectReference {
                 api_version: Some("rbac.authorization.k8s.io/v1".to_string()),
                 kind: Some(kind.to_string()),
@@ -142,8 +142,8 @@ fn node_rbac_drift(
         name: name.clone(),
         source,
     })?;
-    let cached_role = ctx.caches.roles.get(&ObjectRef::new(&name).within(namespace));
-    let cached_binding = ctx.caches.role_bindings.get(&ObjectRef::new(&name).within(namespace));
+    let cached_role = ctx.caches.children.roles.get(&ObjectRef::new(&name).within(namespace));
+    let cached_binding = ctx.caches.children.role_bindings.get(&ObjectRef::new(&name).within(namespace));
     let written = &ctx.caches.written;
     let mut drift = Vec::new();
     if let Some(change) = membership::role_change(

@@ -1,5 +1,16 @@
-//! Events about the app: published by the apply and status stages; a
-//! failure to publish is logged, never fatal.
+//! Events about the app: published by the apply and status stages and the
+//! session watch; a failure to publish is logged, never fatal.
+//!
+//! kube's [`Recorder`](kube::runtime::events::Recorder) folds the events it
+//! publishes into series by a key of (type, reason, action, reporter,
+//! regarding object, related object) — not the note. A repeat of a key
+//! within its cache's 6 minutes is sent as a PATCH of the first Event with
+//! a higher `series.count`, carrying the first note: a second `Degraded`
+//! event of the same reason with another message, or a second `Scaled`
+//! event to another replica count, would show as a repeat of the first. So
+//! every event's action carries a short hash of its note (see
+//! [`series_action`]): distinct notes are distinct series, and the same
+//! note again still folds into one.
 
 use kube::Resource;
 use kube::ResourceExt;
@@ -20,11 +31,35 @@ pub async fn publish(ctx: &Context, app: &ClusterApp, type_: EventType, reason: 
 
 pub async fn publish_event(ctx: &Context, app: &ClusterApp, mut event: Event) {
     event.note = event.note.map(event_note);
+    event.action = series_action(&event.action, event.note.as_deref());
     ctx.state.api_writes.inc();
     ctx.state.api_requests.inc();
     if let Err(e) = ctx.recorder.publish(&event, &app.object_ref(&())).await {
         tracing::warn!(error = %e, app = %app.name_any(), "publishing an event failed");
     }
+}
+
+/// The API server rejects an Event whose action is longer.
+const EVENT_ACTION_MAX_BYTES: usize = 128;
+/// Hex digits of the note's hash in the action: 32 bits, so two different
+/// notes of one app, reason and type within the recorder's 6 minutes share
+/// a series only by a 1 in 4 billion chance.
+const NOTE_HASH_HEX_DIGITS: usize = 8;
+
+/// `action` with a short hash of `note` (`Reconcile-1a2b3c4d`), so that the
+/// recorder's series key (which ignores the note) tells notes apart. An
+/// event without a note keeps its action.
+fn series_action(action: &str, note: Option<&str>) -> String {
+    let Some(note) = note else { return action.to_string() };
+    let digest = ring::digest::digest(&ring::digest::SHA256, note.as_bytes());
+    let hash: String = digest.as_ref()[..NOTE_HASH_HEX_DIGITS / 2].iter().map(|b| format!("{b:02x}")).collect();
+    // Our actions are short words; cut one that is not, on a boundary, so
+    // the hash always fits.
+    let mut end = action.len().min(EVENT_ACTION_MAX_BYTES - NOTE_HASH_HEX_DIGITS - 1);
+    while !action.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}-{hash}", &action[..end])
 }
 
 /// `note` cut to what the API server accepts (a condition's message may be
@@ -56,5 +91,26 @@ mod tests {
         let note = event_note(long.clone());
         assert!(note.len() <= EVENT_NOTE_MAX_BYTES, "{} bytes", note.len());
         assert!(note.starts_with("pod shop-1 restarted 3 times") && note.ends_with("the ClusterApp's status has all)"));
+    }
+
+    /// The recorder's series key is (type, reason, action, reporter,
+    /// regarding, related): with the reason, type and objects equal, the
+    /// action alone must tell notes apart.
+    #[test]
+    fn different_notes_are_different_series_and_the_same_note_folds() {
+        let scaled_to_5 = series_action("Scale", Some("Scaling session nodes from 3 to 5"));
+        let scaled_to_2 = series_action("Scale", Some("Scaling session nodes from 5 to 2"));
+        assert_ne!(scaled_to_5, scaled_to_2);
+        assert_eq!(scaled_to_5, series_action("Scale", Some("Scaling session nodes from 3 to 5")));
+        assert!(scaled_to_5.starts_with("Scale-") && scaled_to_5.len() == "Scale-".len() + NOTE_HASH_HEX_DIGITS);
+        assert_eq!(series_action("Scale", None), "Scale");
+    }
+
+    #[test]
+    fn the_action_with_its_hash_fits_what_the_api_server_accepts() {
+        let long = "é".repeat(EVENT_ACTION_MAX_BYTES);
+        let action = series_action(&long, Some("note"));
+        assert!(action.len() <= EVENT_ACTION_MAX_BYTES, "{} bytes", action.len());
+        assert_ne!(action, series_action(&long, Some("another note")), "the hash survives the cut");
     }
 }

@@ -25,6 +25,10 @@ mod apply;
 pub(crate) mod events;
 mod keys;
 mod leaving;
+#[cfg(test)]
+mod mock_api;
+#[cfg(test)]
+mod mock_tests;
 mod observe;
 pub(crate) mod update_status;
 mod validate;

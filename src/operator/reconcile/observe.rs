@@ -58,8 +58,8 @@ pub async fn observe(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let own_secret = own_secret(ctx, &secrets, &namespace, &names).await?;
     let pods = pods_of(&ctx.caches.pods, &namespace, &names.app);
-    let stateful_set = ctx.caches.stateful_sets.get(&ObjectRef::new(&names.stateful_set()).within(&namespace));
-    let balancer = ctx.caches.deployments.get(&ObjectRef::new(&names.balancer()).within(&namespace));
+    let stateful_set = ctx.caches.children.stateful_sets.get(&ObjectRef::new(&names.stateful_set()).within(&namespace));
+    let balancer = ctx.caches.children.deployments.get(&ObjectRef::new(&names.balancer()).within(&namespace));
     let mut referenced = BTreeMap::new();
     for name in referenced_secrets(app) {
         if !referenced.contains_key(name) {
@@ -102,7 +102,7 @@ async fn own_secret(
     namespace: &str,
     names: &AppNames,
 ) -> Result<Option<Secret>, Error> {
-    let cached = ctx.caches.secrets.get(&ObjectRef::new(&names.secret()).within(namespace));
+    let cached = ctx.caches.children.secrets.get(&ObjectRef::new(&names.secret()).within(namespace));
     let cached = cached.as_deref();
     if secret_value(cached, AJP_SECRET_KEY).is_some() && secret_value(cached, TRIBES_KEY_KEY).is_some() {
         return Ok(cached.cloned());
@@ -133,7 +133,7 @@ async fn secret_keys(
             .map(|(key, _)| key.clone())
             .collect()
     };
-    if let Some(ours) = ctx.caches.secrets.get(&ObjectRef::new(name).within(namespace)) {
+    if let Some(ours) = ctx.caches.children.secrets.get(&ObjectRef::new(name).within(namespace)) {
         // One of our generated Secrets (its data is cached).
         return Ok(Some(non_empty(&ours)));
     }
