@@ -52,6 +52,10 @@ pub const BALANCER_AJP_SECRET_DIR: &str = "/etc/clusterapp/ajp";
 /// a renewed Secret reaches the files (the balancer reloads them).
 pub const BALANCER_TLS_DIR: &str = "/etc/clusterapp/tls";
 
+/// How long a terminating balancer Pod keeps serving before SIGTERM (its
+/// `preStop` sleep): longer than kube-proxy takes to drop its endpoint.
+pub const BALANCER_PRE_STOP_SECONDS: i64 = 5;
+
 /// Where the balancer finds the CA certificates of client certificates.
 pub const BALANCER_TLS_CLIENT_CA_DIR: &str = "/etc/clusterapp/tls-client-ca";
 
@@ -772,6 +776,18 @@ impl Parts<'_> {
             volume_mounts: Some(volume_mounts),
             readiness_probe: Some(http_probe("/readyz", "admin", 5, 2)),
             liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
+            // The balancer closes its listener at SIGTERM. Until every
+            // kube-proxy has dropped the terminating Pod from the Service
+            // (a second or two after the Pod is marked terminating), new
+            // connections still arrive: keep serving for that long first.
+            // Seen on real nodes: a drain refused connections without it.
+            lifecycle: Some(Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction { seconds: BALANCER_PRE_STOP_SECONDS }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             security_context: Some(container_security_context()),
             ..Default::default()
         };

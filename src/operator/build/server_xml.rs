@@ -79,13 +79,13 @@ pub fn server_xml(app_name: &str, spec: &ClusterAppSpec) -> String {
         let _ = writeln!(xml, r#"  <Listener className="{listener}"/>"#);
     }
     let _ = writeln!(xml, r#"  <Service name="Catalina">"#);
-    // Both connectors bind the pod IP: the balancer connects from another
-    // pod (the default address is loopback), and a pod never needs more.
-    let _ = writeln!(
-        xml,
-        r#"    <Connector protocol="HTTP/1.1" address="${{{ENV_POD_IP}}}" port="{}" connectionTimeout="20000"/>"#,
-        spec.http_port
-    );
+    // HTTP on every address of the pod (its IP and loopback: `kubectl
+    // port-forward` connects to localhost inside the pod, and so do the
+    // user's own tools there); the NetworkPolicy limits who reaches it.
+    // AJP on the pod IP: the balancer connects from another pod, and
+    // AJP's default address is loopback alone.
+    let _ =
+        writeln!(xml, r#"    <Connector protocol="HTTP/1.1" port="{}" connectionTimeout="20000"/>"#, spec.http_port);
     let _ = writeln!(
         xml,
         r#"    <Connector protocol="AJP/1.3" address="${{{ENV_POD_IP}}}" port="{}" packetSize="{}" secretRequired="true" secret="{}"/>"#,

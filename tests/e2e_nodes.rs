@@ -1,0 +1,301 @@
+//! What real nodes let us prove (issue 10): a ClusterApp run by the
+//! operator on the three local nodes, checked from the outside — where the
+//! scheduler put its Pods, what the container runtime enforces (user,
+//! read-only root), where the secrets are (files, not environment), and that
+//! `kubectl logs`, `exec` and `port-forward` work against every kind of Pod
+//! we run.
+
+mod e2e_common;
+mod operator_common;
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Api;
+use kube::api::ListParams;
+
+use e2e_common::{App, Load, serial, summary};
+use support::nodes::nodes;
+use support::{kubectl, run_ok};
+
+/// The uids of a process (real, effective, saved, filesystem) from the host.
+fn uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid: line");
+    line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect()
+}
+
+/// The mount options of the process's root (`/` in its own mount
+/// namespace), from the host.
+fn root_mount_options(pid: u32) -> String {
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("/proc/<pid>/mountinfo");
+    // `id parent major:minor root mount-point options ...`
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .rfind(|f| f.len() > 5 && f[4] == "/")
+        .map(|f| f[5].to_string())
+        .expect("a mount at /")
+}
+
+/// The process's environment as `NAME=value` lines, from the host.
+fn environment(pid: u32) -> String {
+    let bytes = std::fs::read(format!("/proc/{pid}/environ")).expect("/proc/<pid>/environ");
+    String::from_utf8_lossy(&bytes).replace('\0', "\n")
+}
+
+/// `kubectl port-forward pod/<pod> :<port>` until dropped; the local port.
+struct PortForward {
+    child: std::process::Child,
+    /// Kept open: kubectl writes a line per connection, and dies of
+    /// SIGPIPE once nobody reads its stdout.
+    _stdout: BufReader<std::process::ChildStdout>,
+    local_port: u16,
+}
+
+impl PortForward {
+    fn open(namespace: &str, pod: &str, port: u16) -> PortForward {
+        let mut child = kubectl()
+            .args(["port-forward", "-n", namespace, &format!("pod/{pod}"), &format!(":{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl port-forward");
+        let stdout = child.stdout.take().expect("stdout");
+        // "Forwarding from 127.0.0.1:41234 -> 9090"
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("port-forward's first line");
+        let local_port = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("port-forward to {pod}:{port} said {line:?}"));
+        PortForward { child, _stdout: stdout, local_port }
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status line of a GET through 127.0.0.1:`port` (curl, a fresh
+/// connection).
+fn http_status(port: u16, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn on_real_nodes_pods_spread_run_locked_down_keep_secrets_in_files_and_answer_kubectl() {
+    let _serial = serial().await;
+    let started = Instant::now();
+    let app = App::start("e2e-nodes", "shop", 3, serde_json::json!({})).await;
+    let ns = app.ns.name.clone();
+    let pods: Api<Pod> = app.ns.api();
+    let node_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=session-node"))
+        .await
+        .expect("session node pods");
+    let balancer_pods =
+        pods.list(&ListParams::default().labels("app.kubernetes.io/component=balancer")).await.expect("balancer pods");
+    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+
+    // 1. Spread: three session nodes on three different nodes.
+    let nodes_used: BTreeSet<String> = node_pods.items.iter().map(node_of).collect();
+    assert_eq!(nodes_used.len(), 3, "session nodes share nodes:\n{}", app.pods_report());
+    let balancer_nodes: BTreeSet<String> = balancer_pods.items.iter().map(node_of).collect();
+    assert_eq!(balancer_nodes.len(), 2, "both balancers on one node:\n{}", app.pods_report());
+
+    // 2. What the runtime enforces, seen from the host: not root, and a
+    // read-only root file system, for Tomcat and for the balancer.
+    let balancer = balancer_pods.items[0].metadata.name.clone().expect("balancer name");
+    let mut checked = Vec::new();
+    for (pod, container) in [("shop-0", "tomcat"), (balancer.as_str(), "balancer")] {
+        let pid = nodes().container_pid(&ns, pod, container).expect("a running container");
+        let ids = uids(pid);
+        assert!(ids.iter().all(|&id| id != 0), "{pod}/{container} runs as root: uids {ids:?}");
+        let options = root_mount_options(pid);
+        assert!(options.split(',').any(|o| o == "ro"), "{pod}/{container}: / is mounted {options}");
+        checked.push(format!("{pod}/{container} pid {pid} uid {} root {options}", ids[0]));
+    }
+    // ... and what a process inside meets (exec into Tomcat, which has a shell).
+    let write = kubectl().args(["exec", "-n", &ns, "shop-0", "-c", "tomcat", "--", "touch", "/probe"]).output();
+    let write = write.expect("kubectl exec");
+    assert!(!write.status.success(), "writing to / in a session node succeeded");
+    assert!(
+        String::from_utf8_lossy(&write.stderr).contains("Read-only file system"),
+        "{}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+
+    // 3. Secrets as files: Tomcat answered through AJP (App::start waited for
+    // a 200 through the balancer), so it read the secret from its file;
+    // the value is in no container's environment and in no `kubectl
+    // describe` of any Pod.
+    let secrets: Api<Secret> = app.ns.api();
+    let secret = secrets.get("shop-secrets").await.expect("the app's Secret");
+    let data = secret.data.expect("Secret data");
+    let values: Vec<String> = ["ajp-secret", "tribes-encryption-key"]
+        .iter()
+        .map(|k| String::from_utf8(data.get(*k).expect(k).0.clone()).expect("utf-8"))
+        .collect();
+    let file = run_ok(
+        kubectl()
+            .args(["exec", "-n", &ns, "shop-0", "-c", "tomcat", "--", "cat"])
+            .arg("/etc/clusterapp/bindings/ajp/secret"),
+    );
+    assert_eq!(file.trim_end(), values[0], "the AJP secret file holds the Secret's value");
+    for (pod, container) in [("shop-0", "tomcat"), ("shop-1", "tomcat"), (balancer.as_str(), "balancer")] {
+        let pid = nodes().container_pid(&ns, pod, container).expect("a running container");
+        let env = environment(pid);
+        for value in &values {
+            assert!(!env.contains(value.as_str()), "{pod}/{container}: a secret in its environment");
+        }
+    }
+    let described = run_ok(kubectl().args(["describe", "pods", "-n", &ns]));
+    for value in &values {
+        assert!(!described.contains(value.as_str()), "a secret in `kubectl describe pods`");
+    }
+
+    // 4. kubectl logs / exec / port-forward against each kind of Pod.
+    let tomcat_log = run_ok(kubectl().args(["logs", "-n", &ns, "shop-0", "-c", "tomcat"]));
+    assert!(tomcat_log.contains("Server startup"), "kubectl logs of Tomcat:\n{tomcat_log}");
+    let balancer_log = run_ok(kubectl().args(["logs", "-n", &ns, &balancer]));
+    assert!(!balancer_log.trim().is_empty(), "kubectl logs of the balancer is empty");
+    // The balancer image has no shell: exec runs the binary itself.
+    let version =
+        run_ok(kubectl().args(["exec", "-n", &ns, &balancer, "--", "/usr/local/bin/clusterapp", "--version"]));
+    assert!(version.starts_with("clusterapp "), "{version}");
+    let admin = PortForward::open(&ns, &balancer, 9090);
+    assert_eq!(http_status(admin.local_port, "/healthz"), "200", "balancer admin port through port-forward");
+    let tomcat = PortForward::open(&ns, "shop-0", 8080);
+    assert_eq!(http_status(tomcat.local_port, "/health"), "200", "Tomcat through port-forward");
+    drop((admin, tomcat));
+
+    println!("nodes: session nodes on {nodes_used:?}, balancers on {balancer_nodes:?}; {}", checked.join("; "));
+    summary(
+        "10 real nodes: spread, locked down, secrets",
+        1,
+        0,
+        0,
+        started.elapsed(),
+        "3 nodes, non-root, read-only /, secrets as files, logs/exec/port-forward",
+    );
+    app.operator.stop().await;
+}
+
+/// Uncordons `node` when dropped: the nodes are shared by every later test,
+/// also when this one fails.
+struct Uncordon(String);
+
+impl Drop for Uncordon {
+    fn drop(&mut self) {
+        let _ = kubectl().args(["uncordon", &self.0]).output();
+    }
+}
+
+/// `kubectl drain` of a node that holds a session node and a balancer,
+/// under 20 clients with sessions: the session node is evicted through the
+/// PodDisruptionBudget (never two nodes down at once), made again on
+/// another node, and no request fails and no increment is lost.
+#[tokio::test]
+async fn kubectl_drain_of_a_node_loses_no_request_and_no_increment() {
+    let _serial = serial().await;
+    let app = App::start("e2e-drain", "shop", 3, serde_json::json!({})).await;
+    let ns = app.ns.name.clone();
+    let pods: Api<Pod> = app.ns.api();
+    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    // The node of shop-1 that also runs a balancer if one does (the harder case).
+    let all = pods.list(&ListParams::default()).await.expect("pods");
+    let balancer_nodes: BTreeSet<String> = all
+        .items
+        .iter()
+        .filter(|p| p.metadata.name.as_deref().is_some_and(|n| n.starts_with("shop-balancer-")))
+        .map(node_of)
+        .collect();
+    let session_nodes: Vec<(String, String)> = all
+        .items
+        .iter()
+        .filter(|p| p.metadata.name.as_deref().is_some_and(|n| !n.starts_with("shop-balancer-")))
+        .map(|p| (p.metadata.name.clone().unwrap_or_default(), node_of(p)))
+        .collect();
+    let (victim_pod, node) = session_nodes
+        .iter()
+        .find(|(_, n)| balancer_nodes.contains(n))
+        .or(session_nodes.first())
+        .cloned()
+        .expect("a session node");
+    let _uncordon = Uncordon(node.clone());
+
+    let load = Load::start(app.port, 20, Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let drained_at = Instant::now();
+    let drain = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || {
+            kubectl()
+                .args(["drain", &node, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=300s"])
+                .output()
+                .expect("kubectl drain")
+        })
+    };
+    // While it drains: how many session nodes are not ready at once.
+    let mut most_unready = 0;
+    while !drain.is_finished() {
+        let list =
+            pods.list(&ListParams::default().labels("app.kubernetes.io/component=session-node")).await.expect("pods");
+        let ready = list.items.iter().filter(|p| support::nodes::pod_ready(p)).count();
+        most_unready = most_unready.max(3usize.saturating_sub(ready));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let out = drain.await.expect("drain task");
+    assert!(
+        out.status.success(),
+        "kubectl drain {node} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drain_took = drained_at.elapsed();
+    let converge = app.wait_ready(3, Duration::from_secs(300)).await + drain_took;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (total, _) = load.finish().await;
+
+    let after = pods.list(&ListParams::default()).await.expect("pods");
+    let on_drained: Vec<String> =
+        after.items.iter().filter(|p| node_of(p) == node).filter_map(|p| p.metadata.name.clone()).collect();
+    assert!(on_drained.is_empty(), "Pods still on the drained node {node}: {on_drained:?}");
+    let evictions = run_ok(kubectl().args(["get", "events", "-n", &ns, "--field-selector", "reason=Killing"]));
+    println!(
+        "drain: {node} (had {victim_pod}) drained in {:.1} s, Ready 3/3 after {:.1} s; at most {most_unready} session node(s) unready; {} requests, {} failed, {} lost\n{evictions}",
+        drain_took.as_secs_f64(),
+        converge.as_secs_f64(),
+        total.requests,
+        total.failures,
+        total.lost
+    );
+    summary(
+        "10 kubectl drain (20 clients)",
+        total.requests,
+        total.failures,
+        total.lost,
+        converge,
+        &format!("{victim_pod} on {node}; at most {most_unready} unready"),
+    );
+    app.operator.stop().await;
+    assert_eq!(total.failures, 0, "requests failed during the drain: {:?}", total.errors);
+    assert_eq!(total.lost, 0, "increments lost during the drain: {:?}", total.errors);
+    assert!(most_unready <= 1, "{most_unready} session nodes were unready at once: the PodDisruptionBudget allows 1");
+}
