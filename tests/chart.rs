@@ -95,6 +95,13 @@ fn operator_deployment_is_secure_by_default() {
     assert!(!docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
     let with_monitor = render("capp", "clusterapp-system", &["--set", "metrics.serviceMonitor.enabled=true"]);
     assert_eq!(find(&with_monitor, "ServiceMonitor")["spec"]["endpoints"][0]["port"], "admin");
+    // a NetworkPolicy lets in only the metrics port, to the operator Pods
+    let policy = find(&docs, "NetworkPolicy");
+    assert_eq!(policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "operator");
+    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(policy["spec"]["ingress"], serde_json::json!([{"ports": [{"port": 9090, "protocol": "TCP"}]}]));
+    let without = render("capp", "clusterapp-system", &["--set", "networkPolicy.enabled=false"]);
+    assert!(!without.iter().any(|d| d["kind"] == "NetworkPolicy"));
 }
 
 #[test]

@@ -276,6 +276,7 @@ impl Children {
             balancer_service,
             pod_disruption_budget,
             network_policy,
+            balancer_network_policy,
         } = self;
         visitor.child(secret, First)?;
         visitor.child(config_map, First)?;
@@ -292,6 +293,7 @@ impl Children {
         visitor.child(balancer_service, First)?;
         visitor.child(pod_disruption_budget, First)?;
         visitor.child(network_policy, First)?;
+        visitor.child(balancer_network_policy, First)?;
         Ok(())
     }
 }
@@ -326,7 +328,7 @@ mod tests {
         let mut seen: Vec<_> = listing.0.iter().map(|(kind, name, _)| (kind.clone(), name.clone())).collect();
         seen.sort();
         seen.dedup();
-        assert_eq!(seen.len(), 15, "each child once: {:?}", listing.0);
+        assert_eq!(seen.len(), 16, "each child once: {:?}", listing.0);
         for (kind, name, stage) in &listing.0 {
             assert_eq!(*stage == ApplyStage::AfterRoles, kind == "RoleBinding", "{kind} {name}");
         }

@@ -96,6 +96,10 @@ impl AppNames {
     pub fn node_policy(&self) -> String {
         format!("{}-nodes", self.app)
     }
+    /// NetworkPolicy of the balancer Pods.
+    pub fn balancer_policy(&self) -> String {
+        format!("{}-balancer", self.app)
+    }
 
     /// Labels every child carries.
     pub fn common_labels(&self) -> BTreeMap<String, String> {

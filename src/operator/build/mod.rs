@@ -123,6 +123,7 @@ pub struct Children {
     pub balancer_service: Service,
     pub pod_disruption_budget: PodDisruptionBudget,
     pub network_policy: NetworkPolicy,
+    pub balancer_network_policy: NetworkPolicy,
 }
 
 impl Children {
@@ -176,6 +177,7 @@ pub fn build_children(
         balancer_service: parts.balancer_service(),
         pod_disruption_budget: parts.pod_disruption_budget(),
         network_policy: parts.network_policy(),
+        balancer_network_policy: parts.balancer_network_policy(),
     })
 }
 
@@ -895,6 +897,41 @@ impl Parts<'_> {
                         ports: Some(vec![tcp(spec.sessions.receiver_port), tcp(spec.http_port)]),
                     },
                 ]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The balancer Pods are the app's front door: anyone may reach the
+    /// ports they serve (HTTP, HTTPS when on, the admin port with health,
+    /// metrics and the status page), nothing else.
+    fn balancer_network_policy(&self) -> NetworkPolicy {
+        let balancer = &self.app.spec.balancer;
+        let mut ports = vec![balancer.port, BALANCER_ADMIN_PORT];
+        if let Some(tls) = &balancer.tls {
+            ports.push(tls.port);
+        }
+        NetworkPolicy {
+            metadata: self.meta(self.names.balancer_policy(), self.names.component_labels(COMPONENT_BALANCER)),
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(self.names.selector_labels(COMPONENT_BALANCER)),
+                    ..Default::default()
+                }),
+                policy_types: Some(vec!["Ingress".to_string()]),
+                ingress: Some(vec![NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(
+                        ports
+                            .into_iter()
+                            .map(|number| NetworkPolicyPort {
+                                port: Some(IntOrString::Int(number)),
+                                protocol: Some("TCP".to_string()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                }]),
                 ..Default::default()
             }),
         }

@@ -389,11 +389,19 @@ fn tls_adds_the_https_port_and_mounts_only_the_named_secrets() {
     assert_eq!(args.tls_key_file.as_deref(), Some(std::path::Path::new("/etc/clusterapp/tls/tls.key")));
     assert!(args.tls_client_ca_file.is_none() && !args.tls_require_client_cert);
     let with_tls = children.to_values().expect("json");
-    // Only the balancer's Deployment and Service change; the session nodes
-    // (and their NetworkPolicy, which does not select balancer pods) do not.
-    let differing: Vec<_> =
-        plain.iter().zip(&with_tls).filter(|(p, t)| p != t).map(|(p, _)| p["kind"].clone()).collect();
-    assert_eq!(differing, ["Deployment", "Service"]);
+    // Only the balancer's Deployment, Service and NetworkPolicy (which lets
+    // the HTTPS port in) change; the session nodes (and their NetworkPolicy,
+    // which does not select balancer pods) do not.
+    let differing: Vec<_> = plain
+        .iter()
+        .zip(&with_tls)
+        .filter(|(p, t)| p != t)
+        .map(|(p, _)| format!("{} {}", p["kind"].as_str().unwrap_or(""), p["metadata"]["name"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(differing, ["Deployment shop-balancer", "Service shop", "NetworkPolicy shop-balancer"]);
+    let policy = &child(&with_tls, "NetworkPolicy", "shop-balancer")["spec"]["ingress"][0]["ports"];
+    let open: Vec<i64> = policy.as_array().expect("ports").iter().filter_map(|p| p["port"].as_i64()).collect();
+    assert_eq!(open, [8080, 9090, 8443], "the balancer's ports, HTTPS included");
     let pod = &child(&with_tls, "Deployment", "shop-balancer")["spec"]["template"]["spec"];
     let ports = pod["containers"][0]["ports"].as_array().expect("ports");
     let ports: Vec<_> = ports.iter().map(|p| (p["name"].clone(), p["containerPort"].clone())).collect();

@@ -34,7 +34,7 @@ async fn a_converged_app_sends_no_request() {
     let (mut harness, app, created) = Harness::converged(APP).await;
     // Creating the app applied every child: the fake server sees what the
     // operator sends, so the silence below is the operator's.
-    assert_eq!(created.iter().filter(|s| s.is_apply()).count(), 15, "{:#?}", lines(&created));
+    assert_eq!(created.iter().filter(|s| s.is_apply()).count(), 16, "{:#?}", lines(&created));
     assert_eq!(find_condition(app.status.as_ref(), READY).map(|c| c.status.as_str()), Some("True"));
     let requests_before = harness.ctx.state.api_requests.get();
     for _ in 0..3 {
