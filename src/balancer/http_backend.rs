@@ -182,9 +182,8 @@ impl PooledConnection for HttpConnection {
 
 /// How the client's request body fared on its way to the member, shared
 /// between the body (inside hyper) and the exchange that reads the outcome.
-#[derive(Default)]
 pub(super) struct BodyWatch {
-    started: Option<Instant>,
+    started: Instant,
     /// Bytes of the client's body passed on.
     received: AtomicU64,
     /// Milliseconds after `started` of the last body piece: the wait for
@@ -196,16 +195,20 @@ pub(super) struct BodyWatch {
 
 impl BodyWatch {
     fn new() -> Self {
-        BodyWatch { started: Some(Instant::now()), ..Default::default() }
+        BodyWatch {
+            started: Instant::now(),
+            received: AtomicU64::new(0),
+            last_progress_ms: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        }
     }
 
     fn now_ms(&self) -> u64 {
-        self.started.map_or(0, |s| s.elapsed().as_millis() as u64)
+        self.started.elapsed().as_millis() as u64
     }
 
     fn last_progress(&self) -> Instant {
-        let started = self.started.unwrap_or_else(Instant::now);
-        started + Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed))
+        self.started + Duration::from_millis(self.last_progress_ms.load(Ordering::Relaxed))
     }
 
     fn fail(&self, rejection: Rejection) {
@@ -230,7 +233,7 @@ pub struct ForwardedBody {
 
 impl ForwardedBody {
     fn empty() -> Self {
-        ForwardedBody { incoming: None, limit: None, watch: Arc::default() }
+        ForwardedBody { incoming: None, limit: None, watch: Arc::new(BodyWatch::new()) }
     }
 }
 
@@ -478,8 +481,8 @@ impl HttpExchange {
                     // member is not to blame, but the connection is mid-request.
                     return Err(rejection);
                 }
+                // Logged with the route and hyper's reason as the 502 is answered.
                 let error = ConnError::Http(error.into_error());
-                tracing::warn!(route = %member.route, %error, "member's HTTP response failed");
                 member.metrics.count_error(error.kind());
                 member.metrics.count_response(502);
                 Err(Rejection::BadGateway { route: member.route.clone(), error })
@@ -742,7 +745,7 @@ mod tests {
 /// malformed answers turned into 502s.
 #[cfg(test)]
 mod exchange_tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -772,22 +775,31 @@ mod exchange_tests {
 
     /// A member that answers `OPTIONS *` like Tomcat and every other
     /// request with `answer` (bodiless requests only); it counts accepted
-    /// connections and non-probe requests, and closes after `answer` when
-    /// `close_after_answer`.
+    /// connections and non-probe requests, closes after `answer` when
+    /// `close_after_answer`, and answers nothing at all once `frozen`.
     async fn fake_member(
         listener: TcpListener,
         answer: &'static [u8],
         close_after_answer: bool,
         accepted: Arc<AtomicUsize>,
         requests: Arc<AtomicUsize>,
+        frozen: Arc<AtomicBool>,
     ) {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else { return };
             accepted.fetch_add(1, Ordering::SeqCst);
             let requests = requests.clone();
+            let frozen = frozen.clone();
             tokio::spawn(async move {
                 let mut buffered = Vec::new();
                 while let Some(head) = read_head(&mut conn, &mut buffered).await {
+                    if frozen.load(Ordering::SeqCst) {
+                        // Reads, never answers, keeps the socket open.
+                        if !head.starts_with("OPTIONS") {
+                            requests.fetch_add(1, Ordering::SeqCst);
+                        }
+                        continue;
+                    }
                     if head.starts_with("OPTIONS * HTTP/1.1\r\n") {
                         let _ = conn.write_all(PROBE_ANSWER).await;
                         continue;
@@ -806,8 +818,57 @@ mod exchange_tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr");
         let (accepted, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        tokio::spawn(fake_member(listener, answer, close, accepted.clone(), requests.clone()));
+        let never_frozen = Arc::new(AtomicBool::new(false));
+        tokio::spawn(fake_member(listener, answer, close, accepted.clone(), requests.clone(), never_frozen));
         (address, accepted, requests)
+    }
+
+    /// Pooled connections reused without the `OPTIONS *` probe (it is
+    /// covered by its own test), so the tests see hyper's reuse alone.
+    const NO_PROBE_ON_REUSE: Duration = Duration::from_secs(60);
+
+    /// A member whose process froze (a JVM being killed keeps its sockets
+    /// open, and the kernel keeps accepting, until its heap is unmapped)
+    /// while the balancer holds an idle connection to it. With the probe
+    /// before every reuse (the default `--cping-after-idle 0s`) the next
+    /// sticky request is never written into that connection: the probe
+    /// times out, a new connection gets no answer to its probe either, the
+    /// member is marked failed and the request fails over. Without the
+    /// probe it would sit in the frozen member until the backend timeout.
+    #[tokio::test]
+    async fn the_probe_before_reuse_keeps_requests_out_of_a_frozen_member() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let frozen_address = listener.local_addr().expect("addr");
+        let frozen = Arc::new(AtomicBool::new(false));
+        let frozen_requests = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(fake_member(
+            listener,
+            HELLO,
+            false,
+            Arc::new(AtomicUsize::new(0)),
+            frozen_requests.clone(),
+            frozen.clone(),
+        ));
+        let (good_address, _, good_requests) = member(HELLO, false).await;
+        let (bal, front, _shutdown) =
+            start_balancer_with(&[("frozen", frozen_address), ("good", good_address)], Backend::Http, Duration::ZERO)
+                .await;
+        let sticky = b"GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID=abc.frozen\r\nConnection: close\r\n\r\n";
+        let response = request_once(front, sticky).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let members = bal.members.snapshot();
+        let frozen_member = members.iter().find(|m| m.route == "frozen").expect("member");
+        assert_eq!(frozen_member.http_pool.idle_count(), 1, "an idle connection to reuse");
+
+        frozen.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let response = request_once(front, sticky).await;
+        assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
+        // Two probe timeouts of 1 s, not the 5 s backend timeout.
+        assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+        assert_eq!(frozen_requests.load(Ordering::SeqCst), 1, "the frozen member never got the second request");
+        assert_eq!(good_requests.load(Ordering::SeqCst), 1, "it failed over");
+        assert!(!frozen_member.is_healthy(), "the frozen member is marked failed");
     }
 
     const HELLO: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Route: m1\r\n\r\nhello";
@@ -815,7 +876,7 @@ mod exchange_tests {
     #[tokio::test]
     async fn keep_alive_connections_are_reused() {
         let (address, accepted, requests) = member(HELLO, false).await;
-        let (bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http).await;
+        let (bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http, NO_PROBE_ON_REUSE).await;
         for round in 0..3 {
             let response = request_once(front, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
             assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "round {round}: {response}");
@@ -836,7 +897,7 @@ mod exchange_tests {
     async fn a_member_that_closes_after_answering_is_not_pooled() {
         let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
         let (address, accepted, _) = member(answer, true).await;
-        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http).await;
+        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http, NO_PROBE_ON_REUSE).await;
         for _ in 0..2 {
             let response = request_once(front, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
             assert!(response.ends_with("hello"), "{response}");
@@ -858,7 +919,8 @@ mod exchange_tests {
             b"\r\n\r\n",
         ] {
             let (address, _, requests) = member(answer, true).await;
-            let (bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http).await;
+            let (bal, front, _shutdown) =
+                start_balancer_with(&[("m1", address)], Backend::Http, NO_PROBE_ON_REUSE).await;
             let response = request_once(front, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
             let shown = String::from_utf8_lossy(answer);
             // A bad chunk arrives after a good head, which may or may not
@@ -881,7 +943,7 @@ mod exchange_tests {
     #[tokio::test]
     async fn a_truncated_body_cuts_the_clients_response() {
         let (address, _, _) = member(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", true).await;
-        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http).await;
+        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http, NO_PROBE_ON_REUSE).await;
         let response = request_once(front, b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(response.contains("content-length: 100") && response.ends_with("short"), "{response}");
@@ -892,7 +954,7 @@ mod exchange_tests {
     #[tokio::test]
     async fn a_written_request_is_never_sent_again() {
         let (address, _, requests) = member(b"", true).await;
-        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http).await;
+        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http, NO_PROBE_ON_REUSE).await;
         let response = request_once(front, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 502"), "{response}");
         assert_eq!(requests.load(Ordering::SeqCst), 1, "the member got the request once");
@@ -921,7 +983,8 @@ mod exchange_tests {
         });
         let (good_address, _, good_requests) = member(HELLO, false).await;
         let (bal, front, _shutdown) =
-            start_balancer_with(&[("mute", mute_address), ("good", good_address)], Backend::Http).await;
+            start_balancer_with(&[("mute", mute_address), ("good", good_address)], Backend::Http, NO_PROBE_ON_REUSE)
+                .await;
         let request = b"GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID=abc.mute\r\nConnection: close\r\n\r\n";
         let response = request_once(front, request).await;
         assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
@@ -961,7 +1024,7 @@ mod exchange_tests {
                 });
             }
         });
-        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http).await;
+        let (_bal, front, _shutdown) = start_balancer_with(&[("m1", address)], Backend::Http, NO_PROBE_ON_REUSE).await;
         let request = b"POST /a/b?c=d HTTP/1.1\r\nHost: shop.test:8080\r\nX-Forwarded-For: 6.6.6.6\r\nSSL_CLIENT_CERT: forged\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
         let response = request_once(front, request).await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");

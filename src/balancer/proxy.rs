@@ -458,13 +458,15 @@ pub(crate) mod reuse_tests {
     /// A balancer serving `members` (route, address) on a fresh port; it
     /// stops when the returned sender is dropped.
     async fn start_balancer(members: &[(&str, SocketAddr)]) -> (Arc<Balancer>, SocketAddr, watch::Sender<bool>) {
-        start_balancer_with(members, Backend::Ajp(AjpSecret::new("s".into()))).await
+        start_balancer_with(members, Backend::Ajp(AjpSecret::new("s".into())), Duration::from_secs(60)).await
     }
 
-    /// [`start_balancer`] for either backend protocol.
+    /// [`start_balancer`] for either backend protocol; a pooled connection
+    /// idle for `cping_after_idle` is probed before reuse.
     pub(crate) async fn start_balancer_with(
         members: &[(&str, SocketAddr)],
         backend: Backend,
+        cping_after_idle: Duration,
     ) -> (Arc<Balancer>, SocketAddr, watch::Sender<bool>) {
         let settings = ProxySettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
@@ -478,7 +480,7 @@ pub(crate) mod reuse_tests {
         let pool_settings = PoolSettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
             connect_timeout: Duration::from_secs(1),
-            cping_after_idle: Duration::from_secs(60),
+            cping_after_idle,
             cping_timeout: Duration::from_secs(1),
             slot_wait: Duration::from_secs(1),
         };
