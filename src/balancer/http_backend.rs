@@ -336,14 +336,14 @@ pub(super) fn forward_headers(client_headers: &HeaderMap, client: &ClientConn) -
     }
     // HTTP/1.1 needs a Host; an HTTP/1.0 client may have sent none. Then
     // the member hears the address the client reached, as over AJP.
-    let local = HeaderValue::from_str(&client.local.to_string()).ok();
     let host = match headers.get(HOST) {
         Some(host) => Some(host.clone()),
         None => {
+            let local = HeaderValue::from_str(&client.local.to_string()).ok();
             if let Some(local) = &local {
                 headers.insert(HOST, local.clone());
             }
-            local.clone()
+            local
         }
     };
     // The port the client addressed: Host's, else the one it connected to —
@@ -413,6 +413,10 @@ struct HttpExchange {
     at: Attempts,
     lease: Option<Lease<HttpConnection>>,
     _in_flight: Option<InFlight>,
+    /// The client's body on its way, shared with hyper's side.
+    watch: Arc<BodyWatch>,
+    /// Body bytes already added to the member's traffic (`bytraffic`).
+    upload_counted: u64,
 }
 
 impl HttpExchange {
@@ -420,10 +424,9 @@ impl HttpExchange {
         &mut self,
         target: &Target<'_>,
         mut request: Request<ForwardedBody>,
-        watch: &BodyWatch,
     ) -> Result<Response<Incoming>, Rejection> {
         loop {
-            match self.attempt(request, watch).await {
+            match self.attempt(request).await {
                 Ok(AttemptOutcome::Answered(response)) => return Ok(response),
                 Ok(AttemptOutcome::Retry(retry, back)) => {
                     request = back;
@@ -439,11 +442,7 @@ impl HttpExchange {
         }
     }
 
-    async fn attempt(
-        &mut self,
-        request: Request<ForwardedBody>,
-        watch: &BodyWatch,
-    ) -> Result<AttemptOutcome, Rejection> {
+    async fn attempt(&mut self, request: Request<ForwardedBody>) -> Result<AttemptOutcome, Rejection> {
         let settings = &self.bal.pool_settings;
         let member = self.at.member.clone();
         let mut lease = match member.http_pool.acquire(member.address, settings).await {
@@ -460,8 +459,8 @@ impl HttpExchange {
         self.at.phase.advance(Phase::SendRequest);
         let in_flight = InFlight::new(member.clone());
         let sent = lease.conn.sender.try_send_request(request);
-        let outcome = wait_for_head(sent, watch, self.bal.settings.backend_timeout).await;
-        member.traffic_bytes.fetch_add(watch.received.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+        let outcome = wait_for_head(sent, &self.watch, self.bal.settings.backend_timeout).await;
+        self.count_upload();
         match outcome {
             Some(Ok(response)) => {
                 self.lease = Some(lease);
@@ -476,7 +475,7 @@ impl HttpExchange {
                     let error = ConnError::Http(error.into_error());
                     return Ok(AttemptOutcome::Retry(Retry::Write { reused: lease.reused, error }, back));
                 }
-                if let Some(rejection) = watch.take_failure() {
+                if let Some(rejection) = self.watch.take_failure() {
                     // The client's body broke or outgrew the limit; the
                     // member is not to blame, but the connection is mid-request.
                     return Err(rejection);
@@ -495,9 +494,18 @@ impl HttpExchange {
         }
     }
 
+    /// Adds the client's body bytes sent since the last call to the
+    /// member's traffic (the body may still be going up after the head).
+    fn count_upload(&mut self) {
+        let received = self.watch.received.load(Ordering::Relaxed);
+        self.at.member.traffic_bytes.fetch_add(received - self.upload_counted, Ordering::Relaxed);
+        self.upload_counted = received;
+    }
+
     /// The response is complete: the connection goes back to the pool when
     /// the member keeps it open.
     fn finish(&mut self, keep_alive: bool) {
+        self.count_upload();
         if let Some(lease) = self.lease.take()
             && keep_alive
         {
@@ -546,9 +554,15 @@ pub(super) async fn proxy_http(
     let body = ForwardedBody { incoming: Some(incoming), limit: bal.settings.max_body_bytes, watch: watch.clone() };
     let request = member_request(parts, client, body);
     let started = Instant::now();
-    let mut exchange =
-        HttpExchange { bal: bal.clone(), at: Attempts::first(bal, &target)?, lease: None, _in_flight: None };
-    let response = exchange.send(&target, request, &watch).await?;
+    let mut exchange = HttpExchange {
+        bal: bal.clone(),
+        at: Attempts::first(bal, &target)?,
+        lease: None,
+        _in_flight: None,
+        watch,
+        upload_counted: 0,
+    };
+    let response = exchange.send(&target, request).await?;
     let keep_alive = !member_closes(&response);
     let (mut head, incoming) = response.into_parts();
     let status = head.status;
