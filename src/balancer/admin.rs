@@ -102,8 +102,9 @@ pub fn status_json(bal: &Balancer) -> serde_json::Value {
                 "new_sessions": m.new_sessions.load(Ordering::Relaxed),
                 "sessions": sessions::estimate(&m.sessions.registers(now_ms)).round() as i64,
                 "traffic_bytes": m.traffic_bytes.load(Ordering::Relaxed),
-                "pool_idle": m.pool.idle_count(),
-                "pool_busy": m.pool.busy_count(),
+                // One of the two pools is always empty (one backend protocol per process).
+                "pool_idle": m.pool.idle_count() + m.http_pool.idle_count(),
+                "pool_busy": m.pool.busy_count() + m.http_pool.busy_count(),
                 "recent_sessions": recent,
             })
         })

@@ -22,6 +22,17 @@ pub enum LbMethod {
     Bytraffic,
 }
 
+/// What the balancer speaks to the Tomcat nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// AJP/1.3 to the AJP connector, authenticated by its `secret`.
+    Ajp,
+    /// HTTP/1.1 to an HTTP connector with `RemoteIpValve` and `SSLValve`;
+    /// the client's address, scheme, port and TLS facts travel as headers.
+    Http,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BalancerArgs {
     /// Address the HTTP/1.1 front listens on.
@@ -45,7 +56,8 @@ pub struct BalancerArgs {
     /// `watch` on pods).
     #[arg(long, value_name = "SELECTOR", requires = "kubernetes_service")]
     pub kubernetes_pod_selector: Option<String>,
-    /// Name of the AJP port in the EndpointSlices (a slice with one port uses that one).
+    /// Name of the members' port in the EndpointSlices (the AJP port, or the
+    /// HTTP one with `--backend-protocol http`; a slice with one port uses that one).
     #[arg(long, default_value = "ajp")]
     pub kubernetes_port_name: String,
 
@@ -69,9 +81,15 @@ pub struct BalancerArgs {
     #[arg(long, requires = "tls_client_ca_file")]
     pub tls_require_client_cert: bool,
 
-    /// File holding the AJP connector's `secret` (required: the secret is always on).
+    /// Protocol to the members: `ajp` (AJP/1.3) or `http` (HTTP/1.1 with
+    /// `X-Forwarded-*` and `SSL_*` headers for Tomcat's RemoteIpValve and
+    /// SSLValve). Member addresses are the ports of that connector.
+    #[arg(long, value_enum, default_value_t = BackendProtocol::Ajp, env = "BALANCER_BACKEND_PROTOCOL")]
+    pub backend_protocol: BackendProtocol,
+    /// File holding the AJP connector's `secret` (required with
+    /// `--backend-protocol ajp`: the secret is always on; unused with `http`).
     #[arg(long, value_name = "FILE", env = "BALANCER_AJP_SECRET_FILE")]
-    pub ajp_secret_file: PathBuf,
+    pub ajp_secret_file: Option<PathBuf>,
     /// AJP packet size; must equal the connector's `packetSize`.
     #[arg(long, default_value_t = DEFAULT_PACKET_SIZE, value_parser = parse_packet_size)]
     pub packet_size: usize,
@@ -117,17 +135,20 @@ pub struct BalancerArgs {
     /// Connect timeout to a member; keeps the cost of a dead node low.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     pub connect_timeout: Duration,
-    /// Longest wait for the next AJP packet from a member (httpd's `timeout`).
+    /// Longest wait for the next AJP packet from a member, or with HTTP for
+    /// the response head (while the request body does not move) and for
+    /// each piece of the response body (httpd's `timeout`).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub backend_timeout: Duration,
     /// A pooled connection idle this long or longer is checked with CPing
-    /// before reuse (0: always, as httpd's `ping=`; new connections always are).
+    /// (with HTTP: an `OPTIONS *` request) before reuse (0: always, as
+    /// httpd's `ping=`; new connections always are).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub cping_after_idle: Duration,
-    /// Longest wait for a CPong.
+    /// Longest wait for a CPong (with HTTP: the answer to `OPTIONS *`).
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub cping_timeout: Duration,
-    /// Interval of active CPing health checks of every member.
+    /// Interval of active health checks of every member (CPing; with HTTP `OPTIONS *`).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub health_interval: Duration,
     /// Connections per member (in use at once); further requests wait.

@@ -40,7 +40,6 @@
 //! on it. Once the request is written, a failure is a 502, never a replay.
 
 use std::collections::VecDeque;
-use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -68,7 +67,7 @@ use super::state::Balancer;
 /// goes on the tried list), the next member gets one more chance. A third
 /// failure points at something no other connection fixes, and more tries
 /// would only hold the client longer before the same 502.
-const MAX_WRITE_RETRIES: u32 = 2;
+pub(super) const MAX_WRITE_RETRIES: u32 = 2;
 
 /// Where an exchange is; see the module documentation for the moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +83,7 @@ pub(super) enum Phase {
 }
 
 impl Phase {
-    fn may_become(self, next: Phase) -> bool {
+    pub(super) fn may_become(self, next: Phase) -> bool {
         use Phase::*;
         matches!(
             (self, next),
@@ -99,7 +98,7 @@ impl Phase {
     }
 
     /// The one place where an exchange changes phase.
-    fn advance(&mut self, next: Phase) {
+    pub(super) fn advance(&mut self, next: Phase) {
         debug_assert!(self.may_become(next), "exchange moved from {self:?} to {next:?}");
         *self = next;
     }
@@ -107,17 +106,19 @@ impl Phase {
 
 /// Why an attempt may be repeated: the member cannot have seen the request.
 #[derive(Debug)]
-enum Retry {
+pub(super) enum Retry {
     /// No connection: refused, unreachable or timed out.
     Connect(AcquireError),
-    /// A new connection gave no CPong.
+    /// A new connection gave no CPong (AJP) or no answer to the health
+    /// request (HTTP).
     CPing(ConnError),
-    /// Writing the request failed, so Tomcat never got a complete packet.
-    Write { reused: bool, error: io::Error },
+    /// Writing the request failed, so Tomcat never got a complete packet
+    /// (AJP); hyper handed the request back unwritten (HTTP).
+    Write { reused: bool, error: ConnError },
 }
 
 /// How one attempt on a member ended, when it did not put the request on the wire.
-enum AttemptError {
+pub(super) enum AttemptError {
     Retry(Retry),
     Final(Rejection),
 }
@@ -134,16 +135,96 @@ impl From<ConnError> for ExchangeError {
     }
 }
 
-/// The request as every attempt sends it, borrowed from the client's request.
-pub(super) struct Outgoing<'r> {
-    /// `FORWARD_REQUEST` without its route, which each attempt fills in.
-    pub forward: ForwardRequest<'r>,
+/// What routing knows of a request, for its first choice and every retry;
+/// the same for both backend protocols.
+pub(super) struct Target<'r> {
     /// The member table as the request found it; retries choose from it too.
     pub members: MemberSnapshot,
     pub session: Option<SessionKey<'r>>,
     /// One wall-clock read per request, for the rebalancing schedule and the
     /// session estimate alike.
     pub now_ms: u64,
+}
+
+/// The request as every attempt sends it, borrowed from the client's request.
+pub(super) struct Outgoing<'r> {
+    /// `FORWARD_REQUEST` without its route, which each attempt fills in.
+    pub forward: ForwardRequest<'r>,
+    pub target: Target<'r>,
+}
+
+/// A request's way through its attempts, whatever the backend protocol:
+/// the phase, the member of the current attempt, the members it failed on
+/// before they saw it, and whether a failover happened on the way. The
+/// retry rule lives in [`Attempts::retry`], the one place both exchanges
+/// act on a [`Retry`].
+pub(super) struct Attempts {
+    pub(super) phase: Phase,
+    /// The member of the current attempt; once the request is written, the one answering it.
+    pub(super) member: Arc<Member>,
+    /// Some choice on the way was a failover of the request's session.
+    pub(super) failed_over: bool,
+    /// Members this request failed on before they saw it, by `member_key`.
+    tried: Vec<usize>,
+    write_failures: u32,
+}
+
+impl Attempts {
+    /// Chooses the first member; the request is then in `Checkout`.
+    pub(super) fn first(bal: &Balancer, target: &Target<'_>) -> Result<Self, Rejection> {
+        let (member, failed_over) = choose(bal, target, &[])?;
+        let mut attempts = Attempts { phase: Phase::Choose, member, failed_over, tried: Vec::new(), write_failures: 0 };
+        attempts.phase.advance(Phase::Checkout);
+        Ok(attempts)
+    }
+
+    /// Acts on why an attempt may be repeated and chooses the member of the
+    /// next one (`Checkout` again), or gives the final answer (`Failed`).
+    pub(super) fn retry(&mut self, bal: &Balancer, target: &Target<'_>, retry: Retry) -> Result<(), Rejection> {
+        let member = &self.member;
+        match retry {
+            Retry::Connect(error) => {
+                member.metrics.count_error(BackendErrorKind::Connect);
+                bal.mark_failed(member, &error);
+                self.tried.push(member_key(member));
+            }
+            Retry::CPing(error) => {
+                // Counted and acted on like a failed connect: the member is not there.
+                member.metrics.count_error(BackendErrorKind::Connect);
+                bal.mark_failed(member, &format_args!("no answer to the probe of a new connection: {error}"));
+                self.tried.push(member_key(member));
+            }
+            Retry::Write { reused, error } => {
+                self.write_failures += 1;
+                member.pool.clear();
+                member.http_pool.clear();
+                tracing::debug!(route = %member.route, reused, %error, "request write failed, retrying");
+                if self.write_failures > MAX_WRITE_RETRIES {
+                    member.metrics.count_error(BackendErrorKind::Io);
+                    let route = member.route.clone();
+                    self.phase.advance(Phase::Failed);
+                    return Err(Rejection::BadGateway { route, error });
+                }
+                // A fresh connection failing says the member is in trouble; a stale idle one does not.
+                if !reused {
+                    self.tried.push(member_key(member));
+                }
+            }
+        }
+        self.phase.advance(Phase::Choose);
+        match choose(bal, target, &self.tried) {
+            Ok((member, failed_over)) => {
+                self.member = member;
+                self.failed_over |= failed_over;
+                self.phase.advance(Phase::Checkout);
+                Ok(())
+            }
+            Err(rejection) => {
+                self.phase.advance(Phase::Failed);
+                Err(rejection)
+            }
+        }
+    }
 }
 
 /// The client's request body, handed out in AJP-sized pieces.
@@ -190,10 +271,10 @@ impl RequestBody {
 }
 
 /// Counts a request in flight on a member for as long as it lives.
-struct InFlight(Arc<Member>);
+pub(super) struct InFlight(Arc<Member>);
 
 impl InFlight {
-    fn new(member: Arc<Member>) -> Self {
+    pub(super) fn new(member: Arc<Member>) -> Self {
         member.metrics.in_flight.inc();
         InFlight(member)
     }
@@ -218,13 +299,8 @@ enum BodyPacket {
 /// returning (or dropping) the connection.
 pub(super) struct Exchange {
     bal: Arc<Balancer>,
-    phase: Phase,
-    /// The member of the current attempt; once the request is written, the one answering it.
-    member: Arc<Member>,
-    /// Some choice on the way was a failover of the request's session.
-    failed_over: bool,
-    /// Members this request failed on before they saw it, by `member_key`.
-    tried: Vec<usize>,
+    /// Phase, member and retry state.
+    at: Attempts,
     /// The connection, from `Checkout` until it is released or dropped.
     lease: Option<Lease>,
     body: RequestBody,
@@ -244,85 +320,37 @@ impl Exchange {
         body: RequestBody,
         first_piece: Option<Bytes>,
     ) -> Result<Self, Rejection> {
-        let (member, failed_over) = choose(bal, out, &[])?;
-        let mut exchange = Exchange {
+        Ok(Exchange {
             bal: bal.clone(),
-            phase: Phase::Choose,
-            member,
-            failed_over,
-            tried: Vec::new(),
+            at: Attempts::first(bal, &out.target)?,
             lease: None,
             body,
             first_piece,
             _in_flight: None,
             body_left: None,
-        };
-        exchange.phase.advance(Phase::Checkout);
-        Ok(exchange)
+        })
     }
 
     /// The member answering the request (once it is written).
     pub(super) fn member(&self) -> &Arc<Member> {
-        &self.member
+        &self.at.member
     }
 
     pub(super) fn failed_over(&self) -> bool {
-        self.failed_over
+        self.at.failed_over
     }
 
     /// Takes the exchange from `Checkout` to `ReadHead`; the one place where
     /// a request is retried, by the kind its failure carries.
     pub(super) async fn send_request(&mut self, out: &Outgoing<'_>) -> Result<(), Rejection> {
-        let mut write_failures = 0;
         loop {
-            let retry = match self.attempt(out).await {
+            match self.attempt(out).await {
                 Ok(()) => return Ok(()),
                 Err(AttemptError::Final(rejection)) => {
-                    self.phase.advance(Phase::Failed);
+                    self.at.phase.advance(Phase::Failed);
                     return Err(rejection);
                 }
-                Err(AttemptError::Retry(retry)) => retry,
-            };
-            let member = &self.member;
-            match retry {
-                Retry::Connect(error) => {
-                    member.metrics.count_error(BackendErrorKind::Connect);
-                    self.bal.mark_failed(member, &error);
-                    self.tried.push(member_key(member));
-                }
-                Retry::CPing(error) => {
-                    // Counted and acted on like a failed connect: the member is not there.
-                    member.metrics.count_error(BackendErrorKind::Connect);
-                    self.bal.mark_failed(member, &format_args!("no CPong on a new connection: {error}"));
-                    self.tried.push(member_key(member));
-                }
-                Retry::Write { reused, error } => {
-                    write_failures += 1;
-                    member.pool.clear();
-                    tracing::debug!(route = %member.route, reused, %error, "request write failed, retrying");
-                    if write_failures > MAX_WRITE_RETRIES {
-                        member.metrics.count_error(BackendErrorKind::Io);
-                        let route = member.route.clone();
-                        self.phase.advance(Phase::Failed);
-                        return Err(Rejection::BadGateway { route, error: ConnError::Io(error) });
-                    }
-                    // A fresh connection failing says the member is in trouble; a stale idle one does not.
-                    if !reused {
-                        self.tried.push(member_key(member));
-                    }
-                }
-            }
-            self.phase.advance(Phase::Choose);
-            match choose(&self.bal, out, &self.tried) {
-                Ok((member, failed_over)) => {
-                    self.member = member;
-                    self.failed_over |= failed_over;
-                    self.phase.advance(Phase::Checkout);
-                }
-                Err(rejection) => {
-                    self.phase.advance(Phase::Failed);
-                    return Err(rejection);
-                }
+                Err(AttemptError::Retry(retry)) => self.at.retry(&self.bal, &out.target, retry)?,
             }
         }
     }
@@ -331,41 +359,41 @@ impl Exchange {
     /// connection, `SendRequest`, and `ReadHead` once the request is written.
     async fn attempt(&mut self, out: &Outgoing<'_>) -> Result<(), AttemptError> {
         let settings = &self.bal.pool_settings;
-        let mut lease = match self.member.pool.acquire(self.member.address, settings).await {
+        let mut lease = match self.at.member.pool.acquire(self.at.member.address, settings).await {
             Ok(lease) => lease,
             Err(AcquireError::SlotTimeout(_)) => {
-                return Err(AttemptError::Final(Rejection::PoolExhausted(self.member.route.clone())));
+                return Err(AttemptError::Final(Rejection::PoolExhausted(self.at.member.route.clone())));
             }
             Err(error) => return Err(AttemptError::Retry(Retry::Connect(error))),
         };
         if !lease.reused {
-            self.phase.advance(Phase::CPing);
+            self.at.phase.advance(Phase::CPing);
             if let Err(error) = lease.conn.cping(settings.cping_timeout).await {
                 return Err(AttemptError::Retry(Retry::CPing(error)));
             }
         }
-        self.phase.advance(Phase::SendRequest);
-        let forward = ForwardRequest { route: Some(&self.member.route), ..out.forward };
+        self.at.phase.advance(Phase::SendRequest);
+        let forward = ForwardRequest { route: Some(&self.at.member.route), ..out.forward };
         lease.conn.write_buf.clear();
         let packet_size = self.bal.settings.packet_size;
         if let Err(e) = ajp::encode_forward_request(&mut lease.conn.write_buf, &forward, packet_size) {
             lease.conn.write_buf.clear();
-            self.member.pool.release(lease);
+            self.at.member.pool.release(lease);
             return Err(AttemptError::Final(Rejection::HeadTooLarge(e)));
         }
         if let Some(piece) = &self.first_piece {
             ajp::encode_body_chunk(&mut lease.conn.write_buf, piece);
         }
         if let Err(error) = lease.conn.send().await {
-            return Err(AttemptError::Retry(Retry::Write { reused: lease.reused, error }));
+            return Err(AttemptError::Retry(Retry::Write { reused: lease.reused, error: ConnError::Io(error) }));
         }
         // Written: no retry will need the piece again.
         if let Some(piece) = self.first_piece.take() {
-            self.member.traffic_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            self.at.member.traffic_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
         }
         self.lease = Some(lease);
-        self._in_flight = Some(InFlight::new(self.member.clone()));
-        self.phase.advance(Phase::ReadHead);
+        self._in_flight = Some(InFlight::new(self.at.member.clone()));
+        self.at.phase.advance(Phase::ReadHead);
         Ok(())
     }
 
@@ -380,10 +408,10 @@ impl Exchange {
             }
             Err(ExchangeError::Backend(error)) => {
                 self.fail(&error);
-                self.member.metrics.count_response(502);
+                self.at.member.metrics.count_response(502);
                 return Err(match error {
-                    ConnError::Timeout => Rejection::GatewayTimeout(self.member.route.clone()),
-                    error => Rejection::BadGateway { route: self.member.route.clone(), error },
+                    ConnError::Timeout => Rejection::GatewayTimeout(self.at.member.route.clone()),
+                    error => Rejection::BadGateway { route: self.at.member.route.clone(), error },
                 });
             }
         };
@@ -393,11 +421,11 @@ impl Exchange {
             Err(e) => {
                 let error = ConnError::Protocol(e);
                 self.fail(&error);
-                self.member.metrics.count_response(502);
-                return Err(Rejection::BadGateway { route: self.member.route.clone(), error });
+                self.at.member.metrics.count_response(502);
+                return Err(Rejection::BadGateway { route: self.at.member.route.clone(), error });
             }
         }
-        self.phase.advance(Phase::StreamBody);
+        self.at.phase.advance(Phase::StreamBody);
         Ok(response)
     }
 
@@ -426,7 +454,7 @@ impl Exchange {
         // a complete body, with the connection already back in the pool.
         let mut ready: VecDeque<Bytes> = VecDeque::new();
         let mut broken = None;
-        while self.phase == Phase::StreamBody {
+        while self.at.phase == Phase::StreamBody {
             match self.buffered_body_packet(|kind| {
                 kind == from_container::SEND_BODY_CHUNK || kind == from_container::END_RESPONSE
             }) {
@@ -441,15 +469,15 @@ impl Exchange {
             }
         }
         if let Some(error) = broken {
-            tracing::warn!(route = %self.member.route, %error, "member failed mid-response; aborting client connection");
+            tracing::warn!(route = %self.at.member.route, %error, "member failed mid-response; aborting client connection");
             let failed = futures::stream::iter(ready.into_iter().map(Ok))
                 .chain(futures::stream::once(async move { Err(BodyError(error.to_string())) }));
             return ProxyBody::Stream(Box::pin(failed));
         }
-        if self.phase == Phase::StreamBody && !ready.is_empty() {
+        if self.at.phase == Phase::StreamBody && !ready.is_empty() {
             self.finish_early().await;
         }
-        if self.phase == Phase::Done {
+        if self.at.phase == Phase::Done {
             ProxyBody::Chunks(ready)
         } else if ready.is_empty() {
             ProxyBody::Stream(Box::pin(response_stream(self)))
@@ -488,7 +516,7 @@ impl Exchange {
             }
         };
         lease.conn.send().await.map_err(ConnError::Io)?;
-        self.member.traffic_bytes.fetch_add(sent as u64, Ordering::Relaxed);
+        self.at.member.traffic_bytes.fetch_add(sent as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -512,7 +540,7 @@ impl Exchange {
 
     /// The next response body bytes; `None` once the exchange is done.
     async fn next_body_bytes(&mut self) -> Result<Option<Bytes>, ExchangeError> {
-        if self.phase == Phase::Done {
+        if self.at.phase == Phase::Done {
             return Ok(None);
         }
         loop {
@@ -535,7 +563,7 @@ impl Exchange {
         match ajp::decode_container_packet(&payload)? {
             ContainerPacket::SendBodyChunk { len: 0, .. } => Ok(BodyPacket::Flush), // Tomcat's explicit flush
             ContainerPacket::SendBodyChunk { offset, len } => {
-                self.member.traffic_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                self.at.member.traffic_bytes.fetch_add(len as u64, Ordering::Relaxed);
                 if let Some(left) = self.body_left.as_mut() {
                     *left = left.saturating_sub(len as u64);
                 }
@@ -546,9 +574,9 @@ impl Exchange {
                 if let Some(lease) = self.lease.take()
                     && reuse
                 {
-                    self.member.pool.release(lease);
+                    self.at.member.pool.release(lease);
                 }
-                self.phase.advance(Phase::Done);
+                self.at.phase.advance(Phase::Done);
                 Ok(BodyPacket::End)
             }
             ContainerPacket::SendHeaders => Err(ConnError::Unexpected("second SEND_HEADERS")),
@@ -573,7 +601,7 @@ impl Exchange {
     /// read cannot go back to the pool. A failure here loses no response
     /// bytes; only the connection is dropped.
     async fn finish_early(&mut self) {
-        if self.phase != Phase::StreamBody {
+        if self.at.phase != Phase::StreamBody {
             return;
         }
         match self.buffered_body_packet(|kind| kind == from_container::END_RESPONSE) {
@@ -613,38 +641,33 @@ impl Exchange {
     /// The member failed after the whole body arrived: the client still gets
     /// the complete response, the connection is dropped.
     fn fail_after_body(&mut self, error: &ConnError) {
-        tracing::debug!(route = %self.member.route, %error, "member failed after the response body; dropping the connection");
+        tracing::debug!(route = %self.at.member.route, %error, "member failed after the response body; dropping the connection");
         self.drop_connection(error);
-        self.phase.advance(Phase::Done);
+        self.at.phase.advance(Phase::Done);
     }
 
     /// The member broke the exchange.
     fn fail(&mut self, error: &ConnError) {
         self.drop_connection(error);
-        self.phase.advance(Phase::Failed);
+        self.at.phase.advance(Phase::Failed);
     }
 
     /// The client broke the exchange (its body failed or was too large):
     /// the member is not to blame, but the connection is mid-request.
     fn abandon(&mut self) {
         self.lease = None;
-        self.phase.advance(Phase::Failed);
+        self.at.phase.advance(Phase::Failed);
     }
 
     fn drop_connection(&mut self, error: &ConnError) {
         self.lease = None;
-        let kind = match error {
-            ConnError::Protocol(_) | ConnError::Unexpected(_) => BackendErrorKind::Protocol,
-            ConnError::Timeout => BackendErrorKind::Timeout,
-            ConnError::Io(_) | ConnError::Closed => BackendErrorKind::Io,
-        };
-        self.member.metrics.count_error(kind);
+        self.at.member.metrics.count_error(error.kind());
     }
 }
 
 /// Picks a member for the request, avoiding `tried`, and counts what the
 /// choice means; the flag says whether it was a failover.
-fn choose(bal: &Balancer, out: &Outgoing<'_>, tried: &[usize]) -> Result<(Arc<Member>, bool), Rejection> {
+fn choose(bal: &Balancer, out: &Target<'_>, tried: &[usize]) -> Result<(Arc<Member>, bool), Rejection> {
     let (member, choice) =
         bal.router.choose_at(&out.members, out.session, tried, out.now_ms).map_err(Rejection::NoMember)?;
     if choice == Choice::Rebalanced {
@@ -674,7 +697,7 @@ fn response_stream(exchange: Exchange) -> impl Stream<Item = Result<Bytes, BodyE
             Ok(None) => None,
             Err(ExchangeError::Backend(error)) => {
                 exchange.fail(&error);
-                tracing::warn!(route = %exchange.member.route, %error, "member failed mid-response; aborting client connection");
+                tracing::warn!(route = %exchange.at.member.route, %error, "member failed mid-response; aborting client connection");
                 Some((Err(BodyError(error.to_string())), None))
             }
             Err(ExchangeError::Client(rejection)) => {

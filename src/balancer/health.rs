@@ -1,38 +1,46 @@
-//! Active health checks: every member gets a CPing each interval, over an
+//! Active health checks: every member gets a CPing (with the HTTP backend:
+//! an `OPTIONS *` request, see [`super::http_backend`]) each interval, over an
 //! idle pooled connection when there is one (so the check also keeps the
 //! pool warm and proves it alive), else over a new connection that then
 //! joins the pool. A failing member stops getting requests until it answers
 //! again; a connect failure during a request marks it failed at once.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::member::Member;
-use super::pool::AjpConnection;
-use super::state::Balancer;
+use super::pool::{Pool, PoolSettings, PooledConnection};
+use super::state::{Backend, Balancer};
+
+/// One probe of a member over a pooled connection (or a new one that then
+/// joins the pool); the error says why the member is not well.
+async fn probe<C: PooledConnection>(
+    pool: &Pool<C>,
+    address: SocketAddr,
+    settings: &PoolSettings,
+) -> Result<(), String> {
+    let mut conn = match pool.take_idle() {
+        Some(conn) => conn,
+        None => C::connect(address, settings).await.map_err(|e| e.to_string())?,
+    };
+    conn.health_probe(settings.cping_timeout).await.map_err(|e| e.to_string())?;
+    pool.offer(conn);
+    Ok(())
+}
 
 pub async fn check_member(bal: &Balancer, member: &Arc<Member>) -> bool {
     let settings = &bal.pool_settings;
-    let conn = match member.pool.take_idle() {
-        Some(conn) => Ok(conn),
-        None => AjpConnection::connect(member.address, settings).await,
-    };
-    let result = match conn {
-        Ok(mut conn) => match conn.cping(settings.cping_timeout).await {
-            Ok(()) => {
-                member.pool.offer(conn);
-                Ok(())
-            }
-            Err(e) => Err(e.to_string()),
-        },
-        Err(e) => Err(e.to_string()),
+    let result = match bal.backend {
+        Backend::Ajp(_) => probe(&member.pool, member.address, settings).await,
+        Backend::Http => probe(&member.http_pool, member.address, settings).await,
     };
     match result {
         Ok(()) => {
             if member.set_healthy(true) {
-                tracing::info!(route = %member.route, address = %member.address, "member answers CPing again");
+                tracing::info!(route = %member.route, address = %member.address, "member answers its health check again");
             }
             true
         }

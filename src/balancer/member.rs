@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::http_backend::HttpConnection;
 use super::metrics::{MemberMetrics, Metrics};
 use super::pool::Pool;
 
@@ -99,7 +100,12 @@ pub struct Member {
     state: AtomicU8,
     /// Cleared by a failed connect or health check, set by a passing one.
     healthy: AtomicBool,
+    /// AJP connections (`--backend-protocol ajp`).
     pub pool: Pool,
+    /// HTTP/1.1 keep-alive connections (`--backend-protocol http`). A
+    /// process speaks one protocol, so one of the two pools stays empty;
+    /// an empty pool costs a semaphore and an empty list.
+    pub http_pool: Pool<HttpConnection>,
     pub metrics: MemberMetrics,
     /// Bytes moved in both directions, for `bytraffic`.
     pub traffic_bytes: AtomicU64,
@@ -135,6 +141,7 @@ impl Member {
             state: AtomicU8::new(spec.state.as_u8()),
             healthy: AtomicBool::new(true),
             pool: Pool::new(pool_max),
+            http_pool: Pool::new(pool_max),
             metrics: metrics.for_member(&spec.route),
             traffic_bytes: AtomicU64::new(0),
             new_sessions: AtomicU64::new(0),

@@ -1,5 +1,6 @@
-//! `clusterapp balancer`: HTTP/1.1 in front, AJP/1.3 to the Tomcat nodes,
-//! sticky by jvmRoute, with live membership, draining and failover.
+//! `clusterapp balancer`: HTTP/1.1 in front, AJP/1.3 (or HTTP/1.1,
+//! `--backend-protocol http`) to the Tomcat nodes, sticky by jvmRoute, with
+//! live membership, draining and failover.
 //!
 //! Module map: [`state`] the process-wide [`Balancer`] · [`ajp`] codec ·
 //! [`pool`] backend connections · [`routing`] sticky/new-session choice ·
@@ -7,7 +8,8 @@
 //! Kubernetes) · [`health`] CPing checks · [`front`] client server ·
 //! [`framing`] smuggling guard on the client's bytes · [`proxy`] the hyper
 //! service (HTTP side of a request) · [`exchange`] one request's trip to a
-//! member (AJP side, phase by phase) · [`body`] response bodies · [`admin`]
+//! member (AJP side, phase by phase) · [`http_backend`] the same trip over
+//! HTTP/1.1 · [`body`] response bodies · [`admin`]
 //! metrics, probes and status page · [`config`] command line.
 
 pub mod access;
@@ -19,6 +21,7 @@ pub mod exchange;
 pub mod framing;
 pub mod front;
 pub mod health;
+pub mod http_backend;
 pub mod member;
 pub mod membership;
 pub mod metrics;
@@ -36,11 +39,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::{BalancerArgs, LbMethod};
+pub use config::{BackendProtocol, BalancerArgs, LbMethod};
 use membership::{MembershipError, MembershipSource};
 use pool::PoolSettings;
 use routing::Router;
-use state::{AjpSecret, Balancer, ProxySettings};
+use state::{AjpSecret, Backend, Balancer, ProxySettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BalancerError {
@@ -48,6 +51,8 @@ pub enum BalancerError {
     SecretFile { path: PathBuf, source: std::io::Error },
     #[error("the AJP secret file {0} is empty; the secret is required")]
     EmptySecret(PathBuf),
+    #[error("--backend-protocol ajp needs --ajp-secret-file: the AJP secret is always on")]
+    NoSecretFile,
     #[error("no members: give --member, --members-file or --kubernetes-service")]
     NoMemberSource,
     #[error(transparent)]
@@ -105,7 +110,13 @@ fn tls_front(args: &BalancerArgs) -> Option<(std::net::SocketAddr, tls::TlsFiles
 
 /// Builds the shared state from the command line.
 pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
-    let secret = read_secret(&args.ajp_secret_file)?;
+    let backend = match args.backend_protocol {
+        BackendProtocol::Ajp => {
+            let path = args.ajp_secret_file.as_ref().ok_or(BalancerError::NoSecretFile)?;
+            Backend::Ajp(read_secret(path)?)
+        }
+        BackendProtocol::Http => Backend::Http,
+    };
     let settings = ProxySettings {
         packet_size: args.packet_size,
         sticky_cookie: args.sticky_cookie.clone(),
@@ -126,7 +137,7 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
     if !args.rebalance_ramp.is_zero() {
         router = router.with_rebalancing(args.rebalance_ramp, args.rebalance_after.saturating_mul(1000));
     }
-    Ok(Arc::new(Balancer::new(settings, pool_settings, args.pool_max_per_member, router, secret)))
+    Ok(Arc::new(Balancer::new(settings, pool_settings, args.pool_max_per_member, router, backend)))
 }
 
 /// Runs the balancer until SIGTERM/SIGINT and the graceful drain after it.
@@ -194,7 +205,7 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         header_read_timeout: args.header_read_timeout,
         shutdown_grace: args.shutdown_grace,
     };
-    tracing::info!(listen = %args.listen, admin = %args.admin_listen, method = ?args.method, failover = !args.no_failover, drain_timeout = ?args.drain_timeout, rebalance_ramp = ?args.rebalance_ramp, "balancer started");
+    tracing::info!(listen = %args.listen, admin = %args.admin_listen, backend = ?args.backend_protocol, method = ?args.method, failover = !args.no_failover, drain_timeout = ?args.drain_timeout, rebalance_ramp = ?args.rebalance_ramp, "balancer started");
     let mut servers = vec![];
     if let Some((tls, files, listener)) = tls {
         tracing::info!(tls_listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), cert = %files.cert.display(), client_ca = ?files.client_ca, "HTTPS front started");

@@ -1,6 +1,10 @@
-//! Persistent AJP connections, pooled per member.
+//! Persistent backend connections, pooled per member: AJP connections
+//! ([`AjpConnection`], this module) or HTTP/1.1 keep-alive connections
+//! (`super::http_backend::HttpConnection`). The pool itself — slots, the
+//! idle list, most-recently-used first — is the same for both; what makes a
+//! connection fit for reuse is each kind's own ([`PooledConnection`]).
 //!
-//! A connection goes back to the pool only after `END_RESPONSE` with
+//! An AJP connection goes back to the pool only after `END_RESPONSE` with
 //! reuse = 1. Before reuse it is checked: a peer that closed it (Tomcat
 //! restarted, node killed) fails the CPing at once; one idle for
 //! `cping_after_idle` or longer (default 0: every reuse, httpd's `ping=`)
@@ -22,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ajp::{self, ContainerPacket, DecodeError, PACKET_HEADER_LEN};
+use super::metrics::BackendErrorKind;
 
 /// A failed exchange on a backend connection. The connection is dropped.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,26 @@ pub enum ConnError {
     Closed,
     #[error("no packet within the timeout")]
     Timeout,
+    /// The HTTP backend: hyper refused the member's response (malformed
+    /// head, bad framing) or the connection broke.
+    #[error("HTTP backend: {0}")]
+    Http(#[from] hyper::Error),
+    /// The HTTP backend's health probe got an answer that is no success.
+    #[error("health probe answered {0}")]
+    ProbeStatus(u16),
+}
+
+impl ConnError {
+    /// The error's kind in the members' error counter.
+    pub fn kind(&self) -> BackendErrorKind {
+        match self {
+            ConnError::Protocol(_) | ConnError::Unexpected(_) | ConnError::ProbeStatus(_) => BackendErrorKind::Protocol,
+            // hyper could not parse the member's response: its protocol, not the network.
+            ConnError::Http(e) if e.is_parse() || e.is_parse_status() => BackendErrorKind::Protocol,
+            ConnError::Timeout => BackendErrorKind::Timeout,
+            ConnError::Http(_) | ConnError::Io(_) | ConnError::Closed => BackendErrorKind::Io,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,21 +189,81 @@ impl AjpConnection {
     }
 }
 
+/// What the pool needs of a connection kind.
+pub trait PooledConnection: Send + Sized + 'static {
+    /// When the connection last went idle.
+    fn idle_since(&self) -> Instant;
+    fn set_idle_since(&mut self, at: Instant);
+    /// A new connection (not yet proven alive: the exchange probes it).
+    fn connect(address: SocketAddr, settings: &PoolSettings)
+    -> impl Future<Output = Result<Self, AcquireError>> + Send;
+    /// Checks an idle connection before it is handed out again; an error
+    /// says why it is dropped instead.
+    fn check_before_reuse(&mut self, settings: &PoolSettings) -> impl Future<Output = Result<(), String>> + Send;
+    /// Whether a connection the exchange hands back is in step for another
+    /// request (checked again on the way out of the pool).
+    fn fit_for_pool(&self) -> bool;
+    /// The cheapest exchange that proves a live container on the other
+    /// end, within `timeout`: CPing/CPong, or HTTP's `OPTIONS *`.
+    fn health_probe(&mut self, timeout: Duration) -> impl Future<Output = Result<(), ConnError>> + Send;
+}
+
+impl PooledConnection for AjpConnection {
+    fn idle_since(&self) -> Instant {
+        self.idle_since
+    }
+
+    fn set_idle_since(&mut self, at: Instant) {
+        self.idle_since = at;
+    }
+
+    fn connect(
+        address: SocketAddr,
+        settings: &PoolSettings,
+    ) -> impl Future<Output = Result<Self, AcquireError>> + Send {
+        AjpConnection::connect(address, settings)
+    }
+
+    async fn check_before_reuse(&mut self, settings: &PoolSettings) -> Result<(), String> {
+        if !self.read_buf.is_empty() {
+            return Err("unsolicited bytes".into());
+        }
+        if self.idle_since.elapsed() >= settings.cping_after_idle {
+            // The CPing also finds a connection the member closed (EOF
+            // or reset at once), so no separate probe is spent on it.
+            return self.cping(settings.cping_timeout).await.map_err(|e| format!("failed CPing: {e}"));
+        }
+        if self.closed_while_idle() {
+            return Err("the member closed it".into());
+        }
+        Ok(())
+    }
+
+    fn fit_for_pool(&self) -> bool {
+        // Bytes after END_RESPONSE: the stream is out of step; never reuse.
+        self.read_buf.is_empty()
+    }
+
+    fn health_probe(&mut self, timeout: Duration) -> impl Future<Output = Result<(), ConnError>> + Send {
+        self.cping(timeout)
+    }
+}
+
 /// The connections of one member.
-pub struct Pool {
-    idle: Mutex<Vec<AjpConnection>>,
+pub struct Pool<C = AjpConnection> {
+    idle: Mutex<Vec<C>>,
     slots: Arc<Semaphore>,
     max: usize,
 }
 
 /// A connection checked out of a pool, holding one of the member's slots.
-pub struct Lease {
-    pub conn: AjpConnection,
+pub struct Lease<C = AjpConnection> {
+    pub conn: C,
     pub reused: bool,
     _slot: OwnedSemaphorePermit,
 }
 
-impl Pool {
+impl<C: PooledConnection> Pool<C> {
     pub fn new(max: usize) -> Self {
         Pool { idle: Mutex::new(Vec::new()), slots: Arc::new(Semaphore::new(max)), max }
     }
@@ -191,17 +276,18 @@ impl Pool {
         self.max - self.slots.available_permits()
     }
 
-    fn pop_idle(&self) -> Option<AjpConnection> {
+    fn pop_idle(&self) -> Option<C> {
         // Most recently used first: it is the least likely to have gone stale.
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
     /// An idle connection that passed its checks (`reused`), or a new one
-    /// that the caller still has to CPing: a killed Tomcat's listening
-    /// socket can complete handshakes until the dying process's files are
-    /// closed, so only a CPong proves a live container (the exchange's
-    /// `CPing` phase; a failure there counts as a failed connect).
-    pub async fn acquire(&self, address: SocketAddr, settings: &PoolSettings) -> Result<Lease, AcquireError> {
+    /// that the caller still has to probe (CPing, or the HTTP health
+    /// request): a killed Tomcat's listening socket can complete handshakes
+    /// until the dying process's files are closed, so only an answer proves
+    /// a live container (the exchange's `CPing` phase; a failure there
+    /// counts as a failed connect).
+    pub async fn acquire(&self, address: SocketAddr, settings: &PoolSettings) -> Result<Lease<C>, AcquireError> {
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => tokio::time::timeout(settings.slot_wait, self.slots.clone().acquire_owned())
@@ -210,35 +296,24 @@ impl Pool {
                 .map_err(|_| AcquireError::SlotTimeout(settings.slot_wait))?,
         };
         while let Some(mut conn) = self.pop_idle() {
-            if !conn.read_buf.is_empty() {
-                tracing::debug!(%address, "dropping pooled connection with unsolicited bytes");
-                continue;
-            }
-            if conn.idle_since.elapsed() >= settings.cping_after_idle {
-                // The CPing also finds a connection the member closed (EOF
-                // or reset at once), so no separate probe is spent on it.
-                if let Err(e) = conn.cping(settings.cping_timeout).await {
-                    tracing::debug!(%address, error = %e, "dropping pooled connection that failed CPing");
-                    continue;
-                }
-            } else if conn.closed_while_idle() {
-                tracing::debug!(%address, "dropping pooled connection the member closed");
+            if let Err(why) = conn.check_before_reuse(settings).await {
+                tracing::debug!(%address, %why, "dropping pooled connection");
                 continue;
             }
             return Ok(Lease { conn, reused: true, _slot: slot });
         }
-        let conn = AjpConnection::connect(address, settings).await?;
+        let conn = C::connect(address, settings).await?;
         Ok(Lease { conn, reused: false, _slot: slot })
     }
 
-    /// Returns a connection after `END_RESPONSE` with reuse = 1.
-    pub fn release(&self, lease: Lease) {
+    /// Returns a connection whose exchange ended cleanly (AJP:
+    /// `END_RESPONSE` with reuse = 1; HTTP: a complete keep-alive response).
+    pub fn release(&self, lease: Lease<C>) {
         let mut conn = lease.conn;
-        if !conn.read_buf.is_empty() {
-            // Bytes after END_RESPONSE: the stream is out of step; never reuse.
+        if !conn.fit_for_pool() {
             return;
         }
-        conn.idle_since = Instant::now();
+        conn.set_idle_since(Instant::now());
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max {
             idle.push(conn);
@@ -246,8 +321,8 @@ impl Pool {
     }
 
     /// Puts a connection opened by the health checker into the pool.
-    pub fn offer(&self, mut conn: AjpConnection) {
-        conn.idle_since = Instant::now();
+    pub fn offer(&self, mut conn: C) {
+        conn.set_idle_since(Instant::now());
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max {
             idle.push(conn);
@@ -255,7 +330,7 @@ impl Pool {
     }
 
     /// Takes an idle connection for the health checker, if any.
-    pub fn take_idle(&self) -> Option<AjpConnection> {
+    pub fn take_idle(&self) -> Option<C> {
         self.pop_idle()
     }
 

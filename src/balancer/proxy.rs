@@ -1,10 +1,11 @@
 //! The hyper service: one client request in, one response out.
 //!
 //! This module is the HTTP side of a request: it refuses what must not
-//! reach a member (smuggling shapes, bodies over the limit), builds the
-//! `FORWARD_REQUEST` every attempt sends, hands the trip to the member to an
-//! `Exchange` (the AJP side, phase by phase), and turns its answer into the
-//! client's response: hop-by-hop headers dropped, new sessions noted,
+//! reach a member (smuggling shapes, bodies over the limit) whatever the
+//! backend protocol, then, for AJP, builds the `FORWARD_REQUEST` every
+//! attempt sends and hands the trip to the member to an `Exchange` (the AJP
+//! side, phase by phase) — for HTTP, [`super::http_backend`] does that part
+//! — and turns the answer into the client's response: hop-by-hop headers dropped, new sessions noted,
 //! counted. Whatever it refuses becomes a [`Rejection`], answered by the
 //! balancer itself.
 
@@ -21,13 +22,13 @@ use hyper::body::{Body, Incoming};
 use super::access::{AccessEntry, ServedBy};
 use super::ajp::{self, EncodeError, ForwardRequest, SslAttributes};
 use super::body::ProxyBody;
-use super::exchange::{Exchange, Outgoing, RequestBody};
+use super::exchange::{Exchange, Outgoing, RequestBody, Target};
 use super::framing::FramingVerdicts;
 use super::member::Member;
 use super::metrics::{Metrics, RejectReason};
 use super::pool::ConnError;
 use super::routing::{NoMember, session_of_request, unix_now_ms};
-use super::state::Balancer;
+use super::state::{Backend, Balancer};
 use super::tls::TlsFacts;
 
 /// Facts of the client connection, formatted once per connection.
@@ -37,8 +38,8 @@ pub struct ClientConn {
     pub framing: Arc<FramingVerdicts>,
     pub remote: SocketAddr,
     pub local: SocketAddr,
-    remote_ip: String,
-    local_ip: String,
+    pub(super) remote_ip: String,
+    pub(super) local_ip: String,
     /// What the TLS handshake negotiated, when TLS was terminated here.
     pub tls: Option<TlsFacts>,
 }
@@ -170,6 +171,8 @@ async fn proxy(
     client: &ClientConn,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Rejection> {
+    // Everything up to the choice of a member is the same for both backend
+    // protocols: what the front refuses, it refuses whatever speaks behind it.
     if let Some(reason) = client.framing.take() {
         return Err(Rejection::BadFraming(reason));
     }
@@ -184,6 +187,33 @@ async fn proxy(
         return Err(Rejection::BodyTooLarge);
     }
     let settings = &bal.settings;
+    let target = Target {
+        members: bal.members.snapshot(),
+        session: session_of_request(
+            parts.uri.path(),
+            &parts.headers,
+            &settings.sticky_cookie,
+            &settings.sticky_path_param,
+        ),
+        now_ms: unix_now_ms(),
+    };
+    match &bal.backend {
+        Backend::Ajp(secret) => proxy_ajp(bal, client, &parts, incoming, content_length, target, secret.expose()).await,
+        Backend::Http => super::http_backend::proxy_http(bal, client, &parts, incoming, target).await,
+    }
+}
+
+/// The AJP side of a request: `FORWARD_REQUEST` and an [`Exchange`].
+async fn proxy_ajp(
+    bal: &Arc<Balancer>,
+    client: &ClientConn,
+    parts: &http::request::Parts,
+    incoming: Incoming,
+    content_length: Option<u64>,
+    target: Target<'_>,
+    secret: &str,
+) -> Result<Response<ProxyBody>, Rejection> {
+    let settings = &bal.settings;
     let mut body = RequestBody::new(incoming, settings.max_body_bytes);
     // With a known length Tomcat expects the first body packet right after
     // the request packet; read it first so a retry can send it again.
@@ -192,12 +222,11 @@ async fn proxy(
         _ => None,
     };
 
-    let path = parts.uri.path();
     let out = Outgoing {
         forward: ForwardRequest {
             method: parts.method.as_str(),
             protocol: version_text(parts.version),
-            request_uri: path,
+            request_uri: parts.uri.path(),
             query_string: parts.uri.query(),
             remote_addr: &client.remote_ip,
             remote_port: client.remote.port(),
@@ -207,28 +236,18 @@ async fn proxy(
             is_ssl: client.tls.is_some(),
             headers: &parts.headers,
             route: None,
-            secret: bal.secret.expose(),
+            secret,
             ssl: client.ssl_attributes(),
         },
-        members: bal.members.snapshot(),
-        session: session_of_request(path, &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param),
-        now_ms: unix_now_ms(),
+        target,
     };
     let started = Instant::now();
     let mut exchange = Exchange::start(bal, &out, body, first_piece)?;
     exchange.send_request(&out).await?;
     let mut response = exchange.read_response_head().await?;
+    answer_head(bal, exchange.member(), exchange.failed_over(), &mut response, started);
 
-    let member = exchange.member();
-    if settings.access_log {
-        response.extensions_mut().insert(ServedBy { route: member.route.clone(), failover: exchange.failed_over() });
-    }
-    strip_hop_by_hop(response.headers_mut());
-    note_new_session(member, response.headers(), &settings.sticky_cookie);
     let status = response.status();
-    member.metrics.count_response(status.as_u16());
-    member.metrics.latency.observe(started.elapsed().as_secs_f64());
-
     let bodiless = parts.method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -236,6 +255,25 @@ async fn proxy(
     let content_length = if bodiless { None } else { response_content_length(response.headers()) };
     *response.body_mut() = exchange.into_body(bodiless, content_length).await;
     Ok(response)
+}
+
+/// What every member's response head goes through before the client sees
+/// it, whatever the backend protocol: the access log learns the member,
+/// hop-by-hop headers go, a new session is noted, the response is counted.
+pub(super) fn answer_head(
+    bal: &Balancer,
+    member: &Member,
+    failed_over: bool,
+    response: &mut Response<ProxyBody>,
+    started: Instant,
+) {
+    if bal.settings.access_log {
+        response.extensions_mut().insert(ServedBy { route: member.route.clone(), failover: failed_over });
+    }
+    strip_hop_by_hop(response.headers_mut());
+    note_new_session(member, response.headers(), &bal.settings.sticky_cookie);
+    member.metrics.count_response(response.status().as_u16());
+    member.metrics.latency.observe(started.elapsed().as_secs_f64());
 }
 
 /// The response's `Content-Length`, when it has exactly one valid one.
@@ -260,7 +298,16 @@ const HOP_BY_HOP_RESPONSE: [HeaderName; 6] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in &HOP_BY_HOP_RESPONSE {
+    // Headers the member named in `Connection` are its hop's too (RFC 9110
+    // §7.6.1); Tomcat's HTTP connector can send such, its AJP one cannot.
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP_RESPONSE) {
         headers.remove(name);
     }
 }
@@ -339,6 +386,10 @@ mod tests {
         let mut h = headers(&[("connection", "close"), ("transfer-encoding", "chunked"), ("x-route", "s1")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+        // And those the member named in Connection.
+        let mut h = headers(&[("connection", "x-private, close"), ("x-private", "1"), ("x-route", "s1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-route"]);
     }
 }
 
@@ -346,7 +397,7 @@ mod tests {
 /// `Content-Length` must leave its connection in the pool, whether
 /// `END_RESPONSE` arrives with the body or after it.
 #[cfg(test)]
-mod reuse_tests {
+pub(crate) mod reuse_tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -360,7 +411,7 @@ mod reuse_tests {
     use crate::balancer::member::{MemberSpec, MemberState};
     use crate::balancer::pool::PoolSettings;
     use crate::balancer::routing::Router;
-    use crate::balancer::state::{AjpSecret, ProxySettings};
+    use crate::balancer::state::{AjpSecret, Backend, ProxySettings};
 
     fn packet(payload: &[u8]) -> Vec<u8> {
         let mut p = b"AB".to_vec();
@@ -407,6 +458,16 @@ mod reuse_tests {
     /// A balancer serving `members` (route, address) on a fresh port; it
     /// stops when the returned sender is dropped.
     async fn start_balancer(members: &[(&str, SocketAddr)]) -> (Arc<Balancer>, SocketAddr, watch::Sender<bool>) {
+        start_balancer_with(members, Backend::Ajp(AjpSecret::new("s".into())), Duration::from_secs(60)).await
+    }
+
+    /// [`start_balancer`] for either backend protocol; a pooled connection
+    /// idle for `cping_after_idle` is probed before reuse.
+    pub(crate) async fn start_balancer_with(
+        members: &[(&str, SocketAddr)],
+        backend: Backend,
+        cping_after_idle: Duration,
+    ) -> (Arc<Balancer>, SocketAddr, watch::Sender<bool>) {
         let settings = ProxySettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
             sticky_cookie: "JSESSIONID".into(),
@@ -419,17 +480,11 @@ mod reuse_tests {
         let pool_settings = PoolSettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
             connect_timeout: Duration::from_secs(1),
-            cping_after_idle: Duration::from_secs(60),
+            cping_after_idle,
             cping_timeout: Duration::from_secs(1),
             slot_wait: Duration::from_secs(1),
         };
-        let bal = Arc::new(Balancer::new(
-            settings,
-            pool_settings,
-            8,
-            Router::new(LbMethod::Byrequests, true),
-            AjpSecret::new("s".into()),
-        ));
+        let bal = Arc::new(Balancer::new(settings, pool_settings, 8, Router::new(LbMethod::Byrequests, true), backend));
         let specs: Vec<MemberSpec> = members
             .iter()
             .map(|(route, address)| MemberSpec {
@@ -523,7 +578,7 @@ mod reuse_tests {
     }
 
     /// One request on its own client connection; the whole response.
-    async fn request_once(front: SocketAddr, request: &[u8]) -> String {
+    pub(crate) async fn request_once(front: SocketAddr, request: &[u8]) -> String {
         let mut client = TcpStream::connect(front).await.expect("connect");
         client.write_all(request).await.expect("write");
         let mut seen = Vec::new();

@@ -34,6 +34,17 @@ impl std::fmt::Debug for AjpSecret {
     }
 }
 
+/// What the balancer speaks to the members, with what that protocol needs.
+#[derive(Debug)]
+pub enum Backend {
+    /// AJP/1.3 with the connector's secret.
+    Ajp(AjpSecret),
+    /// HTTP/1.1: the client's facts travel in `X-Forwarded-*` and `SSL_*`
+    /// headers, which Tomcat's `RemoteIpValve` and `SSLValve` read. There is
+    /// no secret: only the network (a NetworkPolicy) keeps others off the port.
+    Http,
+}
+
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub packet_size: usize,
@@ -54,7 +65,7 @@ pub struct Balancer {
     pub members: MemberTable,
     pub router: Router,
     pub metrics: Metrics,
-    pub(super) secret: AjpSecret,
+    pub(super) backend: Backend,
     shutting_down: AtomicBool,
     /// Failovers come one per moved session; the log gets at most one line a second.
     pub(super) failover_log: LogLimiter,
@@ -66,7 +77,7 @@ impl Balancer {
         pool_settings: PoolSettings,
         pool_max: usize,
         router: Router,
-        secret: AjpSecret,
+        backend: Backend,
     ) -> Self {
         Balancer {
             members: MemberTable::new(pool_max, settings.drain_timeout),
@@ -74,7 +85,7 @@ impl Balancer {
             pool_settings,
             router,
             metrics: Metrics::new(),
-            secret,
+            backend,
             shutting_down: AtomicBool::new(false),
             failover_log: LogLimiter::new(Duration::from_secs(1)),
         }
@@ -91,6 +102,7 @@ impl Balancer {
     /// Marks a member failed after a connect error (passive health).
     pub fn mark_failed(&self, member: &Member, why: &dyn std::fmt::Display) {
         member.pool.clear();
+        member.http_pool.clear();
         if member.set_healthy(false) {
             tracing::warn!(route = %member.route, address = %member.address, error = %why, "member marked failed");
         }

@@ -52,6 +52,7 @@ const HTTP_TOKEN_RULE: &str = "self.matches('^[!#$%&*+.^_`|~0-9A-Za-z-]+$')";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.httpPort != self.ajp.port && self.httpPort != self.sessions.receiverPort && self.ajp.port != self.sessions.receiverPort").message("httpPort, ajp.port and sessions.receiverPort must be three different ports: every session node binds all of them"))]
+#[x_kube(validation = Rule::new("self.balancer.backendProtocol != 'http' || (self.balancer.backendHttpPort != self.httpPort && self.balancer.backendHttpPort != self.sessions.receiverPort)").message("balancer.backendHttpPort must differ from httpPort and sessions.receiverPort: with backendProtocol http every session node binds all of them"))]
 pub struct ClusterAppSpec {
     /// Number of session nodes (Tomcat pods). Each node `<name>-N` gets the
     /// route (jvmRoute) `<name>-N`. Served by the scale subresource, so
@@ -313,6 +314,25 @@ pub struct Balancer {
     #[serde(default)]
     pub service: BalancerService,
 
+    /// What the balancer speaks to the session nodes. `ajp` (the default):
+    /// AJP/1.3 to the nodes' AJP connector, authenticated by the shared
+    /// secret (see `ajp.secretRef`). `http`: HTTP/1.1 to an HTTP connector on
+    /// `backendHttpPort` instead, the AJP connector is not opened; the
+    /// client's address, scheme, port and TLS facts travel as
+    /// `X-Forwarded-*` and `SSL_*` headers that Tomcat's `RemoteIpValve` and
+    /// `SSLValve` believe from any caller, so only the app's NetworkPolicy
+    /// keeps other Pods off that port: use `http` only where the cluster's
+    /// network enforces NetworkPolicy.
+    #[serde(default)]
+    pub backend_protocol: BackendProtocol,
+
+    /// Port of the session nodes' HTTP connector for the balancer, with
+    /// `backendProtocol: http` (it trusts forwarded headers, so it is a
+    /// port of its own, reachable from the balancer Pods only).
+    #[serde(default = "default_backend_http_port")]
+    #[x_kube(validation = Rule::new(PORT_RULE).message(PORT_MESSAGE))]
+    pub backend_http_port: i32,
+
     /// HTTPS on the balancer, next to plain HTTP on `port`: the balancer
     /// terminates TLS with the certificate of a Secret and Tomcat sees the
     /// requests as secure (`https`). Without it the balancer serves HTTP
@@ -355,6 +375,25 @@ pub struct BalancerTls {
     /// `clientCASecretName` (which it requires).
     #[serde(default)]
     pub require_client_certificate: bool,
+}
+
+/// What the balancer speaks to the session nodes: `ajp` or `http`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    #[default]
+    Ajp,
+    Http,
+}
+
+impl BackendProtocol {
+    /// The value of the balancer's `--backend-protocol` flag.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            BackendProtocol::Ajp => "ajp",
+            BackendProtocol::Http => "http",
+        }
+    }
 }
 
 /// Load-balancing method for new sessions.
@@ -520,6 +559,9 @@ fn default_balancer_port() -> i32 {
 fn default_balancer_tls_port() -> i32 {
     8443
 }
+fn default_backend_http_port() -> i32 {
+    8081
+}
 
 impl Default for Sessions {
     fn default() -> Self {
@@ -595,6 +637,8 @@ impl Default for Balancer {
             image: None,
             resources: None,
             service: BalancerService::default(),
+            backend_protocol: BackendProtocol::default(),
+            backend_http_port: default_backend_http_port(),
             tls: None,
         }
     }

@@ -96,6 +96,16 @@ impl BalancerOptions {
         self.args.push(a.into());
         self
     }
+    /// `--backend-protocol http` with the nodes' HTTP connectors for the balancer as members.
+    pub fn http_members(mut self, nodes: &[&tomcat::TomcatNode]) -> Self {
+        self.args.push("--backend-protocol".into());
+        self.args.push("http".into());
+        for n in nodes {
+            self.args.push("--member".into());
+            self.args.push(format!("{}=127.0.0.1:{}", n.route, n.backend_http_port));
+        }
+        self
+    }
     pub fn members(mut self, nodes: &[&tomcat::TomcatNode]) -> Self {
         for n in nodes {
             self.args.push("--member".into());

@@ -63,6 +63,8 @@ pub struct NodePlan {
     pub route: String,
     pub http_port: u16,
     pub ajp_port: u16,
+    /// The HTTP connector for the balancer (`TomcatOptions::http_backend`).
+    pub backend_http_port: u16,
     pub receiver_port: u16,
     pub unique_id: u8,
 }
@@ -71,6 +73,7 @@ pub struct TomcatNode {
     pub route: String,
     pub http_port: u16,
     pub ajp_port: u16,
+    pub backend_http_port: u16,
     pub receiver_port: u16,
     child: Option<Child>,
     base: TempDir,
@@ -85,6 +88,9 @@ pub struct TomcatOptions {
     /// Extra JVM options (heap, JIT).
     pub jvm_opts: Vec<String>,
     pub clustered: bool,
+    /// The balancer speaks HTTP: an HTTP connector on `backend_http_port`
+    /// with the operator's RemoteIpValve and SSLValve instead of AJP.
+    pub http_backend: bool,
 }
 
 impl TomcatOptions {
@@ -100,6 +106,7 @@ impl TomcatOptions {
                 "-XX:+UseSerialGC".into(),
             ],
             clustered: true,
+            http_backend: false,
         }
     }
 }
@@ -152,24 +159,42 @@ fn server_xml(me: &NodePlan, peers: &[NodePlan], o: &TomcatOptions) -> String {
     } else {
         String::new()
     };
+    // With the HTTP backend: the connector and valves the operator writes
+    // (src/operator/build/server_xml.rs), on loopback.
+    let (backend_connector, valves) = if o.http_backend {
+        (
+            format!(
+                r#"    <Connector port="{}" address="127.0.0.1" protocol="HTTP/1.1" connectionTimeout="20000"
+               maxThreads="{}" maxKeepAliveRequests="-1"/>"#,
+                me.backend_http_port, o.max_threads
+            ),
+            clusterapp::operator::build::server_xml::http_backend_valves(),
+        )
+    } else {
+        (
+            format!(
+                r#"    <Connector port="{}" address="127.0.0.1" protocol="AJP/1.3" secret="{}" secretRequired="true"
+               packetSize="8192" maxThreads="{}"/>"#,
+                me.ajp_port, o.secret, o.max_threads
+            ),
+            "",
+        )
+    };
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <Server port="-1" shutdown="SHUTDOWN">
   <Service name="Catalina">
     <Connector port="{http}" address="127.0.0.1" protocol="HTTP/1.1" connectionTimeout="20000"
                maxThreads="{threads}" maxKeepAliveRequests="-1"/>
-    <Connector port="{ajp}" address="127.0.0.1" protocol="AJP/1.3" secret="{secret}" secretRequired="true"
-               packetSize="8192" maxThreads="{threads}"/>
+{backend_connector}
     <Engine name="Catalina" defaultHost="localhost" jvmRoute="{route}">
-{cluster}      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false"/>
+{valves}{cluster}      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false"/>
     </Engine>
   </Service>
 </Server>
 "#,
         http = me.http_port,
-        ajp = me.ajp_port,
         threads = o.max_threads,
-        secret = o.secret,
         route = me.route,
     )
 }
@@ -200,6 +225,7 @@ impl TomcatNode {
             route: me.route.clone(),
             http_port: me.http_port,
             ajp_port: me.ajp_port,
+            backend_http_port: me.backend_http_port,
             receiver_port: me.receiver_port,
             child: None,
             base,
@@ -292,6 +318,7 @@ pub fn plan(routes: &[&str]) -> Vec<NodePlan> {
             route: r.to_string(),
             http_port: free_port(),
             ajp_port: free_port(),
+            backend_http_port: free_port(),
             receiver_port: free_port(),
             unique_id: i as u8 + 1,
         })

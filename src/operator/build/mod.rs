@@ -28,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{BALANCER_ADMIN_PORT, ClusterApp, Membership, Replication};
+use crate::crd::{BALANCER_ADMIN_PORT, BackendProtocol, ClusterApp, Membership, Replication};
 use crate::operator::children::{ApplyStage, ChildKind, ChildVisitor};
 use crate::operator::names::{
     AJP_SECRET_KEY, AppNames, CLIENT_CA_KEY, COMPONENT_BALANCER, COMPONENT_SESSION_NODE, TLS_CERT_KEY,
@@ -43,6 +43,11 @@ const STARTUP_MARGIN_SECONDS: i32 = 20;
 /// Annotation on the session node pod template: a hash of server.xml, so
 /// that a changed server.xml rolls the nodes (Tomcat reads it at start only).
 pub const CONFIG_HASH_ANNOTATION: &str = "clusterapp.io/server-xml-sha256";
+
+/// Name of the session nodes' HTTP connector for the balancer
+/// (`backendProtocol: http`) on the Pods and the Services (at most 15
+/// characters, like every port name).
+pub const BACKEND_HTTP_PORT_NAME: &str = "http-backend";
 
 /// Where the balancer finds the AJP secret (`--ajp-secret-file`).
 pub const BALANCER_AJP_SECRET_DIR: &str = "/etc/clusterapp/ajp";
@@ -433,10 +438,23 @@ impl Parts<'_> {
         }
     }
 
+    /// The session nodes' port the balancer talks to, by name and number:
+    /// the AJP connector, or with `backendProtocol: http` the HTTP connector
+    /// for the balancer. The balancer finds it by this name in the
+    /// EndpointSlices (`--kubernetes-port-name`).
+    fn backend_port(&self) -> (&'static str, i32) {
+        let spec = &self.app.spec;
+        match spec.balancer.backend_protocol {
+            BackendProtocol::Ajp => ("ajp", spec.ajp.port),
+            BackendProtocol::Http => (BACKEND_HTTP_PORT_NAME, spec.balancer.backend_http_port),
+        }
+    }
+
     fn node_ports(&self) -> Vec<ServicePort> {
         let spec = &self.app.spec;
+        let (backend_name, backend_port) = self.backend_port();
         vec![
-            service_port("ajp", spec.ajp.port, "ajp"),
+            service_port(backend_name, backend_port, backend_name),
             service_port("tribes", spec.sessions.receiver_port, "tribes"),
             service_port("http", spec.http_port, "http"),
         ]
@@ -466,7 +484,10 @@ impl Parts<'_> {
                 // The balancer's member list: readiness matters here.
                 publish_not_ready_addresses: Some(false),
                 selector: Some(self.names.selector_labels(COMPONENT_SESSION_NODE)),
-                ports: Some(vec![service_port("ajp", self.app.spec.ajp.port, "ajp")]),
+                ports: Some({
+                    let (name, number) = self.backend_port();
+                    vec![service_port(name, number, name)]
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -529,11 +550,16 @@ impl Parts<'_> {
                 &format!("{}.{}.svc", self.names.peers_service(), self.namespace),
             ));
         }
-        // The secrets as files: the AJP secret (the user's Secret or ours)
-        // and the Tribes key (always ours) where the cluster encrypts: only
-        // a replicating node has a cluster.
-        let ajp_secret = ajp_secret_selector(self.app);
-        let mut binding_sources = vec![secret_projection(&ajp_secret.name, &ajp_secret.key, BINDING_AJP_SECRET)];
+        // The secrets as files, each only where the server.xml uses it (a
+        // secret a pod does not need stays out of it): the AJP secret (the
+        // user's Secret or ours) with the AJP backend, and the Tribes key
+        // (always ours) where the cluster encrypts (only a replicating node
+        // has a cluster).
+        let mut binding_sources = Vec::new();
+        if spec.balancer.backend_protocol == BackendProtocol::Ajp {
+            let ajp_secret = ajp_secret_selector(self.app);
+            binding_sources.push(secret_projection(&ajp_secret.name, &ajp_secret.key, BINDING_AJP_SECRET));
+        }
         if sessions.encryption && sessions.replication != Replication::None {
             binding_sources.push(secret_projection(&self.names.secret(), TRIBES_KEY_KEY, BINDING_TRIBES_KEY));
         }
@@ -560,11 +586,14 @@ impl Parts<'_> {
         let container = Container {
             name: "tomcat".to_string(),
             image: Some(spec.image.clone()),
-            ports: Some(vec![
-                port("http", spec.http_port),
-                port("ajp", spec.ajp.port),
-                port("tribes", sessions.receiver_port),
-            ]),
+            ports: Some({
+                let (backend_name, backend_port) = self.backend_port();
+                vec![
+                    port("http", spec.http_port),
+                    port(backend_name, backend_port),
+                    port("tribes", sessions.receiver_port),
+                ]
+            }),
             env: Some(env),
             resources: Some(spec.resources.clone().unwrap_or_else(default_session_node_resources)),
             volume_mounts: Some(vec![
@@ -681,7 +710,6 @@ impl Parts<'_> {
     fn balancer_deployment(&self, context: &BuildContext) -> Deployment {
         let spec = &self.app.spec;
         let balancer = &spec.balancer;
-        let ajp_secret = ajp_secret_selector(self.app);
         let mut args = vec![
             "balancer".to_string(),
             "--kubernetes-service".to_string(),
@@ -690,10 +718,44 @@ impl Parts<'_> {
             format!("0.0.0.0:{}", balancer.port),
             "--admin-listen".to_string(),
             format!("0.0.0.0:{BALANCER_ADMIN_PORT}"),
-            "--ajp-secret-file".to_string(),
-            format!("{BALANCER_AJP_SECRET_DIR}/secret"),
-            "--packet-size".to_string(),
-            spec.ajp.packet_size.to_string(),
+        ];
+        let mut volume_mounts = Vec::new();
+        let mut volumes = Vec::new();
+        match balancer.backend_protocol {
+            BackendProtocol::Ajp => {
+                let ajp_secret = ajp_secret_selector(self.app);
+                args.extend([
+                    "--ajp-secret-file".to_string(),
+                    format!("{BALANCER_AJP_SECRET_DIR}/secret"),
+                    "--packet-size".to_string(),
+                    spec.ajp.packet_size.to_string(),
+                ]);
+                volume_mounts.push(read_only_mount("ajp-secret", BALANCER_AJP_SECRET_DIR));
+                volumes.push(Volume {
+                    name: "ajp-secret".to_string(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(ajp_secret.name),
+                        items: Some(vec![KeyToPath {
+                            key: ajp_secret.key,
+                            path: "secret".to_string(),
+                            ..Default::default()
+                        }]),
+                        default_mode: Some(0o400),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+            BackendProtocol::Http => {
+                args.extend([
+                    "--backend-protocol".to_string(),
+                    BackendProtocol::Http.as_flag().to_string(),
+                    "--kubernetes-port-name".to_string(),
+                    BACKEND_HTTP_PORT_NAME.to_string(),
+                ]);
+            }
+        }
+        args.extend([
             "--sticky-cookie".to_string(),
             spec.sessions.cookie_name.clone(),
             "--sticky-path-param".to_string(),
@@ -702,7 +764,7 @@ impl Parts<'_> {
             balancer.method.as_flag().to_string(),
             "--drain-timeout".to_string(),
             balancer_drain_timeout(spec.drain_seconds),
-        ];
+        ]);
         if !balancer.failover {
             args.push("--no-failover".to_string());
         }
@@ -729,17 +791,6 @@ impl Parts<'_> {
             args.extend(["--rebalance-ramp".to_string(), "0s".to_string()]);
         }
         let mut ports = vec![port("http", balancer.port)];
-        let mut volume_mounts = vec![read_only_mount("ajp-secret", BALANCER_AJP_SECRET_DIR)];
-        let mut volumes = vec![Volume {
-            name: "ajp-secret".to_string(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(ajp_secret.name),
-                items: Some(vec![KeyToPath { key: ajp_secret.key, path: "secret".to_string(), ..Default::default() }]),
-                default_mode: Some(0o400),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }];
         // HTTPS: the Secrets are mounted, not copied into the template, so a
         // renewed certificate changes no template (the pods do not roll; the
         // balancer reloads the files) while a changed `tls` setting does.
@@ -887,9 +938,12 @@ impl Parts<'_> {
                 policy_types: Some(vec!["Ingress".to_string()]),
                 ingress: Some(vec![
                     // AJP carries authenticated requests: only our balancer.
+                    // With the HTTP backend this rule is all that keeps
+                    // forged X-Forwarded-*/SSL_* headers away from the
+                    // connector whose valves believe them.
                     NetworkPolicyIngressRule {
                         from: Some(vec![from(COMPONENT_BALANCER)]),
-                        ports: Some(vec![tcp(spec.ajp.port)]),
+                        ports: Some(vec![tcp(self.backend_port().1)]),
                     },
                     // Session replication and HTTP (health) only among peers.
                     NetworkPolicyIngressRule {

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use crate::crd::{ClusterAppSpec, Membership, Replication, SendMode};
+use crate::crd::{BackendProtocol, ClusterAppSpec, Membership, Replication, SendMode};
 
 /// Environment variables the server.xml refers to (set by the StatefulSet).
 pub const ENV_POD_NAME: &str = "POD_NAME";
@@ -34,6 +34,36 @@ fn binding_property((binding, key): (&str, &str)) -> String {
 /// applications starting (and so their state transfer): two membership
 /// polls of every peer plus a failure detector re-add, with margin.
 pub const DEPLOY_DELAY_SECONDS: i32 = 20;
+
+/// The Engine valves of `backendProtocol: http`, in order: `RemoteIpValve`
+/// makes the client's address, scheme (`isSecure()`) and server port those
+/// of the balancer's `X-Forwarded-*` headers, then `SSLValve` turns its
+/// `ssl_*` headers into the TLS request attributes (cipher, key size,
+/// client certificate).
+///
+/// Whom they believe: `internalProxies=".*"`, any caller. The operator
+/// cannot name the balancer Pods' addresses (they change with every
+/// rollout), and a range would not be narrower in any way that matters:
+/// Tomcat's default list (RFC 1918, 100.64/10, loopback, link-local,
+/// IPv6 ULA) already holds every Pod of most clusters, and misses the pod
+/// networks that are neither (public or IPv6 global ranges), where the
+/// client's address would silently become the balancer's. `SSLValve` has no
+/// such list at all. What keeps forged headers out is who can reach the
+/// connectors: the balancer strips a client's own, the backend connector
+/// port is open to the balancer Pods only and the probe port to the app's
+/// own nodes only (the NetworkPolicy), and the connectors bind the Pod IP.
+/// Both valves sit on the Engine, so they apply to the probe connector as
+/// well, whose callers (kubelet, peers) send no such headers.
+///
+/// The test Tomcats of `tests/balancer_http_backend.rs` run with these very lines.
+pub fn http_backend_valves() -> &'static str {
+    concat!(
+        r#"      <Valve className="org.apache.catalina.valves.RemoteIpValve" internalProxies=".*" remoteIpHeader="X-Forwarded-For" protocolHeader="X-Forwarded-Proto" protocolHeaderHttpsValue="https" portHeader="X-Forwarded-Port" proxiesHeader="X-Forwarded-By"/>"#,
+        "\n",
+        r#"      <Valve className="org.apache.catalina.valves.SSLValve"/>"#,
+        "\n",
+    )
+}
 
 /// Tribes `channelSendOptions`: 8 = asynchronous; 6 = `use_ack` (2) +
 /// `sync` (4): the request waits until every peer acknowledged the change.
@@ -86,15 +116,33 @@ pub fn server_xml(app_name: &str, spec: &ClusterAppSpec) -> String {
     // AJP's default address is loopback alone.
     let _ =
         writeln!(xml, r#"    <Connector protocol="HTTP/1.1" port="{}" connectionTimeout="20000"/>"#, spec.http_port);
-    let _ = writeln!(
-        xml,
-        r#"    <Connector protocol="AJP/1.3" address="${{{ENV_POD_IP}}}" port="{}" packetSize="{}" secretRequired="true" secret="{}"/>"#,
-        spec.ajp.port,
-        spec.ajp.packet_size,
-        binding_property(BINDING_AJP_SECRET)
-    );
+    match spec.balancer.backend_protocol {
+        BackendProtocol::Ajp => {
+            let _ = writeln!(
+                xml,
+                r#"    <Connector protocol="AJP/1.3" address="${{{ENV_POD_IP}}}" port="{}" packetSize="{}" secretRequired="true" secret="{}"/>"#,
+                spec.ajp.port,
+                spec.ajp.packet_size,
+                binding_property(BINDING_AJP_SECRET)
+            );
+        }
+        // No AJP connector: an open port nobody uses is only a risk. The
+        // balancer's connections are long-lived keep-alive ones (it probes
+        // them before reuse), so Tomcat's limit of 100 requests per
+        // connection is lifted.
+        BackendProtocol::Http => {
+            let _ = writeln!(
+                xml,
+                r#"    <Connector protocol="HTTP/1.1" address="${{{ENV_POD_IP}}}" port="{}" connectionTimeout="20000" maxKeepAliveRequests="-1"/>"#,
+                spec.balancer.backend_http_port
+            );
+        }
+    }
     // jvmRoute from the pod name: Tomcat 10.1+ ignores -DjvmRoute.
     let _ = writeln!(xml, r#"    <Engine name="Catalina" defaultHost="localhost" jvmRoute="${{{ENV_POD_NAME}}}">"#);
+    if spec.balancer.backend_protocol == BackendProtocol::Http {
+        xml.push_str(http_backend_valves());
+    }
     // The probes' endpoint: answers 200 on /health while the engine runs.
     let _ = writeln!(xml, r#"      <Valve className="org.apache.catalina.valves.HealthCheckValve"/>"#);
     if spec.sessions.replication != Replication::None {

@@ -77,6 +77,83 @@ fn golden_no_replication() {
     golden("no-replication");
 }
 
+#[test]
+fn golden_http_backend() {
+    golden("http-backend");
+}
+
+/// `backendProtocol: http`: the nodes open an HTTP connector for the
+/// balancer on their Pod IP with the forwarding valves and no AJP
+/// connector; only the balancer Pods may reach it; the balancer is told the
+/// protocol and the port's name, and gets no AJP secret (nor do the nodes).
+#[test]
+fn http_backend_wiring() {
+    let app = fixture("http-backend");
+    let children = build_children(&app, &material(), &context()).expect("builds");
+    let xml = children.config_map.data.as_ref().and_then(|d| d.get("server.xml")).expect("server.xml");
+    let doc = roxmltree::Document::parse(xml).expect("XML");
+    let connectors: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("Connector")).collect();
+    assert!(connectors.iter().all(|c| c.attribute("protocol") == Some("HTTP/1.1")), "no AJP connector: {xml}");
+    let backend = connectors.iter().find(|c| c.attribute("port") == Some("8090")).expect("the balancer's connector");
+    assert_eq!(backend.attribute("address"), Some("${POD_IP}"));
+    let engine_valves: Vec<&str> = doc
+        .descendants()
+        .find(|n| n.has_tag_name("Engine"))
+        .expect("Engine")
+        .children()
+        .filter(|n| n.has_tag_name("Valve"))
+        .filter_map(|n| n.attribute("className"))
+        .collect();
+    assert_eq!(
+        engine_valves[..2],
+        ["org.apache.catalina.valves.RemoteIpValve", "org.apache.catalina.valves.SSLValve"],
+        "forwarding valves first, so every later valve sees the client's facts"
+    );
+    assert!(!xml.contains("AJP_SECRET"), "{xml}");
+
+    let node_pod = children.stateful_set.spec.template.spec.as_ref().expect("pod spec");
+    let tomcat = &node_pod.containers[0];
+    let port_names: Vec<(&str, i32)> =
+        tomcat.ports.iter().flatten().map(|p| (p.name.as_deref().unwrap_or(""), p.container_port)).collect();
+    assert_eq!(port_names, [("http", 8080), ("http-backend", 8090), ("tribes", 4000)]);
+    assert!(tomcat.env.iter().flatten().all(|e| e.name != "AJP_SECRET"), "no AJP secret in the node");
+
+    let nodes_ports: Vec<&str> = children
+        .nodes_service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p.name.as_deref())
+        .collect();
+    assert_eq!(nodes_ports, ["http-backend"], "the balancer's member list carries the HTTP port");
+
+    let balancer_pod = children.balancer_deployment.spec.template.spec.as_ref().expect("pod");
+    let args = balancer_pod.containers[0].args.as_ref().expect("args").join(" ");
+    assert!(args.contains("--backend-protocol http --kubernetes-port-name http-backend"), "{args}");
+    assert!(!args.contains("--ajp-secret-file") && !args.contains("--packet-size"), "{args}");
+    assert!(balancer_pod.volumes.iter().flatten().all(|v| v.name != "ajp-secret"), "the balancer mounts no AJP secret");
+
+    let ingress = children.network_policy.spec.as_ref().and_then(|s| s.ingress.as_ref()).expect("ingress");
+    let backend_rule = ingress
+        .iter()
+        .find(|rule| rule.ports.iter().flatten().any(|p| p.port == Some(IntOrString::Int(8090))))
+        .expect("a rule for the backend port");
+    let peers: Vec<_> = backend_rule
+        .from
+        .iter()
+        .flatten()
+        .filter_map(|peer| peer.pod_selector.as_ref()?.match_labels.as_ref())
+        .collect();
+    assert_eq!(peers.len(), 1, "one peer: the balancer Pods");
+    assert!(peers[0].values().any(|v| v == "balancer"), "{peers:?}");
+    assert!(
+        ingress.iter().flat_map(|rule| rule.ports.iter().flatten()).all(|p| p.port != Some(IntOrString::Int(8009))),
+        "the AJP port is not opened"
+    );
+}
+
 fn server_xml_of(name: &str) -> String {
     let app = fixture(name);
     server_xml::server_xml(app.metadata.name.as_deref().unwrap_or_default(), &app.spec)
@@ -207,7 +284,7 @@ fn key_material_only_in_the_secret() {
 /// files the server.xml names are the ones the volume holds.
 #[test]
 fn secrets_reach_tomcat_as_files_not_environment_variables() {
-    for name in ["default", "every-option", "no-replication"] {
+    for name in ["default", "every-option", "no-replication", "http-backend"] {
         let app = fixture(name);
         let children = build_children(&app, &material(), &context()).expect("builds");
         let pod = children.stateful_set.spec.template.spec.as_ref().expect("pod spec");
@@ -238,8 +315,12 @@ fn secrets_reach_tomcat_as_files_not_environment_variables() {
             .flat_map(|s| s.items.iter().flatten().map(|i| (s.name.clone(), i.key.clone(), i.path.clone())))
             .collect();
         let xml = server_xml_of(name);
-        // the AJP secret always; the Tribes key where the Cluster encrypts
-        assert!(files.iter().any(|(_, _, path)| path == "ajp/secret"), "{name}: {files:?}");
+        // each file exactly where the server.xml names it
+        assert_eq!(
+            files.iter().any(|(_, _, path)| path == "ajp/secret"),
+            xml.contains("${chomp:ajp.secret}"),
+            "{name}: the AJP secret file exactly when server.xml uses it: {files:?}"
+        );
         assert_eq!(
             files.iter().any(|(_, _, path)| path == "tribes/key"),
             xml.contains("${chomp:tribes.key}"),
