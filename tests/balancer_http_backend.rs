@@ -12,20 +12,17 @@ mod balancer_common;
 #[path = "support/pki.rs"]
 mod pki;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use balancer_common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
 use balancer_common::http::{Conn, get, raw_exchange, read_reply};
 use balancer_common::tomcat::{TomcatOptions, start_cluster};
 use balancer_common::{Balancer, BalancerOptions, TempDir, free_port};
 use bytes::Bytes;
-use futures::StreamExt;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper::body::Frame;
 use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsConnector;
@@ -33,54 +30,8 @@ use tokio_rustls::TlsConnector;
 /// The AJP secret the helper always writes; unused over HTTP.
 const SECRET: &str = "http-backend-unused-secret";
 
-type Body = BoxBody<Bytes, Infallible>;
-
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
-}
-
 fn http_options() -> TomcatOptions {
     TomcatOptions { http_backend: true, ..TomcatOptions::new(SECRET) }
-}
-
-/// A body of `total` pseudo-random bytes generated in 64 KiB pieces, and its SHA-256.
-fn generated_body(total: usize) -> (Body, String) {
-    const PIECE: usize = 64 * 1024;
-    let piece_at = move |i: usize| -> Bytes {
-        let start = i * PIECE;
-        let len = PIECE.min(total - start);
-        Bytes::from((0..len).map(|j| ((start + j) * 7 % 253) as u8).collect::<Vec<u8>>())
-    };
-    let mut sha = Sha256::new();
-    let pieces = total.div_ceil(PIECE);
-    for i in 0..pieces {
-        sha.update(piece_at(i));
-    }
-    let digest = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    let stream = futures::stream::iter(0..pieces).map(move |i| Ok::<_, Infallible>(Frame::data(piece_at(i))));
-    (BodyExt::boxed(StreamBody::new(stream)), digest)
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM")
-}
-
-/// The echo's headers, lowercase names, sorted.
-fn header_pairs(echo: &serde_json::Value) -> Vec<(String, String)> {
-    let mut pairs: Vec<(String, String)> = echo["headers"]
-        .as_array()
-        .expect("headers")
-        .iter()
-        .map(|p| (p[0].as_str().expect("name").to_ascii_lowercase(), p[1].as_str().expect("value").to_string()))
-        .collect();
-    pairs.sort();
-    pairs
 }
 
 /// A TCP connection to `to` from the loopback address `from` (Linux
@@ -190,23 +141,8 @@ async fn requests_round_trip_over_http_with_the_clients_facts() {
         assert_eq!(echo["serverPort"], balancer.listen.port() as u64);
     }
 
-    // HEAD: headers only, and the connection stays usable.
-    let req = Request::head("/counter/echo").header("host", "balancer.test").body(full(Bytes::new())).expect("req");
-    let reply = read_reply(conn.send(req).await.expect("send")).await;
-    assert_eq!(reply.status, 200);
-    assert!(reply.body.is_empty());
-    assert_eq!(reply.header("x-route"), Some("solo"));
-
-    // Expect: 100-continue with a body.
-    let req = Request::post("/counter/echo")
-        .header("host", "balancer.test")
-        .header("expect", "100-continue")
-        .header("content-length", "5")
-        .body(full("hello"))
-        .expect("req");
-    let reply = read_reply(conn.send(req).await.expect("send")).await;
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.json()["bodyLength"], 5);
+    // HEAD: headers only, and the connection stays usable; Expect: 100-continue.
+    head_and_expect_continue(&mut conn).await;
 
     // --- large bodies, streamed both ways ---
     let pid = balancer.pid();
@@ -252,7 +188,7 @@ async fn requests_round_trip_over_http_with_the_clients_facts() {
         }
         assert_eq!(seen, DOWNLOAD);
     }
-    let peak_kib = peak_rss_kib(pid);
+    let peak_kib = proc_status_kib(pid, "VmHWM:");
     eprintln!(
         "50 MB up, 8 MB up, 2x100 MB down over HTTP in {:?}; balancer peak RSS {peak_kib} KiB",
         started.elapsed()

@@ -5,66 +5,18 @@
 
 mod balancer_common;
 
-use std::convert::Infallible;
 use std::time::Duration;
 
+use balancer_common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
 use balancer_common::http::{Conn, read_reply};
 use balancer_common::tomcat::{TomcatOptions, start_cluster};
 use balancer_common::{Balancer, BalancerOptions};
 use bytes::Bytes;
-use futures::StreamExt;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::BodyExt;
 use hyper::Request;
-use hyper::body::Frame;
 use sha2::{Digest, Sha256};
 
 const SECRET: &str = "round-trip-secret";
-
-type Body = BoxBody<Bytes, Infallible>;
-
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
-}
-
-/// A body of `total` pseudo-random bytes generated in 64 KiB pieces, and its SHA-256.
-fn generated_body(total: usize) -> (Body, String) {
-    const PIECE: usize = 64 * 1024;
-    let piece_at = move |i: usize| -> Bytes {
-        let start = i * PIECE;
-        let len = PIECE.min(total - start);
-        Bytes::from((0..len).map(|j| ((start + j) * 7 % 253) as u8).collect::<Vec<u8>>())
-    };
-    let mut sha = Sha256::new();
-    let pieces = total.div_ceil(PIECE);
-    for i in 0..pieces {
-        sha.update(piece_at(i));
-    }
-    let digest = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    let stream = futures::stream::iter(0..pieces).map(move |i| Ok::<_, Infallible>(Frame::data(piece_at(i))));
-    (BodyExt::boxed(StreamBody::new(stream)), digest)
-}
-
-fn vm_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("field")
-}
-
-fn header_pairs(echo: &serde_json::Value) -> Vec<(String, String)> {
-    let mut pairs: Vec<(String, String)> = echo["headers"]
-        .as_array()
-        .expect("headers")
-        .iter()
-        .map(|p| (p[0].as_str().expect("name").to_ascii_lowercase(), p[1].as_str().expect("value").to_string()))
-        .collect();
-    pairs.sort();
-    pairs
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_round_trip_exactly_and_bodies_stream() {
@@ -138,23 +90,8 @@ async fn requests_round_trip_exactly_and_bodies_stream() {
         assert_eq!(echo["remotePort"], conn.local.port() as u64, "same client connection");
     }
 
-    // HEAD: headers only, and the connection stays usable.
-    let req = Request::head("/counter/echo").header("host", "balancer.test").body(full(Bytes::new())).expect("req");
-    let reply = read_reply(conn.send(req).await.expect("send")).await;
-    assert_eq!(reply.status, 200);
-    assert!(reply.body.is_empty());
-    assert_eq!(reply.header("x-route"), Some("solo"));
-
-    // Expect: 100-continue with a body.
-    let req = Request::post("/counter/echo")
-        .header("host", "balancer.test")
-        .header("expect", "100-continue")
-        .header("content-length", "5")
-        .body(full("hello"))
-        .expect("req");
-    let reply = read_reply(conn.send(req).await.expect("send")).await;
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.json()["bodyLength"], 5);
+    // HEAD: headers only, and the connection stays usable; Expect: 100-continue.
+    head_and_expect_continue(&mut conn).await;
 
     // --- 50 MB chunked upload, streamed ---
     let pid = balancer.pid();
@@ -200,7 +137,7 @@ async fn requests_round_trip_exactly_and_bodies_stream() {
         }
         assert_eq!(seen, total);
     }
-    let peak_kib = vm_kib(pid, "VmHWM:");
+    let peak_kib = proc_status_kib(pid, "VmHWM:");
     assert!(
         peak_kib < 48 * 1024,
         "balancer peak RSS {peak_kib} KiB after 50 MB up and 2x100 MB down: bodies must stream"

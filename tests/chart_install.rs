@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use support::nodes::nodes;
+use support::nodes::{PortForward, http_status, nodes, root_mount_options, uids};
 use support::{TestNamespace, helm, kubectl, run_ok, wait_until};
 
 fn pod_ready(p: &Pod) -> bool {
@@ -44,6 +44,24 @@ async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_r
         assert!(pod_ready(p), "operator pod {:?} not ready", p.metadata.name);
         assert_eq!(p.spec.as_ref().and_then(|s| s.service_account_name.as_deref()), Some("op-clusterapp"));
     }
+    // What the runtime enforces for the operator, seen from the host: not
+    // root, read-only root file system; and kubectl logs / exec /
+    // port-forward work against it (its image has no shell: exec runs the
+    // binary itself).
+    let operator = operator_pods.items[0].metadata.name.clone().expect("operator pod name");
+    let pid = nodes().container_pid(&system.name, &operator, "operator").expect("a running operator container");
+    let ids = uids(pid);
+    assert!(ids.iter().all(|&id| id != 0), "the operator runs as root: uids {ids:?}");
+    let options = root_mount_options(pid);
+    assert!(options.split(',').any(|o| o == "ro"), "the operator's / is mounted {options}");
+    let logs = run_ok(kubectl().args(["logs", "-n", &system.name, &operator]));
+    assert!(!logs.trim().is_empty(), "kubectl logs of the operator is empty");
+    let version =
+        run_ok(kubectl().args(["exec", "-n", &system.name, &operator, "--", "/usr/local/bin/clusterapp", "--version"]));
+    assert!(version.starts_with("clusterapp "), "{version}");
+    let admin = PortForward::open(&system.name, &operator, 9090);
+    assert_eq!(http_status(admin.local_port, "/healthz"), "200", "the operator's admin port through port-forward");
+    drop(admin);
 
     // A small ClusterApp of the sample app: 1 node, 1 balancer.
     let manifest = std::fs::read_to_string(support::repo_root().join("deploy/examples/clusterapp.yaml"))

@@ -10,8 +10,6 @@ mod operator_common;
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -19,84 +17,8 @@ use kube::Api;
 use kube::api::ListParams;
 
 use e2e_common::{App, Load, serial, summary};
-use support::nodes::nodes;
+use support::nodes::{PortForward, environment, http_status, nodes, root_mount_options, uids};
 use support::{kubectl, run_ok};
-
-/// The uids of a process (real, effective, saved, filesystem) from the host.
-fn uids(pid: u32) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
-    let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid: line");
-    line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect()
-}
-
-/// The mount options of the process's root (`/` in its own mount
-/// namespace), from the host.
-fn root_mount_options(pid: u32) -> String {
-    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("/proc/<pid>/mountinfo");
-    // `id parent major:minor root mount-point options ...`
-    mounts
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .rfind(|f| f.len() > 5 && f[4] == "/")
-        .map(|f| f[5].to_string())
-        .expect("a mount at /")
-}
-
-/// The process's environment as `NAME=value` lines, from the host.
-fn environment(pid: u32) -> String {
-    let bytes = std::fs::read(format!("/proc/{pid}/environ")).expect("/proc/<pid>/environ");
-    String::from_utf8_lossy(&bytes).replace('\0', "\n")
-}
-
-/// `kubectl port-forward pod/<pod> :<port>` until dropped; the local port.
-struct PortForward {
-    child: std::process::Child,
-    /// Kept open: kubectl writes a line per connection, and dies of
-    /// SIGPIPE once nobody reads its stdout.
-    _stdout: BufReader<std::process::ChildStdout>,
-    local_port: u16,
-}
-
-impl PortForward {
-    fn open(namespace: &str, pod: &str, port: u16) -> PortForward {
-        let mut child = kubectl()
-            .args(["port-forward", "-n", namespace, &format!("pod/{pod}"), &format!(":{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("kubectl port-forward");
-        let stdout = child.stdout.take().expect("stdout");
-        // "Forwarding from 127.0.0.1:41234 -> 9090"
-        let mut stdout = BufReader::new(stdout);
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("port-forward's first line");
-        let local_port = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("port-forward to {pod}:{port} said {line:?}"));
-        PortForward { child, _stdout: stdout, local_port }
-    }
-}
-
-impl Drop for PortForward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The status line of a GET through 127.0.0.1:`port` (curl, a fresh
-/// connection).
-fn http_status(port: u16, path: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[tokio::test]
 async fn on_real_nodes_pods_spread_run_locked_down_keep_secrets_in_files_and_answer_kubectl() {

@@ -287,7 +287,15 @@ async fn track_session(
 /// (600, not fewer: each session goes where a hash sends it, so a node's
 /// share of n sessions varies by about √(0.16/n); with 60 sessions a fair
 /// rule still misses ±5 % on some node in most runs.)
-#[tokio::test]
+// Not run by `make test` since the suite runs on real nodes (2026-12-01):
+// there it lost 229 of 39 655 acknowledged increments and 3 of 12 browser
+// sessions. While a new node joined on the busy machine, replication to it
+// timed out, Tomcat still acknowledged the requests, and sessions moved
+// onto it continued from the older copy. Rebalancing is off by default
+// until the balancers move a session only onto a node known to hold its
+// latest state (issue 12); this scenario is the test that must pass then:
+// call `rebalance_after_scale_up("all")` from a #[tokio::test] again.
+#[allow(dead_code)] // the rebalancing scenario above, kept for its fix
 async fn scale_up_rebalances_existing_sessions_onto_the_new_nodes() {
     rebalance_after_scale_up("all").await;
 }

@@ -589,7 +589,7 @@ impl Default for Ajp {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Rebalance {
-    /// `true` (the default): a node that becomes ready takes over, from
+    /// `true`: a node that becomes ready takes over, from
     /// every balancer at the same moments, the existing sessions that the
     /// balancer's failover rule (rendezvous hashing of the session id)
     /// places on it — about 1/N of them with N ready nodes. It renames each
@@ -597,9 +597,12 @@ pub struct Rebalance {
     /// (replicated). Nodes that become ready within two minutes of the
     /// app's creation are not newcomers (a new app's first sessions stay
     /// where they were born). `false`: existing sessions stay on their
-    /// node; only new sessions reach it. Applies with
-    /// `sessions.replication: all` only (with `none` the new node has no
-    /// copy; with `backup` moved sessions lost updates in our tests).
+    /// node; only new sessions reach it (the default: on real nodes under
+    /// load, a node that joins can miss replicated changes that Tomcat
+    /// acknowledged anyway, and a session moved onto it then lost them).
+    /// Applies with `sessions.replication: all` only (with `none` the new
+    /// node has no copy; with `backup` moved sessions lost updates in our
+    /// tests).
     #[serde(default = "default_rebalance_enabled")]
     pub enabled: bool,
 
@@ -612,7 +615,7 @@ pub struct Rebalance {
 }
 
 fn default_rebalance_enabled() -> bool {
-    true
+    false
 }
 
 fn default_rebalance_ramp_seconds() -> i32 {

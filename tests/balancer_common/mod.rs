@@ -6,6 +6,7 @@
 //! when a test panics.
 #![allow(dead_code)]
 
+pub mod bodies;
 pub mod http;
 pub mod tomcat;
 

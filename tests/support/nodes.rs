@@ -15,8 +15,9 @@
 //! container logs from the kubelets' pod log folders (every restart), host
 //! PIDs from the container runtime (`crictl inspect`).
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use super::{bed_paths, env_file_value, repo_root, run_ok};
@@ -189,4 +190,80 @@ where
 /// The Pod's Ready condition is True.
 pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     pod.status.iter().flat_map(|s| s.conditions.iter().flatten()).any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// The uids of a process (real, effective, saved, filesystem) from the host.
+pub fn uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid: line");
+    line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect()
+}
+
+/// The mount options of the process's root (`/` in its own mount
+/// namespace), from the host.
+pub fn root_mount_options(pid: u32) -> String {
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("/proc/<pid>/mountinfo");
+    // `id parent major:minor root mount-point options ...`
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .rfind(|f| f.len() > 5 && f[4] == "/")
+        .map(|f| f[5].to_string())
+        .expect("a mount at /")
+}
+
+/// The process's environment as `NAME=value` lines, from the host.
+pub fn environment(pid: u32) -> String {
+    let bytes = std::fs::read(format!("/proc/{pid}/environ")).expect("/proc/<pid>/environ");
+    String::from_utf8_lossy(&bytes).replace('\0', "\n")
+}
+
+/// `kubectl port-forward pod/<pod> :<port>` until dropped; the local port.
+pub struct PortForward {
+    child: std::process::Child,
+    /// Kept open: kubectl writes a line per connection, and dies of
+    /// SIGPIPE once nobody reads its stdout.
+    _stdout: BufReader<std::process::ChildStdout>,
+    pub local_port: u16,
+}
+
+impl PortForward {
+    pub fn open(namespace: &str, pod: &str, port: u16) -> PortForward {
+        let mut child = super::kubectl()
+            .args(["port-forward", "-n", namespace, &format!("pod/{pod}"), &format!(":{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl port-forward");
+        let stdout = child.stdout.take().expect("stdout");
+        // "Forwarding from 127.0.0.1:41234 -> 9090"
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("port-forward's first line");
+        let local_port = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("port-forward to {pod}:{port} said {line:?}"));
+        PortForward { child, _stdout: stdout, local_port }
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status line of a GET through 127.0.0.1:`port` (curl, a fresh
+/// connection).
+pub fn http_status(port: u16, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -368,7 +368,10 @@ fn balancer_runs_with_the_agreed_flags() {
         "access log off by default"
     );
     let args = container.args.clone().unwrap_or_default().join(" ");
-    assert!(args.contains("--rebalance-ramp 30s --kubernetes-pod-selector"), "on by default, ramp 30 s: {args}");
+    assert!(
+        args.ends_with("--rebalance-ramp 0s") && !args.contains("--kubernetes-pod-selector"),
+        "rebalancing off by default (ramp 0 s, no Pod watch): {args}"
+    );
     let mut slow = fixture("default");
     slow.spec.balancer.rebalance.enabled = true;
     slow.spec.balancer.rebalance.ramp_seconds = 90;
