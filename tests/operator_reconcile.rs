@@ -166,6 +166,12 @@ async fn events_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
     app_events(ns, name, false).await
 }
 
+/// Name and key of the Secret behind a file.
+struct SecretKeyRefLike {
+    name: String,
+    key: String,
+}
+
 #[tokio::test]
 async fn apply_creates_every_child_owned_and_labelled() {
     let ns = operator_common::OperatorNamespace::new("capp-apply").await;
@@ -564,15 +570,20 @@ async fn missing_secret_ref_degrades_and_creating_it_heals() {
     wait_healed_within(&ns, Duration::from_secs(5)).await;
     let children = wait_for_children(&ns, "shop").await;
     assert_eq!(children.len(), 15);
-    // The nodes and the balancer read the user's Secret.
+    // The nodes (as a file of their bindings volume) and the balancer read
+    // the user's Secret.
     let sts = ns.api::<StatefulSet>().get("shop").await.expect("sts");
-    let env = sts.spec.template.spec.expect("pod").containers[0].env.clone().expect("env");
-    let ajp = env
+    let pod = sts.spec.template.spec.expect("pod");
+    let bindings = pod.volumes.iter().flatten().find(|v| v.name == "bindings").expect("bindings volume");
+    let ajp = bindings
+        .projected
         .iter()
-        .find(|e| e.name == "AJP_SECRET")
-        .and_then(|e| e.value_from.clone())
-        .and_then(|v| v.secret_key_ref)
-        .expect("ref");
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.secret.as_ref())
+        .find(|s| s.items.iter().flatten().any(|i| i.path == "ajp/secret"))
+        .map(|s| (s.name.clone(), s.items.iter().flatten().map(|i| i.key.clone()).next().unwrap_or_default()))
+        .expect("the AJP secret file's source");
+    let ajp = SecretKeyRefLike { name: ajp.0, key: ajp.1 };
     assert_eq!((ajp.name.as_str(), ajp.key.as_str()), ("shop-ajp", "secret"));
     let text = serde_json::to_string(&app_get(&ns, "shop").await).expect("json");
     assert!(!text.contains("user-chosen-ajp-secret"));
