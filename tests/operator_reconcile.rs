@@ -166,12 +166,6 @@ async fn events_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
     app_events(ns, name, false).await
 }
 
-/// Name and key of the Secret behind a file.
-struct SecretKeyRefLike {
-    name: String,
-    key: String,
-}
-
 #[tokio::test]
 async fn apply_creates_every_child_owned_and_labelled() {
     let ns = operator_common::OperatorNamespace::new("capp-apply").await;
@@ -583,8 +577,7 @@ async fn missing_secret_ref_degrades_and_creating_it_heals() {
         .find(|s| s.items.iter().flatten().any(|i| i.path == "ajp/secret"))
         .map(|s| (s.name.clone(), s.items.iter().flatten().map(|i| i.key.clone()).next().unwrap_or_default()))
         .expect("the AJP secret file's source");
-    let ajp = SecretKeyRefLike { name: ajp.0, key: ajp.1 };
-    assert_eq!((ajp.name.as_str(), ajp.key.as_str()), ("shop-ajp", "secret"));
+    assert_eq!((ajp.0.as_str(), ajp.1.as_str()), ("shop-ajp", "secret"));
     let text = serde_json::to_string(&app_get(&ns, "shop").await).expect("json");
     assert!(!text.contains("user-chosen-ajp-secret"));
     wait_until(WAIT, "a Recovered event", || async {
