@@ -38,6 +38,7 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     let _serial = serial().await;
     let app = App::start("e2e-scale", "shop", 3, serde_json::json!({})).await;
     let port = app.port;
+    let node_logs = app.keep_node_logs(5);
 
     // --- 2. scale up 3 -> 5 ------------------------------------------------
     // Sessions that exist before the scale-up, 5 increments each.
@@ -101,6 +102,30 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     let browsers = BrowserLoad::start(port, BROWSER_SESSIONS, BROWSER_WORKERS, BROWSER_PAUSE).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     app.patch_spec(serde_json::json!({"replicas": 2})).await;
+    // Every node the new count removes is marked leaving at once, while the
+    // StatefulSet still deletes shop-4 (shop-2 goes last): the balancers
+    // send none of shop-4's sessions to shop-3 or shop-2 to move again.
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = app.ns.api();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let marked_before_deleted = loop {
+        let mut views = Vec::new();
+        for name in ["shop-2", "shop-3", "shop-4"] {
+            if let Ok(Some(pod)) = pods.get_opt(name).await {
+                let marked =
+                    kube::ResourceExt::labels(&pod).get("clusterapp.io/leaving").map(String::as_str) == Some("true");
+                views.push((name, marked, pod.metadata.deletion_timestamp.is_some()));
+            }
+        }
+        if views.len() == 3 && views.iter().all(|(_, marked, _)| *marked) {
+            break views;
+        }
+        assert!(Instant::now() < deadline, "shop-2..4 not all labelled leaving within 15 s: {views:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        !marked_before_deleted[0].2,
+        "shop-2 was marked by the count, not because it terminated: {marked_before_deleted:?}"
+    );
     let converge = app.wait_ready(2, Duration::from_secs(300)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (total, _) = load.finish().await;
@@ -184,6 +209,11 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
         "",
     );
     app.operator.stop().await;
+    let lost = [&scale_down_browsers, &rolling_browsers].iter().any(|o| o.lost_sessions > 0 || !o.failures.is_empty());
+    if lost || scale_down.0 != (0, 0, 0) || (total.failures, total.lost, total.skipped) != (0, 0, 0) {
+        // For the failure's reader: every node's log, next to the test's output.
+        println!("nodes' logs in {}", node_logs.save("e2e-scale").display());
+    }
     assert_eq!(scale_down.0, (0, 0, 0), "scale-down under load: {:?}", scale_down.1);
     assert!(scale_down.2 > 500, "the load ran: {} ok", scale_down.2);
     assert_eq!((total.failures, total.lost, total.skipped), (0, 0, 0), "rolling update under load: {:?}", total.errors);
@@ -314,6 +344,7 @@ async fn rebalance_after_scale_up(replication: &str) {
         }),
     )
     .await;
+    let node_logs = app.keep_node_logs(5);
     // The app's creation time is now or earlier: nodes ready later than two
     // minutes after it are newcomers (the operator's --rebalance-after). A
     // node of the app that came up later than that (a slow start) was one,
@@ -385,26 +416,8 @@ async fn rebalance_after_scale_up(replication: &str) {
     // the balancers still move others. The same sessions and browsers go on.
     println!("scale 5 -> 2 at {:.1} s, {} s after Ready 5/5", test_clock().as_secs_f64(), ready_at.elapsed().as_secs());
     let scaled_down_at = Instant::now();
-    // The removed nodes' logs go with their Pods: keep the last read of each.
-    let mut node_logs = std::collections::BTreeMap::<String, String>::new();
     app.patch_spec(serde_json::json!({"replicas": 2})).await;
-    {
-        let ready = app.wait_ready(2, Duration::from_secs(300));
-        tokio::pin!(ready);
-        loop {
-            for i in 0..5 {
-                let pod = format!("shop-{i}");
-                let log = app.node_log(&pod);
-                if !log.is_empty() {
-                    node_logs.insert(pod, log);
-                }
-            }
-            tokio::select! {
-                _ = &mut ready => break,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-    }
+    app.wait_ready(2, Duration::from_secs(300)).await;
     println!("Ready 2/2 at {:.1} s", test_clock().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let outcome = browsers.finish().await;
@@ -437,14 +450,7 @@ async fn rebalance_after_scale_up(replication: &str) {
     );
     if !gaps.is_empty() || outcome.lost_sessions > 0 {
         // For the failure's reader: every node's log, next to the test's output.
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-rebalance-{replication}"));
-        let _ = std::fs::create_dir_all(&dir);
-        for (pod, log) in node_logs.iter_mut() {
-            let now = app.node_log(pod);
-            let log = if now.len() > log.len() { &now } else { &*log };
-            let _ = std::fs::write(dir.join(format!("{pod}.log")), log);
-        }
-        println!("nodes' logs in {}", dir.display());
+        println!("nodes' logs in {}", node_logs.save(&format!("e2e-rebalance-{replication}")).display());
     }
     app.operator.stop().await;
     assert!(gaps.is_empty(), "increments lost or sessions new: {gaps:?}");

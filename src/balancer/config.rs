@@ -52,8 +52,9 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "members")]
     pub kubernetes_service: Option<String>,
     /// Label selector of the member Pods (with `--kubernetes-service`): their
-    /// `Ready` times are the shared clock of rebalancing (needs `list` and
-    /// `watch` on pods).
+    /// `Ready` times are the shared clock of rebalancing, and a Pod labelled
+    /// `clusterapp.io/leaving=true` gets no new or failing-over sessions
+    /// (needs `list` and `watch` on pods).
     #[arg(long, value_name = "SELECTOR", requires = "kubernetes_service")]
     pub kubernetes_pod_selector: Option<String>,
     /// Name of the members' port in the EndpointSlices (the AJP port, or the
@@ -135,6 +136,12 @@ pub struct BalancerArgs {
     /// Connect timeout to a member; keeps the cost of a dead node low.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// How long a member whose connects and probes only time out (it may be
+    /// gone, or only busy) keeps its sessions: their requests wait for it
+    /// rather than move the session while it may still answer another
+    /// balancer replica. A refused or reset connection fails over at once.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub slow_member_grace: Duration,
     /// Longest wait for the next AJP packet from a member, or with HTTP for
     /// the response head (while the request body does not move) and for
     /// each piece of the response body (httpd's `timeout`).

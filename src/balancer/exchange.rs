@@ -51,7 +51,7 @@ use hyper::body::Incoming;
 
 use super::ajp::{self, ContainerPacket, ForwardRequest, from_container};
 use super::body::{BodyError, ProxyBody};
-use super::member::{Member, MemberSnapshot};
+use super::member::{Failure, Member, MemberSnapshot};
 use super::metrics::BackendErrorKind;
 use super::pool::{AcquireError, ConnError, Lease};
 use super::proxy::Rejection;
@@ -68,6 +68,11 @@ use super::state::Balancer;
 /// failure points at something no other connection fixes, and more tries
 /// would only hold the client longer before the same 502.
 pub(super) const MAX_WRITE_RETRIES: u32 = 2;
+
+/// The most attempts of one request that stay with a slow member (see
+/// [`Attempts::after_no_connection`]): 40 connect timeouts of the default
+/// 300 ms outlast the default 5 s slow grace, which normally ends them.
+pub(super) const MAX_ATTEMPTS_ON_A_SLOW_MEMBER: u32 = 40;
 
 /// Where an exchange is; see the module documentation for the moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,15 +172,45 @@ pub(super) struct Attempts {
     /// Members this request failed on before they saw it, by `member_key`.
     tried: Vec<usize>,
     write_failures: u32,
+    /// Attempts that found the member slow and stayed with it.
+    slow_attempts: u32,
 }
 
 impl Attempts {
     /// Chooses the first member; the request is then in `Checkout`.
     pub(super) fn first(bal: &Balancer, target: &Target<'_>) -> Result<Self, Rejection> {
         let (member, failed_over) = choose(bal, target, &[])?;
-        let mut attempts = Attempts { phase: Phase::Choose, member, failed_over, tried: Vec::new(), write_failures: 0 };
+        let mut attempts = Attempts {
+            phase: Phase::Choose,
+            member,
+            failed_over,
+            tried: Vec::new(),
+            write_failures: 0,
+            slow_attempts: 0,
+        };
         attempts.phase.advance(Phase::Checkout);
         Ok(attempts)
+    }
+
+    /// After the current member gave no usable connection: whether the next
+    /// attempt may go to it again. A request of a session stays with a
+    /// member that is only slow (a timeout, and still healthy: within its
+    /// grace): choosing another one would move the session while the
+    /// member may still answer another balancer replica, which then sends
+    /// the session's parallel requests there — the session would split.
+    /// Each such attempt costs a connect or probe timeout, and the grace
+    /// ends them; [`MAX_ATTEMPTS_ON_A_SLOW_MEMBER`] is the cap should the
+    /// grace be set longer than those attempts take.
+    fn after_no_connection(&mut self, target: &Target<'_>, failure: Failure) {
+        let stays = failure == Failure::Slow
+            && target.session.is_some()
+            && self.member.takes_sticky()
+            && self.slow_attempts < MAX_ATTEMPTS_ON_A_SLOW_MEMBER;
+        if stays {
+            self.slow_attempts += 1;
+        } else {
+            self.tried.push(member_key(&self.member));
+        }
     }
 
     /// Acts on why an attempt may be repeated and chooses the member of the
@@ -185,14 +220,16 @@ impl Attempts {
         match retry {
             Retry::Connect(error) => {
                 member.metrics.count_error(BackendErrorKind::Connect);
-                bal.mark_failed(member, &error);
-                self.tried.push(member_key(member));
+                let failure = error.failure();
+                bal.note_failure(member, failure, &error);
+                self.after_no_connection(target, failure);
             }
             Retry::CPing(error) => {
                 // Counted and acted on like a failed connect: the member is not there.
                 member.metrics.count_error(BackendErrorKind::Connect);
-                bal.mark_failed(member, &format_args!("no answer to the probe of a new connection: {error}"));
-                self.tried.push(member_key(member));
+                let failure = error.failure();
+                bal.note_failure(member, failure, &format_args!("no answer to the probe of a new connection: {error}"));
+                self.after_no_connection(target, failure);
             }
             Retry::Write { reused, error } => {
                 self.write_failures += 1;

@@ -3,7 +3,8 @@
 //! idle pooled connection when there is one (so the check also keeps the
 //! pool warm and proves it alive), else over a new connection that then
 //! joins the pool. A failing member stops getting requests until it answers
-//! again; a connect failure during a request marks it failed at once.
+//! again: at once when it is gone (refused, reset), after the slow grace
+//! when it only times out ([`Member::note_failure`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,22 +12,22 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::member::Member;
+use super::member::{Failure, Member};
 use super::pool::{Pool, PoolSettings, PooledConnection};
 use super::state::{Backend, Balancer};
 
 /// One probe of a member over a pooled connection (or a new one that then
-/// joins the pool); the error says why the member is not well.
+/// joins the pool); the error says what the failure tells of the member, and why.
 async fn probe<C: PooledConnection>(
     pool: &Pool<C>,
     address: SocketAddr,
     settings: &PoolSettings,
-) -> Result<(), String> {
+) -> Result<(), (Failure, String)> {
     let mut conn = match pool.take_idle() {
         Some(conn) => conn,
-        None => C::connect(address, settings).await.map_err(|e| e.to_string())?,
+        None => C::connect(address, settings).await.map_err(|e| (e.failure(), e.to_string()))?,
     };
-    conn.health_probe(settings.cping_timeout).await.map_err(|e| e.to_string())?;
+    conn.health_probe(settings.cping_timeout).await.map_err(|e| (e.failure(), e.to_string()))?;
     pool.offer(conn);
     Ok(())
 }
@@ -39,13 +40,13 @@ pub async fn check_member(bal: &Balancer, member: &Arc<Member>) -> bool {
     };
     match result {
         Ok(()) => {
-            if member.set_healthy(true) {
+            if member.note_success() {
                 tracing::info!(route = %member.route, address = %member.address, "member answers its health check again");
             }
             true
         }
-        Err(error) => {
-            bal.mark_failed(member, &error);
+        Err((failure, error)) => {
+            bal.note_failure(member, failure, &error);
             false
         }
     }

@@ -765,7 +765,7 @@ mod exchange_tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::balancer::proxy::reuse_tests::{request_once, start_balancer_with};
+    use crate::balancer::proxy::reuse_tests::{SLOW_GRACE_IN_TESTS, request_once, start_balancer_with};
     use crate::balancer::state::Backend;
 
     /// Reads one request head (up to the blank line); `None` at EOF.
@@ -846,9 +846,10 @@ mod exchange_tests {
     /// while the balancer holds an idle connection to it. With the probe
     /// before every reuse (the default `--cping-after-idle 0s`) the next
     /// sticky request is never written into that connection: the probe
-    /// times out, a new connection gets no answer to its probe either, the
-    /// member is marked failed and the request fails over. Without the
-    /// probe it would sit in the frozen member until the backend timeout.
+    /// times out, new connections get no answer to their probes either, and
+    /// once the member has been slow for the slow grace it is marked failed
+    /// and the request fails over. Without the probe it would sit in the
+    /// frozen member until the backend timeout.
     #[tokio::test]
     async fn the_probe_before_reuse_keeps_requests_out_of_a_frozen_member() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -878,8 +879,11 @@ mod exchange_tests {
         let started = Instant::now();
         let response = request_once(front, sticky).await;
         assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
-        // Two probe timeouts of 1 s, not the 5 s backend timeout.
-        assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+        // Probe timeouts of 1 s until the 2 s grace is over (the first one
+        // on the reused connection does not count), not the 5 s backend
+        // timeout and more.
+        let took = started.elapsed();
+        assert!(took >= SLOW_GRACE_IN_TESTS && took < Duration::from_millis(4800), "took {took:?}");
         assert_eq!(frozen_requests.load(Ordering::SeqCst), 1, "the frozen member never got the second request");
         assert_eq!(good_requests.load(Ordering::SeqCst), 1, "it failed over");
         assert!(!frozen_member.is_healthy(), "the frozen member is marked failed");
@@ -975,8 +979,9 @@ mod exchange_tests {
     }
 
     /// A member that accepts connections but never answers the probe (a
-    /// dying JVM's listening socket) never gets the request: it goes to the
-    /// other member, sticky session or not, and the mute one is marked failed.
+    /// dying JVM's listening socket) never gets the request. A request of
+    /// its session waits for it during the slow grace and then goes to the
+    /// other member, which marks the mute one failed.
     #[tokio::test]
     async fn no_answer_to_the_probe_sends_the_request_elsewhere() {
         let mute = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1000,8 +1005,10 @@ mod exchange_tests {
             start_balancer_with(&[("mute", mute_address), ("good", good_address)], Backend::Http, NO_PROBE_ON_REUSE)
                 .await;
         let request = b"GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID=abc.mute\r\nConnection: close\r\n\r\n";
+        let started = Instant::now();
         let response = request_once(front, request).await;
         assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
+        assert!(started.elapsed() >= SLOW_GRACE_IN_TESTS, "it waited for the slow member: {:?}", started.elapsed());
         assert_eq!(mute_requests.load(Ordering::SeqCst), 0, "the mute member never got the request");
         assert_eq!(good_requests.load(Ordering::SeqCst), 1);
         let members = bal.members.snapshot();

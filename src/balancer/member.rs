@@ -64,6 +64,20 @@ impl MemberState {
     }
 }
 
+/// What a failed connect, probe or health check says about a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// It is not there: the connection was refused, reset or closed, the
+    /// address is unreachable, or it answered what a Tomcat does not. Its
+    /// sessions fail over at once.
+    Gone,
+    /// It did not answer in time: it may be gone (a node that vanished
+    /// answers nothing) or only busy (a JVM in a pause, a starved CPU).
+    /// Its sessions stay with it for the slow grace (see
+    /// [`Member::note_failure`]).
+    Slow,
+}
+
 /// A member as a membership source describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberSpec {
@@ -119,6 +133,14 @@ pub struct Member {
     /// Unix milliseconds since the member is ready (see
     /// [`MemberSpec::ready_since`]); 0 while it is not.
     ready_since_ms: AtomicU64,
+    /// Since when (a [`deadline_code`]) every attempt and check timed out
+    /// ([`Failure::Slow`]); 0: the last one succeeded.
+    slow_since: AtomicU64,
+    /// Its pod is labelled leaving ([`crate::crd::LABEL_LEAVING`]): a
+    /// scale-down removes it soon. It keeps its sessions until then but is
+    /// no target for new or failing-over ones, so that a session of a
+    /// removed member moves once, to a member that stays.
+    leaving: AtomicBool,
     /// The sessions it served lately ([`super::sessions`]).
     pub sessions: super::sessions::SessionSketch,
 }
@@ -149,6 +171,8 @@ impl Member {
             drain_deadline: AtomicU64::new(0),
             drain_expired: AtomicBool::new(false),
             ready_since_ms: AtomicU64::new(0),
+            slow_since: AtomicU64::new(0),
+            leaving: AtomicBool::new(false),
             sessions: super::sessions::SessionSketch::default(),
         };
         member.note_readiness(spec, SystemTime::now());
@@ -201,6 +225,42 @@ impl Member {
             self.publish_state();
         }
         changed
+    }
+
+    /// Notes a failed connect, probe or check at `now`; true when that
+    /// made the member unhealthy. A member that is gone is unhealthy at
+    /// once. A slow one only once it has been slow for `grace` without a
+    /// success in between: a session moves when its member is unhealthy,
+    /// and a move while the member still answers others splits the session
+    /// — another balancer replica that did not see it slow still sends the
+    /// session's parallel requests there, where the moved session is no
+    /// longer found (on a busy machine, health checks of live Tomcats timed
+    /// out for about a second at a time, on one replica and not the other).
+    pub fn note_failure(&self, failure: Failure, grace: Duration, now: Instant) -> bool {
+        match failure {
+            Failure::Gone => self.set_healthy(false),
+            Failure::Slow => {
+                let now_code = deadline_code(now);
+                let since = match self.slow_since.compare_exchange(0, now_code, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => now_code,
+                    Err(since) => since,
+                };
+                let slow_for = Duration::from_millis(now_code.saturating_sub(since));
+                slow_for >= grace && self.set_healthy(false)
+            }
+        }
+    }
+
+    /// Notes a successful check; true when that made the member healthy again.
+    pub fn note_success(&self) -> bool {
+        self.slow_since.store(0, Ordering::Relaxed);
+        self.set_healthy(true)
+    }
+
+    /// Every attempt and check since a while timed out, and the member is
+    /// still healthy: within its slow grace.
+    pub fn is_slow(&self) -> bool {
+        self.slow_since.load(Ordering::Relaxed) != 0 && self.is_healthy()
     }
 
     /// May serve requests of sessions it already holds.
@@ -263,13 +323,18 @@ impl Member {
     pub fn routing_state(&self, now: Instant) -> &'static str {
         match self.state() {
             MemberState::Draining if self.drain_expired_at(now) => "drained",
+            MemberState::Ready if self.is_leaving() => "leaving",
             state => state.as_str(),
         }
     }
 
-    /// May be given new sessions.
+    /// May be given new sessions (and failing-over ones).
     pub fn takes_new(&self) -> bool {
-        self.is_healthy() && self.state() == MemberState::Ready
+        self.is_healthy() && self.state() == MemberState::Ready && !self.is_leaving()
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> i64 {
@@ -314,6 +379,8 @@ pub struct MemberTable {
     /// Ready times from a source every replica reads (routes → time), for
     /// members the member source itself gives none.
     ready_times: Mutex<std::collections::HashMap<String, SystemTime>>,
+    /// Routes whose pods are labelled leaving (Kubernetes membership).
+    leaving: Mutex<std::collections::HashSet<String>>,
 }
 
 impl MemberTable {
@@ -324,6 +391,21 @@ impl MemberTable {
             pool_max,
             drain_timeout,
             ready_times: Mutex::new(std::collections::HashMap::new()),
+            leaving: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Records whether the pod of the member with `route` is labelled
+    /// leaving, and applies it to the current member of that route.
+    pub fn set_leaving(&self, route: &str, leaving: bool) {
+        let mut routes = self.leaving.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if leaving { routes.insert(route.to_string()) } else { routes.remove(route) };
+        drop(routes);
+        if changed {
+            tracing::info!(route, leaving, "member's leaving mark changed");
+        }
+        if let Some(member) = self.snapshot().iter().find(|m| m.route == route) {
+            member.leaving.store(leaving, Ordering::Relaxed);
         }
     }
 
@@ -370,6 +452,7 @@ impl MemberTable {
         let old = guard.clone();
         let mut next: Vec<Arc<Member>> = Vec::with_capacity(specs.len());
         let ready_times = self.ready_times.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let leaving = self.leaving.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let wall_now = SystemTime::now();
         // The members of the first set have been there for all this balancer
         // knows: no rebalancing towards them (a restarted balancer must not
@@ -402,6 +485,7 @@ impl MemberTable {
             }
             if let Some(member) = next.last() {
                 member.note_readiness(spec, wall_now);
+                member.leaving.store(leaving.contains(&spec.route), Ordering::Relaxed);
                 if spec.terminating {
                     member.start_terminating(self.drain_timeout, now);
                 } else {
@@ -532,6 +616,27 @@ mod tests {
         assert!(!m.set_healthy(false), "no change reported twice");
         assert!(!m.takes_new() && !m.takes_sticky());
         assert_eq!(m.metrics.state.get(), 0);
+    }
+
+    #[test]
+    fn a_gone_member_fails_at_once_a_slow_one_after_its_grace() {
+        let metrics = Metrics::new();
+        let grace = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let m = Member::new(&spec("s1", 1, MemberState::Ready), 4, &metrics);
+        assert!(!m.note_failure(Failure::Slow, grace, t0), "one timeout: still healthy");
+        assert!(m.is_slow() && m.takes_sticky(), "slow, keeps its sessions");
+        assert!(!m.note_failure(Failure::Slow, grace, t0 + Duration::from_millis(4900)));
+        assert!(m.note_failure(Failure::Slow, grace, t0 + grace), "slow for the whole grace: failed");
+        assert!(!m.takes_sticky() && !m.is_slow());
+        assert!(m.note_success(), "answers again");
+        // A success in between starts the grace anew.
+        assert!(!m.note_failure(Failure::Slow, grace, t0 + Duration::from_secs(6)));
+        assert!(!m.note_success());
+        assert!(!m.note_failure(Failure::Slow, grace, t0 + Duration::from_secs(10)));
+        assert!(m.takes_sticky(), "4 s after the success, not 10 s after the first timeout");
+        assert!(m.note_failure(Failure::Gone, grace, t0 + Duration::from_secs(10)), "gone: at once");
+        assert!(!m.takes_sticky());
     }
 
     #[test]

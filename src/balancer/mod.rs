@@ -129,6 +129,7 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
     let pool_settings = PoolSettings {
         packet_size: args.packet_size,
         connect_timeout: args.connect_timeout,
+        slow_grace: args.slow_member_grace,
         cping_after_idle: args.cping_after_idle,
         cping_timeout: args.cping_timeout,
         slot_wait: args.pool_wait_timeout,
@@ -176,7 +177,7 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
         MembershipSource::Kubernetes { namespace, service, port_name } => {
             let client = kube::Client::try_default().await.map_err(MembershipError::from)?;
             if let Some(selector) = &args.kubernetes_pod_selector {
-                tokio::spawn(membership::kubernetes::watch_pod_readiness(
+                tokio::spawn(membership::kubernetes::watch_member_pods(
                     bal.clone(),
                     client.clone(),
                     namespace.clone(),

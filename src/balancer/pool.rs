@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ajp::{self, ContainerPacket, DecodeError, PACKET_HEADER_LEN};
+use super::member::Failure;
 use super::metrics::BackendErrorKind;
 
 /// A failed exchange on a backend connection. The connection is dropped.
@@ -63,6 +64,33 @@ impl ConnError {
     }
 }
 
+/// What an i/o error of a connect or probe says about the member: a
+/// timeout of the system's own is [`Failure::Slow`], anything else (refused,
+/// reset, unreachable) [`Failure::Gone`].
+fn io_failure(error: &io::Error) -> Failure {
+    match error.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Slow,
+        _ => Failure::Gone,
+    }
+}
+
+impl ConnError {
+    /// What this error of a new connection's probe (or a health check)
+    /// says about the member.
+    pub fn failure(&self) -> Failure {
+        match self {
+            ConnError::Timeout => Failure::Slow,
+            ConnError::Io(e) => io_failure(e),
+            ConnError::Http(e) if e.is_timeout() => Failure::Slow,
+            ConnError::Protocol(_)
+            | ConnError::Unexpected(_)
+            | ConnError::Closed
+            | ConnError::Http(_)
+            | ConnError::ProbeStatus(_) => Failure::Gone,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
     #[error("no free connection slot within {0:?}")]
@@ -73,10 +101,23 @@ pub enum AcquireError {
     ConnectTimeout(Duration),
 }
 
+impl AcquireError {
+    /// What failing to get a connection says about the member.
+    pub fn failure(&self) -> Failure {
+        match self {
+            AcquireError::Connect(e) => io_failure(e),
+            AcquireError::ConnectTimeout(_) | AcquireError::SlotTimeout(_) => Failure::Slow,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub packet_size: usize,
     pub connect_timeout: Duration,
+    /// How long a member whose connects and probes only time out keeps its
+    /// sessions ([`super::member::Member::note_failure`]).
+    pub slow_grace: Duration,
     pub cping_after_idle: Duration,
     pub cping_timeout: Duration,
     pub slot_wait: Duration,

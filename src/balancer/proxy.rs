@@ -457,6 +457,10 @@ pub(crate) mod reuse_tests {
 
     /// A balancer serving `members` (route, address) on a fresh port; it
     /// stops when the returned sender is dropped.
+    /// The slow grace of the test balancers: short, so that a test of a
+    /// member that never answers ends soon.
+    pub(crate) const SLOW_GRACE_IN_TESTS: Duration = Duration::from_secs(2);
+
     async fn start_balancer(members: &[(&str, SocketAddr)]) -> (Arc<Balancer>, SocketAddr, watch::Sender<bool>) {
         start_balancer_with(members, Backend::Ajp(AjpSecret::new("s".into())), Duration::from_secs(60)).await
     }
@@ -480,6 +484,7 @@ pub(crate) mod reuse_tests {
         let pool_settings = PoolSettings {
             packet_size: ajp::DEFAULT_PACKET_SIZE,
             connect_timeout: Duration::from_secs(1),
+            slow_grace: SLOW_GRACE_IN_TESTS,
             cping_after_idle,
             cping_timeout: Duration::from_secs(1),
             slot_wait: Duration::from_secs(1),
@@ -604,8 +609,10 @@ pub(crate) mod reuse_tests {
         assert_eq!(forwards.load(Ordering::SeqCst), 1, "the member got the request once");
     }
 
-    /// A new connection without a CPong: the member is marked failed and the
-    /// request, which it never got, goes to another member.
+    /// A new connection without a CPong: the request, which the member
+    /// never got, goes to another member — one without a session at once
+    /// (the member is only slow, not failed), one of the member's session
+    /// once the member has been slow for the slow grace (it is failed then).
     #[tokio::test]
     async fn no_cpong_on_a_new_connection_sends_the_request_elsewhere() {
         let mute = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -616,14 +623,23 @@ pub(crate) mod reuse_tests {
         let good_address = good.local_addr().expect("addr");
         tokio::spawn(fake_member(good, Arc::new(AtomicUsize::new(0)), false));
         let (bal, front, _shutdown) = start_balancer(&[("mute", mute_address), ("good", good_address)]).await;
+        let members = bal.members.snapshot();
+        let mute = members.iter().find(|m| m.route == "mute").expect("mute member");
 
-        // Sticky to the mute member, so it is certainly chosen first.
+        // The first balanced request goes to the first member, the mute one.
+        let started = Instant::now();
+        let request = b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        let response = request_once(front, request).await;
+        assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
+        assert!(started.elapsed() < SLOW_GRACE_IN_TESTS, "one probe timeout, no more: {:?}", started.elapsed());
+        assert!(mute.is_slow() && mute.is_healthy(), "tried, slow, not failed yet");
+
+        // Sticky to the mute member: waits for it, then fails over.
         let request = b"GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID=abc.mute\r\nConnection: close\r\n\r\n";
         let response = request_once(front, request).await;
         assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
+        assert!(started.elapsed() >= SLOW_GRACE_IN_TESTS, "waited for the grace: {:?}", started.elapsed());
         assert_eq!(forwards_to_mute.load(Ordering::SeqCst), 0, "the mute member never got the request");
-        let members = bal.members.snapshot();
-        let mute = members.iter().find(|m| m.route == "mute").expect("mute member");
         assert!(!mute.is_healthy(), "the mute member is marked failed");
     }
 

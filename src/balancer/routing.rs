@@ -665,6 +665,50 @@ mod tests {
         }
     }
 
+    /// A scale-down 5 -> 2: s2..s4 are marked leaving before any of them
+    /// terminates. Sessions of the member that goes first move straight to
+    /// a member that stays; the marked ones keep their own sessions.
+    #[test]
+    fn a_leaving_member_keeps_its_sessions_but_takes_no_new_or_failing_over_one() {
+        let table = MemberTable::new(4, Duration::from_secs(10));
+        let specs: Vec<MemberSpec> = ["s0", "s1", "s2", "s3", "s4"]
+            .iter()
+            .enumerate()
+            .map(|(i, route)| MemberSpec {
+                route: route.to_string(),
+                address: ([127, 0, 0, 1], 9100 + i as u16).into(),
+                state: MemberState::Ready,
+                terminating: false,
+                ready_since: None,
+            })
+            .collect();
+        let metrics = Metrics::new();
+        table.apply(&specs, &metrics);
+        for route in ["s2", "s3", "s4"] {
+            table.set_leaving(route, true);
+        }
+        // The first one goes; a later member set keeps the marks.
+        table.apply(&specs[..4], &metrics);
+        let ms = table.snapshot();
+        let r = Router::new(LbMethod::Byrequests, true);
+        let mut moved_to = std::collections::BTreeSet::new();
+        for base in bases(300) {
+            moved_to.insert(failover_of(&r, &ms, &base, "s4"));
+            let own = format!("{base}.s3");
+            let (m, c) = r.choose(&ms, key(&own), &[]).expect("sticky");
+            assert_eq!((m.route.as_str(), c), ("s3", Choice::Sticky), "a leaving member keeps its sessions");
+            let (m, _) = r.choose(&ms, None, &[]).expect("new session");
+            assert!(m.route == "s0" || m.route == "s1", "a new session on {}", m.route);
+        }
+        assert_eq!(moved_to, ["s0".to_string(), "s1".to_string()].into(), "failover only to members that stay");
+        assert_eq!(ms[3].routing_state(Instant::now()), "leaving");
+        // Scaled back up before it went: s3 takes sessions again.
+        table.set_leaving("s3", false);
+        let taken: std::collections::BTreeSet<String> =
+            bases(300).iter().map(|b| failover_of(&r, &table.snapshot(), b, "s4")).collect();
+        assert!(taken.contains("s3"), "unmarked s3 takes failing-over sessions again: {taken:?}");
+    }
+
     #[test]
     fn odd_session_ids_are_routed_without_panic() {
         let ms = ready(&["s1", "s2"]);

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::member::{Member, MemberTable};
+use super::member::{Failure, Member, MemberTable};
 use super::metrics::Metrics;
 use super::pool::PoolSettings;
 use super::routing::Router;
@@ -99,12 +99,23 @@ impl Balancer {
         self.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Marks a member failed after a connect error (passive health).
-    pub fn mark_failed(&self, member: &Member, why: &dyn std::fmt::Display) {
-        member.pool.clear();
-        member.http_pool.clear();
-        if member.set_healthy(false) {
+    /// Notes a failed connect, probe or health check of `member` (passive
+    /// and active health alike): a member that is gone is marked failed at
+    /// once, a slow one after its grace ([`Member::note_failure`]).
+    pub fn note_failure(&self, member: &Member, failure: Failure, why: &dyn std::fmt::Display) {
+        let was_slow = member.is_slow();
+        if member.note_failure(failure, self.pool_settings.slow_grace, Instant::now()) {
+            member.pool.clear();
+            member.http_pool.clear();
             tracing::warn!(route = %member.route, address = %member.address, error = %why, "member marked failed");
+        } else if member.is_slow() && !was_slow {
+            tracing::warn!(
+                route = %member.route,
+                address = %member.address,
+                error = %why,
+                grace = ?self.pool_settings.slow_grace,
+                "member slow: its sessions wait for it during the grace"
+            );
         }
     }
 }

@@ -19,6 +19,14 @@ pub const GROUP: &str = "clusterapp.io";
 /// balancer's traffic port must differ from it.
 pub const BALANCER_ADMIN_PORT: i32 = 9090;
 
+/// Label the operator sets to `true` on a session node pod that is leaving:
+/// it terminates, or the replica count the operator applied removes it. The
+/// nodes' Tomcat membership selector leaves such pods out, and the balancers
+/// send them no new and no failing-over sessions (their own sessions stay
+/// until they terminate). The operator owns it: it also removes it from a
+/// pod that a larger count keeps again.
+pub const LABEL_LEAVING: &str = "clusterapp.io/leaving";
+
 /// The rule every port field carries.
 const PORT_RULE: &str = "self >= 1 && self <= 65535";
 const PORT_MESSAGE: &str = "must be a TCP port between 1 and 65535";

@@ -18,9 +18,8 @@ pub const NAME_VALUE: &str = "clusterapp";
 pub const MANAGED_BY_VALUE: &str = "clusterapp-operator";
 pub const COMPONENT_SESSION_NODE: &str = "session-node";
 pub const COMPONENT_BALANCER: &str = "balancer";
-/// Set by the operator on a terminating session node: its peers' Tomcat
-/// membership selector excludes it (see `reconcile::leaving`).
-pub const LABEL_LEAVING: &str = "clusterapp.io/leaving";
+/// See [`crate::crd::LABEL_LEAVING`] and `reconcile::leaving`.
+pub use crate::crd::LABEL_LEAVING;
 
 /// Label selector of every object the operator owns.
 pub fn managed_selector() -> String {

@@ -35,6 +35,40 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
+/// The session nodes' logs, kept while a test runs ([`App::keep_node_logs`]).
+pub struct NodeLogKeeper {
+    logs: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeLogKeeper {
+    /// Stops reading and writes every kept log to `<test tmp>/<name>/<pod>.log`;
+    /// returns the folder.
+    pub fn save(mut self, name: &str) -> std::path::PathBuf {
+        self.stop_reading();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        let _ = std::fs::create_dir_all(&dir);
+        for (pod, log) in self.logs.lock().expect("logs").iter() {
+            let _ = std::fs::write(dir.join(format!("{pod}.log")), log);
+        }
+        dir
+    }
+
+    fn stop_reading(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for NodeLogKeeper {
+    fn drop(&mut self) {
+        self.stop_reading();
+    }
+}
+
 /// A running ClusterApp with its operator.
 pub struct App {
     pub ns: OperatorNamespace,
@@ -168,6 +202,30 @@ impl App {
     /// restart, from the kubelet's log files.
     pub fn node_log(&self, pod: &str) -> String {
         nodes().container_log(&self.ns.name, pod, "tomcat")
+    }
+
+    /// Starts reading the logs of session nodes `<app>-0` .. `<app>-{count-1}`
+    /// every half second, keeping the longest read of each: a removed node's
+    /// log goes with its Pod, and a failure's reader needs it.
+    pub fn keep_node_logs(&self, count: usize) -> NodeLogKeeper {
+        let logs = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, String>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (namespace, app) = (self.ns.name.clone(), self.name.clone());
+        let (keep, stopped) = (logs.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                for i in 0..count {
+                    let pod = format!("{app}-{i}");
+                    let log = nodes().container_log(&namespace, &pod, "tomcat");
+                    let mut kept = keep.lock().expect("logs");
+                    if log.len() > kept.get(&pod).map_or(0, String::len) {
+                        kept.insert(pod, log);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        NodeLogKeeper { logs, stop, thread: Some(thread) }
     }
 
     /// kill -9 of a node's Tomcat (the JVM, its container's main process);
@@ -396,12 +454,14 @@ impl BrowserLoad {
             let failed: Vec<String> = s.failed.lock().expect("failed").iter().map(|(_, e)| e.clone()).collect();
             outcome.answered += s.answered();
             outcome.lost_sessions += usize::from(!lost.is_empty());
+            // Once lost, every later answer counts: the first few tell how.
             outcome.report.push_str(&format!(
-                "{}: answered {}, now {}, lost as {:?}, failed {:?}\n",
+                "{}: answered {}, now {}, {} answers of another session, first {:?}, failed {:?}\n",
                 s.base,
                 s.answered(),
                 s.current_id(),
-                lost,
+                lost.len(),
+                &lost[..lost.len().min(6)],
                 failed
             ));
             outcome.failures.extend(failed);

@@ -36,7 +36,8 @@ pub struct BrowserSession {
     jar: Mutex<String>,
     pub seen: Mutex<Vec<Seen>>,
     /// Responses whose session had another base: the session was lost and
-    /// the application made a new one.
+    /// the application made a new one. Each says when (UTC, to match the
+    /// nodes' logs), which id the request carried and which it got where.
     pub lost: Mutex<Vec<String>>,
     /// Requests that got no 200 (status, or the error), with when.
     pub failed: Mutex<Vec<(Instant, String)>>,
@@ -114,7 +115,8 @@ pub async fn browser_worker(
                 }
             },
         };
-        let cookie = format!("JSESSIONID={}", session.current_id());
+        let sent_id = session.current_id();
+        let cookie = format!("JSESSIONID={sent_id}");
         let req = Request::get("/counter/")
             .header("host", "browser.test")
             .header("cookie", cookie)
@@ -152,7 +154,9 @@ pub async fn browser_worker(
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let session_id = header("x-session-id");
         if base_of(&session_id) != session.base {
-            session.lost.lock().expect("lost").push(session_id.clone());
+            let at = k8s_openapi::jiff::Timestamp::now();
+            let route = header("x-route");
+            session.lost.lock().expect("lost").push(format!("{at:.3} sent {sent_id} got {session_id} on {route}"));
         }
         let set_cookie = parts
             .headers

@@ -188,10 +188,39 @@ pub fn pod_ready_since(pod: &Pod) -> Option<std::time::SystemTime> {
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
 }
 
-/// Watches the member Pods (`selector`) for their ready times until
-/// shutdown. Without it (or while the watch fails, e.g. for lack of RBAC)
-/// the member table uses the time this replica first saw a member ready.
-pub async fn watch_pod_readiness(
+/// Whether `pod` carries the operator's leaving mark
+/// ([`crate::crd::LABEL_LEAVING`]).
+pub fn pod_is_leaving(pod: &Pod) -> bool {
+    pod.labels().get(crate::crd::LABEL_LEAVING).map(String::as_str) == Some("true")
+}
+
+/// What the balancer reads from a member's Pod: the shared ready time and
+/// the leaving mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PodView {
+    ready_since: Option<std::time::SystemTime>,
+    leaving: bool,
+}
+
+impl PodView {
+    fn of(pod: &Pod) -> Self {
+        PodView { ready_since: pod_ready_since(pod), leaving: pod_is_leaving(pod) }
+    }
+
+    /// What a pod that is gone leaves behind.
+    const GONE: PodView = PodView { ready_since: None, leaving: false };
+
+    fn apply(self, bal: &Balancer, name: &str) {
+        bal.members.set_ready_time(name, self.ready_since);
+        bal.members.set_leaving(name, self.leaving);
+    }
+}
+
+/// Watches the member Pods (`selector`) for their ready times and leaving
+/// marks until shutdown. Without it (or while the watch fails, e.g. for lack
+/// of RBAC) the member table uses the time this replica first saw a member
+/// ready, and no member is marked leaving.
+pub async fn watch_member_pods(
     bal: Arc<Balancer>,
     client: Client,
     namespace: String,
@@ -201,8 +230,8 @@ pub async fn watch_pod_readiness(
     let api: Api<Pod> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().labels(&selector);
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    let mut known: BTreeMap<String, Option<std::time::SystemTime>> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, Option<std::time::SystemTime>>> = None;
+    let mut known: BTreeMap<String, PodView> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, PodView>> = None;
     loop {
         let event = tokio::select! {
             e = events.next() => e,
@@ -212,29 +241,29 @@ pub async fn watch_pod_readiness(
         match event {
             Ok(Event::Init) => relisting = Some(BTreeMap::new()),
             Ok(Event::InitApply(pod)) => {
-                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), pod_ready_since(&pod));
+                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), PodView::of(&pod));
             }
             Ok(Event::InitDone) => {
                 let fresh = relisting.take().unwrap_or_default();
                 for gone in known.keys().filter(|name| !fresh.contains_key(*name)) {
-                    bal.members.set_ready_time(gone, None);
+                    PodView::GONE.apply(&bal, gone);
                 }
-                for (name, since) in &fresh {
-                    bal.members.set_ready_time(name, *since);
+                for (name, view) in &fresh {
+                    view.apply(&bal, name);
                 }
                 known = fresh;
             }
             Ok(Event::Apply(pod)) => {
-                let since = pod_ready_since(&pod);
-                bal.members.set_ready_time(&pod.name_any(), since);
-                known.insert(pod.name_any(), since);
+                let view = PodView::of(&pod);
+                view.apply(&bal, &pod.name_any());
+                known.insert(pod.name_any(), view);
             }
             Ok(Event::Delete(pod)) => {
-                bal.members.set_ready_time(&pod.name_any(), None);
+                PodView::GONE.apply(&bal, &pod.name_any());
                 known.remove(&pod.name_any());
             }
             Err(e) => {
-                tracing::warn!(error = %e, %namespace, %selector, "Pod watch error (ready times for rebalancing)")
+                tracing::warn!(error = %e, %namespace, %selector, "Pod watch error (ready times, leaving marks)")
             }
         }
     }

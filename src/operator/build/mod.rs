@@ -204,7 +204,8 @@ pub const REBALANCE_START_GRACE_SECONDS: i64 = 120;
 /// The balancer's Role: it follows the EndpointSlices of the nodes' headless
 /// Service (ready / serving / terminating) with a watch, and the nodes' Pods
 /// for the time each became ready (the clock every balancer replica shares
-/// for rebalancing; read-only, its own namespace only).
+/// for rebalancing) and their leaving marks (read-only, its own namespace
+/// only).
 pub fn balancer_rules() -> Vec<PolicyRule> {
     vec![
         PolicyRule {
@@ -771,16 +772,14 @@ impl Parts<'_> {
         if balancer.access_log {
             args.push("--access-log".to_string());
         }
+        // The nodes' Pods give the leaving marks (a node a scale-down removes
+        // takes no failing-over session) and the Ready times every replica
+        // shares (rebalancing).
+        args.extend(["--kubernetes-pod-selector".to_string(), self.names.session_node_selector()]);
         // Moving a session needs every node to hold it: `replication: all`.
         // (`none`: the new node has no copy; `backup`: see the README.)
         if balancer.rebalance.enabled && spec.sessions.replication == Replication::All {
-            // The nodes' Pods give the Ready times every replica shares.
-            args.extend([
-                "--rebalance-ramp".to_string(),
-                format!("{}s", balancer.rebalance.ramp_seconds),
-                "--kubernetes-pod-selector".to_string(),
-                self.names.session_node_selector(),
-            ]);
+            args.extend(["--rebalance-ramp".to_string(), format!("{}s", balancer.rebalance.ramp_seconds)]);
             // The nodes of a new app start one after another: they are no
             // newcomers to each other, and its first sessions stay put.
             if let Some(created) = &self.app.metadata.creation_timestamp {

@@ -355,6 +355,7 @@ fn balancer_runs_with_the_agreed_flags() {
         "balancer --kubernetes-service store/cart-nodes --listen 0.0.0.0:80 --admin-listen 0.0.0.0:9090 \
          --ajp-secret-file /etc/clusterapp/ajp/secret --packet-size 65536 --sticky-cookie CARTSESSION \
          --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover --access-log \
+         --kubernetes-pod-selector app.kubernetes.io/component=session-node,app.kubernetes.io/instance=cart,app.kubernetes.io/name=clusterapp \
          --rebalance-ramp 0s --tls-listen 0.0.0.0:443 --tls-cert-file /etc/clusterapp/tls/tls.crt --tls-key-file /etc/clusterapp/tls/tls.key \
          --tls-client-ca-file /etc/clusterapp/tls-client-ca/ca.crt --tls-require-client-cert"
     );
@@ -369,8 +370,12 @@ fn balancer_runs_with_the_agreed_flags() {
     );
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(
-        args.ends_with("--rebalance-ramp 0s") && !args.contains("--kubernetes-pod-selector"),
-        "rebalancing off by default (ramp 0 s, no Pod watch): {args}"
+        args.ends_with(
+            "--kubernetes-pod-selector \
+             app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp \
+             --rebalance-ramp 0s"
+        ),
+        "rebalancing off by default (ramp 0 s); the Pod watch for leaving marks: {args}"
     );
     let mut slow = fixture("default");
     slow.spec.balancer.rebalance.enabled = true;
@@ -380,8 +385,9 @@ fn balancer_runs_with_the_agreed_flags() {
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(
         args.contains(
-            "--rebalance-ramp 90s --kubernetes-pod-selector \
-             app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp"
+            "--kubernetes-pod-selector \
+             app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp \
+             --rebalance-ramp 90s"
         ),
         "{args}"
     );
@@ -399,7 +405,7 @@ fn balancer_runs_with_the_agreed_flags() {
     let children = build_children(&off, &material(), &context()).expect("builds");
     let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
     let args = container.args.clone().unwrap_or_default().join(" ");
-    assert!(args.contains("--rebalance-ramp 0s") && !args.contains("--kubernetes-pod-selector"), "off: {args}");
+    assert!(args.contains("--rebalance-ramp 0s"), "off: {args}");
     for replication in [Replication::Backup, Replication::None] {
         let mut app = fixture("default");
         app.spec.balancer.rebalance.enabled = true;

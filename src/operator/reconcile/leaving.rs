@@ -22,6 +22,26 @@
 //! first half of the drain. Nothing is sent to it by then, so nothing waits
 //! for it when it stops. (The StatefulSet's selector does not include the
 //! label: the pod stays the StatefulSet's.)
+//!
+//! # Marked before the scale-down deletes them
+//!
+//! A scale-down 5 → 2 removes `shop-4`, then `shop-3`, then `shop-2`, one
+//! after the other (the StatefulSet's `OrderedReady`). Marked only when it
+//! terminates, `shop-3` was still a ready member when `shop-4`'s sessions
+//! failed over, so a share of them moved to `shop-3` and moved again seconds
+//! later — and `shop-3`'s own termination began at the same instant as
+//! those moves (the StatefulSet deletes it as soon as `shop-4` is gone). A
+//! balancer replica that had already seen `shop-3` terminating sent a
+//! session's request elsewhere while another replica still sent the same
+//! session to `shop-3`: the session split, and the browser got a new, empty
+//! one (the likely cause of 2 of 12 browser sessions lost in one real-node
+//! run, each renewed on `shop-3` by parallel requests). So every pod that
+//! the desired replica count will remove is labelled at once, when the
+//! reconcile applies the smaller count: the balancers stop choosing it for
+//! new and failing-over sessions (it keeps its own until it terminates), and
+//! each session of a removed node moves once, to a node that stays. A pod
+//! the count keeps again (scaled back up before it was deleted) loses the
+//! label.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
@@ -29,29 +49,68 @@ use kube::api::{Api, Patch, PatchParams};
 use super::Context;
 use crate::operator::names::{FIELD_MANAGER, LABEL_LEAVING};
 
-/// The session node pods that are terminating and not yet labelled leaving.
-pub fn leaving_unlabelled(pods: &[Pod]) -> impl Iterator<Item = &str> {
-    pods.iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_some())
-        .filter(|pod| {
-            pod.metadata.labels.as_ref().and_then(|l| l.get(LABEL_LEAVING)).map(String::as_str) != Some("true")
-        })
-        .filter_map(|pod| pod.metadata.name.as_deref())
+/// A change of one pod's leaving label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelChange<'a> {
+    /// The pod terminates, or the desired count removes it.
+    Mark(&'a str),
+    /// The desired count keeps the pod again.
+    Unmark(&'a str),
 }
 
-/// Labels each terminating, unlabelled pod. A failure is logged and does
-/// not stop the reconcile: the label only spares the peers' replication the
-/// wait for a stopping node, and everything else the reconcile does still
-/// matters (the next pod event retries).
-pub async fn label_leaving_nodes(ctx: &Context, namespace: &str, pods: &[Pod]) {
+/// The ordinal of StatefulSet `stateful_set`'s pod `pod` (`shop-3` → 3).
+fn ordinal(stateful_set: &str, pod: &str) -> Option<i32> {
+    pod.strip_prefix(stateful_set)?.strip_prefix('-')?.parse().ok()
+}
+
+/// The label changes that make `pods` say which nodes leave. `replicas` is
+/// the count just applied to the StatefulSet; `None` (nothing was applied,
+/// e.g. the app is invalid) marks terminating pods only.
+pub fn label_changes<'a>(pods: &'a [Pod], stateful_set: &str, replicas: Option<i32>) -> Vec<LabelChange<'a>> {
+    let mut changes = Vec::new();
+    for pod in pods {
+        let Some(name) = pod.metadata.name.as_deref() else { continue };
+        let marked =
+            pod.metadata.labels.as_ref().and_then(|l| l.get(LABEL_LEAVING)).map(String::as_str) == Some("true");
+        let terminating = pod.metadata.deletion_timestamp.is_some();
+        let removed_by_count = replicas.zip(ordinal(stateful_set, name)).map(|(count, n)| n >= count);
+        match (marked, terminating, removed_by_count) {
+            (false, true, _) | (false, false, Some(true)) => changes.push(LabelChange::Mark(name)),
+            (true, false, Some(false)) => changes.push(LabelChange::Unmark(name)),
+            _ => {}
+        }
+    }
+    changes
+}
+
+/// Applies the label changes. A failure is logged and does not stop the
+/// reconcile: the label only spares the peers' replication the wait for a
+/// stopping node and the balancers a second move, and everything else the
+/// reconcile does still matters (the next pod event retries).
+pub async fn label_leaving_nodes(
+    ctx: &Context,
+    namespace: &str,
+    stateful_set: &str,
+    pods: &[Pod],
+    replicas: Option<i32>,
+) {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let patch = serde_json::json!({"metadata": {"labels": {LABEL_LEAVING: "true"}}});
-    for pod in leaving_unlabelled(pods) {
+    for change in label_changes(pods, stateful_set, replicas) {
+        let (pod, value) = match change {
+            LabelChange::Mark(pod) => (pod, serde_json::json!("true")),
+            LabelChange::Unmark(pod) => (pod, serde_json::Value::Null),
+        };
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_LEAVING: value}}});
         match api.patch(pod, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await {
-            Ok(_) => tracing::info!(pod, namespace, "terminating session node leaves the cluster membership"),
-            // Gone already: nothing left to leave.
+            Ok(_) if value.is_null() => tracing::info!(pod, namespace, "session node stays: no longer leaving"),
+            Ok(_) => tracing::info!(
+                pod,
+                namespace,
+                "session node leaves: no new or failing-over sessions, out of the membership"
+            ),
+            // Gone already: nothing left to label.
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(error) => tracing::warn!(pod, namespace, %error, "could not label a terminating session node leaving"),
+            Err(error) => tracing::warn!(pod, namespace, %error, "could not change a session node's leaving label"),
         }
     }
 }
@@ -74,15 +133,32 @@ mod tests {
     }
 
     #[test]
-    fn only_terminating_pods_without_the_label_are_labelled() {
+    fn terminating_pods_are_marked_whatever_the_count() {
         let pods = [
             pod("shop-0", false, None),
             pod("shop-1", true, None),
             pod("shop-2", true, Some("true")),
             pod("shop-3", true, Some("false")),
-            // A pod that is not terminating keeps whatever a user set.
-            pod("shop-4", false, Some("true")),
         ];
-        assert_eq!(leaving_unlabelled(&pods).collect::<Vec<_>>(), ["shop-1", "shop-3"]);
+        let expected = [LabelChange::Mark("shop-1"), LabelChange::Mark("shop-3")];
+        assert_eq!(label_changes(&pods, "shop", None), expected);
+        assert_eq!(label_changes(&pods, "shop", Some(4)), expected);
+    }
+
+    #[test]
+    fn the_count_marks_the_pods_it_removes_and_unmarks_those_it_keeps_again() {
+        let pods = [
+            pod("shop-0", false, None),
+            pod("shop-1", false, Some("true")),
+            pod("shop-2", false, None),
+            pod("shop-3", false, Some("true")),
+            pod("shop-4", false, None),
+        ];
+        assert_eq!(label_changes(&pods, "shop", Some(3)), [LabelChange::Unmark("shop-1"), LabelChange::Mark("shop-4")]);
+        // Without a count applied, nothing but terminating pods changes.
+        assert_eq!(label_changes(&pods, "shop", None), []);
+        // A name that is not the StatefulSet's pod is left alone.
+        let stranger = [pod("shop-canary", false, None), pod("shopx-9", false, None)];
+        assert_eq!(label_changes(&stranger, "shop", Some(0)), []);
     }
 }

@@ -4,9 +4,6 @@
 //!
 //! 1. [`observe`]: what the caches (and, for what they lack, the API server)
 //!    hold about the app → [`Observation`];
-//!    Then [`leaving`]: terminating session nodes are labelled so that
-//!    their peers stop replicating to them (an effect, whatever the app's
-//!    validity);
 //! 2. [`validate`]: pure; the observation judged → [`Validated`], or a
 //!    [`Problem`] the user can fix (then nothing is applied);
 //! 3. [`keys`]: the key material, new random keys for missing ones (an
@@ -14,6 +11,10 @@
 //! 4. desired children: the pure builders, [`build_children`] → [`Children`];
 //! 5. [`apply`]: server-side apply of what the caches show changed, then the
 //!    events and the membership check that follow → [`Applied`];
+//!    Then [`leaving`]: the session nodes that terminate, or that the
+//!    applied replica count removes, are labelled leaving (terminating ones
+//!    whatever the app's validity): peers stop replicating to them and the
+//!    balancers stop sending them new and failing-over sessions;
 //! 6. [`update_status`]: the status computed from the observation and
 //!    written when it changed, with events for condition changes.
 //!
@@ -106,23 +107,26 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
     ctx.caches.wait_until_filled().await;
 
     let observation = observe::observe(app, ctx, namespace, names).await?;
-    leaving::label_leaving_nodes(ctx, &observation.namespace, &observation.pods).await;
     // Not while a problem would make the nodes unable to start.
-    let (problem, requeue) = match validate::validate(app, &observation) {
-        Err(problem) => (Some(problem), None),
+    let (problem, requeue, applied_replicas) = match validate::validate(app, &observation) {
+        Err(problem) => (Some(problem), None, None),
         Ok(validated) => {
             let material = keys::key_material(validated.existing_keys)?;
             let children = build_children(app, &material, &ctx.build)?;
             match apply::apply(app, ctx, &observation, &children).await? {
-                Applied::Done { problem, requeue } => (problem, requeue),
+                Applied::Done { problem, requeue } => (problem, requeue, Some(app.spec.replicas)),
                 Applied::NamespaceTerminating => return Ok(Action::await_change()),
                 Applied::Failed { problem, error } => {
+                    let (ns, sts) = (&observation.namespace, observation.names.stateful_set());
+                    leaving::label_leaving_nodes(ctx, ns, &sts, &observation.pods, None).await;
                     update_status::write_status(app, ctx, observation.for_status(), Some(&problem)).await?;
                     return Err(error);
                 }
             }
         }
     };
+    let stateful_set = observation.names.stateful_set();
+    leaving::label_leaving_nodes(ctx, &observation.namespace, &stateful_set, &observation.pods, applied_replicas).await;
 
     update_status::write_status(app, ctx, observation.for_status(), problem.as_ref()).await?;
     let requeue = requeue.unwrap_or(if problem.is_some() { REQUEUE_PROBLEM } else { REQUEUE_HEALTHY });
