@@ -66,8 +66,16 @@
 //!
 //! Two replicas can still disagree while their views of the members differ:
 //! for the time a membership change takes to reach both, or when only one
-//! of them saw a member fail a health check. Both are as short as the
-//! membership watch and the health checks make them.
+//! of them saw a member fail. So a member's failure moves its sessions
+//! only when it is certain: a refused or reset connection; a member that
+//! only times out keeps its sessions (their requests wait and try it
+//! again) until it has timed out for the slow grace (see
+//! [`Member::note_failure`]): on a busy machine, checks of live Tomcats
+//! timed out for about a second at a time on one replica and not the
+//! other, and each such blip split the sessions it moved. Scale-downs take
+//! the other disagreement out of the common case: the operator marks every
+//! node the new count removes at once, so each session of a removed node
+//! moves once, to a node that stays ([`crate::crd::LABEL_LEAVING`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
