@@ -221,3 +221,121 @@ async fn kubectl_drain_of_a_node_loses_no_request_and_no_increment() {
     assert_eq!(total.lost, 0, "increments lost during the drain: {:?}", total.errors);
     assert!(most_unready <= 1, "{most_unready} session nodes were unready at once: the PodDisruptionBudget allows 1");
 }
+
+/// A node that dies under 20 clients with sessions: its Pods are cut off the
+/// network first (no reset reaches anyone), then its kubelet, containerd and
+/// containers are killed. The balancers learn of it from timeouts alone
+/// (the endpoints stay ready until the control plane gives up on the node,
+/// a minute later): the sessions of its session node wait out the slow
+/// grace (5 s) and fail over, every acknowledged increment intact. Requests
+/// that were on the dead node when it died get no answer: those may fail.
+#[tokio::test]
+async fn a_node_that_dies_loses_no_acknowledged_increment() {
+    let _serial = serial().await;
+    let app = App::start("e2e-node-death", "shop", 3, serde_json::json!({})).await;
+    let ns = app.ns.name.clone();
+    let pods: Api<Pod> = app.ns.api();
+    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    // A node with a session node and no balancer: the clients' connections
+    // reach the balancers through the NodePort, and this is about the nodes.
+    let all = pods.list(&ListParams::default()).await.expect("pods");
+    let is_balancer = |p: &Pod| p.metadata.name.as_deref().is_some_and(|n| n.starts_with("shop-balancer-"));
+    let balancer_nodes: BTreeSet<String> = all.items.iter().filter(|p| is_balancer(p)).map(node_of).collect();
+    let (victim_pod, node) = all
+        .items
+        .iter()
+        .filter(|p| !is_balancer(p))
+        .map(|p| (p.metadata.name.clone().unwrap_or_default(), node_of(p)))
+        .find(|(_, n)| !balancer_nodes.contains(n))
+        .unwrap_or_else(|| {
+            panic!("every node with a session node runs a balancer:\n{}", support::nodes::pods_report(&ns))
+        });
+    // A session of the victim to time its failover with.
+    let mut probe = None;
+    for _ in 0..60 {
+        let r = e2e_common::get_counter(app.port, None).await.expect("new session");
+        if r.route.as_deref() == Some(victim_pod.as_str()) {
+            probe = r.session;
+            break;
+        }
+    }
+    let probe = probe.unwrap_or_else(|| panic!("no new session reached {victim_pod} in 60 tries"));
+    let before = e2e_common::get_counter(app.port, Some(&probe)).await.expect("increment");
+    assert_eq!((before.status, before.counter), (200, Some(2)), "{before:?}");
+
+    let load = Load::start(app.port, 20, Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let dead = nodes().kill_node(&node);
+    let died_at = Instant::now();
+    let after = loop {
+        match e2e_common::get_counter(app.port, Some(&probe)).await {
+            Ok(r) if r.status == 200 => break r,
+            other => {
+                assert!(
+                    died_at.elapsed() < Duration::from_secs(60),
+                    "the probe session is not served 60 s later: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let served_after = died_at.elapsed();
+    assert_eq!(after.counter, Some(3), "the probe session goes on from its last acknowledged increment: {after:?}");
+    assert_ne!(after.route.as_deref(), Some(victim_pod.as_str()), "served elsewhere: {after:?}");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (total, _) = load.finish().await;
+    // How the balancers learnt of it: their own log lines about the victim.
+    let learnt: Vec<String> = all
+        .items
+        .iter()
+        .filter(|p| is_balancer(p))
+        .filter_map(|p| p.metadata.name.clone())
+        .flat_map(|b| {
+            nodes()
+                .container_log(&ns, &b, "balancer")
+                .lines()
+                .filter(|l| l.contains(&format!("\"route\":\"{victim_pod}\"")))
+                .filter(|l| {
+                    l.contains("member slow")
+                        || l.contains("member marked failed")
+                        || l.contains("member state changed")
+                })
+                .map(|l| l.split("\"message\":\"").nth(1).unwrap_or(l).chars().take(160).collect::<String>())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    dead.revive();
+    let converge = app.wait_ready(3, Duration::from_secs(300)).await;
+    println!(
+        "node death: {node} (had {victim_pod}); its session served elsewhere after {:.1} s ({} -> {:?}); {} requests, {} failed, {} lost, {} skipped; Ready 3/3 {:.1} s after the node came back; the balancers learnt: {learnt:?}; errors {:?}",
+        served_after.as_secs_f64(),
+        victim_pod,
+        after.route,
+        total.requests,
+        total.failures,
+        total.lost,
+        total.skipped,
+        converge.as_secs_f64(),
+        total.errors
+    );
+    summary(
+        "10 node dies (20 clients)",
+        total.requests,
+        total.failures,
+        total.lost,
+        served_after,
+        &format!(
+            "{victim_pod} on {node}; served elsewhere after {:.1} s; timeouts, slow grace",
+            served_after.as_secs_f64()
+        ),
+    );
+    app.operator.stop().await;
+    assert_eq!(total.lost, 0, "acknowledged increments lost: {:?}", total.errors);
+    // At most one request per client can have been on the dead node.
+    assert!(total.failures <= 20, "{} requests failed: {:?}", total.failures, total.errors);
+    assert!(total.skipped <= total.failures, "increments applied but not acknowledged beyond the failed ones");
+    assert!(
+        learnt.iter().any(|l| l.starts_with("member slow") || l.starts_with("member marked failed")),
+        "the balancers did not log the victim slow or failed: {learnt:?}"
+    );
+}

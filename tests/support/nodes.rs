@@ -163,6 +163,52 @@ impl Nodes {
         run_ok(Command::new("kill").args(["-KILL", &pid.to_string()]));
         pid
     }
+
+    /// The node named `node` (`clusterapp-node<N>`) dies: its Pods are cut
+    /// off the network, then its kubelet, containerd and containers are
+    /// killed (`nodes.sh kill-node`). The node comes back when the returned
+    /// guard is revived or dropped: later tests share the nodes.
+    pub fn kill_node(&self, node: &str) -> DeadNode {
+        let number = node.strip_prefix("clusterapp-node").unwrap_or_else(|| panic!("not a node of ours: {node}"));
+        self.nodes_sh(&["kill-node", number]);
+        DeadNode { state: self.state.clone(), number: number.to_string(), revived: false }
+    }
+
+    fn nodes_sh(&self, args: &[&str]) {
+        run_ok(
+            Command::new("bash")
+                .arg(repo_root().join("tests/bed/nodes/nodes.sh"))
+                .args(args)
+                .env("CLUSTERAPP_STATE", &self.state),
+        );
+    }
+}
+
+/// A node that [`Nodes::kill_node`] killed.
+pub struct DeadNode {
+    state: PathBuf,
+    number: String,
+    revived: bool,
+}
+
+impl DeadNode {
+    /// Brings the node back and waits until it is Ready.
+    pub fn revive(mut self) {
+        self.revived = true;
+        Nodes { state: self.state.clone() }.nodes_sh(&["revive-node", &self.number]);
+    }
+}
+
+impl Drop for DeadNode {
+    fn drop(&mut self) {
+        if !self.revived {
+            let _ = Command::new("bash")
+                .arg(repo_root().join("tests/bed/nodes/nodes.sh"))
+                .args(["revive-node", &self.number])
+                .env("CLUSTERAPP_STATE", &self.state)
+                .output();
+        }
+    }
 }
 
 /// What a failure message wants about the Pods of `namespace`: where they

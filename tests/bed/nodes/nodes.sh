@@ -12,6 +12,9 @@
 #                                       host path it made, restore the sysctls, then check
 #   tests/bed/nodes/nodes.sh status     say what runs
 #   tests/bed/nodes/nodes.sh leftovers  list anything of ours still on the host (exit 1 if any)
+#   tests/bed/nodes/nodes.sh kill-node N    node N dies: its Pods cut off the network, its
+#                                       kubelet, containerd and containers killed
+#   tests/bed/nodes/nodes.sh revive-node N  node N comes back (Ready)
 #
 # Environment: CLUSTERAPP_STATE (default <repo>/target/cluster-nodes),
 # CLUSTERAPP_NODE_COUNT (3), CLUSTERAPP_NODES_READY_TIMEOUT (30 s).
@@ -826,6 +829,61 @@ status() {
   echo "KUBECONFIG=$ADMIN_KUBECONFIG"
 }
 
+# --- a node that dies, and comes back ----------------------------------------------
+
+dead_node_table() { echo "clusterapp_dead_node$1"; }
+
+# Node N dies the way a machine does: first its Pods are cut off the network
+# (a bridge-family nft table drops every frame from or to its Pod range on
+# capod0, so not even a reset leaves them and peers see only silence), then
+# its kubelet, its containerd and every process in its cgroups (the
+# containers and their shims) are killed. The Node object stays: the control
+# plane learns of the death only from the missing heartbeats.
+kill_node() {
+  local i="$1" table range pid
+  [[ $i =~ ^[0-9]+$ && -d $NODES/$i ]] || die "kill-node: no node $i in $NODES"
+  table="$(dead_node_table "$i")"; range="10.245.$i.0/24"
+  lock_state
+  nft -f - <<NFT
+table bridge $table {
+  chain forward { type filter hook forward priority -200; ip saddr $range drop; ip daddr $range drop; }
+  chain input { type filter hook input priority -200; ip saddr $range drop; }
+  chain output { type filter hook output priority -200; ip daddr $range drop; }
+}
+NFT
+  for name in "kubelet-$i" "containerd-$i"; do
+    pid="$(pid_of "$name")"
+    pid_runs_ours "$pid" "$STATE/" && kill -KILL "$pid" 2>/dev/null || true
+  done
+  local procs
+  procs="$(cgroup_procs "$(cgroup_root "$i")")"
+  [[ -z $procs ]] || kill -KILL $procs 2>/dev/null || true
+  log "node $i ($(node_name "$i")) is dead: Pods $range cut off, kubelet, containerd and containers killed"
+}
+
+# Node N comes back: its Pods reach the network again and its containerd and
+# kubelet start (the kubelet then restarts the Pods the API still binds to
+# it); returns when the Node is Ready.
+revive_node() {
+  local i="$1"
+  [[ $i =~ ^[0-9]+$ && -d $NODES/$i ]] || die "revive-node: no node $i in $NODES"
+  lock_state
+  nft delete table bridge "$(dead_node_table "$i")" 2>/dev/null || true
+  alive "kubelet-$i" && { log "node $i runs"; return 0; }
+  node_start "$i"
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until node_ready "$(node_name "$i")"; do
+    if (( SECONDS >= deadline )); then
+      # The other nodes stay up: tests share them.
+      log "node $i: not Ready within $READY_TIMEOUT s of its restart; the kubelet's log is $LOGS/kubelet-$i.log — last lines:"
+      tail -n 20 "$LOGS/kubelet-$i.log" 2>/dev/null | sed 's/^/    /' >&2 || true
+      exit 1
+    fi
+    sleep 0.5
+  done
+  log "node $i ($(node_name "$i")) is back and Ready"
+}
+
 # sourced (tests, experiments): functions only
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 
@@ -834,5 +892,7 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   leftovers) leftovers "${BEFORE}/paths" ;;
-  *) echo "usage: $0 up | down | status | leftovers" >&2; exit 2 ;;
+  kill-node) kill_node "${2:-}" ;;
+  revive-node) revive_node "${2:-}" ;;
+  *) echo "usage: $0 up | down | status | leftovers | kill-node N | revive-node N" >&2; exit 2 ;;
 esac
