@@ -105,6 +105,15 @@ fn deadline_code(t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX - 1) + 1
 }
 
+/// The monotonic instant of wall-clock time `t` (in the past or future).
+fn instant_of(t: SystemTime) -> Instant {
+    let (now, wall_now) = (Instant::now(), SystemTime::now());
+    match t.duration_since(wall_now) {
+        Ok(ahead) => now.checked_add(ahead).unwrap_or(now),
+        Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+    }
+}
+
 /// How many recently created session ids the status page shows per member.
 const RECENT_SESSIONS: usize = 8;
 
@@ -284,6 +293,28 @@ impl Member {
         }
     }
 
+    /// Moves the drain deadline of a terminating member to `deadline` when
+    /// that is earlier: the deadline every balancer replica computes from
+    /// the moment Kubernetes was asked to delete the Pod, instead of this
+    /// replica's first sighting of it terminating. The session's requests
+    /// leave the member at its deadline, and its failover renames the
+    /// session away from it: a replica whose own clock still sends the
+    /// session's parallel requests there after that finds the session gone
+    /// and gets a new, empty one (one browser session in a real-node
+    /// scale-down; the sightings of two replicas differ by up to the
+    /// EndpointSlice watch's delay). Earlier only, so a member that stopped
+    /// taking requests never takes them again.
+    pub fn drain_by(&self, deadline: Instant) {
+        let code = deadline_code(deadline);
+        let previous = self.drain_deadline.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
+            (current != 0 && code < current).then_some(code)
+        });
+        if previous.is_ok() {
+            tracing::debug!(route = %self.route, "drain deadline from the Pod's deletion time");
+            self.drain_expired_at(Instant::now());
+        }
+    }
+
     /// The member is no longer terminating (a hand-edited slice, say).
     pub fn stop_terminating(&self) {
         if self.drain_deadline.swap(0, Ordering::Relaxed) != 0 {
@@ -381,6 +412,9 @@ pub struct MemberTable {
     ready_times: Mutex<std::collections::HashMap<String, SystemTime>>,
     /// Routes whose pods are labelled leaving (Kubernetes membership).
     leaving: Mutex<std::collections::HashSet<String>>,
+    /// When the deletion of a member's Pod was asked for, as every replica
+    /// reads it (routes → time): its drain clock starts there.
+    drain_starts: Mutex<std::collections::HashMap<String, SystemTime>>,
 }
 
 impl MemberTable {
@@ -392,6 +426,25 @@ impl MemberTable {
             drain_timeout,
             ready_times: Mutex::new(std::collections::HashMap::new()),
             leaving: Mutex::new(std::collections::HashSet::new()),
+            drain_starts: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Records when the deletion of the Pod of the member with `route` was
+    /// asked for (`None`: it is not being deleted), and moves the drain
+    /// deadline of that member, if it is terminating, to the shared one.
+    pub fn set_drain_start(&self, route: &str, start: Option<SystemTime>) {
+        let mut starts = self.drain_starts.lock().unwrap_or_else(|p| p.into_inner());
+        match start {
+            Some(t) => starts.insert(route.to_string(), t),
+            None => starts.remove(route),
+        };
+        drop(starts);
+        if let Some(t) = start
+            && let Some(member) = self.snapshot().iter().find(|m| m.route == route)
+            && member.is_terminating()
+        {
+            member.drain_by(instant_of(t + self.drain_timeout));
         }
     }
 
@@ -453,6 +506,7 @@ impl MemberTable {
         let mut next: Vec<Arc<Member>> = Vec::with_capacity(specs.len());
         let ready_times = self.ready_times.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let leaving = self.leaving.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let drain_starts = self.drain_starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let wall_now = SystemTime::now();
         // The members of the first set have been there for all this balancer
         // knows: no rebalancing towards them (a restarted balancer must not
@@ -488,6 +542,9 @@ impl MemberTable {
                 member.leaving.store(leaving.contains(&spec.route), Ordering::Relaxed);
                 if spec.terminating {
                     member.start_terminating(self.drain_timeout, now);
+                    if let Some(start) = drain_starts.get(&spec.route) {
+                        member.drain_by(instant_of(*start + self.drain_timeout));
+                    }
                 } else {
                     member.stop_terminating();
                 }
@@ -584,6 +641,27 @@ mod tests {
     }
 
     #[test]
+    fn the_drain_clock_starts_at_the_shared_deletion_time_not_at_this_replicas_sighting() {
+        let metrics = Metrics::new();
+        let table = MemberTable::new(4, Duration::from_secs(5));
+        table.apply(&[spec("s1", 1, MemberState::Ready), spec("s2", 2, MemberState::Ready)], &metrics);
+        // Deleted 4 s ago; this replica sees it terminating only now.
+        table.set_drain_start("s1", Some(SystemTime::now() - Duration::from_secs(4)));
+        table.apply(&[terminating("s1", 1), spec("s2", 2, MemberState::Ready)], &metrics);
+        let s1 = table.snapshot()[0].clone();
+        let left = s1.drain_remaining(Instant::now()).expect("terminating");
+        assert!(left <= Duration::from_millis(1100), "5 s from the deletion, not from the sighting: {left:?}");
+        assert!(s1.takes_sticky());
+        // Learnt after the sighting: the deadline moves, earlier only.
+        table.apply(&[terminating("s1", 1), terminating("s2", 2)], &metrics);
+        table.set_drain_start("s2", Some(SystemTime::now() - Duration::from_secs(6)));
+        let s2 = table.snapshot()[1].clone();
+        assert!(!s2.takes_sticky(), "its shared deadline has passed");
+        table.set_drain_start("s2", Some(SystemTime::now()));
+        assert!(!s2.takes_sticky(), "never back to taking requests");
+    }
+
+    #[test]
     fn expired_drain_stops_sticky_routing_now() {
         let metrics = Metrics::new();
         let table = MemberTable::new(4, Duration::from_secs(5));
@@ -622,6 +700,8 @@ mod tests {
     fn a_gone_member_fails_at_once_a_slow_one_after_its_grace() {
         let metrics = Metrics::new();
         let grace = Duration::from_secs(5);
+        // The process-wide base of the deadline codes is set before t0.
+        let _ = deadline_code(Instant::now());
         let t0 = Instant::now();
         let m = Member::new(&spec("s1", 1, MemberState::Ready), 4, &metrics);
         assert!(!m.note_failure(Failure::Slow, grace, t0), "one timeout: still healthy");

@@ -194,30 +194,47 @@ pub fn pod_is_leaving(pod: &Pod) -> bool {
     pod.labels().get(crate::crd::LABEL_LEAVING).map(String::as_str) == Some("true")
 }
 
-/// What the balancer reads from a member's Pod: the shared ready time and
-/// the leaving mark.
+/// When the deletion of `pod` was asked for: its deletionTimestamp less its
+/// grace period. Every replica reads the same value, so every replica's
+/// drain clock of the terminating member starts there (see
+/// [`crate::balancer::member::Member::drain_by`]).
+pub fn pod_deletion_requested(pod: &Pod) -> Option<std::time::SystemTime> {
+    let deleted_at = pod.metadata.deletion_timestamp.as_ref()?;
+    let grace = std::time::Duration::from_secs(pod.metadata.deletion_grace_period_seconds.unwrap_or(0).max(0) as u64);
+    let ms = u64::try_from(deleted_at.0.as_millisecond()).ok()?;
+    (std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).checked_sub(grace)
+}
+
+/// What the balancer reads from a member's Pod: the shared ready time, the
+/// leaving mark and the shared start of its drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PodView {
     ready_since: Option<std::time::SystemTime>,
     leaving: bool,
+    drain_start: Option<std::time::SystemTime>,
 }
 
 impl PodView {
     fn of(pod: &Pod) -> Self {
-        PodView { ready_since: pod_ready_since(pod), leaving: pod_is_leaving(pod) }
+        PodView {
+            ready_since: pod_ready_since(pod),
+            leaving: pod_is_leaving(pod),
+            drain_start: pod_deletion_requested(pod),
+        }
     }
 
     /// What a pod that is gone leaves behind.
-    const GONE: PodView = PodView { ready_since: None, leaving: false };
+    const GONE: PodView = PodView { ready_since: None, leaving: false, drain_start: None };
 
     fn apply(self, bal: &Balancer, name: &str) {
         bal.members.set_ready_time(name, self.ready_since);
         bal.members.set_leaving(name, self.leaving);
+        bal.members.set_drain_start(name, self.drain_start);
     }
 }
 
-/// Watches the member Pods (`selector`) for their ready times and leaving
-/// marks until shutdown. Without it (or while the watch fails, e.g. for lack
+/// Watches the member Pods (`selector`) for their ready times, leaving marks
+/// and deletion times until shutdown. Without it (or while the watch fails, e.g. for lack
 /// of RBAC) the member table uses the time this replica first saw a member
 /// ready, and no member is marked leaving.
 pub async fn watch_member_pods(
