@@ -295,6 +295,8 @@ async fn a_node_that_dies_loses_no_acknowledged_increment() {
                 .container_log(&ns, &b, "balancer")
                 .lines()
                 .filter(|l| l.contains(&format!("\"route\":\"{victim_pod}\"")))
+                // Since the death: timeouts (slow) and what followed.
+                .skip_while(|l| !l.contains("member slow"))
                 .filter(|l| {
                     l.contains("member slow")
                         || l.contains("member marked failed")
@@ -307,7 +309,7 @@ async fn a_node_that_dies_loses_no_acknowledged_increment() {
     dead.revive();
     let converge = app.wait_ready(3, Duration::from_secs(300)).await;
     println!(
-        "node death: {node} (had {victim_pod}); its session served elsewhere after {:.1} s ({} -> {:?}); {} requests, {} failed, {} lost, {} skipped; Ready 3/3 {:.1} s after the node came back; the balancers learnt: {learnt:?}; errors {:?}",
+        "node death: {node} (had {victim_pod}); its session served elsewhere after {:.1} s ({} -> {:?}); {} requests, {} failed, {} lost, {} skipped; the app Ready 3/3 {:.1} s after the node came back; the balancers learnt: {learnt:?}; errors {:?}",
         served_after.as_secs_f64(),
         victim_pod,
         after.route,
@@ -335,7 +337,7 @@ async fn a_node_that_dies_loses_no_acknowledged_increment() {
     assert!(total.failures <= 20, "{} requests failed: {:?}", total.failures, total.errors);
     assert!(total.skipped <= total.failures, "increments applied but not acknowledged beyond the failed ones");
     assert!(
-        learnt.iter().any(|l| l.starts_with("member slow") || l.starts_with("member marked failed")),
-        "the balancers did not log the victim slow or failed: {learnt:?}"
+        learnt.iter().any(|l| l.starts_with("member slow")),
+        "the balancers did not log the victim slow (timeouts): {learnt:?}"
     );
 }

@@ -205,8 +205,9 @@ impl App {
     }
 
     /// Starts reading the logs of session nodes `<app>-0` .. `<app>-{count-1}`
-    /// every half second, keeping the longest read of each: a removed node's
-    /// log goes with its Pod, and a failure's reader needs it.
+    /// and of the balancer Pods every half second, keeping the longest read
+    /// of each: a removed Pod's log goes with it, and a failure's reader
+    /// needs it.
     pub fn keep_node_logs(&self, count: usize) -> NodeLogKeeper {
         let logs = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, String>::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -214,9 +215,13 @@ impl App {
         let (keep, stopped) = (logs.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
-                for i in 0..count {
-                    let pod = format!("{app}-{i}");
-                    let log = nodes().container_log(&namespace, &pod, "tomcat");
+                let session_nodes = (0..count).map(|i| (format!("{app}-{i}"), "tomcat"));
+                let balancers = nodes()
+                    .pods_with_logs(&namespace, &format!("{app}-balancer-"))
+                    .into_iter()
+                    .map(|pod| (pod, "balancer"));
+                for (pod, container) in session_nodes.chain(balancers) {
+                    let log = nodes().container_log(&namespace, &pod, container);
                     let mut kept = keep.lock().expect("logs");
                     if log.len() > kept.get(&pod).map_or(0, String::len) {
                         kept.insert(pod, log);

@@ -89,6 +89,26 @@ impl Nodes {
         found
     }
 
+    /// The Pods of `namespace` whose names start with `prefix` and that
+    /// have (or had) logs on a node.
+    pub fn pods_with_logs(&self, namespace: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+        let start = format!("{namespace}_{prefix}");
+        let mut pods = std::collections::BTreeSet::new();
+        for node in self.node_dirs() {
+            let Ok(entries) = std::fs::read_dir(node.join("pod-logs")) else { continue };
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // `<namespace>_<pod>_<uid>`: none of the three has a `_`.
+                if name.starts_with(&start)
+                    && let Some(pod) = name.split('_').nth(1)
+                {
+                    pods.insert(pod.to_string());
+                }
+            }
+        }
+        pods
+    }
+
     /// Everything the container wrote (stdout and stderr, every restart, in
     /// the CRI log format: `<time> <stream> <tag> <line>`); empty when the
     /// Pod never ran or is gone.
