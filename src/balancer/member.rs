@@ -407,14 +407,21 @@ pub struct MemberTable {
     pool_max: usize,
     /// How long a terminating member keeps its sticky sessions.
     drain_timeout: Duration,
-    /// Ready times from a source every replica reads (routes → time), for
-    /// members the member source itself gives none.
-    ready_times: Mutex<std::collections::HashMap<String, SystemTime>>,
-    /// Routes whose pods are labelled leaving (Kubernetes membership).
-    leaving: Mutex<std::collections::HashSet<String>>,
-    /// When the deletion of a member's Pod was asked for, as every replica
-    /// reads it (routes → time): its drain clock starts there.
-    drain_starts: Mutex<std::collections::HashMap<String, SystemTime>>,
+    /// What each member's Pod says (routes → facts), from a source every
+    /// replica reads (Kubernetes membership's Pod watch).
+    pods: Mutex<std::collections::HashMap<String, PodFacts>>,
+}
+
+/// What a member's Pod says, the same for every balancer replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodFacts {
+    /// When it became ready (its `Ready` condition): the clock of
+    /// rebalancing, for members the member source gives no ready time.
+    pub ready_since: Option<SystemTime>,
+    /// Labelled leaving ([`crate::crd::LABEL_LEAVING`]).
+    pub leaving: bool,
+    /// When its deletion was asked for: its drain clock starts there.
+    pub deletion_requested: Option<SystemTime>,
 }
 
 impl MemberTable {
@@ -424,60 +431,39 @@ impl MemberTable {
             synced: AtomicBool::new(false),
             pool_max,
             drain_timeout,
-            ready_times: Mutex::new(std::collections::HashMap::new()),
-            leaving: Mutex::new(std::collections::HashSet::new()),
-            drain_starts: Mutex::new(std::collections::HashMap::new()),
+            pods: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
-    /// Records when the deletion of the Pod of the member with `route` was
-    /// asked for (`None`: it is not being deleted), and moves the drain
-    /// deadline of that member, if it is terminating, to the shared one.
-    pub fn set_drain_start(&self, route: &str, start: Option<SystemTime>) {
-        let mut starts = self.drain_starts.lock().unwrap_or_else(|p| p.into_inner());
-        match start {
-            Some(t) => starts.insert(route.to_string(), t),
-            None => starts.remove(route),
-        };
-        drop(starts);
-        if let Some(t) = start
-            && let Some(member) = self.snapshot().iter().find(|m| m.route == route)
-            && member.is_terminating()
-        {
-            member.drain_by(instant_of(t + self.drain_timeout));
+    /// Records what the Pod of the member with `route` says (`None`: the
+    /// Pod is gone) and applies it to the current member of that route: a
+    /// new shared ready time, the leaving mark, and a drain deadline from
+    /// the deletion time when the member is terminating.
+    pub fn set_pod(&self, route: &str, facts: Option<PodFacts>) {
+        let facts_now = facts.unwrap_or_default();
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let before = match facts {
+            Some(f) => pods.insert(route.to_string(), f),
+            None => pods.remove(route),
         }
-    }
-
-    /// Records whether the pod of the member with `route` is labelled
-    /// leaving, and applies it to the current member of that route.
-    pub fn set_leaving(&self, route: &str, leaving: bool) {
-        let mut routes = self.leaving.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = if leaving { routes.insert(route.to_string()) } else { routes.remove(route) };
-        drop(routes);
-        if changed {
-            tracing::info!(route, leaving, "member's leaving mark changed");
+        .unwrap_or_default();
+        drop(pods);
+        if before.leaving != facts_now.leaving {
+            tracing::info!(route, leaving = facts_now.leaving, "member's leaving mark changed");
         }
-        if let Some(member) = self.snapshot().iter().find(|m| m.route == route) {
-            member.leaving.store(leaving, Ordering::Relaxed);
-        }
-    }
-
-    /// Records when the member with `route` became ready by a clock every
-    /// replica shares (`None`: it is not ready), and applies it to the
-    /// current member of that route.
-    pub fn set_ready_time(&self, route: &str, ready_since: Option<SystemTime>) {
-        let mut times = self.ready_times.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = match ready_since {
-            Some(t) => times.insert(route.to_string(), t) != Some(t),
-            None => times.remove(route).is_some(),
-        };
-        drop(times);
         let current = self.snapshot();
-        if let (true, Some(t)) = (changed, ready_since)
-            && let Some(member) = current.iter().find(|m| m.route == route)
+        let Some(member) = current.iter().find(|m| m.route == route) else { return };
+        if let Some(t) = facts_now.ready_since
+            && before.ready_since != Some(t)
             && member.state() == MemberState::Ready
         {
             member.store_ready_since(t);
+        }
+        member.leaving.store(facts_now.leaving, Ordering::Relaxed);
+        if let Some(t) = facts_now.deletion_requested
+            && member.is_terminating()
+        {
+            member.drain_by(instant_of(t + self.drain_timeout));
         }
     }
 
@@ -504,9 +490,7 @@ impl MemberTable {
         let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
         let old = guard.clone();
         let mut next: Vec<Arc<Member>> = Vec::with_capacity(specs.len());
-        let ready_times = self.ready_times.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let leaving = self.leaving.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let drain_starts = self.drain_starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let wall_now = SystemTime::now();
         // The members of the first set have been there for all this balancer
         // knows: no rebalancing towards them (a restarted balancer must not
@@ -514,11 +498,8 @@ impl MemberTable {
         let first_set = !self.synced.load(Ordering::Acquire);
         let long_ago = UNIX_EPOCH + Duration::from_millis(1);
         for spec in specs {
-            let shared_ready = spec.ready_since.or_else(|| ready_times.get(&spec.route).copied()).or(if first_set {
-                Some(long_ago)
-            } else {
-                None
-            });
+            let pod = pods.get(&spec.route).copied().unwrap_or_default();
+            let shared_ready = spec.ready_since.or(pod.ready_since).or(if first_set { Some(long_ago) } else { None });
             let spec = &MemberSpec { ready_since: shared_ready, ..spec.clone() };
             if next.iter().any(|m| m.route == spec.route) {
                 tracing::warn!(route = %spec.route, "duplicate route in member set; keeping the first");
@@ -539,11 +520,11 @@ impl MemberTable {
             }
             if let Some(member) = next.last() {
                 member.note_readiness(spec, wall_now);
-                member.leaving.store(leaving.contains(&spec.route), Ordering::Relaxed);
+                member.leaving.store(pod.leaving, Ordering::Relaxed);
                 if spec.terminating {
                     member.start_terminating(self.drain_timeout, now);
-                    if let Some(start) = drain_starts.get(&spec.route) {
-                        member.drain_by(instant_of(*start + self.drain_timeout));
+                    if let Some(start) = pod.deletion_requested {
+                        member.drain_by(instant_of(start + self.drain_timeout));
                     }
                 } else {
                     member.stop_terminating();
@@ -640,13 +621,18 @@ mod tests {
         assert_eq!(s1.metrics.state.get(), 1);
     }
 
+    /// A Pod whose deletion was asked for at `t`.
+    fn deleted(t: SystemTime) -> PodFacts {
+        PodFacts { deletion_requested: Some(t), ..PodFacts::default() }
+    }
+
     #[test]
     fn the_drain_clock_starts_at_the_shared_deletion_time_not_at_this_replicas_sighting() {
         let metrics = Metrics::new();
         let table = MemberTable::new(4, Duration::from_secs(5));
         table.apply(&[spec("s1", 1, MemberState::Ready), spec("s2", 2, MemberState::Ready)], &metrics);
         // Deleted 4 s ago; this replica sees it terminating only now.
-        table.set_drain_start("s1", Some(SystemTime::now() - Duration::from_secs(4)));
+        table.set_pod("s1", Some(deleted(SystemTime::now() - Duration::from_secs(4))));
         table.apply(&[terminating("s1", 1), spec("s2", 2, MemberState::Ready)], &metrics);
         let s1 = table.snapshot()[0].clone();
         let left = s1.drain_remaining(Instant::now()).expect("terminating");
@@ -654,10 +640,10 @@ mod tests {
         assert!(s1.takes_sticky());
         // Learnt after the sighting: the deadline moves, earlier only.
         table.apply(&[terminating("s1", 1), terminating("s2", 2)], &metrics);
-        table.set_drain_start("s2", Some(SystemTime::now() - Duration::from_secs(6)));
+        table.set_pod("s2", Some(deleted(SystemTime::now() - Duration::from_secs(6))));
         let s2 = table.snapshot()[1].clone();
         assert!(!s2.takes_sticky(), "its shared deadline has passed");
-        table.set_drain_start("s2", Some(SystemTime::now()));
+        table.set_pod("s2", Some(deleted(SystemTime::now())));
         assert!(!s2.takes_sticky(), "never back to taking requests");
     }
 
@@ -744,13 +730,13 @@ mod tests {
         table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Ready)], &metrics);
         assert!(ready_since("new").expect("ready") >= before, "a later member: when this balancer saw it");
         let shared = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
-        table.set_ready_time("new", Some(shared));
+        table.set_pod("new", Some(PodFacts { ready_since: Some(shared), ..PodFacts::default() }));
         assert_eq!(ready_since("new"), Some(1_700_000_000_000), "the Pod's Ready time wins");
         table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Ready)], &metrics);
         assert_eq!(ready_since("new"), Some(1_700_000_000_000), "and stays across member set updates");
         table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Down)], &metrics);
         assert_eq!(ready_since("new"), None, "not ready: no ready time");
-        table.set_ready_time("new", None);
+        table.set_pod("new", None);
         table.apply(&[spec("old", 1, MemberState::Ready), spec("new", 2, MemberState::Ready)], &metrics);
         assert!(ready_since("new").expect("ready again") >= before, "back: a new ready time");
     }

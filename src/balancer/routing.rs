@@ -413,7 +413,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::member::{MemberSpec, MemberTable};
+    use crate::balancer::member::{MemberSpec, MemberTable, PodFacts};
     use crate::balancer::metrics::Metrics;
     use http::HeaderValue;
     use std::time::{Duration, Instant};
@@ -693,7 +693,7 @@ mod tests {
         let metrics = Metrics::new();
         table.apply(&specs, &metrics);
         for route in ["s2", "s3", "s4"] {
-            table.set_leaving(route, true);
+            table.set_pod(route, Some(PodFacts { leaving: true, ..PodFacts::default() }));
         }
         // The first one goes; a later member set keeps the marks.
         table.apply(&specs[..4], &metrics);
@@ -711,7 +711,7 @@ mod tests {
         assert_eq!(moved_to, ["s0".to_string(), "s1".to_string()].into(), "failover only to members that stay");
         assert_eq!(ms[3].routing_state(Instant::now()), "leaving");
         // Scaled back up before it went: s3 takes sessions again.
-        table.set_leaving("s3", false);
+        table.set_pod("s3", Some(PodFacts::default()));
         let taken: std::collections::BTreeSet<String> =
             bases(300).iter().map(|b| failover_of(&r, &table.snapshot(), b, "s4")).collect();
         assert!(taken.contains("s3"), "unmarked s3 takes failing-over sessions again: {taken:?}");

@@ -27,6 +27,12 @@ pub const BALANCER_ADMIN_PORT: i32 = 9090;
 /// pod that a larger count keeps again.
 pub const LABEL_LEAVING: &str = "clusterapp.io/leaving";
 
+/// Whether `pod` carries the leaving mark ([`LABEL_LEAVING`]`=true`): what
+/// the operator sets and the balancers read.
+pub fn pod_is_leaving(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata.labels.as_ref().and_then(|l| l.get(LABEL_LEAVING)).map(String::as_str) == Some("true")
+}
+
 /// The rule every port field carries.
 const PORT_RULE: &str = "self >= 1 && self <= 65535";
 const PORT_MESSAGE: &str = "must be a TCP port between 1 and 65535";

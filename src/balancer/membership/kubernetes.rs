@@ -22,7 +22,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
-use crate::balancer::member::{MemberSpec, MemberState};
+use crate::balancer::member::{MemberSpec, MemberState, PodFacts};
 use crate::balancer::state::Balancer;
 
 /// Label the EndpointSlice controller puts on the slices of a Service.
@@ -188,12 +188,6 @@ pub fn pod_ready_since(pod: &Pod) -> Option<std::time::SystemTime> {
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
 }
 
-/// Whether `pod` carries the operator's leaving mark
-/// ([`crate::crd::LABEL_LEAVING`]).
-pub fn pod_is_leaving(pod: &Pod) -> bool {
-    pod.labels().get(crate::crd::LABEL_LEAVING).map(String::as_str) == Some("true")
-}
-
 /// When the deletion of `pod` was asked for: its deletionTimestamp less its
 /// grace period. Every replica reads the same value, so every replica's
 /// drain clock of the terminating member starts there (see
@@ -205,31 +199,12 @@ pub fn pod_deletion_requested(pod: &Pod) -> Option<std::time::SystemTime> {
     (std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).checked_sub(grace)
 }
 
-/// What the balancer reads from a member's Pod: the shared ready time, the
-/// leaving mark and the shared start of its drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PodView {
-    ready_since: Option<std::time::SystemTime>,
-    leaving: bool,
-    drain_start: Option<std::time::SystemTime>,
-}
-
-impl PodView {
-    fn of(pod: &Pod) -> Self {
-        PodView {
-            ready_since: pod_ready_since(pod),
-            leaving: pod_is_leaving(pod),
-            drain_start: pod_deletion_requested(pod),
-        }
-    }
-
-    /// What a pod that is gone leaves behind.
-    const GONE: PodView = PodView { ready_since: None, leaving: false, drain_start: None };
-
-    fn apply(self, bal: &Balancer, name: &str) {
-        bal.members.set_ready_time(name, self.ready_since);
-        bal.members.set_leaving(name, self.leaving);
-        bal.members.set_drain_start(name, self.drain_start);
+/// What the balancer reads from a member's Pod.
+fn pod_facts(pod: &Pod) -> PodFacts {
+    PodFacts {
+        ready_since: pod_ready_since(pod),
+        leaving: crate::crd::pod_is_leaving(pod),
+        deletion_requested: pod_deletion_requested(pod),
     }
 }
 
@@ -247,8 +222,8 @@ pub async fn watch_member_pods(
     let api: Api<Pod> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().labels(&selector);
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    let mut known: BTreeMap<String, PodView> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, PodView>> = None;
+    let mut known: BTreeMap<String, PodFacts> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, PodFacts>> = None;
     loop {
         let event = tokio::select! {
             e = events.next() => e,
@@ -258,25 +233,25 @@ pub async fn watch_member_pods(
         match event {
             Ok(Event::Init) => relisting = Some(BTreeMap::new()),
             Ok(Event::InitApply(pod)) => {
-                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), PodView::of(&pod));
+                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), pod_facts(&pod));
             }
             Ok(Event::InitDone) => {
                 let fresh = relisting.take().unwrap_or_default();
                 for gone in known.keys().filter(|name| !fresh.contains_key(*name)) {
-                    PodView::GONE.apply(&bal, gone);
+                    bal.members.set_pod(gone, None);
                 }
-                for (name, view) in &fresh {
-                    view.apply(&bal, name);
+                for (name, facts) in &fresh {
+                    bal.members.set_pod(name, Some(*facts));
                 }
                 known = fresh;
             }
             Ok(Event::Apply(pod)) => {
-                let view = PodView::of(&pod);
-                view.apply(&bal, &pod.name_any());
-                known.insert(pod.name_any(), view);
+                let facts = pod_facts(&pod);
+                bal.members.set_pod(&pod.name_any(), Some(facts));
+                known.insert(pod.name_any(), facts);
             }
             Ok(Event::Delete(pod)) => {
-                PodView::GONE.apply(&bal, &pod.name_any());
+                bal.members.set_pod(&pod.name_any(), None);
                 known.remove(&pod.name_any());
             }
             Err(e) => {

@@ -46,7 +46,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 
-use super::Context;
+use super::{Context, Observation};
 use crate::operator::names::{FIELD_MANAGER, LABEL_LEAVING};
 
 /// A change of one pod's leaving label.
@@ -70,8 +70,7 @@ pub fn label_changes<'a>(pods: &'a [Pod], stateful_set: &str, replicas: Option<i
     let mut changes = Vec::new();
     for pod in pods {
         let Some(name) = pod.metadata.name.as_deref() else { continue };
-        let marked =
-            pod.metadata.labels.as_ref().and_then(|l| l.get(LABEL_LEAVING)).map(String::as_str) == Some("true");
+        let marked = crate::crd::pod_is_leaving(pod);
         let terminating = pod.metadata.deletion_timestamp.is_some();
         let removed_by_count = replicas.zip(ordinal(stateful_set, name)).map(|(count, n)| n >= count);
         match (marked, terminating, removed_by_count) {
@@ -87,15 +86,10 @@ pub fn label_changes<'a>(pods: &'a [Pod], stateful_set: &str, replicas: Option<i
 /// reconcile: the label only spares the peers' replication the wait for a
 /// stopping node and the balancers a second move, and everything else the
 /// reconcile does still matters (the next pod event retries).
-pub async fn label_leaving_nodes(
-    ctx: &Context,
-    namespace: &str,
-    stateful_set: &str,
-    pods: &[Pod],
-    replicas: Option<i32>,
-) {
+pub async fn label_leaving_nodes(ctx: &Context, observation: &Observation, replicas: Option<i32>) {
+    let (namespace, stateful_set) = (observation.namespace.as_str(), observation.names.stateful_set());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    for change in label_changes(pods, stateful_set, replicas) {
+    for change in label_changes(&observation.pods, &stateful_set, replicas) {
         let (pod, value) = match change {
             LabelChange::Mark(pod) => (pod, serde_json::json!("true")),
             LabelChange::Unmark(pod) => (pod, serde_json::Value::Null),

@@ -117,16 +117,14 @@ async fn reconcile_app(app: &ClusterApp, ctx: &Context) -> Result<Action, Error>
                 Applied::Done { problem, requeue } => (problem, requeue, Some(app.spec.replicas)),
                 Applied::NamespaceTerminating => return Ok(Action::await_change()),
                 Applied::Failed { problem, error } => {
-                    let (ns, sts) = (&observation.namespace, observation.names.stateful_set());
-                    leaving::label_leaving_nodes(ctx, ns, &sts, &observation.pods, None).await;
+                    leaving::label_leaving_nodes(ctx, &observation, None).await;
                     update_status::write_status(app, ctx, observation.for_status(), Some(&problem)).await?;
                     return Err(error);
                 }
             }
         }
     };
-    let stateful_set = observation.names.stateful_set();
-    leaving::label_leaving_nodes(ctx, &observation.namespace, &stateful_set, &observation.pods, applied_replicas).await;
+    leaving::label_leaving_nodes(ctx, &observation, applied_replicas).await;
 
     update_status::write_status(app, ctx, observation.for_status(), problem.as_ref()).await?;
     let requeue = requeue.unwrap_or(if problem.is_some() { REQUEUE_PROBLEM } else { REQUEUE_HEALTHY });
