@@ -33,7 +33,6 @@ async fn on_real_nodes_pods_spread_run_locked_down_keep_secrets_in_files_and_ans
         .expect("session node pods");
     let balancer_pods =
         pods.list(&ListParams::default().labels("app.kubernetes.io/component=balancer")).await.expect("balancer pods");
-    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
 
     // 1. Spread: three session nodes on three different nodes.
     let nodes_used: BTreeSet<String> = node_pods.items.iter().map(node_of).collect();
@@ -119,6 +118,35 @@ async fn on_real_nodes_pods_spread_run_locked_down_keep_secrets_in_files_and_ans
     app.operator.stop().await;
 }
 
+/// The node a Pod runs on.
+fn node_of(pod: &Pod) -> String {
+    pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+}
+
+/// Where the Pods of the app `shop` run.
+struct Placement {
+    /// The balancer Pods and their nodes.
+    balancers: Vec<(String, String)>,
+    /// The session node Pods and their nodes.
+    session_nodes: Vec<(String, String)>,
+}
+
+impl Placement {
+    async fn of(pods: &Api<Pod>) -> Placement {
+        let all = pods.list(&ListParams::default()).await.expect("pods");
+        let (balancers, session_nodes) = all
+            .items
+            .iter()
+            .map(|p| (p.metadata.name.clone().unwrap_or_default(), node_of(p)))
+            .partition(|(name, _)| name.starts_with("shop-balancer-"));
+        Placement { balancers, session_nodes }
+    }
+
+    fn balancer_nodes(&self) -> BTreeSet<String> {
+        self.balancers.iter().map(|(_, node)| node.clone()).collect()
+    }
+}
+
 /// Uncordons `node` when dropped: the nodes are shared by every later test,
 /// also when this one fails.
 struct Uncordon(String);
@@ -139,21 +167,9 @@ async fn kubectl_drain_of_a_node_loses_no_request_and_no_increment() {
     let app = App::start("e2e-drain", "shop", 3, serde_json::json!({})).await;
     let ns = app.ns.name.clone();
     let pods: Api<Pod> = app.ns.api();
-    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
     // The node of shop-1 that also runs a balancer if one does (the harder case).
-    let all = pods.list(&ListParams::default()).await.expect("pods");
-    let balancer_nodes: BTreeSet<String> = all
-        .items
-        .iter()
-        .filter(|p| p.metadata.name.as_deref().is_some_and(|n| n.starts_with("shop-balancer-")))
-        .map(node_of)
-        .collect();
-    let session_nodes: Vec<(String, String)> = all
-        .items
-        .iter()
-        .filter(|p| p.metadata.name.as_deref().is_some_and(|n| !n.starts_with("shop-balancer-")))
-        .map(|p| (p.metadata.name.clone().unwrap_or_default(), node_of(p)))
-        .collect();
+    let placement = Placement::of(&pods).await;
+    let (balancer_nodes, session_nodes) = (placement.balancer_nodes(), placement.session_nodes);
     let (victim_pod, node) = session_nodes
         .iter()
         .find(|(_, n)| balancer_nodes.contains(n))
@@ -235,19 +251,12 @@ async fn a_node_that_dies_loses_no_acknowledged_increment() {
     let app = App::start("e2e-node-death", "shop", 3, serde_json::json!({})).await;
     let ns = app.ns.name.clone();
     let pods: Api<Pod> = app.ns.api();
-    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
     // A node with a session node and no balancer: the clients' connections
     // reach the balancers through the NodePort, and this is about the nodes.
-    let all = pods.list(&ListParams::default()).await.expect("pods");
-    let is_balancer = |p: &Pod| p.metadata.name.as_deref().is_some_and(|n| n.starts_with("shop-balancer-"));
-    let balancer_nodes: BTreeSet<String> = all.items.iter().filter(|p| is_balancer(p)).map(node_of).collect();
-    let (victim_pod, node) = all
-        .items
-        .iter()
-        .filter(|p| !is_balancer(p))
-        .map(|p| (p.metadata.name.clone().unwrap_or_default(), node_of(p)))
-        .find(|(_, n)| !balancer_nodes.contains(n))
-        .unwrap_or_else(|| {
+    let placement = Placement::of(&pods).await;
+    let balancer_nodes = placement.balancer_nodes();
+    let (victim_pod, node) =
+        placement.session_nodes.iter().find(|(_, n)| !balancer_nodes.contains(n)).cloned().unwrap_or_else(|| {
             panic!("every node with a session node runs a balancer:\n{}", support::nodes::pods_report(&ns))
         });
     // A session of the victim to time its failover with.
@@ -285,14 +294,12 @@ async fn a_node_that_dies_loses_no_acknowledged_increment() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (total, _) = load.finish().await;
     // How the balancers learnt of it: their own log lines about the victim.
-    let learnt: Vec<String> = all
-        .items
+    let learnt: Vec<String> = placement
+        .balancers
         .iter()
-        .filter(|p| is_balancer(p))
-        .filter_map(|p| p.metadata.name.clone())
-        .flat_map(|b| {
+        .flat_map(|(b, _)| {
             nodes()
-                .container_log(&ns, &b, "balancer")
+                .container_log(&ns, b, "balancer")
                 .lines()
                 .filter(|l| l.contains(&format!("\"route\":\"{victim_pod}\"")))
                 // Since the death: timeouts (slow) and what followed.

@@ -344,6 +344,17 @@ fn every_child_is_owned_and_labelled() {
     }
 }
 
+/// The session nodes' selector of the fixtures' app `shop`.
+const SHOP_NODE_SELECTOR: &str =
+    "app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp";
+
+/// The balancer container's arguments for `app`, joined by spaces.
+fn balancer_args(app: &ClusterApp) -> String {
+    let children = build_children(app, &material(), &context()).expect("builds");
+    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
+    container.args.clone().unwrap_or_default().join(" ")
+}
+
 #[test]
 fn balancer_runs_with_the_agreed_flags() {
     let app = fixture("every-option");
@@ -370,52 +381,33 @@ fn balancer_runs_with_the_agreed_flags() {
     );
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(
-        args.ends_with(
-            "--kubernetes-pod-selector \
-             app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp \
-             --rebalance-ramp 0s"
-        ),
+        args.ends_with(&format!("--kubernetes-pod-selector {SHOP_NODE_SELECTOR} --rebalance-ramp 0s")),
         "rebalancing off by default (ramp 0 s); the Pod watch for leaving marks: {args}"
     );
     let mut slow = fixture("default");
     slow.spec.balancer.rebalance.enabled = true;
     slow.spec.balancer.rebalance.ramp_seconds = 90;
-    let children = build_children(&slow, &material(), &context()).expect("builds");
-    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
-    let args = container.args.clone().unwrap_or_default().join(" ");
-    assert!(
-        args.contains(
-            "--kubernetes-pod-selector \
-             app.kubernetes.io/component=session-node,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp \
-             --rebalance-ramp 90s"
-        ),
-        "{args}"
-    );
+    let args = balancer_args(&slow);
+    assert!(args.contains(&format!("--kubernetes-pod-selector {SHOP_NODE_SELECTOR} --rebalance-ramp 90s")), "{args}");
     let mut dated = fixture("default");
     dated.spec.balancer.rebalance.enabled = true;
     dated.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("time"),
     ));
-    let children = build_children(&dated, &material(), &context()).expect("builds");
-    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
-    let args = container.args.clone().unwrap_or_default().join(" ");
+    let args = balancer_args(&dated);
     assert!(args.contains("--rebalance-after 1800000120"), "nodes of a starting app are no newcomers: {args}");
     let mut off = fixture("default");
     off.spec.balancer.rebalance.enabled = false;
-    let children = build_children(&off, &material(), &context()).expect("builds");
-    let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
-    let args = container.args.clone().unwrap_or_default().join(" ");
+    let args = balancer_args(&off);
     assert!(args.contains("--rebalance-ramp 0s"), "off: {args}");
     for replication in [Replication::Backup, Replication::None] {
         let mut app = fixture("default");
         app.spec.balancer.rebalance.enabled = true;
         app.spec.sessions.replication = replication;
-        let children = build_children(&app, &material(), &context()).expect("builds");
-        let container = &children.balancer_deployment.spec.template.spec.as_ref().expect("pod spec").containers[0];
-        let args = container.args.clone().unwrap_or_default().join(" ");
+        let args = balancer_args(&app);
         assert!(args.contains("--rebalance-ramp 0s"), "{replication:?}: no rebalancing: {args}");
     }
-    let args = container.args.clone().unwrap_or_default().join(" ");
+    let args = balancer_args(&off);
     assert!(args.contains("--drain-timeout 5s"), "half of the default drainSeconds (10): {args}");
     assert_eq!(
         [0, 1, 10, 15, 600].map(balancer_drain_timeout),
