@@ -162,6 +162,9 @@ pub async fn run(
     state.live.store(true, Ordering::Relaxed);
     // A standby is ready: it is healthy and waiting.
     state.ready.store(true, Ordering::Relaxed);
+    // Said at once, so that the log of a standby (`kubectl logs` of either
+    // replica) tells what it does: it waits, and for which Lease.
+    tracing::info!(identity = %config.identity, lease = %config.lease_name, "waiting to become leader");
     tokio::pin!(shutdown);
     tokio::select! {
         () = lock.acquire() => {}
