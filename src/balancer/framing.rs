@@ -7,7 +7,7 @@
 //! both with 400, as the issue asks and as a front proxy should: a backend
 //! or an intermediary in front of us may have framed the message differently.
 //! (Checked against hyper 1.12: without this scanner the `CL + TE` case of
-//! `tests/balancer_malformed.rs` gets a 200. A check of the headers the
+//! `tests/balancer/malformed.rs` gets a 200. A check of the headers the
 //! service gets cannot take its place: the shapes are gone by then.)
 //!
 //! [`ScanningStream`] wraps the client socket and follows the byte stream

@@ -342,7 +342,7 @@ mod tests {
 
     /// Only Transfer-Encoding shapes reach the service (see
     /// `check_transfer_encoding`); the length shapes are refused before it,
-    /// as `tests/balancer_malformed.rs` shows on the wire.
+    /// as `tests/balancer/malformed.rs` shows on the wire.
     #[test]
     fn framing_rules() {
         assert!(check_transfer_encoding(&headers(&[])).is_ok());

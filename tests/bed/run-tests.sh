@@ -73,7 +73,7 @@ start_nodes() {
 }
 run_step nodes start_nodes
 run_step build cargo build --locked --workspace --all-targets
-# The end-to-end tests (tests/e2e_*.rs) append their figures here.
+# The end-to-end tests (tests/e2e/) append their figures here.
 summary="$repo/target/e2e-summary.txt"
 rm -f "$summary"
 # Every test target but the unit tests the fast lane ran (`--test '*'`:

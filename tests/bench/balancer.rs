@@ -7,7 +7,7 @@
 //! Knobs: BENCH_SECONDS (per run, default 8), BENCH_ROUNDS (default 3),
 //! BENCH_CONNECTIONS (default 64).
 
-#[path = "../balancer_common/mod.rs"]
+#[path = "../balancer/common/mod.rs"]
 mod balancer_common;
 
 use std::collections::BTreeMap;

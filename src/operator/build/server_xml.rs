@@ -55,7 +55,7 @@ pub const DEPLOY_DELAY_SECONDS: i32 = 20;
 /// Both valves sit on the Engine, so they apply to the probe connector as
 /// well, whose callers (kubelet, peers) send no such headers.
 ///
-/// The test Tomcats of `tests/balancer_http_backend.rs` run with these very lines.
+/// The test Tomcats of `tests/balancer/http_backend.rs` run with these very lines.
 pub fn http_backend_valves() -> &'static str {
     concat!(
         r#"      <Valve className="org.apache.catalina.valves.RemoteIpValve" internalProxies=".*" remoteIpHeader="X-Forwarded-For" protocolHeader="X-Forwarded-Proto" protocolHeaderHttpsValue="https" portHeader="X-Forwarded-Port" proxiesHeader="X-Forwarded-By"/>"#,

@@ -15,17 +15,14 @@
 //! balancer's HTTPS nodePort as secure, and a renewed certificate in the
 //! Secret reaches new handshakes without a restart while sessions go on.
 
-mod e2e_common;
-mod operator_common;
-mod support;
-
 use std::time::{Duration, Instant};
 
-use e2e_common::tls::{HttpsConn, SERVER_NAME, tls_secret};
-use e2e_common::{App, BrowserLoad, Load, get_counter, route_of_session_id, serial, summary};
+use crate::common;
+use crate::common::tls::{HttpsConn, SERVER_NAME, tls_secret};
+use crate::common::{App, BrowserLoad, Load, get_counter, route_of_session_id, serial, summary};
+use crate::support::pki::Pki;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use support::pki::Pki;
 
 #[tokio::test]
 async fn seed_scenario_session_survives_a_kill_9_of_its_node() {
@@ -322,7 +319,7 @@ async fn https_front_is_secure_for_tomcat_and_serves_a_renewed_secret_without_re
 /// Checks one counter reply of a session: 200, the previous counter + 1, on
 /// `route`; anything else goes to `errors`.
 fn expect_next(
-    reply: Result<e2e_common::tls::HttpsReply, String>,
+    reply: Result<common::tls::HttpsReply, String>,
     counter: &mut u64,
     route: &str,
     errors: &mut Vec<String>,

@@ -8,18 +8,17 @@
 //! with bounded balancer memory; sessions stick and fail over between two
 //! clustered Tomcats; and the front refuses what it refuses with AJP.
 
-mod balancer_common;
-#[path = "support/pki.rs"]
-mod pki;
+use crate::common;
+use crate::support::pki;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use balancer_common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
-use balancer_common::http::{Conn, get, raw_exchange, read_reply};
-use balancer_common::tomcat::{TomcatOptions, start_cluster};
-use balancer_common::{Balancer, BalancerOptions, TempDir, free_port};
+use crate::common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
+use crate::common::http::{Conn, get, raw_exchange, read_reply};
+use crate::common::tomcat::{TomcatOptions, start_cluster};
+use crate::common::{Balancer, BalancerOptions, TempDir, free_port};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -311,7 +310,7 @@ async fn sessions_stick_and_fail_over_between_two_tomcats() {
         assert_eq!(r.header("x-counter"), Some(expected.to_string().as_str()));
         assert_eq!(r.header("x-route"), Some(other));
     }
-    balancer_common::wait_until(Duration::from_secs(5), "the killed node marked failed", || {
+    common::wait_until(Duration::from_secs(5), "the killed node marked failed", || {
         let text = raw_exchange(balancer.admin, b"GET /status.json HTTP/1.0\r\n\r\n", Duration::from_secs(2));
         let json = text.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or("");
         serde_json::from_str::<serde_json::Value>(json).ok().is_some_and(|status| {
@@ -323,7 +322,7 @@ async fn sessions_stick_and_fail_over_between_two_tomcats() {
 }
 
 /// The front is the same whatever speaks behind it: the smuggling shapes,
-/// limits and slow heads that `tests/balancer_malformed.rs` shows refused
+/// limits and slow heads that `tests/balancer/malformed.rs` shows refused
 /// in front of AJP are refused the same way in front of HTTP, before any
 /// byte reaches Tomcat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

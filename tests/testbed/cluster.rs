@@ -2,11 +2,12 @@
 //! of it the rest of the suite relies on (StatefulSet controller, garbage
 //! collector, RBAC, TokenRequest, helm), and the test bed's own scripts.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support;
+
+use crate::support::{TestNamespace, kubectl, run_ok, wait_until};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -15,7 +16,6 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use serde_json::json;
-use support::{TestNamespace, kubectl, run_ok, wait_until};
 
 fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
     serde_json::from_value(v).expect("valid object json")

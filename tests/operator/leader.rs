@@ -1,8 +1,8 @@
 //! Two operators at once (only the Lease holder writes; the other takes over
 //! when it dies) and the admin endpoints.
 
-mod operator_common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::support::{TestNamespace, wait_until};
 use clusterapp::crd::ClusterApp;
-use support::{TestNamespace, wait_until};
 
 async fn create_app(ns: &TestNamespace, name: &str) {
     let app: ClusterApp = serde_json::from_value(json!({
@@ -26,11 +26,11 @@ async fn create_app(ns: &TestNamespace, name: &str) {
 
 #[tokio::test]
 async fn two_operators_only_the_leader_writes_and_the_standby_takes_over() {
-    let ns = operator_common::OperatorNamespace::new("capp-leader").await;
-    operator_common::install_crd(&ns.client).await;
-    let client = operator_common::operator_client(&ns).await;
-    let a = operator_common::start_operator(client.clone(), &ns.name, "operator-a", operator_common::fast_lease());
-    let b = operator_common::start_operator(client.clone(), &ns.name, "operator-b", operator_common::fast_lease());
+    let ns = common::OperatorNamespace::new("capp-leader").await;
+    common::install_crd(&ns.client).await;
+    let client = common::operator_client(&ns).await;
+    let a = common::start_operator(client.clone(), &ns.name, "operator-a", common::fast_lease());
+    let b = common::start_operator(client.clone(), &ns.name, "operator-b", common::fast_lease());
     wait_until(Duration::from_secs(20), "one leader", || async { a.state.is_leader() || b.state.is_leader() }).await;
     let (leader, standby) = if a.state.is_leader() { (a, b) } else { (b, a) };
 
@@ -79,8 +79,8 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn admin_endpoints_report_health_and_metrics() {
-    let ns = operator_common::OperatorNamespace::new("capp-admin").await;
-    let operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-admin").await;
+    let operator = common::operator_in(&ns).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     tokio::spawn(clusterapp::operator::admin::serve(listener, operator.state.clone()));
@@ -109,9 +109,9 @@ async fn the_operators_cluster_role_binding_goes_with_the_test_namespace() {
     use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
     let admin = support::admin_client().await;
     let bindings: kube::Api<ClusterRoleBinding> = kube::Api::all(admin);
-    let ns = operator_common::OperatorNamespace::new("capp-crb").await;
-    operator_common::install_crd(&ns.client).await;
-    let _client = operator_common::operator_client(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-crb").await;
+    common::install_crd(&ns.client).await;
+    let _client = common::operator_client(&ns).await;
     let name = format!("clusterapp-operator-{}", ns.name);
     assert!(bindings.get_opt(&name).await.expect("get").is_some(), "the binding was made");
     drop(ns);

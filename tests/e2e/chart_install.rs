@@ -3,14 +3,14 @@
 //! chart's ServiceAccount, and reconciles a ClusterApp of real Tomcat nodes
 //! to Ready.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support;
+
+use crate::support::nodes::{PortForward, http_status, nodes, root_mount_options, uids};
+use crate::support::{TestNamespace, helm, kubectl, run_ok, wait_until};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use support::nodes::{PortForward, http_status, nodes, root_mount_options, uids};
-use support::{TestNamespace, helm, kubectl, run_ok, wait_until};
 
 fn pod_ready(p: &Pod) -> bool {
     p.status
@@ -21,6 +21,7 @@ fn pod_ready(p: &Pod) -> bool {
 
 #[tokio::test]
 async fn helm_install_runs_the_operator_as_pods_that_reconcile_a_clusterapp_to_ready() {
+    let _serial = crate::common::serial().await;
     nodes();
     let system = TestNamespace::new("chart-op").await;
     adopt_crd_into_the_release("op", &system.name);

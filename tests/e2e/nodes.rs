@@ -5,9 +5,8 @@
 //! `kubectl logs`, `exec` and `port-forward` work against every kind of Pod
 //! we run.
 
-mod e2e_common;
-mod operator_common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -16,9 +15,9 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
 use kube::api::ListParams;
 
-use e2e_common::{App, Load, serial, summary};
-use support::nodes::{PortForward, environment, http_status, nodes, root_mount_options, uids};
-use support::{kubectl, run_ok};
+use crate::common::{App, Load, serial, summary};
+use crate::support::nodes::{PortForward, environment, http_status, nodes, root_mount_options, uids};
+use crate::support::{kubectl, run_ok};
 
 #[tokio::test]
 async fn on_real_nodes_pods_spread_run_locked_down_keep_secrets_in_files_and_answer_kubectl() {
@@ -262,14 +261,14 @@ async fn a_node_that_dies_loses_no_acknowledged_increment() {
     // A session of the victim to time its failover with.
     let mut probe = None;
     for _ in 0..60 {
-        let r = e2e_common::get_counter(app.port, None).await.expect("new session");
+        let r = common::get_counter(app.port, None).await.expect("new session");
         if r.route.as_deref() == Some(victim_pod.as_str()) {
             probe = r.session;
             break;
         }
     }
     let probe = probe.unwrap_or_else(|| panic!("no new session reached {victim_pod} in 60 tries"));
-    let before = e2e_common::get_counter(app.port, Some(&probe)).await.expect("increment");
+    let before = common::get_counter(app.port, Some(&probe)).await.expect("increment");
     assert_eq!((before.status, before.counter), (200, Some(2)), "{before:?}");
 
     let load = Load::start(app.port, 20, Duration::from_millis(50));
@@ -277,7 +276,7 @@ async fn a_node_that_dies_loses_no_acknowledged_increment() {
     let dead = nodes().kill_node(&node);
     let died_at = Instant::now();
     let after = loop {
-        match e2e_common::get_counter(app.port, Some(&probe)).await {
+        match common::get_counter(app.port, Some(&probe)).await {
             Ok(r) if r.status == 200 => break r,
             other => {
                 assert!(

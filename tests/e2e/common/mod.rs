@@ -1,10 +1,10 @@
-//! Helpers of the end-to-end tests (tests/e2e_*.rs, issue 5): the operator
+//! Helpers of the end-to-end tests (tests/e2e/, issue 5): the operator
 //! under its own ServiceAccount, a ClusterApp of real Tomcat session nodes
 //! (the counter app's image) in containers on the real nodes, real HTTP
 //! clients against the balancer's NodePort on a node's IP, and the suite's
 //! summary table.
 //!
-//! Every e2e test takes [`serial`] first: the tests of a binary share the
+//! Every e2e test takes [`serial`] first: the e2e tests share the
 //! nodes (2 cores), so they run one after another.
 #![allow(dead_code)]
 
@@ -27,7 +27,7 @@ use crate::support;
 use crate::support::browser::{BrowserSession, start_browsers};
 use crate::support::nodes::{NODE_ADDRESS, nodes, pods_report};
 
-/// Held for the whole test: e2e tests of one binary run one at a time. An
+/// Held for the whole test: the e2e tests run one at a time. An
 /// async lock, because a test holds it across its awaits (a waiting test
 /// then yields instead of blocking a thread its runtime may need).
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {

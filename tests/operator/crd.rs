@@ -1,8 +1,8 @@
 //! The ClusterApp CRD: the committed file is the generated one, and every
 //! validation rule is enforced by the real API server with our message.
 
-mod operator_common;
-mod support;
+use crate::common;
+use crate::support;
 
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::ApiResource;
@@ -48,8 +48,8 @@ fn set_path(object: &mut Value, path: &str, value: Value) {
 async fn rejection(name: &str, path: &str, value: Value) -> String {
     let shown = value.to_string();
     let ns = support::TestNamespace::new("capp-cel").await;
-    operator_common::install_crd(&ns.client).await;
-    let mut app = operator_common::valid_app(name);
+    common::install_crd(&ns.client).await;
+    let mut app = common::valid_app(name);
     set_path(&mut app, path, value);
     match create_raw(&ns, app).await {
         Ok(_) => panic!("the API server accepted {path} = {shown}"),
@@ -222,8 +222,8 @@ async fn name_must_be_a_short_dns_label() {
 async fn unknown_replication_mode_rejected() {
     // An enum: the API server's own wording lists the allowed values.
     let ns = support::TestNamespace::new("capp-cel").await;
-    operator_common::install_crd(&ns.client).await;
-    let mut app = operator_common::valid_app("shop");
+    common::install_crd(&ns.client).await;
+    let mut app = common::valid_app("shop");
     set_path(&mut app, "spec.sessions.replication", json!("everything"));
     let err = create_raw(&ns, app).await.expect_err("unknown replication accepted");
     let message = err.to_string();
@@ -233,7 +233,7 @@ async fn unknown_replication_mode_rejected() {
 #[tokio::test]
 async fn valid_app_is_accepted_and_defaulted() {
     let ns = support::TestNamespace::new("capp-cel").await;
-    operator_common::install_crd(&ns.client).await;
+    common::install_crd(&ns.client).await;
     // Send only what the user wrote, so the API server applies the defaults.
     let minimal = json!({"apiVersion": "clusterapp.io/v1alpha1", "kind": "ClusterApp", "metadata": {"name": "shop"}, "spec": {"image": "registry.example/shop:1.4"}});
     let created = create_raw(&ns, minimal).await.expect("a minimal app is valid");
@@ -250,8 +250,8 @@ async fn valid_app_is_accepted_and_defaulted() {
 #[tokio::test]
 async fn tls_is_accepted_and_defaulted() {
     let ns = support::TestNamespace::new("capp-cel").await;
-    operator_common::install_crd(&ns.client).await;
-    let mut app = operator_common::valid_app("shop");
+    common::install_crd(&ns.client).await;
+    let mut app = common::valid_app("shop");
     set_path(&mut app, "spec.balancer.tls", json!({"secretName": "shop.example-tls"}));
     let created = create_raw(&ns, app).await.expect("a tls block with only secretName is valid");
     let created: ClusterApp =
@@ -262,7 +262,7 @@ async fn tls_is_accepted_and_defaulted() {
         ("shop.example-tls", 8443, None, false)
     );
     // Client certificates asked for and required, on a port of its own.
-    let mut app = operator_common::valid_app("shop-mtls");
+    let mut app = common::valid_app("shop-mtls");
     set_path(
         &mut app,
         "spec.balancer",

@@ -3,14 +3,14 @@
 //! memory; the AJP secret is enforced by Tomcat; the access log has a line
 //! per request with what was sent.
 
-mod balancer_common;
-
 use std::time::Duration;
 
-use balancer_common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
-use balancer_common::http::{Conn, read_reply};
-use balancer_common::tomcat::{TomcatOptions, start_cluster};
-use balancer_common::{Balancer, BalancerOptions};
+use crate::common;
+
+use crate::common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
+use crate::common::http::{Conn, read_reply};
+use crate::common::tomcat::{TomcatOptions, start_cluster};
+use crate::common::{Balancer, BalancerOptions};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Request;
@@ -145,11 +145,11 @@ async fn requests_round_trip_exactly_and_bodies_stream() {
 
     // --- the secret: a balancer with the wrong one gets Tomcat's 403 ---
     let wrong = Balancer::start(BalancerOptions::new("not-the-secret").members(&[&nodes[0]]));
-    let reply = balancer_common::http::get(wrong.listen, "/counter/", None).await;
+    let reply = common::http::get(wrong.listen, "/counter/", None).await;
     assert_eq!(reply.status, 403, "Tomcat refuses a wrong AJP secret");
     assert!(!wrong.log_text().contains("not-the-secret"), "the secret is never logged");
     // The right one still works.
-    let reply = balancer_common::http::get(balancer.listen, "/counter/", None).await;
+    let reply = common::http::get(balancer.listen, "/counter/", None).await;
     assert_eq!(reply.status, 200);
     assert!(reply.text().contains("Tambah = 1"));
     assert_eq!(reply.header("x-route"), Some("solo"));
@@ -171,7 +171,7 @@ fn access_lines(balancer: &Balancer) -> Vec<serde_json::Value> {
 async fn access_log_has_one_line_per_request_when_its_response_is_done() {
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     // `ghost` has no Tomcat: its sessions fail over to `solo`.
-    let ghost_port = balancer_common::free_port();
+    let ghost_port = common::free_port();
     let mut options = BalancerOptions::new(SECRET)
         .members(&[&nodes[0]])
         .arg("--member")
@@ -180,9 +180,7 @@ async fn access_log_has_one_line_per_request_when_its_response_is_done() {
     options.envs.push(("LOG_FORMAT".into(), "json".into()));
     let balancer = Balancer::start(options);
     let wait_for_lines = |n: usize| {
-        balancer_common::wait_until(Duration::from_secs(5), &format!("{n} access lines"), || {
-            access_lines(&balancer).len() >= n
-        });
+        common::wait_until(Duration::from_secs(5), &format!("{n} access lines"), || access_lines(&balancer).len() >= n);
         access_lines(&balancer)
     };
 
@@ -247,7 +245,7 @@ async fn access_log_has_one_line_per_request_when_its_response_is_done() {
     assert_eq!((line["member"].as_str(), line["failover"].as_bool()), (Some("solo"), Some(true)), "{line}");
 
     // A request the balancer refuses itself: logged with its status, no member.
-    let raw = balancer_common::http::raw_exchange(
+    let raw = common::http::raw_exchange(
         balancer.listen,
         b"POST /counter/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         Duration::from_secs(2),

@@ -4,23 +4,20 @@
 //! keeps working next to it; a renewed certificate is served without a
 //! restart; failed handshakes are counted and cost nothing else.
 
-mod balancer_common;
-#[path = "support/pki.rs"]
-mod pki;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use balancer_common::http::{Conn, read_reply};
-use balancer_common::tomcat::{TomcatNode, TomcatOptions, start_cluster};
-use balancer_common::{Balancer, BalancerOptions, TempDir, free_port};
+use crate::common;
+use crate::common::http::{Conn, read_reply};
+use crate::common::tomcat::{TomcatNode, TomcatOptions, start_cluster};
+use crate::common::{Balancer, BalancerOptions, TempDir, free_port};
+use crate::support::pki::Pki;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use pki::Pki;
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,8 +80,7 @@ fn write_atomically(path: &Path, text: &str) {
 }
 
 fn metric(balancer: &Balancer, name: &str) -> f64 {
-    let text =
-        balancer_common::http::raw_exchange(balancer.admin, b"GET /metrics HTTP/1.0\r\n\r\n", Duration::from_secs(2));
+    let text = common::http::raw_exchange(balancer.admin, b"GET /metrics HTTP/1.0\r\n\r\n", Duration::from_secs(2));
     text.lines()
         .find(|l| l.starts_with(name) && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next())
@@ -113,7 +109,7 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
     );
     let host = format!("balancer.test:{tls_port}");
     // 2031-05-17T00:00:00Z, for certificate expiry alerts.
-    balancer_common::wait_until(Duration::from_secs(3), "the certificate's expiry in /metrics", || {
+    common::wait_until(Duration::from_secs(3), "the certificate's expiry in /metrics", || {
         metric(&balancer, "clusterapp_balancer_tls_certificate_not_after_seconds") == 1_936_742_400.0
     });
 
@@ -192,7 +188,7 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
         "closed after the 2 s head timeout, took {:?}",
         started.elapsed()
     );
-    balancer_common::wait_until(Duration::from_secs(2), "handshake failures counted", || {
+    common::wait_until(Duration::from_secs(2), "handshake failures counted", || {
         metric(&balancer, "clusterapp_balancer_tls_handshake_failures_total") >= before + 3.0
     });
     let (mut conn, _, _, _) = https(tls_addr, tls13.clone()).await;
@@ -217,13 +213,13 @@ async fn https_reaches_tomcat_as_secure_with_the_negotiated_tls_facts() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("renewed certificate served after {:?}", changed_at.elapsed());
-    balancer_common::wait_until(Duration::from_secs(3), "the renewed certificate's expiry in /metrics", || {
+    common::wait_until(Duration::from_secs(3), "the renewed certificate's expiry in /metrics", || {
         metric(&balancer, "clusterapp_balancer_tls_certificate_not_after_seconds") == 2_556_230_400.0
     });
 
     // A broken replacement keeps the last good certificate and says why.
     write_atomically(&cert_file, "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n");
-    balancer_common::wait_until(Duration::from_secs(5), "warning about the broken certificate", || {
+    common::wait_until(Duration::from_secs(5), "warning about the broken certificate", || {
         balancer.log_text().contains("TLS certificate changed but does not load")
     });
     let (mut conn, _, _, served) = https(tls_addr, tls13).await;

@@ -4,20 +4,18 @@
 //! replicate a session. The StatefulSet, Role and server.xml are written by
 //! hand here; the operator builds the real ones.
 
-mod support;
-
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::nodes::{create, pod_ready as ready, pods_report};
+use crate::support::{self, TestNamespace};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::json;
-use support::TestNamespace;
-use support::nodes::{create, pod_ready as ready, pods_report};
 
 const SERVER_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <Server port="-1" shutdown="SHUTDOWN">
@@ -73,6 +71,7 @@ fn counter(ip: Ipv4Addr, session: Option<&str>) -> (String, String) {
 
 #[tokio::test]
 async fn three_tomcats_find_each_other_through_the_kubernetes_api_and_replicate_a_session() {
+    let _serial = crate::common::serial().await;
     let bed = support::nodes::nodes();
     let ns = TestNamespace::new("tribes").await;
     create(

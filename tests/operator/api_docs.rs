@@ -3,11 +3,11 @@
 //! README's block differs from what the CRD says; run it with
 //! `CLUSTERAPP_BLESS=1` to rewrite the block.
 
-mod support;
-
 use serde_json::Value;
 
-const BEGIN: &str = "<!-- BEGIN GENERATED API REFERENCE (tests/docs.rs) -->";
+use crate::support;
+
+const BEGIN: &str = "<!-- BEGIN GENERATED API REFERENCE (tests/operator/api_docs.rs) -->";
 const END: &str = "<!-- END GENERATED API REFERENCE -->";
 
 /// One line of text for a Markdown table cell.
@@ -97,7 +97,10 @@ fn readme_field_reference_matches_the_crd() {
         std::fs::write(&readme_path, updated).expect("write README.md");
         return;
     }
-    assert!(current == wanted, "README.md's API reference is stale: run `CLUSTERAPP_BLESS=1 cargo test --test docs`");
+    assert!(
+        current == wanted,
+        "README.md's API reference is stale: run `CLUSTERAPP_BLESS=1 cargo test --test operator api_docs`"
+    );
     // Every field the CRD has is documented with words, not just named.
     for line in wanted.lines().filter(|l| l.starts_with("| `spec")) {
         let description = line.rsplit('|').nth(1).unwrap_or("").trim();

@@ -1,4 +1,5 @@
-//! Helpers shared by the operator's integration tests (tests/operator_*.rs).
+//! Helpers shared by the operator's integration tests (tests/operator/) and
+//! the end-to-end tests (tests/e2e/).
 #![allow(dead_code)]
 
 use std::time::Duration;

@@ -9,15 +9,11 @@
 //! membership keeps working (a node killed afterwards, its sessions fail
 //! over intact). The case where the permission cannot be restored
 //! (`Degraded`/`MembershipForbidden`) is tested against the API server in
-//! tests/operator_reconcile.rs.
-
-mod e2e_common;
-mod operator_common;
-mod support;
+//! tests/operator/reconcile.rs.
 
 use std::time::{Duration, Instant};
 
-use e2e_common::{App, get_counter, serial, summary};
+use crate::common::{App, get_counter, serial, summary};
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::Role;

@@ -4,13 +4,13 @@
 //! client error; after SIGTERM `/readyz` answers 503 while the request in
 //! flight finishes.
 
-mod balancer_common;
-
 use std::time::{Duration, Instant};
 
-use balancer_common::http::{Conn, get, read_reply};
-use balancer_common::tomcat::{TomcatOptions, start_cluster};
-use balancer_common::{Balancer, BalancerOptions};
+use crate::common;
+
+use crate::common::http::{Conn, get, read_reply};
+use crate::common::tomcat::{TomcatOptions, start_cluster};
+use crate::common::{Balancer, BalancerOptions};
 use http_body_util::BodyExt;
 
 const SECRET: &str = "health-secret";
@@ -40,14 +40,14 @@ async fn wait_member(
 }
 
 /// `GET path`, or None when the connection fails (the process exited).
-async fn try_get(addr: std::net::SocketAddr, path: &str) -> Option<balancer_common::http::Reply> {
+async fn try_get(addr: std::net::SocketAddr, path: &str) -> Option<common::http::Reply> {
     let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
     tokio::spawn(conn);
     let resp = sender.send_request(request(path)).await.ok()?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.ok()?.to_bytes();
-    Some(balancer_common::http::Reply { status: parts.status.as_u16(), headers: parts.headers, body })
+    Some(common::http::Reply { status: parts.status.as_u16(), headers: parts.headers, body })
 }
 
 fn request(path: &str) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
@@ -144,12 +144,12 @@ async fn readyz_is_503_during_shutdown_while_in_flight_requests_finish() {
         let mut conn: Conn = Conn::open(listen).await;
         let resp = conn.send(request("/counter/download?bytes=40000000")).await.expect("download head");
         let _ = head_tx.send(resp.status().as_u16());
-        let n = balancer_common::http::read_paced(resp, 4e6).await;
+        let n = common::http::read_paced(resp, 4e6).await;
         (n, Instant::now())
     });
     assert_eq!(head_rx.await.expect("head"), 200);
 
-    balancer_common::signal(balancer.pid(), "TERM");
+    common::signal(balancer.pid(), "TERM");
     let signalled = Instant::now();
     let mut answers_503 = 0;
     // Until the balancer has handed the last byte to the kernel and exits.

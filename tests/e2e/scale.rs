@@ -11,13 +11,12 @@
 //! 4. Rolling update (a `javaOpts` change rolls every node) under the same
 //!    load: 0 failed requests, 0 lost increments.
 
-mod e2e_common;
-mod operator_common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
-use e2e_common::{App, BrowserLoad, BrowserOutcome, Load, get_counter, serial, summary};
+use crate::common::{App, BrowserLoad, BrowserOutcome, Load, get_counter, serial, summary};
 
 /// Requests without a cookie until `want` distinct routes answered (or 60).
 async fn routes_of_new_sessions(port: u16) -> std::collections::BTreeSet<String> {
@@ -491,7 +490,7 @@ type Tracked = [std::sync::Arc<std::sync::Mutex<TrackedSession>>];
 /// slack). Returns when they first agreed (after `since`) and the SESSIONS
 /// column over time.
 async fn estimates_agree_with_spread(
-    app: &e2e_common::App,
+    app: &common::App,
     tracked: &Tracked,
     spread: &impl Fn(&Tracked) -> std::collections::BTreeMap<String, usize>,
     since: Instant,
@@ -542,7 +541,7 @@ fn reason_and_newcomer(reason: &str, words: &str, events: &[(String, String)]) -
 }
 
 /// `(reason, note)` of the app's rebalancing events.
-async fn rebalance_events(app: &e2e_common::App) -> Vec<(String, String)> {
+async fn rebalance_events(app: &common::App) -> Vec<(String, String)> {
     let events: kube::Api<k8s_openapi::api::events::v1::Event> = app.ns.api();
     let list = events.list(&Default::default()).await.expect("events");
     list.items

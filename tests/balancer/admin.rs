@@ -1,14 +1,12 @@
 //! The admin port: Prometheus metrics, probes, and the status page as a
 //! person sees it in headless Chromium (with a screenshot).
 
-mod balancer_common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use balancer_common::http::get;
-use balancer_common::tomcat::{TomcatOptions, start_cluster};
-use balancer_common::{Balancer, BalancerOptions, TempDir, repo_root};
+use crate::common::tomcat::{TomcatOptions, start_cluster};
+use crate::common::{self, http::get};
+use crate::common::{Balancer, BalancerOptions, TempDir, repo_root};
 
 const SECRET: &str = "admin-secret";
 
@@ -114,7 +112,7 @@ async fn metrics_probes_and_status_page() {
 
     // Readiness follows shutdown.
     let mut balancer = balancer;
-    balancer_common::signal(balancer.pid(), "TERM");
+    common::signal(balancer.pid(), "TERM");
     let status = balancer.terminate(Duration::from_secs(10)).expect("exits");
     assert!(status.success());
 }

@@ -3,10 +3,10 @@
 //! a dying control-plane process is named with its log, a missing tool is
 //! named with how to install it. Each test uses its own state folder.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use crate::support;
 
 fn script(name: &str) -> PathBuf {
     support::repo_root().join("tests/bed").join(name)

@@ -3,13 +3,13 @@
 //! gets 502 and the balancer keeps serving. Malformed or hostile HTTP from
 //! clients gets 4xx; limits hold; SIGTERM drains in-flight requests.
 
-mod balancer_common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use balancer_common::http::{get, raw_exchange};
-use balancer_common::{Balancer, BalancerOptions, free_port};
+use crate::common;
+
+use crate::common::http::{get, raw_exchange};
+use crate::common::{Balancer, BalancerOptions, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -178,7 +178,7 @@ async fn malformed_packets_get_502_and_the_balancer_keeps_serving() {
     assert_eq!(get(balancer.listen, "/good", None).await.status, 200);
 
     // Broken mid-body: the client's response is cut (never a wrong complete body).
-    let mut conn: balancer_common::http::Conn = balancer_common::http::Conn::open(balancer.listen).await;
+    let mut conn: common::http::Conn = common::http::Conn::open(balancer.listen).await;
     let sent = conn
         .send(
             hyper::Request::get("/mid-body")
@@ -301,7 +301,7 @@ async fn connect_failures_retry_elsewhere_and_sigterm_drains() {
     let in_flight = tokio::spawn(async move { get(listen, "/slow", None).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = balancer.pid();
-    balancer_common::signal(pid, "TERM");
+    common::signal(pid, "TERM");
     let r = in_flight.await.expect("join");
     assert_eq!((r.status, r.text().as_str()), (200, "slow"), "in-flight request finished during shutdown");
     let status = balancer.terminate(Duration::from_secs(10)).expect("balancer exits after draining");

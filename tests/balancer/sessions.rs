@@ -4,17 +4,14 @@
 //! elsewhere, and `--no-failover` answers 503; a browser's parallel
 //! requests over two balancer replicas keep one session through `kill -9`.
 
-mod balancer_common;
 // The browser-like client of the e2e tests (its only file: no control plane needed).
-#[path = "support/browser.rs"]
-mod browser;
 
 use std::time::{Duration, Instant};
 
-use balancer_common::http::get;
-use balancer_common::tomcat::{TomcatOptions, start_cluster};
-use balancer_common::{Balancer, BalancerOptions, TempDir};
-use browser::{BrowserSession, start_browsers};
+use crate::common::tomcat::{TomcatOptions, start_cluster};
+use crate::common::{self, http::get};
+use crate::common::{Balancer, BalancerOptions, TempDir};
+use crate::support::browser::{BrowserSession, start_browsers};
 
 const SECRET: &str = "sessions-secret";
 
@@ -77,7 +74,7 @@ async fn counter_is_sticky_and_survives_kill_9_of_its_node() {
         assert_eq!(r.status, 200);
         assert_ne!(r.header("x-route"), Some(home.as_str()));
     }
-    let status = balancer_common::http::get(balancer.admin, "/status.json", None).await.json();
+    let status = common::http::get(balancer.admin, "/status.json", None).await.json();
     let dead =
         status["members"].as_array().expect("members").iter().find(|m| m["route"] == home.as_str()).expect("member");
     assert_eq!(dead["healthy"], false, "the killed node is marked failed");

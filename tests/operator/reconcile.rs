@@ -1,8 +1,8 @@
 //! The operator against the real API server and controller manager, running
 //! in-process under its own ServiceAccount (deploy/operator-rbac.yaml).
 
-mod operator_common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,8 +18,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::support::{TestNamespace, wait_until};
 use clusterapp::crd::ClusterApp;
-use support::{TestNamespace, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -168,8 +168,8 @@ async fn events_of(ns: &TestNamespace, name: &str) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn apply_creates_every_child_owned_and_labelled() {
-    let ns = operator_common::OperatorNamespace::new("capp-apply").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-apply").await;
+    let _operator = common::operator_in(&ns).await;
     let app = create_app(&ns, "shop", json!({"replicas": 3, "image": "registry.example/shop:1.4"})).await;
     let uid = app.metadata.uid.clone().expect("uid");
     let children = wait_for_children(&ns, "shop").await;
@@ -229,8 +229,8 @@ async fn app_get(ns: &TestNamespace, name: &str) -> ClusterApp {
 
 #[tokio::test]
 async fn scale_subresource_drives_replicas_and_members_follow_pods() {
-    let ns = operator_common::OperatorNamespace::new("capp-scale").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-scale").await;
+    let _operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
     wait_for_children(&ns, "shop").await;
     make_pod_ready(&ns, "shop-0", "10.0.0.10").await;
@@ -317,8 +317,8 @@ async fn scale_subresource_drives_replicas_and_members_follow_pods() {
 
 #[tokio::test]
 async fn image_change_rolls_only_the_stateful_set_and_steady_state_is_quiet() {
-    let ns = operator_common::OperatorNamespace::new("capp-steady").await;
-    let operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-steady").await;
+    let operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 2, "image": "registry.example/shop:1.4"})).await;
     wait_for_children(&ns, "shop").await;
     wait_for_status(&ns, "shop", "a status", |a| a.status.is_some()).await;
@@ -402,8 +402,8 @@ async fn image_change_rolls_only_the_stateful_set_and_steady_state_is_quiet() {
 
 #[tokio::test]
 async fn deleted_or_edited_children_are_restored() {
-    let ns = operator_common::OperatorNamespace::new("capp-restore").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-restore").await;
+    let _operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 2, "image": "registry.example/shop:1.4"})).await;
     let first = wait_for_children(&ns, "shop").await;
     let secret_before = ns.api::<Secret>().get("shop-secrets").await.expect("secret").data;
@@ -468,8 +468,8 @@ async fn deleted_or_edited_children_are_restored() {
 
 #[tokio::test]
 async fn deleting_the_app_garbage_collects_every_child() {
-    let ns = operator_common::OperatorNamespace::new("capp-gc").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-gc").await;
+    let _operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
     wait_for_children(&ns, "shop").await;
     ns.api::<ClusterApp>().delete("shop", &DeleteParams::foreground()).await.expect("delete app");
@@ -496,8 +496,8 @@ async fn deleting_the_app_garbage_collects_every_child() {
 /// operator's own RBAC, so the chart grants what this needs.
 #[tokio::test]
 async fn a_terminating_session_node_is_labelled_leaving_and_left_out_of_the_membership_selector() {
-    let ns = operator_common::OperatorNamespace::new("capp-leaving").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-leaving").await;
+    let _operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
     wait_for_children(&ns, "shop").await;
     make_pod_ready(&ns, "shop-0", "10.0.0.10").await;
@@ -534,8 +534,8 @@ async fn a_terminating_session_node_is_labelled_leaving_and_left_out_of_the_memb
 
 #[tokio::test]
 async fn missing_secret_ref_degrades_and_creating_it_heals() {
-    let ns = operator_common::OperatorNamespace::new("capp-secret").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-secret").await;
+    let _operator = common::operator_in(&ns).await;
     create_app(
         &ns,
         "shop",
@@ -610,8 +610,8 @@ async fn wait_for_tls_problem(ns: &TestNamespace, words: &[&str]) -> String {
 
 #[tokio::test]
 async fn missing_tls_secret_degrades_and_creating_it_turns_on_https() {
-    let ns = operator_common::OperatorNamespace::new("capp-tls").await;
-    let operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-tls").await;
+    let operator = common::operator_in(&ns).await;
     create_app(
         &ns,
         "shop",
@@ -770,8 +770,8 @@ fn list_pods() -> Vec<(Vec<String>, Vec<String>)> {
 
 #[tokio::test]
 async fn node_rbac_edits_are_restored_with_a_warning_event() {
-    let ns = operator_common::OperatorNamespace::new("capp-rbac").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-rbac").await;
+    let _operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
     wait_for_children(&ns, "shop").await;
     wait_for_status(&ns, "shop", "Degraded False", |a| condition(a, "Degraded").is_some_and(|c| c.0 == "False")).await;
@@ -920,9 +920,9 @@ impl Drop for AdmissionPolicy {
 
 #[tokio::test]
 async fn membership_permission_that_cannot_be_restored_degrades_the_app() {
-    let ns = operator_common::OperatorNamespace::new("capp-forbid").await;
+    let ns = common::OperatorNamespace::new("capp-forbid").await;
     let policy = AdmissionPolicy::strip_list_pods(&ns).await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let _operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
 
     // The operator applies `list pods`, the policy turns it into `watch`:
@@ -989,8 +989,8 @@ async fn set_node_container(
 
 #[tokio::test]
 async fn a_crash_looping_node_degrades_the_app_with_its_last_lines_and_a_warning() {
-    let ns = operator_common::OperatorNamespace::new("capp-crash").await;
-    let _operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-crash").await;
+    let _operator = common::operator_in(&ns).await;
     create_app(&ns, "shop", json!({"replicas": 1, "image": "registry.example/shop:1.4"})).await;
     wait_for_children(&ns, "shop").await;
     // The kubelet keeps the last lines of a failed Tomcat's log only when asked.
@@ -1111,8 +1111,8 @@ fn sessions_report(routes: &[(&str, std::ops::Range<u64>)], moved: u64, rebalanc
 /// writes nothing while the estimates stay put.
 #[tokio::test]
 async fn session_estimates_from_the_balancers_reach_the_status_and_rebalancing_makes_events() {
-    let ns = operator_common::OperatorNamespace::new("capp-sessions").await;
-    let operator = operator_common::operator_in(&ns).await;
+    let ns = common::OperatorNamespace::new("capp-sessions").await;
+    let operator = common::operator_in(&ns).await;
     create_app(
         &ns,
         "shop",

@@ -6,14 +6,14 @@
 //! fail over while its node is still up (the operator's choreography before
 //! SIGTERM), without a failed request.
 
-mod balancer_common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
-use balancer_common::http::{Conn, get, read_reply};
-use balancer_common::tomcat::{TomcatNode, TomcatOptions, start_cluster};
-use balancer_common::{Balancer, BalancerOptions};
+use crate::common::http::{Conn, get, read_reply};
+use crate::common::tomcat::{TomcatNode, TomcatOptions, start_cluster};
+use crate::common::{Balancer, BalancerOptions};
 use http_body_util::BodyExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -245,7 +245,7 @@ async fn terminating_member_keeps_sticky_sessions_for_the_drain_timeout_then_fai
         assert_eq!(resp.status(), 200);
         let route = resp.headers().get("x-route").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         // 4 MB/s: the 16 MB take about 4 s, past the drain timeout.
-        let n = balancer_common::http::read_paced(resp, 4e6).await;
+        let n = common::http::read_paced(resp, 4e6).await;
         (route, n, Instant::now())
     });
 
@@ -276,7 +276,7 @@ async fn terminating_member_keeps_sticky_sessions_for_the_drain_timeout_then_fai
             download_result = Some(task.await.expect("download task"));
         }
         if !sigterm_sent && download_result.is_some() && at > DRAIN + Duration::from_millis(1500) {
-            balancer_common::signal(nodes[0].pid().expect("shop-0 runs"), "TERM");
+            common::signal(nodes[0].pid().expect("shop-0 runs"), "TERM");
             sigterm_sent = true;
             eprintln!("SIGTERM to shop-0 at {at:?}");
         }
