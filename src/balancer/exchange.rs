@@ -40,8 +40,10 @@
 //! on it. Once the request is written, a failure is a 502, never a replay.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -53,7 +55,7 @@ use super::ajp::{self, ContainerPacket, ForwardRequest, from_container};
 use super::body::{BodyError, ProxyBody};
 use super::member::{Failure, Member, MemberSnapshot};
 use super::metrics::BackendErrorKind;
-use super::pool::{AcquireError, ConnError, Lease};
+use super::pool::{AcquireError, ConnError, FirstReply, Lease};
 use super::proxy::Rejection;
 use super::routing::{Choice, SessionKey, SessionWeigher, member_key};
 use super::state::Balancer;
@@ -118,8 +120,15 @@ pub(super) enum Retry {
     /// request (HTTP).
     CPing(ConnError),
     /// Writing the request failed, so Tomcat never got a complete packet
-    /// (AJP); hyper handed the request back unwritten (HTTP).
+    /// (AJP); hyper handed the request back unwritten (HTTP). Also a
+    /// bodiless AJP request on a connection reused without a probe that the
+    /// member reset before reading it ([`FirstReply::Reset`]).
     Write { reused: bool, error: ConnError },
+    /// A request written on a connection reused without a probe that the
+    /// member's host did not acknowledge within the CPing timeout
+    /// ([`FirstReply::Unacknowledged`]): acted on like a probe that got no
+    /// answer.
+    Unacknowledged(Duration),
 }
 
 /// How one attempt on a member ended, when it did not put the request on the wire.
@@ -230,6 +239,17 @@ impl Attempts {
                 let failure = error.failure();
                 bal.note_failure(member, failure, &format_args!("no answer to the probe of a new connection: {error}"));
                 self.after_no_connection(target, failure);
+            }
+            Retry::Unacknowledged(waited) => {
+                member.metrics.count_error(BackendErrorKind::Timeout);
+                // Its other idle connections lead to the same vanished host.
+                member.pool.clear();
+                bal.note_failure(
+                    member,
+                    Failure::Slow,
+                    &format_args!("a request on a reused connection was not acknowledged within {waited:?}"),
+                );
+                self.after_no_connection(target, Failure::Slow);
             }
             Retry::Write { reused, error } => {
                 self.write_failures += 1;
@@ -421,8 +441,29 @@ impl Exchange {
         if let Some(piece) = &self.first_piece {
             ajp::encode_body_chunk(&mut lease.conn.write_buf, piece);
         }
+        let written = lease.conn.write_buf.len();
         if let Err(error) = lease.conn.send().await {
             return Err(AttemptError::Retry(Retry::Write { reused: lease.reused, error: ConnError::Io(error) }));
+        }
+        if lease.unprobed {
+            // No CPong vouches for this connection: watch the request's
+            // first moments instead of sending a CPing before it.
+            match lease.conn.await_first_reply(settings.cping_timeout, written).await {
+                FirstReply::Arrived | FirstReply::Acknowledged => {}
+                FirstReply::Unacknowledged => {
+                    lease.conn.reset_on_close();
+                    return Err(AttemptError::Retry(Retry::Unacknowledged(settings.cping_timeout)));
+                }
+                // Nothing after the request that the member could have
+                // been reading when it reset: it never read the request.
+                FirstReply::Reset if self.first_piece.is_none() => {
+                    let error = io::Error::new(io::ErrorKind::ConnectionReset, "reset before the request was read");
+                    return Err(AttemptError::Retry(Retry::Write { reused: true, error: ConnError::Io(error) }));
+                }
+                // It may have read the request and not the body after it:
+                // the read reports the reset, and the request gets a 502.
+                FirstReply::Reset => {}
+            }
         }
         // Written: no retry will need the piece again.
         if let Some(piece) = self.first_piece.take() {

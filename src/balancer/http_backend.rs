@@ -55,7 +55,7 @@ use tokio::net::TcpStream;
 use super::body::{BodyError, ProxyBody};
 use super::exchange::{Attempts, InFlight, Phase, Retry, Target};
 use super::metrics::BackendErrorKind;
-use super::pool::{AcquireError, ConnError, Lease, PoolSettings, PooledConnection};
+use super::pool::{AcquireError, Checked, ConnError, Lease, PoolSettings, PooledConnection};
 use super::proxy::{ClientConn, Rejection, answer_head};
 use super::state::Balancer;
 
@@ -154,18 +154,19 @@ impl PooledConnection for HttpConnection {
         HttpConnection::open(address, settings)
     }
 
-    async fn check_before_reuse(&mut self, settings: &PoolSettings) -> Result<(), String> {
+    async fn check_before_reuse(&mut self, settings: &PoolSettings) -> Result<Checked, String> {
         // hyper's connection task reads while idle, so a member that closed
         // the connection shows here as soon as the reactor saw the FIN.
         if self.sender.is_closed() {
             return Err("the member closed it".into());
         }
         if self.idle_since.elapsed() >= settings.cping_after_idle {
-            return self.probe(settings.cping_timeout).await.map_err(|e| format!("failed the OPTIONS * probe: {e}"));
+            self.probe(settings.cping_timeout).await.map_err(|e| format!("failed the OPTIONS * probe: {e}"))?;
+            return Ok(Checked::Probed);
         }
         // The previous response may still be settling in hyper's task.
         match tokio::time::timeout(settings.cping_timeout, self.sender.ready()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => Ok(Checked::Unprobed),
             Ok(Err(e)) => Err(format!("not ready: {e}")),
             Err(_) => Err("not ready in time".into()),
         }

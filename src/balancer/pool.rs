@@ -14,9 +14,19 @@
 //! request is never written into a dead connection that could then not be
 //! retried: a SIGKILLed JVM closes its sockets only after it has unmapped
 //! its heap, and until then writes into them succeed.
+//!
+//! A request on a connection reused without a CPing is watched instead
+//! ([`AjpConnection::await_first_reply`]), with what the kernel knows: a
+//! reset before any reply means the request sat unread in the member's
+//! socket when it closed, and none of its bytes acknowledged within the
+//! CPing timeout means the host vanished; either way the member never read
+//! it, and the exchange sends it again. A member whose host acknowledged
+//! the request is waited for, however late it answers, so a request is
+//! never executed twice.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -217,6 +227,70 @@ impl AjpConnection {
         tokio::time::timeout(timeout, exchange).await.map_err(|_| ConnError::Timeout)?
     }
 
+    /// Bytes written on this connection that the member's kernel has not
+    /// acknowledged yet, sent or not (Linux `SIOCOUTQ`).
+    pub fn unacknowledged_bytes(&self) -> io::Result<usize> {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one c_int through the
+        // pointer, which points at `queued`; the descriptor is this
+        // stream's, open for the call.
+        let result = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(queued).unwrap_or(0))
+    }
+
+    /// Makes dropping this connection a reset (`SO_LINGER` 0): the kernel
+    /// stops retransmitting what the member never acknowledged, so a
+    /// request given up on cannot still arrive there later.
+    pub fn reset_on_close(&self) {
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: SO_LINGER reads one `linger` of the size passed; the
+        // descriptor is this stream's, open for the call.
+        let result = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if result < 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "SO_LINGER 0 refused; the close is a FIN");
+        }
+    }
+
+    /// Waits up to `within` for the first reply to a request of `written`
+    /// bytes just written on a connection reused without a probe, and says
+    /// whether the member can have read it ([`FirstReply`]). Consumes
+    /// nothing: the exchange then reads the reply as usual. The wait costs
+    /// a request nothing when the reply comes sooner; only a member that
+    /// stays silent for `within` is asked for more (one ioctl).
+    pub async fn await_first_reply(&mut self, within: Duration, written: usize) -> FirstReply {
+        if !self.read_buf.is_empty() {
+            return FirstReply::Arrived;
+        }
+        let mut probe = [0u8; 1];
+        match tokio::time::timeout(within, self.stream.peek(&mut probe)).await {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => FirstReply::Reset,
+            // Bytes, EOF or another error: the read that follows reports it.
+            Ok(_) => FirstReply::Arrived,
+            Err(_) => match self.unacknowledged_bytes() {
+                // Acknowledgements are cumulative: as many bytes outstanding
+                // as were written means not one of the request's arrived.
+                Ok(outstanding) if outstanding >= written => FirstReply::Unacknowledged,
+                Ok(_) => FirstReply::Acknowledged,
+                // Cannot tell: wait for the answer, as for an acknowledged one.
+                Err(error) => {
+                    tracing::debug!(%error, "SIOCOUTQ failed; waiting for the reply");
+                    FirstReply::Acknowledged
+                }
+            },
+        }
+    }
+
     /// True when the member closed the connection (or sent something
     /// unsolicited) while it sat idle. Costs one non-blocking syscall.
     fn closed_while_idle(&self) -> bool {
@@ -230,6 +304,41 @@ impl AjpConnection {
     }
 }
 
+/// How an idle connection was found fit for reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// The member answered a probe on it just now (CPong, or the HTTP
+    /// probe's answer): a live container was there a moment ago.
+    Probed,
+    /// Only found not closed (a non-blocking read, or hyper's state). The
+    /// host may have vanished without closing it; the AJP exchange then
+    /// watches the request's first reply ([`AjpConnection::await_first_reply`]).
+    Unprobed,
+}
+
+/// What the first moments after a request was written on a connection
+/// say about whether the member can have read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstReply {
+    /// Bytes arrived, or the member closed the connection cleanly (EOF):
+    /// the exchange reads on and sees which.
+    Arrived,
+    /// No reply yet, but the member's kernel acknowledged the request: it
+    /// reached the host, which may act on it however late it answers (a
+    /// long GC pause), so the exchange waits for the answer.
+    Acknowledged,
+    /// No reply, and the member's kernel acknowledged none of the
+    /// request's bytes within the wait: the host vanished (or the network
+    /// to it) without closing the connection. The request never reached
+    /// the container, so it may go elsewhere.
+    Unacknowledged,
+    /// The member's kernel reset the connection before any reply. A reset
+    /// at close means the socket still held bytes nobody read: those of
+    /// this request, the only ones sent since the last complete exchange
+    /// (the JVM died, or closed the idle connection, before reading it).
+    Reset,
+}
+
 /// What the pool needs of a connection kind.
 pub trait PooledConnection: Send + Sized + 'static {
     /// When the connection last went idle.
@@ -238,9 +347,9 @@ pub trait PooledConnection: Send + Sized + 'static {
     /// A new connection (not yet proven alive: the exchange probes it).
     fn connect(address: SocketAddr, settings: &PoolSettings)
     -> impl Future<Output = Result<Self, AcquireError>> + Send;
-    /// Checks an idle connection before it is handed out again; an error
-    /// says why it is dropped instead.
-    fn check_before_reuse(&mut self, settings: &PoolSettings) -> impl Future<Output = Result<(), String>> + Send;
+    /// Checks an idle connection before it is handed out again: how, or
+    /// (an error) why it is dropped instead.
+    fn check_before_reuse(&mut self, settings: &PoolSettings) -> impl Future<Output = Result<Checked, String>> + Send;
     /// Whether a connection the exchange hands back is in step for another
     /// request (checked again on the way out of the pool).
     fn fit_for_pool(&self) -> bool;
@@ -265,19 +374,20 @@ impl PooledConnection for AjpConnection {
         AjpConnection::connect(address, settings)
     }
 
-    async fn check_before_reuse(&mut self, settings: &PoolSettings) -> Result<(), String> {
+    async fn check_before_reuse(&mut self, settings: &PoolSettings) -> Result<Checked, String> {
         if !self.read_buf.is_empty() {
             return Err("unsolicited bytes".into());
         }
         if self.idle_since.elapsed() >= settings.cping_after_idle {
             // The CPing also finds a connection the member closed (EOF
             // or reset at once), so no separate probe is spent on it.
-            return self.cping(settings.cping_timeout).await.map_err(|e| format!("failed CPing: {e}"));
+            self.cping(settings.cping_timeout).await.map_err(|e| format!("failed CPing: {e}"))?;
+            return Ok(Checked::Probed);
         }
         if self.closed_while_idle() {
             return Err("the member closed it".into());
         }
-        Ok(())
+        Ok(Checked::Unprobed)
     }
 
     fn fit_for_pool(&self) -> bool {
@@ -301,6 +411,9 @@ pub struct Pool<C = AjpConnection> {
 pub struct Lease<C = AjpConnection> {
     pub conn: C,
     pub reused: bool,
+    /// Reused without a probe ([`Checked::Unprobed`]); a new connection is
+    /// probed by the exchange, so this is false for it.
+    pub unprobed: bool,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -337,14 +450,15 @@ impl<C: PooledConnection> Pool<C> {
                 .map_err(|_| AcquireError::SlotTimeout(settings.slot_wait))?,
         };
         while let Some(mut conn) = self.pop_idle() {
-            if let Err(why) = conn.check_before_reuse(settings).await {
-                tracing::debug!(%address, %why, "dropping pooled connection");
-                continue;
+            match conn.check_before_reuse(settings).await {
+                Ok(checked) => {
+                    return Ok(Lease { conn, reused: true, unprobed: checked == Checked::Unprobed, _slot: slot });
+                }
+                Err(why) => tracing::debug!(%address, %why, "dropping pooled connection"),
             }
-            return Ok(Lease { conn, reused: true, _slot: slot });
         }
         let conn = C::connect(address, settings).await?;
-        Ok(Lease { conn, reused: false, _slot: slot })
+        Ok(Lease { conn, reused: false, unprobed: false, _slot: slot })
     }
 
     /// Returns a connection whose exchange ended cleanly (AJP:
@@ -378,5 +492,128 @@ impl<C: PooledConnection> Pool<C> {
     /// Drops every idle connection (the member failed).
     pub fn clear(&self) {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn settings() -> PoolSettings {
+        PoolSettings {
+            packet_size: ajp::DEFAULT_PACKET_SIZE,
+            connect_timeout: Duration::from_secs(1),
+            slow_grace: Duration::from_secs(5),
+            cping_after_idle: Duration::from_secs(1),
+            cping_timeout: Duration::from_millis(300),
+            slot_wait: Duration::from_secs(1),
+        }
+    }
+
+    /// A connection to a fresh listener on 127.0.0.1 and the member's end of it.
+    async fn connected() -> (AjpConnection, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let settings = settings();
+        let (conn, accepted) = tokio::join!(AjpConnection::connect(address, &settings), listener.accept());
+        (conn.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// Writes a stand-in request of `len` bytes; returns how many were written.
+    async fn write_request(conn: &mut AjpConnection, len: usize) -> usize {
+        conn.write_buf.clear();
+        conn.write_buf.extend_from_slice(&vec![b'r'; len]);
+        conn.send().await.expect("write");
+        len
+    }
+
+    /// The member's side has `len` bytes waiting (so its close resets).
+    async fn until_received(member: &TcpStream, len: usize) {
+        let mut buf = vec![0u8; len];
+        for _ in 0..200 {
+            if member.peek(&mut buf).await.expect("peek") >= len {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the request never reached the member's socket");
+    }
+
+    /// A JVM killed with the request unread in its socket: the close is a
+    /// reset, which says the request was never read.
+    #[tokio::test]
+    async fn a_close_with_the_request_unread_is_a_reset() {
+        let (mut conn, member) = connected().await;
+        let written = write_request(&mut conn, 120).await;
+        until_received(&member, written).await;
+        drop(member);
+        assert_eq!(conn.await_first_reply(Duration::from_secs(2), written).await, FirstReply::Reset);
+    }
+
+    /// A member that read the request and then closed may have acted on
+    /// it: that is no reset, and the exchange's read reports it.
+    #[tokio::test]
+    async fn a_close_after_reading_is_left_to_the_read() {
+        let (mut conn, mut member) = connected().await;
+        let written = write_request(&mut conn, 120).await;
+        let mut request = vec![0u8; written];
+        member.read_exact(&mut request).await.expect("read the request");
+        drop(member);
+        assert_eq!(conn.await_first_reply(Duration::from_secs(2), written).await, FirstReply::Arrived);
+        assert!(matches!(conn.read_packet().await, Err(ConnError::Closed)));
+    }
+
+    /// A reply is not consumed by the wait.
+    #[tokio::test]
+    async fn a_reply_is_left_for_the_read() {
+        let (mut conn, mut member) = connected().await;
+        let written = write_request(&mut conn, 10).await;
+        member.write_all(b"AB\x00\x01\x09").await.expect("CPong");
+        assert_eq!(conn.await_first_reply(Duration::from_secs(2), written).await, FirstReply::Arrived);
+        assert_eq!(&conn.read_packet().await.expect("the packet")[..], &[9]);
+    }
+
+    /// A member that got the request and is silent (a GC pause) is waited
+    /// for: its host acknowledged the request, so it may still act on it.
+    #[tokio::test]
+    async fn a_silent_member_that_acknowledged_is_waited_for() {
+        let (mut conn, member) = connected().await;
+        let written = write_request(&mut conn, 120).await;
+        let started = Instant::now();
+        assert_eq!(conn.await_first_reply(Duration::from_millis(200), written).await, FirstReply::Acknowledged);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        drop(member);
+    }
+
+    /// A host that vanished without closing (its traffic dropped): none of
+    /// the request is acknowledged, so it never reached the container. Runs
+    /// on a thread in a network namespace of its own, whose loopback goes
+    /// down under the connection; the namespace goes with the thread.
+    #[test]
+    fn a_vanished_host_acknowledges_nothing() {
+        let outcome = std::thread::spawn(|| {
+            // SAFETY: unshare of the network namespace affects this thread only.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(unshared, 0, "unshare(CLONE_NEWNET) needs root: {}", io::Error::last_os_error());
+            let ip = |state: &str| {
+                let status = std::process::Command::new("ip").args(["link", "set", "lo", state]).status();
+                assert!(status.expect("running ip (iproute2)").success(), "ip link set lo {state}");
+            };
+            ip("up");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let (mut conn, member) = connected().await;
+                ip("down");
+                let written = write_request(&mut conn, 120).await;
+                let outcome = conn.await_first_reply(Duration::from_millis(500), written).await;
+                conn.reset_on_close();
+                drop(member);
+                outcome
+            })
+        })
+        .join()
+        .expect("the namespace thread");
+        assert_eq!(outcome, FirstReply::Unacknowledged);
     }
 }

@@ -643,6 +643,71 @@ pub(crate) mod reuse_tests {
         assert!(!mute.is_healthy(), "the mute member is marked failed");
     }
 
+    /// A member that answers the first request of each connection and
+    /// dies with the second unread in its socket (as a JVM killed while a
+    /// request arrives): its close is a reset. Counts the requests it read.
+    async fn member_dying_with_the_second_request_unread(listener: TcpListener, forwards: Arc<AtomicUsize>) {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let forwards = forwards.clone();
+            tokio::spawn(async move {
+                while let Some(payload) = read_request_packet(&mut conn).await {
+                    match payload.first() {
+                        Some(&ajp::to_container::CPING) => {
+                            let _ = conn.write_all(&packet(&[9])).await;
+                        }
+                        Some(&ajp::to_container::FORWARD_REQUEST) => {
+                            forwards.fetch_add(1, Ordering::SeqCst);
+                            let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 0]);
+                            out.extend(packet(&[5, 1]));
+                            let _ = conn.write_all(&out).await;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                // The next request arrives and is never read.
+                let _ = conn.peek(&mut [0u8; 1]).await;
+            });
+        }
+    }
+
+    /// On a connection reused without a CPing (idle less than
+    /// `cping_after_idle`), a bodiless request that the member reset unread
+    /// goes to a new connection; one whose body the member may have been
+    /// reading gets a 502, as any written request does.
+    #[tokio::test]
+    async fn a_reset_before_the_request_was_read_sends_it_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let forwards = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(member_dying_with_the_second_request_unread(listener, forwards.clone()));
+        let secret = Backend::Ajp(AjpSecret::new("s".into()));
+        let (bal, front, _shutdown) = start_balancer_with(&[("m1", address)], secret, Duration::from_secs(60)).await;
+        let member = bal.members.snapshot()[0].clone();
+        let get = b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+
+        let response = request_once(front, get).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "first: {response}");
+        for _ in 0..100 {
+            if member.pool.idle_count() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(member.pool.idle_count(), 1, "the connection is back in the pool");
+
+        let response = request_once(front, get).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "reset unread, sent again: {response}");
+        assert_eq!(forwards.load(Ordering::SeqCst), 2, "each request was read once");
+
+        let post = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc";
+        let response = request_once(front, post).await;
+        assert!(response.starts_with("HTTP/1.1 502"), "a request with a body is not sent again: {response}");
+        assert_eq!(forwards.load(Ordering::SeqCst), 2);
+        assert!(member.is_healthy(), "a reset of a stale connection does not fail the member");
+    }
+
     #[tokio::test]
     async fn content_length_response_keeps_connection_end_in_same_segment() {
         requests_use_one_connection(false).await;
