@@ -532,10 +532,32 @@ fn main() {
     }
 
     let b_sticky = &med["3 balancer sticky"];
+    let b_idle_ping = &med["6 balancer sticky, CPing if idle>=1s"];
     let h_sticky = &med["2 httpd sticky"];
     let direct = &med["1 direct tomcat"];
-    println!("ratio sticky_rps balancer/httpd: {:.2}", b_sticky.rps / h_sticky.rps);
-    println!("ratio sticky_rps balancer/direct: {:.2}", b_sticky.rps / direct.rps);
-    println!("ratio p99 balancer/httpd: {:.2}", b_sticky.p99_ms / h_sticky.p99_ms);
-    println!("balancer rss_mb at 1000 idle connections: {:.0}", with_idle as f64 / 1024.0);
+    let rss_mb = with_idle as f64 / 1024.0;
+    // The req/s the machine allows the balancer's row when the proxy cost
+    // nothing: cores / (wrk + Tomcat CPU per request).
+    let bound = |m: &Sample| cores * 1e6 / ((m.wrk_cpu_per_10k + m.tomcat_cpu_per_10k) * 100.0);
+    let proxy_cpu = |m: &Sample| m.cpu_per_10k.unwrap_or(f64::NAN);
+    // Issue 13's targets, each a ratio measured in this run.
+    let lines = [
+        ("ratio proxy_cpu_per_request balancer/httpd", proxy_cpu(b_sticky) / proxy_cpu(h_sticky), "<=", 0.25),
+        (
+            "ratio tomcat_cpu_per_request balancer/httpd",
+            b_sticky.tomcat_cpu_per_10k / h_sticky.tomcat_cpu_per_10k,
+            "<=",
+            1.0,
+        ),
+        ("ratio sticky_rps balancer/bound", b_sticky.rps / bound(b_sticky), ">=", 0.85),
+        ("ratio sticky_rps balancer/httpd", b_sticky.rps / h_sticky.rps, ">=", 1.8),
+        ("ratio sticky_rps balancer_cping_idle_1s/httpd", b_idle_ping.rps / h_sticky.rps, ">=", 1.8),
+        ("ratio sticky_rps balancer/direct", b_sticky.rps / direct.rps, ">=", 0.6),
+        ("ratio p99 balancer/httpd", b_sticky.p99_ms / h_sticky.p99_ms, "<=", 0.6),
+        ("balancer rss_mb at 1000 idle connections", rss_mb, "<=", 20.0),
+    ];
+    for (name, value, relation, target) in lines {
+        let met = if relation == "<=" { value <= target } else { value >= target };
+        println!("{name}: {value:.2}   (target {relation} {target}: {})", if met { "met" } else { "not met" });
+    }
 }
