@@ -43,7 +43,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -124,11 +123,6 @@ pub(super) enum Retry {
     /// bodiless AJP request on a connection reused without a probe that the
     /// member reset before reading it ([`FirstReply::Reset`]).
     Write { reused: bool, error: ConnError },
-    /// A request written on a connection reused without a probe that the
-    /// member's host did not acknowledge within the CPing timeout
-    /// ([`FirstReply::Unacknowledged`]): acted on like a probe that got no
-    /// answer.
-    Unacknowledged(Duration),
 }
 
 /// How one attempt on a member ended, when it did not put the request on the wire.
@@ -239,17 +233,6 @@ impl Attempts {
                 let failure = error.failure();
                 bal.note_failure(member, failure, &format_args!("no answer to the probe of a new connection: {error}"));
                 self.after_no_connection(target, failure);
-            }
-            Retry::Unacknowledged(waited) => {
-                member.metrics.count_error(BackendErrorKind::Timeout);
-                // Its other idle connections lead to the same vanished host.
-                member.pool.clear();
-                bal.note_failure(
-                    member,
-                    Failure::Slow,
-                    &format_args!("a request on a reused connection was not acknowledged within {waited:?}"),
-                );
-                self.after_no_connection(target, Failure::Slow);
             }
             Retry::Write { reused, error } => {
                 self.write_failures += 1;
@@ -367,6 +350,9 @@ pub(super) struct Exchange {
     _in_flight: Option<InFlight>,
     /// Response body bytes still to come, when the head gave a `Content-Length`.
     body_left: Option<u64>,
+    /// Why the written request is answered without waiting for the member
+    /// ([`FirstReply::Unacknowledged`]); reported by the head's read.
+    given_up: Option<ConnError>,
 }
 
 impl Exchange {
@@ -385,6 +371,7 @@ impl Exchange {
             first_piece,
             _in_flight: None,
             body_left: None,
+            given_up: None,
         })
     }
 
@@ -451,8 +438,15 @@ impl Exchange {
             match lease.conn.await_first_reply(settings.cping_timeout, written).await {
                 FirstReply::Arrived | FirstReply::Acknowledged => {}
                 FirstReply::Unacknowledged => {
+                    // The host may have the request (only the acknowledgement
+                    // lost): it is not sent again, but answered 504 now
+                    // rather than after the backend timeout.
                     lease.conn.reset_on_close();
-                    return Err(AttemptError::Retry(Retry::Unacknowledged(settings.cping_timeout)));
+                    let error = ConnError::Unacknowledged(settings.cping_timeout);
+                    // Its other idle connections lead to the same host.
+                    self.at.member.pool.clear();
+                    self.bal.note_failure(&self.at.member, error.failure(), &error);
+                    self.given_up = Some(error);
                 }
                 // Nothing after the request that the member could have
                 // been reading when it reset: it never read the request.
@@ -488,7 +482,9 @@ impl Exchange {
                 self.fail(&error);
                 self.at.member.metrics.count_response(502);
                 return Err(match error {
-                    ConnError::Timeout => Rejection::GatewayTimeout(self.at.member.route.clone()),
+                    ConnError::Timeout | ConnError::Unacknowledged(_) => {
+                        Rejection::GatewayTimeout(self.at.member.route.clone())
+                    }
                     error => Rejection::BadGateway { route: self.at.member.route.clone(), error },
                 });
             }
@@ -600,6 +596,9 @@ impl Exchange {
 
     /// Reads up to the response head.
     async fn read_head(&mut self) -> Result<Bytes, ExchangeError> {
+        if let Some(error) = self.given_up.take() {
+            return Err(error.into());
+        }
         loop {
             let payload = self.read_packet().await?;
             match ajp::decode_container_packet(&payload).map_err(ConnError::Protocol)? {

@@ -18,11 +18,12 @@
 //! A request on a connection reused without a CPing is watched instead
 //! ([`AjpConnection::await_first_reply`]), with what the kernel knows: a
 //! reset before any reply means the request sat unread in the member's
-//! socket when it closed, and none of its bytes acknowledged within the
-//! CPing timeout means the host vanished; either way the member never read
-//! it, and the exchange sends it again. A member whose host acknowledged
-//! the request is waited for, however late it answers, so a request is
-//! never executed twice.
+//! socket when it closed, so the exchange sends it again. None of its bytes
+//! acknowledged within the CPing timeout means the host or the network to
+//! it is gone, but not that the request did not arrive (the acknowledgement
+//! may be what was lost): it gets a 504 then, not a second run. A member
+//! whose host acknowledged the request is waited for, however late it
+//! answers. So a request is never executed twice.
 
 use std::io;
 use std::net::SocketAddr;
@@ -52,6 +53,12 @@ pub enum ConnError {
     Closed,
     #[error("no packet within the timeout")]
     Timeout,
+    /// [`FirstReply::Unacknowledged`]: the request may have reached the
+    /// member, so it is not sent again.
+    #[error(
+        "the member's host acknowledged none of the request within {0:?}; it may still have got it, so it is not sent again"
+    )]
+    Unacknowledged(Duration),
     /// The HTTP backend: hyper refused the member's response (malformed
     /// head, bad framing) or the connection broke.
     #[error("HTTP backend: {0}")]
@@ -68,7 +75,7 @@ impl ConnError {
             ConnError::Protocol(_) | ConnError::Unexpected(_) | ConnError::ProbeStatus(_) => BackendErrorKind::Protocol,
             // hyper could not parse the member's response: its protocol, not the network.
             ConnError::Http(e) if e.is_parse() || e.is_parse_status() => BackendErrorKind::Protocol,
-            ConnError::Timeout => BackendErrorKind::Timeout,
+            ConnError::Timeout | ConnError::Unacknowledged(_) => BackendErrorKind::Timeout,
             ConnError::Http(_) | ConnError::Io(_) | ConnError::Closed => BackendErrorKind::Io,
         }
     }
@@ -89,7 +96,7 @@ impl ConnError {
     /// says about the member.
     pub fn failure(&self) -> Failure {
         match self {
-            ConnError::Timeout => Failure::Slow,
+            ConnError::Timeout | ConnError::Unacknowledged(_) => Failure::Slow,
             ConnError::Io(e) => io_failure(e),
             ConnError::Http(e) if e.is_timeout() => Failure::Slow,
             ConnError::Protocol(_)
@@ -328,9 +335,12 @@ pub enum FirstReply {
     /// long GC pause), so the exchange waits for the answer.
     Acknowledged,
     /// No reply, and the member's kernel acknowledged none of the
-    /// request's bytes within the wait: the host vanished (or the network
-    /// to it) without closing the connection. The request never reached
-    /// the container, so it may go elsewhere.
+    /// request's bytes within the wait: the host vanished, or the network
+    /// to it, without closing the connection. Whether the request reached
+    /// it is unknown — a cut network drops the acknowledgement of a
+    /// request that arrived (Linux delays it, to send it with the reply) —
+    /// so the request is not sent again; it is answered 504 at once
+    /// instead of after the backend timeout.
     Unacknowledged,
     /// The member's kernel reset the connection before any reply. A reset
     /// at close means the socket still held bytes nobody read: those of

@@ -9,9 +9,14 @@
 //! - A stall (the JVM stopped for 3 s, as in a long GC pause; its kernel
 //!   still acknowledges): nothing fails, nothing runs twice.
 //! - A vanish (the node's AJP traffic dropped, so not even a reset comes
-//!   back): the requests the node had acknowledged when it vanished fail at
-//!   `--backend-timeout`, since it may have run them; every later request
-//!   goes to the other node with the session's last write, and none runs twice.
+//!   back): a request the node may have got when it vanished fails, since
+//!   it may have run — at `--backend-timeout` when it was written after a
+//!   CPong, after the CPing timeout (500 ms) when it was written on a
+//!   connection reused without one and nothing was acknowledged; every
+//!   later request goes to the other node with the session's last write,
+//!   and none runs twice. (Sending an unacknowledged request elsewhere ran
+//!   4 of them twice here: the cut had dropped the acknowledgement of a
+//!   request that had arrived.)
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -54,7 +59,7 @@ impl Blackhole {
     fn port(port: u16) -> Blackhole {
         let table = format!("clusterapp_test_vanish_{}_{port}", std::process::id());
         let rules = format!(
-            "table inet {table} {{ chain out {{ type filter hook output priority 0; tcp dport {port} drop; tcp sport {port} drop; }} }}"
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0;\n    tcp dport {port} drop\n    tcp sport {port} drop\n  }}\n}}\n"
         );
         let mut nft = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("running nft");
         std::io::Write::write_all(nft.stdin.as_mut().expect("stdin"), rules.as_bytes()).expect("writing the rules");
