@@ -15,7 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
+use crate::common::bodies::{
+    Body, full, generated_body, generated_digest, head_and_expect_continue, header_pairs, proc_status_kib,
+};
 use crate::common::http::{Conn, get, raw_exchange, read_reply};
 use crate::common::tomcat::{TomcatOptions, start_cluster};
 use crate::common::{Balancer, BalancerOptions, TempDir, free_port};
@@ -44,6 +46,11 @@ async fn connect_from(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_round_trip_over_http_with_the_clients_facts() {
+    // Before any connection: computed later, they would leave the
+    // keep-alive connection idle past the balancer's head timeout.
+    const UPLOAD: usize = 50 * 1024 * 1024;
+    const SIZED: usize = 8 * 1024 * 1024 + 12345;
+    let (upload_digest, sized_digest) = (generated_digest(UPLOAD), generated_digest(SIZED));
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..http_options() });
 
     // The assumption behind the health probe: Tomcat answers `OPTIONS *` itself.
@@ -146,25 +153,23 @@ async fn requests_round_trip_over_http_with_the_clients_facts() {
     // --- large bodies, streamed both ways ---
     let pid = balancer.pid();
     let started = Instant::now();
-    const UPLOAD: usize = 50 * 1024 * 1024;
-    let (body, digest) = generated_body(UPLOAD);
+    let body = generated_body(UPLOAD);
     let req = Request::post("/counter/echo").header("host", "balancer.test").body(body).expect("req");
     let reply = read_reply(conn.send(req).await.expect("send upload")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let echo = reply.json();
     assert_eq!(echo["bodyLength"], UPLOAD as u64, "a chunked upload arrives whole");
-    assert_eq!(echo["bodySha256"], digest.as_str());
+    assert_eq!(echo["bodySha256"], upload_digest.as_str());
 
-    let sized = 8 * 1024 * 1024 + 12345;
-    let (body, digest) = generated_body(sized);
+    let body = generated_body(SIZED);
     let req = Request::put("/counter/echo")
         .header("host", "balancer.test")
-        .header("content-length", sized.to_string())
+        .header("content-length", SIZED.to_string())
         .body(body)
         .expect("req");
     let echo = read_reply(conn.send(req).await.expect("send")).await.json();
-    assert_eq!(echo["bodyLength"], sized as u64);
-    assert_eq!(echo["bodySha256"], digest.as_str());
+    assert_eq!(echo["bodyLength"], SIZED as u64);
+    assert_eq!(echo["bodySha256"], sized_digest.as_str());
 
     const DOWNLOAD: u64 = 100 * 1024 * 1024;
     for chunked in [false, true] {

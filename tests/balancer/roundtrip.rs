@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use crate::common;
 
-use crate::common::bodies::{Body, full, generated_body, head_and_expect_continue, header_pairs, proc_status_kib};
+use crate::common::bodies::{
+    Body, full, generated_body, generated_digest, head_and_expect_continue, header_pairs, proc_status_kib,
+};
 use crate::common::http::{Conn, read_reply};
 use crate::common::tomcat::{TomcatOptions, start_cluster};
 use crate::common::{Balancer, BalancerOptions};
@@ -20,6 +22,11 @@ const SECRET: &str = "round-trip-secret";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_round_trip_exactly_and_bodies_stream() {
+    // Before any connection: computed later, they would leave the
+    // keep-alive connection idle past the balancer's head timeout.
+    const UPLOAD: usize = 50 * 1024 * 1024;
+    const SIZED: usize = 8 * 1024 * 1024 + 12345;
+    let (upload_digest, sized_digest) = (generated_digest(UPLOAD), generated_digest(SIZED));
     let nodes = start_cluster(&["solo"], &TomcatOptions { clustered: false, ..TomcatOptions::new(SECRET) });
     let balancer = Balancer::start(BalancerOptions::new(SECRET).members(&[&nodes[0]]));
 
@@ -95,24 +102,24 @@ async fn requests_round_trip_exactly_and_bodies_stream() {
 
     // --- 50 MB chunked upload, streamed ---
     let pid = balancer.pid();
-    let (body, digest) = generated_body(50 * 1024 * 1024);
+    let body = generated_body(UPLOAD);
     let req = Request::post("/counter/echo").header("host", "balancer.test").body(body).expect("req");
     let reply = read_reply(conn.send(req).await.expect("send upload")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let echo = reply.json();
-    assert_eq!(echo["bodyLength"], 50 * 1024 * 1024);
-    assert_eq!(echo["bodySha256"], digest.as_str());
+    assert_eq!(echo["bodyLength"], UPLOAD as u64);
+    assert_eq!(echo["bodySha256"], upload_digest.as_str());
 
     // Same with a Content-Length (first body packet sent unasked, as Tomcat expects).
-    let (body, digest) = generated_body(8 * 1024 * 1024 + 12345);
+    let body = generated_body(SIZED);
     let req = Request::put("/counter/echo")
         .header("host", "balancer.test")
-        .header("content-length", (8 * 1024 * 1024 + 12345).to_string())
+        .header("content-length", SIZED.to_string())
         .body(body)
         .expect("req");
     let echo = read_reply(conn.send(req).await.expect("send")).await.json();
-    assert_eq!(echo["bodyLength"], 8 * 1024 * 1024 + 12345);
-    assert_eq!(echo["bodySha256"], digest.as_str());
+    assert_eq!(echo["bodyLength"], SIZED as u64);
+    assert_eq!(echo["bodySha256"], sized_digest.as_str());
 
     // --- 100 MB download, streamed and verified byte by byte ---
     for chunked in [false, true] {
