@@ -23,6 +23,9 @@
 //!   dying process's files are closed, and only a CPong proves a live container.
 //! * `SendRequest`: `FORWARD_REQUEST`, plus the first body packet when the
 //!   length is known and non-zero (Tomcat expects it right away), in one write.
+//!   On a connection reused without a CPing, the phase lasts until the
+//!   first reply, or the CPing timeout, says whether the member can have
+//!   read the request (`FirstReply`).
 //! * `ReadHead`: up to `SEND_HEADERS`; `StreamBody`: `SEND_BODY_CHUNK`s up
 //!   to `END_RESPONSE`. The container asks for more of the request body with
 //!   `GET_BODY_CHUNK` whenever it wants, before or after its head, so both
@@ -34,10 +37,12 @@
 //!
 //! Retry rule: a request goes out again (to another connection or member)
 //! only while the member cannot have processed any of it: the connect
-//! failed, a new connection gave no CPong, or the write of the first packets
-//! failed (Tomcat acts on complete packets only). The kind travels on the
-//! `Retry` error and `Exchange::send_request` is the one place that acts
-//! on it. Once the request is written, a failure is a 502, never a replay.
+//! failed, a new connection gave no CPong, the write of the first packets
+//! failed (Tomcat acts on complete packets only), or the member reset an
+//! unprobed connection with a bodiless request still unread in its socket.
+//! The kind travels on the `Retry` error and `Exchange::send_request` is
+//! the one place that acts on it. Otherwise, once the request is written, a
+//! failure is a 502 or 504, never a replay.
 
 use std::collections::VecDeque;
 use std::io;

@@ -2,9 +2,10 @@
 //! clustered Tomcats, for both CPing policies: before every reuse (the
 //! default, `--cping-after-idle 0s`) and only after 1 s idle, where a request
 //! on a connection reused without a CPing is watched instead (see
-//! `src/balancer/pool.rs`). Sessions send one request at a time, so each
-//! answer's counter must be the last one plus one: a larger step after an
-//! answered request is a request executed twice, a smaller one a lost write.
+//! `src/balancer/pool.rs`). Sessions send one request at a time (25 ms
+//! apart), so each answer's counter must be the last one plus one: a larger
+//! step after an answered request is a request executed twice, a smaller
+//! one a lost write.
 //!
 //! - A stall (the JVM stopped for 3 s, as in a long GC pause; its kernel
 //!   still acknowledges): nothing fails, nothing runs twice.
@@ -35,6 +36,16 @@ use crate::common::{Balancer, BalancerOptions, signal};
 const SECRET: &str = "reuse-secret";
 const SESSIONS: usize = 8;
 const BACKEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between a session's requests: its connection is still reused well
+/// within 1 s, and the load leaves the other tests of this binary, which
+/// run meanwhile, their share of the 2 cores.
+const THINK_TIME: Duration = Duration::from_millis(25);
+
+/// Held by each test of this file: one stalled or vanished node at a time.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
 
 /// What one session's requests saw.
 #[derive(Debug, Default)]
@@ -136,6 +147,7 @@ async fn run_session(front: SocketAddr, mut id: String, stop: Arc<AtomicBool>) -
         if let Some(new_id) = reply.set_session_id() {
             id = new_id;
         }
+        tokio::time::sleep(THINK_TIME).await;
     }
     tally
 }
@@ -180,6 +192,7 @@ async fn under_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_node_is_waited_for_and_runs_nothing_twice() {
+    let _one = one_at_a_time().await;
     for cping_after_idle in ["0s", "1s"] {
         let mut nodes = start_cluster(&["p1", "p2"], &TomcatOptions::new(SECRET));
         let tally = under_load(&mut nodes, cping_after_idle, async |node| {
@@ -201,6 +214,7 @@ async fn a_stalled_node_is_waited_for_and_runs_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_node_fails_only_what_it_acknowledged_and_runs_nothing_twice() {
+    let _one = one_at_a_time().await;
     for cping_after_idle in ["0s", "1s"] {
         let mut nodes = start_cluster(&["v1", "v2"], &TomcatOptions::new(SECRET));
         let ajp_port = nodes[0].ajp_port;
