@@ -78,17 +78,44 @@ is_ours() {
   return 1
 }
 
+# "STATE STARTTIME" (fields 3 and 22 of /proc/PID/stat) of a process;
+# nothing once it is gone.
+proc_state() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  # shellcheck disable=SC2086 # the fields after the command name, split
+  set -- ${stat##*) }
+  echo "$1 ${20}"
+}
+
 stop_all() {
   [[ -f $PIDS ]] || return 0
-  local name pid alive=()
+  local name pid alive=() started=()
   # stop in reverse start order: scheduler, controller-manager, apiserver, etcd
   while read -r name pid; do
-    if is_ours "$pid"; then kill -TERM "$pid" 2>/dev/null || true; alive+=("$pid"); fi
+    if is_ours "$pid"; then
+      started+=("$pid $(proc_state "$pid" | cut -d' ' -f2)")
+      kill -TERM "$pid" 2>/dev/null || true
+      alive+=("$pid")
+    fi
   done < <(tac "$PIDS")
   local deadline=$((SECONDS + 15))
   for pid in "${alive[@]}"; do
     while is_ours "$pid" && (( SECONDS < deadline )); do sleep 0.2; done
     if is_ours "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  done
+  # is_ours lets go of a process whose command line reads empty: it is
+  # exiting, but on a busy machine it can take a while longer to be gone.
+  # Return only when each is gone or a zombie (its start time tells a
+  # reused PID apart), so that nothing of ours runs after `down`.
+  local entry state
+  deadline=$((SECONDS + 10))
+  for entry in "${started[@]}"; do
+    pid="${entry% *}"
+    while state="$(proc_state "$pid")" && [[ -n $state && ${state% *} != Z && ${state#* } == "${entry#* }" ]] &&
+      ((SECONDS < deadline)); do
+      sleep 0.05
+    done
   done
   rm -f "$PIDS"
 }
