@@ -559,26 +559,31 @@ pub(crate) mod reuse_tests {
         Some(payload)
     }
 
+    /// Reads packets, answering CPings when `cpong`, until a
+    /// `FORWARD_REQUEST` (counted in `forwards`; true) or the end (false).
+    async fn until_forward_request(conn: &mut TcpStream, cpong: bool, forwards: &AtomicUsize) -> bool {
+        while let Some(payload) = read_request_packet(conn).await {
+            match payload.first() {
+                Some(&ajp::to_container::CPING) if cpong => {
+                    let _ = conn.write_all(&packet(&[9])).await;
+                }
+                Some(&ajp::to_container::FORWARD_REQUEST) => {
+                    forwards.fetch_add(1, Ordering::SeqCst);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+
     /// A member that counts the `FORWARD_REQUEST`s it gets; it answers
     /// CPings when `cpong`, and closes a connection once a request arrived on it.
     async fn member_failing_every_request(listener: TcpListener, forwards: Arc<AtomicUsize>, cpong: bool) {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else { return };
             let forwards = forwards.clone();
-            tokio::spawn(async move {
-                while let Some(payload) = read_request_packet(&mut conn).await {
-                    match payload.first() {
-                        Some(&ajp::to_container::CPING) if cpong => {
-                            let _ = conn.write_all(&packet(&[9])).await;
-                        }
-                        Some(&ajp::to_container::FORWARD_REQUEST) => {
-                            forwards.fetch_add(1, Ordering::SeqCst);
-                            return;
-                        }
-                        _ => {}
-                    }
-                }
-            });
+            tokio::spawn(async move { until_forward_request(&mut conn, cpong, &forwards).await });
         }
     }
 
@@ -651,21 +656,12 @@ pub(crate) mod reuse_tests {
             let Ok((mut conn, _)) = listener.accept().await else { return };
             let forwards = forwards.clone();
             tokio::spawn(async move {
-                while let Some(payload) = read_request_packet(&mut conn).await {
-                    match payload.first() {
-                        Some(&ajp::to_container::CPING) => {
-                            let _ = conn.write_all(&packet(&[9])).await;
-                        }
-                        Some(&ajp::to_container::FORWARD_REQUEST) => {
-                            forwards.fetch_add(1, Ordering::SeqCst);
-                            let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 0]);
-                            out.extend(packet(&[5, 1]));
-                            let _ = conn.write_all(&out).await;
-                            break;
-                        }
-                        _ => {}
-                    }
+                if !until_forward_request(&mut conn, true, &forwards).await {
+                    return;
                 }
+                let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 0]);
+                out.extend(packet(&[5, 1]));
+                let _ = conn.write_all(&out).await;
                 // The next request arrives and is never read.
                 let _ = conn.peek(&mut [0u8; 1]).await;
             });

@@ -64,7 +64,7 @@ done
 # While a process is being replaced (exec) or is a zombie, its command line
 # reads empty (or fails): look again shortly rather than take it for gone.
 is_ours() {
-  local pid="$1" cmd tries
+  local pid="$1" cmd tries state
   for tries in 1 2 3 4 5 6 7 8 9 10; do
     [[ -r /proc/$pid/cmdline ]] || return 1
     cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" || cmd=""
@@ -72,7 +72,8 @@ is_ours() {
       [[ $cmd == *"$STATE/"* ]]
       return
     fi
-    [[ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]] || return 1
+    state="$(proc_state "$pid")"
+    [[ -n $state && ${state%% *} != Z ]] || return 1
     sleep 0.05
   done
   return 1
