@@ -33,6 +33,22 @@ pid_runs_ours() {
   [[ $cmd == *"$mark"* ]]
 }
 
+# await_exec PID MARK: wait (up to 5 s) until a child just started in the
+# background has exec'd its program. Between fork and exec its command line
+# is this shell's, which lacks MARK: a check in that window would take a
+# healthy start for an exit (the clean-clone CI saw "the registry exited"
+# with an empty log). The child is ours and not yet reaped, so its PID cannot
+# belong to another program meanwhile.
+await_exec() {
+  local pid="$1" mark="$2" deadline=$((SECONDS + 5)) stat state
+  until pid_runs_ours "$pid" "$mark" || (( SECONDS >= deadline )); do
+    { stat="$(< "/proc/$pid/stat")"; } 2>/dev/null || return 0
+    state="${stat##*) }"; state="${state%% *}"   # the field after "(comm)"
+    [[ -n $state && $state != Z ]] || return 0
+    sleep 0.02
+  done
+}
+
 # stop_pid PID MARK [GRACE_SECONDS]: SIGTERM, wait, SIGKILL.
 stop_pid() {
   local pid="$1" mark="$2" grace="${3:-10}"
@@ -80,6 +96,7 @@ YML
   OTEL_TRACES_EXPORTER=none OTEL_SDK_DISABLED=true \
     setsid "$REGISTRY_BIN/registry" serve "$dir/registry.yml" </dev/null >"$dir/registry.log" 2>&1 8>&- 9>&- &
   echo $! > "$dir/registry.pid"
+  await_exec "$!" "$dir/"
   echo "REGISTRY_ADDR=$REGISTRY_ADDR" > "$dir/registry.env"
   local deadline=$((SECONDS + 15))
   until curl -sf --max-time 1 "http://$REGISTRY_ADDR/v2/" -o /dev/null; do

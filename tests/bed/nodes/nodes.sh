@@ -161,6 +161,7 @@ start_proc() {
   local name="$1"; shift
   setsid "$@" 8>&- </dev/null >"$LOGS/$name.log" 2>&1 &
   echo "$name $!" >> "$PIDS"
+  await_exec "$!" "$STATE/"
 }
 
 pid_of() { awk -v n="$1" '$1 == n { p = $2 } END { print p }' "$PIDS" 2>/dev/null; }
