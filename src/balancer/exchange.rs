@@ -48,6 +48,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -61,7 +62,7 @@ use super::member::{Failure, Member, MemberSnapshot};
 use super::metrics::BackendErrorKind;
 use super::pool::{AcquireError, ConnError, FirstReply, Lease};
 use super::proxy::Rejection;
-use super::routing::{Choice, SessionKey, SessionWeigher, member_key};
+use super::routing::{Choice, SessionKey, SessionWeigher, member_key, unix_now_ms};
 use super::state::Balancer;
 
 /// Write failures one request survives; the next one is a 502. Connect and
@@ -128,6 +129,11 @@ pub(super) enum Retry {
     /// bodiless AJP request on a connection reused without a probe that the
     /// member reset before reading it ([`FirstReply::Reset`]).
     Write { reused: bool, error: ConnError },
+    /// The request was going to its session's terminating member, whose
+    /// drain deadline passed while the attempt waited for a connection: it
+    /// must not go there any more, and goes elsewhere once the handoff pause
+    /// is over (see [`DRAIN_HANDOFF_PAUSE`](super::member::DRAIN_HANDOFF_PAUSE)).
+    Handoff,
 }
 
 /// How one attempt on a member ended, when it did not put the request on the wire.
@@ -159,6 +165,22 @@ pub(super) struct Target<'r> {
     pub now_ms: u64,
 }
 
+impl Target<'_> {
+    /// Waits out the handoff pause of the session's member when it is
+    /// terminating and its drain deadline has just passed, so the request
+    /// fails over only once every request sent to the member before the
+    /// deadline has had time to reach it (see [`DRAIN_HANDOFF_PAUSE`](super::member::DRAIN_HANDOFF_PAUSE)).
+    pub(super) async fn await_handoff(&mut self, failover: bool) {
+        let Some(session) = self.session.filter(|_| failover) else { return };
+        let Some(member) = self.members.iter().find(|m| m.route == session.route) else { return };
+        if let Some(pause) = member.handoff_pause(Instant::now()) {
+            tracing::debug!(route = %member.route, ?pause, "request waits for its session's handoff");
+            tokio::time::sleep(pause).await;
+            self.now_ms = unix_now_ms();
+        }
+    }
+}
+
 /// The request as every attempt sends it, borrowed from the client's request.
 pub(super) struct Outgoing<'r> {
     /// `FORWARD_REQUEST` without its route, which each attempt fills in.
@@ -182,16 +204,21 @@ pub(super) struct Attempts {
     write_failures: u32,
     /// Attempts that found the member slow and stayed with it.
     slow_attempts: u32,
+    /// The member was chosen as the session's own while it was terminating
+    /// and still took it: the request must not be written there once its
+    /// drain deadline has passed ([`Attempts::drained_since_chosen`]).
+    sticky_to_terminating: bool,
 }
 
 impl Attempts {
     /// Chooses the first member; the request is then in `Checkout`.
     pub(super) fn first(bal: &Balancer, target: &Target<'_>) -> Result<Self, Rejection> {
-        let (member, failed_over) = choose(bal, target, &[])?;
+        let (member, choice) = choose(bal, target, &[])?;
         let mut attempts = Attempts {
             phase: Phase::Choose,
+            sticky_to_terminating: sticky_to_terminating(&member, choice),
             member,
-            failed_over,
+            failed_over: choice == Choice::Failover,
             tried: Vec::new(),
             write_failures: 0,
             slow_attempts: 0,
@@ -221,11 +248,25 @@ impl Attempts {
         }
     }
 
+    /// The request's connection is ready, but its member's drain deadline
+    /// passed since it was chosen as the session's own (the attempt waited
+    /// for a pool slot or a connect): writing it now could reach the member
+    /// after another replica failed the session over. Checked by both
+    /// exchanges right before the write.
+    pub(super) fn drained_since_chosen(&self) -> bool {
+        self.sticky_to_terminating && self.member.drain_expired_at(Instant::now())
+    }
+
     /// Acts on why an attempt may be repeated and chooses the member of the
     /// next one (`Checkout` again), or gives the final answer (`Failed`).
-    pub(super) fn retry(&mut self, bal: &Balancer, target: &Target<'_>, retry: Retry) -> Result<(), Rejection> {
+    pub(super) async fn retry(&mut self, bal: &Balancer, target: &Target<'_>, retry: Retry) -> Result<(), Rejection> {
         let member = &self.member;
         match retry {
+            Retry::Handoff => {
+                if let Some(pause) = member.handoff_pause(Instant::now()) {
+                    tokio::time::sleep(pause).await;
+                }
+            }
             Retry::Connect(error) => {
                 member.metrics.count_error(BackendErrorKind::Connect);
                 let failure = error.failure();
@@ -258,9 +299,10 @@ impl Attempts {
         }
         self.phase.advance(Phase::Choose);
         match choose(bal, target, &self.tried) {
-            Ok((member, failed_over)) => {
+            Ok((member, choice)) => {
+                self.sticky_to_terminating = sticky_to_terminating(&member, choice);
                 self.member = member;
-                self.failed_over |= failed_over;
+                self.failed_over |= choice == Choice::Failover;
                 self.phase.advance(Phase::Checkout);
                 Ok(())
             }
@@ -399,7 +441,7 @@ impl Exchange {
                     self.at.phase.advance(Phase::Failed);
                     return Err(rejection);
                 }
-                Err(AttemptError::Retry(retry)) => self.at.retry(&self.bal, &out.target, retry)?,
+                Err(AttemptError::Retry(retry)) => self.at.retry(&self.bal, &out.target, retry).await?,
             }
         }
     }
@@ -420,6 +462,10 @@ impl Exchange {
             if let Err(error) = lease.conn.cping(settings.cping_timeout).await {
                 return Err(AttemptError::Retry(Retry::CPing(error)));
             }
+        }
+        if self.at.drained_since_chosen() {
+            self.at.member.pool.release(lease);
+            return Err(AttemptError::Retry(Retry::Handoff));
         }
         self.at.phase.advance(Phase::SendRequest);
         let forward = ForwardRequest { route: Some(&self.at.member.route), ..out.forward };
@@ -747,9 +793,14 @@ impl Exchange {
     }
 }
 
+/// A choice of the session's own member while it drains towards a deadline.
+fn sticky_to_terminating(member: &Member, choice: Choice) -> bool {
+    choice == Choice::Sticky && member.is_terminating() && member.takes_sticky()
+}
+
 /// Picks a member for the request, avoiding `tried`, and counts what the
-/// choice means; the flag says whether it was a failover.
-fn choose(bal: &Balancer, out: &Target<'_>, tried: &[usize]) -> Result<(Arc<Member>, bool), Rejection> {
+/// choice means.
+fn choose(bal: &Balancer, out: &Target<'_>, tried: &[usize]) -> Result<(Arc<Member>, Choice), Rejection> {
     let (member, choice) =
         bal.router.choose_at(&out.members, out.session, tried, out.now_ms).map_err(Rejection::NoMember)?;
     if choice == Choice::Rebalanced {
@@ -767,7 +818,7 @@ fn choose(bal: &Balancer, out: &Target<'_>, tried: &[usize]) -> Result<(Arc<Memb
             }
         }
     }
-    Ok((member, choice == Choice::Failover))
+    Ok((member, choice))
 }
 
 /// Response body from the rest of the exchange.

@@ -431,7 +431,7 @@ impl HttpExchange {
                 Ok(AttemptOutcome::Answered(response)) => return Ok(response),
                 Ok(AttemptOutcome::Retry(retry, back)) => {
                     request = back;
-                    self.at.retry(&self.bal, target, retry)?;
+                    self.at.retry(&self.bal, target, retry).await?;
                 }
                 Err(rejection) => {
                     if self.at.phase != Phase::Failed {
@@ -456,6 +456,10 @@ impl HttpExchange {
             if let Err(error) = lease.conn.probe(settings.cping_timeout).await {
                 return Ok(AttemptOutcome::Retry(Retry::CPing(error), request));
             }
+        }
+        if self.at.drained_since_chosen() {
+            member.http_pool.release(lease);
+            return Ok(AttemptOutcome::Retry(Retry::Handoff, request));
         }
         self.at.phase.advance(Phase::SendRequest);
         let in_flight = InFlight::new(member.clone());

@@ -8,8 +8,10 @@
 //! A member whose pod is terminating (Kubernetes membership: endpoint
 //! `serving` + `terminating`) drains for a limited time only: it keeps its
 //! sticky sessions for `drain_timeout` after the balancer first saw it
-//! terminating, then routing treats it as down and its sessions fail over,
-//! so that the node is idle before it gets SIGTERM. (Tomcat, once it pauses
+//! terminating, then routing treats it as down and its sessions fail over
+//! (after [`DRAIN_HANDOFF_PAUSE`], so that no request sent to it before
+//! the deadline arrives after the session was renamed elsewhere), so that
+//! the node is idle before it gets SIGTERM. (Tomcat, once it pauses
 //! its connectors, closes a keep-alive AJP connection without reading the
 //! request that arrives on it: a request sent then is lost, and a sent
 //! request is never replayed.) A manually drained member (file or static
@@ -113,6 +115,19 @@ fn instant_of(t: SystemTime) -> Instant {
         Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
     }
 }
+
+/// Between a terminating member's drain deadline and the first failover of
+/// its sessions, their requests wait this long, sent nowhere. A request sent
+/// to the member just before the deadline can reach Tomcat a few hundred
+/// milliseconds later on a busy machine; a failover of the same session in
+/// that time renames it on another node, and the late request then finds
+/// neither its id nor its new one and gets a new, empty session (one browser
+/// session lost in a clean-clone scale-down: answered by the old node 200 ms
+/// after both replicas' deadlines). Every replica computes the same deadline
+/// from the Pod's deletion time, so with this pause the last request either
+/// replica sends to the old node is older than the first it sends elsewhere
+/// by at least this much.
+pub const DRAIN_HANDOFF_PAUSE: Duration = Duration::from_secs(1);
 
 /// How many recently created session ids the status page shows per member.
 const RECENT_SESSIONS: usize = 8;
@@ -340,6 +355,20 @@ impl Member {
             self.publish_state();
         }
         true
+    }
+
+    /// How much longer a request of this member's sessions waits before it
+    /// may fail over: `Some` from the drain deadline until
+    /// [`DRAIN_HANDOFF_PAUSE`] after it, `None` otherwise (before the
+    /// deadline the member still takes them; after the pause they move).
+    pub fn handoff_pause(&self, now: Instant) -> Option<Duration> {
+        let deadline = self.drain_deadline.load(Ordering::Relaxed);
+        let now = deadline_code(now);
+        if deadline == 0 || now < deadline {
+            return None;
+        }
+        let end = deadline.saturating_add(u64::try_from(DRAIN_HANDOFF_PAUSE.as_millis()).unwrap_or(u64::MAX));
+        (now < end).then(|| Duration::from_millis(end - now))
     }
 
     /// Time left before a terminating member stops taking its sticky
@@ -608,6 +637,15 @@ mod tests {
         assert_eq!(s1.routing_state(t0 + Duration::from_secs(5)), "drained");
         assert_eq!(s1.metrics.state.get(), 0, "published as taking nothing");
         assert_eq!(s1.drain_remaining(t0 + Duration::from_secs(6)), Some(Duration::ZERO));
+        // Its sessions wait out the handoff pause before they fail over.
+        assert_eq!(s1.handoff_pause(t0 + Duration::from_millis(4999)), None, "still taking them");
+        assert_eq!(s1.handoff_pause(t0 + Duration::from_secs(5)), Some(DRAIN_HANDOFF_PAUSE));
+        assert_eq!(
+            s1.handoff_pause(t0 + Duration::from_millis(5600)),
+            Some(DRAIN_HANDOFF_PAUSE - Duration::from_millis(600))
+        );
+        assert_eq!(s1.handoff_pause(t0 + Duration::from_secs(5) + DRAIN_HANDOFF_PAUSE), None, "then they move");
+        assert_eq!(table.snapshot()[1].handoff_pause(t0 + Duration::from_secs(5)), None, "not terminating");
 
         // No longer terminating (a hand-edited slice): the clock is cleared.
         table.apply_at(

@@ -187,7 +187,7 @@ async fn proxy(
         return Err(Rejection::BodyTooLarge);
     }
     let settings = &bal.settings;
-    let target = Target {
+    let mut target = Target {
         members: bal.members.snapshot(),
         session: session_of_request(
             parts.uri.path(),
@@ -197,6 +197,7 @@ async fn proxy(
         ),
         now_ms: unix_now_ms(),
     };
+    target.await_handoff(bal.router.failover).await;
     match &bal.backend {
         Backend::Ajp(secret) => proxy_ajp(bal, client, &parts, incoming, content_length, target, secret.expose()).await,
         Backend::Http => super::http_backend::proxy_http(bal, client, &parts, incoming, target).await,
@@ -408,7 +409,7 @@ pub(crate) mod reuse_tests {
     use super::*;
     use crate::balancer::config::LbMethod;
     use crate::balancer::front::{FrontSettings, serve_front};
-    use crate::balancer::member::{MemberSpec, MemberState};
+    use crate::balancer::member::{DRAIN_HANDOFF_PAUSE, MemberSpec, MemberState};
     use crate::balancer::pool::PoolSettings;
     use crate::balancer::routing::Router;
     use crate::balancer::state::{AjpSecret, Backend, ProxySettings};
@@ -646,6 +647,119 @@ pub(crate) mod reuse_tests {
         assert!(started.elapsed() >= SLOW_GRACE_IN_TESTS, "waited for the grace: {:?}", started.elapsed());
         assert_eq!(forwards_to_mute.load(Ordering::SeqCst), 0, "the mute member never got the request");
         assert!(!mute.is_healthy(), "the mute member is marked failed");
+    }
+
+    /// A member that answers a CPing after `cpong_delay` and every
+    /// request with 200 "hello"; counts the requests.
+    async fn member_answering(listener: TcpListener, cpong_delay: Duration, forwards: Arc<AtomicUsize>) {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let forwards = forwards.clone();
+            tokio::spawn(async move {
+                while let Some(payload) = read_request_packet(&mut conn).await {
+                    let reply = match payload.first() {
+                        Some(&ajp::to_container::CPING) => {
+                            tokio::time::sleep(cpong_delay).await;
+                            packet(&[9])
+                        }
+                        Some(&ajp::to_container::FORWARD_REQUEST) => {
+                            forwards.fetch_add(1, Ordering::SeqCst);
+                            let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 1, 0xA0, 0x03, 0, 1, b'5', 0]);
+                            out.extend(packet(&[3, 0, 5, b'h', b'e', b'l', b'l', b'o', 0]));
+                            out.extend(packet(&[5, 1]));
+                            out
+                        }
+                        _ => continue,
+                    };
+                    if conn.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// A balancer with members "old" (its CPong `old_cpong_delay` late) and
+    /// "new", "old" terminating with its drain deadline `deadline_in` from
+    /// now; the requests each member got.
+    async fn balancer_with_a_terminating_member(
+        old_cpong_delay: Duration,
+        deadline_in: Duration,
+    ) -> (SocketAddr, watch::Sender<bool>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let mut addresses = Vec::new();
+        let mut forwards = Vec::new();
+        for delay in [old_cpong_delay, Duration::ZERO] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            addresses.push(listener.local_addr().expect("addr"));
+            let count = Arc::new(AtomicUsize::new(0));
+            forwards.push(count.clone());
+            tokio::spawn(member_answering(listener, delay, count));
+        }
+        let (bal, front, shutdown) = start_balancer(&[("old", addresses[0]), ("new", addresses[1])]).await;
+        let spec = |route: &str, address, state, terminating| MemberSpec {
+            route: route.to_string(),
+            address,
+            state,
+            terminating,
+            ready_since: None,
+        };
+        let specs = [
+            spec("old", addresses[0], MemberState::Draining, true),
+            spec("new", addresses[1], MemberState::Ready, false),
+        ];
+        // The drain clock runs from now; then the deletion time moves the deadline to `deadline_in`.
+        bal.members.apply(&specs, &bal.metrics);
+        bal.members.snapshot()[0].drain_by(Instant::now() + deadline_in);
+        (front, shutdown, forwards.remove(0), forwards.remove(0))
+    }
+
+    const SESSION_OF_OLD: &[u8] =
+        b"GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID=abc.old\r\nConnection: close\r\n\r\n";
+
+    /// Right after a terminating member's drain deadline its sessions' requests
+    /// wait out the handoff pause, then fail over; its other requests
+    /// (without a session) go elsewhere at once.
+    #[tokio::test]
+    async fn a_drained_members_sessions_wait_out_the_handoff_pause_before_they_fail_over() {
+        let (front, _shutdown, to_old, to_new) =
+            balancer_with_a_terminating_member(Duration::ZERO, Duration::ZERO).await;
+        let started = Instant::now();
+        let response = request_once(front, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(started.elapsed() < DRAIN_HANDOFF_PAUSE / 2, "no session, no wait: {:?}", started.elapsed());
+
+        let started = Instant::now();
+        let response = request_once(front, SESSION_OF_OLD).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let waited = started.elapsed();
+        assert!(waited >= DRAIN_HANDOFF_PAUSE - Duration::from_millis(100), "waited for the handoff: {waited:?}");
+        assert_eq!((to_old.load(Ordering::SeqCst), to_new.load(Ordering::SeqCst)), (0, 2), "both went to new");
+
+        // After the pause they fail over at once.
+        let started = Instant::now();
+        let response = request_once(front, SESSION_OF_OLD).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(started.elapsed() < DRAIN_HANDOFF_PAUSE / 2, "no second wait: {:?}", started.elapsed());
+        assert_eq!(to_new.load(Ordering::SeqCst), 3);
+    }
+
+    /// A request chosen for its session's terminating member before the
+    /// drain deadline, whose connection is ready only after it (here: a
+    /// late CPong), is not written there: it goes elsewhere after the pause.
+    #[tokio::test]
+    async fn a_request_whose_member_drained_while_it_waited_for_a_connection_goes_elsewhere() {
+        let deadline_in = Duration::from_millis(300);
+        let (front, _shutdown, to_old, to_new) =
+            balancer_with_a_terminating_member(Duration::from_millis(700), deadline_in).await;
+        let started = Instant::now();
+        let response = request_once(front, SESSION_OF_OLD).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert_eq!((to_old.load(Ordering::SeqCst), to_new.load(Ordering::SeqCst)), (0, 1), "never written to old");
+        let waited = started.elapsed();
+        assert!(
+            waited >= deadline_in + DRAIN_HANDOFF_PAUSE - Duration::from_millis(100),
+            "failed over after the pause: {waited:?}"
+        );
     }
 
     /// A member that answers the first request of each connection and
