@@ -4,13 +4,14 @@
 #   openjdk-17-jdk-headless  javac for the counter sample app (tests build it)
 #   apache2    Apache httpd 2.4, the peer the balancer is benchmarked against
 #   wrk        load generator for benchmarks and soak tests
+#   gnuplot-nox  draws `make bench`'s plot (target/bench/balancer.png)
 #   chromium   headless browser that looks at the balancer's status page
 #   openssl    certificates for the local control plane
 #   iproute2, procps, curl   plumbing the test bed uses
 #
 #   tests/bed/apt-deps.sh [PACKAGE...]   these packages instead (tests/bed/nodes/apt-deps.sh)
 set -euo pipefail
-packages=(tomcat10 openjdk-17-jdk-headless apache2 wrk chromium openssl iproute2 procps curl ca-certificates)
+packages=(tomcat10 openjdk-17-jdk-headless apache2 wrk gnuplot-nox chromium openssl iproute2 procps curl ca-certificates)
 (( $# == 0 )) || packages=("$@")
 missing=()
 for p in "${packages[@]}"; do

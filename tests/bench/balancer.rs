@@ -29,7 +29,11 @@ fn env_or(name: &str, default: u64) -> u64 {
 /// Apache httpd configured like our balancer.
 struct Httpd {
     child: Option<Child>,
+    /// mod_proxy_ajp.
     port: u16,
+    /// mod_proxy_http to the Tomcats' HTTP connectors: the peer of the
+    /// balancer's HTTP backend.
+    http_proxy_port: u16,
     /// HTTPS (mod_ssl) in front of the same balancer.
     tls_port: u16,
     dir: TempDir,
@@ -72,16 +76,24 @@ const HTTPD_PING: &str = "500ms";
 const WRK_THREADS: u32 = 2;
 
 impl Httpd {
-    fn start(members: &[(String, u16)], tls: &TlsFiles) -> Httpd {
+    /// `members`: (route, AJP port, HTTP connector port) of each Tomcat.
+    fn start(members: &[(String, u16, u16)], tls: &TlsFiles) -> Httpd {
         let dir = TempDir::new("httpd");
         let port = free_port();
         let tls_port = free_port();
+        let http_proxy_port = free_port();
         let m = "/usr/lib/apache2/modules";
         let balancer_members: String = members
             .iter()
-            .map(|(route, ajp)| {
+            .map(|(route, ajp, _)| {
                 format!("  BalancerMember ajp://127.0.0.1:{ajp} route={route} secret={SECRET} ping={HTTPD_PING}\n")
             })
+            .collect();
+        // No `ping=`: for HTTP it only adds `Expect: 100-continue` to
+        // requests with a body, and the bench's GETs have none.
+        let http_members: String = members
+            .iter()
+            .map(|(route, _, http)| format!("  BalancerMember http://127.0.0.1:{http} route={route}\n"))
             .collect();
         let conf = format!(
             r#"ServerRoot {root}
@@ -97,6 +109,7 @@ LoadModule authz_core_module {m}/mod_authz_core.so
 LoadModule slotmem_shm_module {m}/mod_slotmem_shm.so
 LoadModule proxy_module {m}/mod_proxy.so
 LoadModule proxy_ajp_module {m}/mod_proxy_ajp.so
+LoadModule proxy_http_module {m}/mod_proxy_http.so
 LoadModule proxy_balancer_module {m}/mod_proxy_balancer.so
 LoadModule lbmethod_byrequests_module {m}/mod_lbmethod_byrequests.so
 LoadModule socache_shmcb_module {m}/mod_socache_shmcb.so
@@ -107,6 +120,11 @@ SSLSessionCache shmcb:{root}/ssl_scache(512000)
   SSLEngine on
   SSLCertificateFile {cert}
   SSLCertificateKeyFile {key}
+  ProxyPass / balancer://tomcats/
+</VirtualHost>
+Listen 127.0.0.1:{http_proxy_port}
+<VirtualHost 127.0.0.1:{http_proxy_port}>
+  ProxyPass / balancer://tomcats-http/
 </VirtualHost>
 User www-data
 Group www-data
@@ -124,7 +142,12 @@ KeepAliveTimeout 30
 <Proxy balancer://tomcats>
 {balancer_members}  ProxySet stickysession=JSESSIONID|jsessionid lbmethod=byrequests
 </Proxy>
-ProxyPass / balancer://tomcats/
+<Proxy balancer://tomcats-http>
+{http_members}  ProxySet stickysession=JSESSIONID|jsessionid lbmethod=byrequests
+</Proxy>
+<VirtualHost 127.0.0.1:{port}>
+  ProxyPass / balancer://tomcats/
+</VirtualHost>
 "#,
             root = dir.path().display(),
             servers = HTTPD_SERVERS,
@@ -146,10 +169,12 @@ ProxyPass / balancer://tomcats/
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start apache2");
-        let mut h = Httpd { child: Some(child), port, tls_port, dir };
+        let mut h = Httpd { child: Some(child), port, http_proxy_port, tls_port, dir };
         wait_until(Duration::from_secs(15), "httpd", || {
-            balancer_common::http::blocking_status(format!("127.0.0.1:{port}").parse().expect("addr"), PATH)
-                == Some(200)
+            [port, http_proxy_port].iter().all(|p| {
+                balancer_common::http::blocking_status(format!("127.0.0.1:{p}").parse().expect("addr"), PATH)
+                    == Some(200)
+            })
         });
         if let Some(c) = h.child.as_mut() {
             assert!(
@@ -326,11 +351,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+// Row names: the two-digit prefix orders the table.
+const DIRECT: &str = "01 direct tomcat";
+const HTTPD_STICKY: &str = "02 httpd sticky";
+const BALANCER_STICKY: &str = "03 balancer sticky";
+const BALANCER_IDLE_PING: &str = "06 balancer sticky, CPing if idle>=1s";
+const HTTPD_HTTP: &str = "09 httpd sticky, mod_proxy_http";
+const BALANCER_HTTP: &str = "10 balancer sticky, HTTP backend";
+
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 8);
     let rounds = env_or("BENCH_ROUNDS", 3);
     let connections = env_or("BENCH_CONNECTIONS", 64);
-    for tool in ["wrk", "/usr/sbin/apache2", "java"] {
+    for tool in ["wrk", "/usr/sbin/apache2", "java", "gnuplot"] {
         assert!(
             Command::new("which").arg(tool).output().map(|o| o.status.success()).unwrap_or(false)
                 || Path::new(tool).exists(),
@@ -341,8 +374,13 @@ fn main() {
     let mut options = TomcatOptions::new(SECRET);
     options.jvm_opts = vec!["-Xms512m".into(), "-Xmx512m".into(), "-XX:+UseParallelGC".into()];
     options.max_threads = TOMCAT_THREADS;
+    // Both connectors on the same Tomcats: AJP and the HTTP backend's,
+    // with the RemoteIpValve and SSLValve the operator configures for it.
+    options.http_backend = true;
+    options.keep_ajp_connector = true;
     let nodes = start_cluster(&["s1", "s2", "s3"], &options);
-    let members: Vec<(String, u16)> = nodes.iter().map(|n| (n.route.clone(), n.ajp_port)).collect();
+    let members: Vec<(String, u16, u16)> =
+        nodes.iter().map(|n| (n.route.clone(), n.ajp_port, n.backend_http_port)).collect();
     let tls = TlsFiles::new();
     let balancer_tls_port = free_port();
     let balancer = Balancer::start(
@@ -376,6 +414,13 @@ fn main() {
             .arg("--cping-after-idle")
             .arg("1s"),
     );
+    // The HTTP/1.1 backend (`--backend-protocol http`) to the same Tomcats.
+    let balancer_http = Balancer::start(
+        BalancerOptions::new(SECRET)
+            .http_members(&[&nodes[0], &nodes[1], &nodes[2]])
+            .arg("--pool-max-per-member")
+            .arg(BALANCER_POOL_PER_MEMBER.to_string()),
+    );
     let tomcat_pids: Vec<u32> = nodes.iter().filter_map(|n| n.pid()).collect();
     let httpd = Httpd::start(&members, &tls);
     let direct_port = nodes[1].http_port;
@@ -385,13 +430,19 @@ fn main() {
     // part to FILE and keeps them running until FILE is deleted.
     if let Ok(hold) = std::env::var("BENCH_HOLD") {
         let ajp: Vec<String> = nodes.iter().map(|n| format!("{}=127.0.0.1:{}", n.route, n.ajp_port)).collect();
+        let http: Vec<String> =
+            nodes.iter().map(|n| format!("{}=127.0.0.1:{}", n.route, n.backend_http_port)).collect();
         let text = format!(
-            "direct_port={direct_port}\nhttpd_port={}\nhttpd_pid={}\nbalancer_port={}\nbalancer_pid={}\nmembers={}\nsecret={SECRET}\nsticky={sticky}\n",
+            "direct_port={direct_port}\nhttpd_port={}\nhttpd_http_port={}\nhttpd_pid={}\nbalancer_port={}\nbalancer_pid={}\nbalancer_http_port={}\nbalancer_http_pid={}\nmembers={}\nhttp_members={}\nsecret={SECRET}\nsticky={sticky}\n",
             httpd.port,
+            httpd.http_proxy_port,
             httpd.pid(),
             balancer.listen.port(),
             balancer.pid(),
-            ajp.join(" ")
+            balancer_http.listen.port(),
+            balancer_http.pid(),
+            ajp.join(" "),
+            http.join(" ")
         );
         std::fs::write(&hold, text).expect("write BENCH_HOLD file");
         eprintln!("holding until {hold} is deleted");
@@ -439,6 +490,8 @@ fn main() {
         (("http", balancer_idle_ping.listen.port()), Some(sticky)),
         (("https", httpd.tls_port), Some(sticky)),
         (("https", balancer_tls_port), Some(sticky)),
+        (("http", balancer_http.listen.port()), Some(sticky)),
+        (("http", httpd.http_proxy_port), Some(sticky)),
     ] {
         wrk(target, cookie, 3, connections, None, &tomcat_pids);
     }
@@ -451,20 +504,22 @@ fn main() {
     let mut results: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        let runs: [Run<'_>; 8] = [
-            ("1 direct tomcat", ("http", direct_port), Some(sticky), None),
-            ("2 httpd sticky", ("http", httpd.port), Some(sticky), Some(httpd.pid())),
-            ("3 balancer sticky", ("http", balancer.listen.port()), Some(sticky), Some(balancer.pid())),
-            ("4 httpd non-sticky", ("http", httpd.port), None, Some(httpd.pid())),
-            ("5 balancer non-sticky", ("http", balancer.listen.port()), None, Some(balancer.pid())),
+        let runs: [Run<'_>; 10] = [
+            (DIRECT, ("http", direct_port), Some(sticky), None),
+            (HTTPD_STICKY, ("http", httpd.port), Some(sticky), Some(httpd.pid())),
+            (BALANCER_STICKY, ("http", balancer.listen.port()), Some(sticky), Some(balancer.pid())),
+            ("04 httpd non-sticky", ("http", httpd.port), None, Some(httpd.pid())),
+            ("05 balancer non-sticky", ("http", balancer.listen.port()), None, Some(balancer.pid())),
             (
-                "6 balancer sticky, CPing if idle>=1s",
+                BALANCER_IDLE_PING,
                 ("http", balancer_idle_ping.listen.port()),
                 Some(sticky),
                 Some(balancer_idle_ping.pid()),
             ),
-            ("7 httpd sticky, HTTPS", ("https", httpd.tls_port), Some(sticky), Some(httpd.pid())),
-            ("8 balancer sticky, HTTPS", ("https", balancer_tls_port), Some(sticky), Some(balancer_https.pid())),
+            ("07 httpd sticky, HTTPS", ("https", httpd.tls_port), Some(sticky), Some(httpd.pid())),
+            ("08 balancer sticky, HTTPS", ("https", balancer_tls_port), Some(sticky), Some(balancer_https.pid())),
+            (HTTPD_HTTP, ("http", httpd.http_proxy_port), Some(sticky), Some(httpd.pid())),
+            (BALANCER_HTTP, ("http", balancer_http.listen.port()), Some(sticky), Some(balancer_http.pid())),
         ];
         for (name, target, cookie, pid) in runs {
             results.entry(name).or_default().push(wrk(target, cookie, seconds, connections, pid, &tomcat_pids));
@@ -489,7 +544,7 @@ fn main() {
         let fmt_opt = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
         println!(
             "{:<36} {:>10.0} {:>9.2} {:>9.2} {:>14} {:>9} {:>11.3} {:>9.3}",
-            &name[2..],
+            &name[3..],
             m.rps,
             m.p50_ms,
             m.p99_ms,
@@ -522,7 +577,7 @@ fn main() {
         let total_us = (m.wrk_cpu_per_10k + m.tomcat_cpu_per_10k + proxy) * 100.0;
         println!(
             "# cpu per request {:<36} wrk {:>5.1} us + tomcat {:>5.1} us + proxy {:>5.1} us = {:>5.1} us -> at most {:>6.0} req/s on {cores} cores",
-            &name[2..],
+            &name[3..],
             m.wrk_cpu_per_10k * 100.0,
             m.tomcat_cpu_per_10k * 100.0,
             proxy * 100.0,
@@ -531,15 +586,26 @@ fn main() {
         );
     }
 
-    let b_sticky = &med["3 balancer sticky"];
-    let b_idle_ping = &med["6 balancer sticky, CPing if idle>=1s"];
-    let h_sticky = &med["2 httpd sticky"];
-    let direct = &med["1 direct tomcat"];
+    let b_sticky = &med[BALANCER_STICKY];
+    let b_idle_ping = &med[BALANCER_IDLE_PING];
+    let h_sticky = &med[HTTPD_STICKY];
+    let direct = &med[DIRECT];
+    let b_http = &med[BALANCER_HTTP];
+    let h_http = &med[HTTPD_HTTP];
     let rss_mb = with_idle as f64 / 1024.0;
     // The req/s the machine allows the balancer's row when the proxy cost
     // nothing: cores / (wrk + Tomcat CPU per request).
     let bound = |m: &Sample| cores * 1e6 / ((m.wrk_cpu_per_10k + m.tomcat_cpu_per_10k) * 100.0);
     let proxy_cpu = |m: &Sample| m.cpu_per_10k.unwrap_or(f64::NAN);
+    plot(&med);
+    // The HTTP backend against its fair peer, httpd's mod_proxy_http (no
+    // target of their own).
+    println!("ratio sticky_rps balancer_http/httpd_http: {:.2}", b_http.rps / h_http.rps);
+    println!(
+        "ratio proxy_cpu_per_request balancer_http/httpd_http: {:.2}",
+        proxy_cpu(b_http) / proxy_cpu(h_http)
+    );
+    println!("ratio p99 balancer_http/httpd_http: {:.2}", b_http.p99_ms / h_http.p99_ms);
     // Issue 13's targets, each a ratio measured in this run.
     let lines = [
         ("ratio proxy_cpu_per_request balancer/httpd", proxy_cpu(b_sticky) / proxy_cpu(h_sticky), "<=", 0.25),
@@ -553,6 +619,7 @@ fn main() {
         ("ratio sticky_rps balancer/httpd", b_sticky.rps / h_sticky.rps, ">=", 1.8),
         ("ratio sticky_rps balancer_cping_idle_1s/httpd", b_idle_ping.rps / h_sticky.rps, ">=", 1.8),
         ("ratio sticky_rps balancer/direct", b_sticky.rps / direct.rps, ">=", 0.6),
+        ("ratio sticky_rps balancer_http/direct", b_http.rps / direct.rps, ">=", 0.55),
         ("ratio p99 balancer/httpd", b_sticky.p99_ms / h_sticky.p99_ms, "<=", 0.6),
         ("balancer rss_mb at 1000 idle connections", rss_mb, "<=", 20.0),
     ];
@@ -560,4 +627,42 @@ fn main() {
         let met = if relation == "<=" { value <= target } else { value >= target };
         println!("{name}: {value:.2}   (target {relation} {target}: {})", if met { "met" } else { "not met" });
     }
+}
+
+/// `target/bench/balancer.png`: req/s and p99 of every row, drawn by
+/// gnuplot from this run's medians (the README shows a copy).
+fn plot(med: &BTreeMap<&'static str, Sample>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    let data: String = med
+        .iter()
+        .map(|(name, m)| format!("\"{}\"\t{:.0}\t{:.2}\n", &name[3..], m.rps, m.p99_ms))
+        .collect();
+    let (data_path, png) = (dir.join("balancer.dat"), dir.join("balancer.png"));
+    std::fs::write(&data_path, data).expect("write the plot data");
+    let script = format!(
+        r#"set terminal pngcairo size 1400,640 font "sans,10"
+set output "{png}"
+set datafile separator "\t"
+set style data histograms
+set style fill solid 0.8 border -1
+set boxwidth 0.8
+set xtics rotate by -35 left nomirror
+set grid ytics
+set key off
+set yrange [0:*]
+set bmargin 11
+set multiplot layout 1,2 title "make bench: 3 Tomcats, wrk -c64, medians of the rounds"
+set title "requests per second (higher is better)"
+plot "{data}" using 2:xtic(1) linecolor rgb "#3b6ea8"
+set title "p99 latency, ms (lower is better)"
+plot "{data}" using 3:xtic(1) linecolor rgb "#c0504d"
+unset multiplot
+"#,
+        png = png.display(),
+        data = data_path.display()
+    );
+    let out = Command::new("gnuplot").arg("-e").arg(&script).output().expect("run gnuplot (make deps installs it)");
+    assert!(out.status.success(), "gnuplot failed: {}", String::from_utf8_lossy(&out.stderr));
+    println!("# plot: {}", png.display());
 }

@@ -91,6 +91,9 @@ pub struct TomcatOptions {
     /// The balancer speaks HTTP: an HTTP connector on `backend_http_port`
     /// with the operator's RemoteIpValve and SSLValve instead of AJP.
     pub http_backend: bool,
+    /// With `http_backend`, the AJP connector too: `make bench` measures
+    /// both backend protocols on the same Tomcats.
+    pub keep_ajp_connector: bool,
 }
 
 impl TomcatOptions {
@@ -107,6 +110,7 @@ impl TomcatOptions {
             ],
             clustered: true,
             http_backend: false,
+            keep_ajp_connector: false,
         }
     }
 }
@@ -161,24 +165,22 @@ fn server_xml(me: &NodePlan, peers: &[NodePlan], o: &TomcatOptions) -> String {
     };
     // With the HTTP backend: the connector and valves the operator writes
     // (src/operator/build/server_xml.rs), on loopback.
-    let (backend_connector, valves) = if o.http_backend {
-        (
-            format!(
-                r#"    <Connector port="{}" address="127.0.0.1" protocol="HTTP/1.1" connectionTimeout="20000"
-               maxThreads="{}" maxKeepAliveRequests="-1"/>"#,
-                me.backend_http_port, o.max_threads
-            ),
-            clusterapp::operator::build::server_xml::http_backend_valves(),
-        )
-    } else {
-        (
-            format!(
-                r#"    <Connector port="{}" address="127.0.0.1" protocol="AJP/1.3" secret="{}" secretRequired="true"
+    let ajp_connector = format!(
+        r#"    <Connector port="{}" address="127.0.0.1" protocol="AJP/1.3" secret="{}" secretRequired="true"
                packetSize="8192" maxThreads="{}"/>"#,
-                me.ajp_port, o.secret, o.max_threads
-            ),
-            "",
-        )
+        me.ajp_port, o.secret, o.max_threads
+    );
+    let (backend_connector, valves) = if o.http_backend {
+        let http_connector = format!(
+            r#"    <Connector port="{}" address="127.0.0.1" protocol="HTTP/1.1" connectionTimeout="20000"
+               maxThreads="{}" maxKeepAliveRequests="-1"/>"#,
+            me.backend_http_port, o.max_threads
+        );
+        let connectors =
+            if o.keep_ajp_connector { format!("{http_connector}\n{ajp_connector}") } else { http_connector };
+        (connectors, clusterapp::operator::build::server_xml::http_backend_valves())
+    } else {
+        (ajp_connector, "")
     };
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
