@@ -601,10 +601,7 @@ fn main() {
     // The HTTP backend against its fair peer, httpd's mod_proxy_http (no
     // target of their own).
     println!("ratio sticky_rps balancer_http/httpd_http: {:.2}", b_http.rps / h_http.rps);
-    println!(
-        "ratio proxy_cpu_per_request balancer_http/httpd_http: {:.2}",
-        proxy_cpu(b_http) / proxy_cpu(h_http)
-    );
+    println!("ratio proxy_cpu_per_request balancer_http/httpd_http: {:.2}", proxy_cpu(b_http) / proxy_cpu(h_http));
     println!("ratio p99 balancer_http/httpd_http: {:.2}", b_http.p99_ms / h_http.p99_ms);
     // Issue 13's targets, each a ratio measured in this run.
     let lines = [
@@ -630,39 +627,55 @@ fn main() {
 }
 
 /// `target/bench/balancer.png`: req/s and p99 of every row, drawn by
-/// gnuplot from this run's medians (the README shows a copy).
+/// gnuplot from this run's medians (the README shows a copy). Bars are
+/// grey for Tomcat alone, red for httpd, blue for the balancer.
 fn plot(med: &BTreeMap<&'static str, Sample>) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
     let data: String = med
         .iter()
-        .map(|(name, m)| format!("\"{}\"\t{:.0}\t{:.2}\n", &name[3..], m.rps, m.p99_ms))
+        .map(|(name, m)| {
+            let name = &name[3..];
+            let colour = if name.starts_with("httpd") {
+                2
+            } else if name.starts_with("balancer") {
+                3
+            } else {
+                1
+            };
+            format!("\"{name}\"\t{:.0}\t{:.2}\t{colour}\n", m.rps, m.p99_ms)
+        })
         .collect();
     let (data_path, png) = (dir.join("balancer.dat"), dir.join("balancer.png"));
     std::fs::write(&data_path, data).expect("write the plot data");
     let script = format!(
-        r#"set terminal pngcairo size 1400,640 font "sans,10"
+        r##"set terminal pngcairo noenhanced size 1400,640 font "sans,10"
 set output "{png}"
 set datafile separator "\t"
-set style data histograms
-set style fill solid 0.8 border -1
-set boxwidth 0.8
+set linetype 1 linecolor rgb "#8c8c8c"
+set linetype 2 linecolor rgb "#c0504d"
+set linetype 3 linecolor rgb "#3b6ea8"
+set style fill solid 0.85 border -1
+set boxwidth 0.7
 set xtics rotate by -35 left nomirror
 set grid ytics
 set key off
 set yrange [0:*]
+set xrange [-0.6:*]
 set bmargin 11
-set multiplot layout 1,2 title "make bench: 3 Tomcats, wrk -c64, medians of the rounds"
+set multiplot layout 1,2 title "make bench: 3 Tomcats on 2 cores, wrk -c64, medians of the rounds"
 set title "requests per second (higher is better)"
-plot "{data}" using 2:xtic(1) linecolor rgb "#3b6ea8"
+plot "{data}" using 0:2:4:xtic(1) with boxes linecolor variable
 set title "p99 latency, ms (lower is better)"
-plot "{data}" using 3:xtic(1) linecolor rgb "#c0504d"
+plot "{data}" using 0:3:4:xtic(1) with boxes linecolor variable
 unset multiplot
-"#,
+"##,
         png = png.display(),
         data = data_path.display()
     );
-    let out = Command::new("gnuplot").arg("-e").arg(&script).output().expect("run gnuplot (make deps installs it)");
+    let script_path = dir.join("balancer.gp");
+    std::fs::write(&script_path, script).expect("write the plot script");
+    let out = Command::new("gnuplot").arg(&script_path).output().expect("run gnuplot (make deps installs it)");
     assert!(out.status.success(), "gnuplot failed: {}", String::from_utf8_lossy(&out.stderr));
     println!("# plot: {}", png.display());
 }
