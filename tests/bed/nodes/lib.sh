@@ -72,11 +72,29 @@ free_local_port() {
 
 # registry_start DIR: the distribution registry on a free 127.0.0.1 port,
 # storage in $REGISTRY_STORAGE, config/log/pid in DIR. Sets REGISTRY_ADDR.
+# A registry that exits at once is started again on another port (up to
+# REGISTRY_START_ATTEMPTS times), and its exit status is logged: twice in a
+# row, a clean-clone CI run saw it exit within a second with an empty log,
+# which no run by hand reproduced.
+REGISTRY_START_ATTEMPTS=3
 registry_start() {
-  local dir="$1"
+  local dir="$1" attempt
   [[ -x $REGISTRY_BIN/registry ]] || die "the registry is not built: run tests/bed/install.sh --nodes"
   mkdir -p "$dir" "$REGISTRY_STORAGE"
-  local port; port="$(free_local_port)"
+  for attempt in $(seq 1 "$REGISTRY_START_ATTEMPTS"); do
+    registry_try_start "$dir" && return 0
+    log "the registry exited at start (attempt $attempt of $REGISTRY_START_ATTEMPTS, $REGISTRY_EXIT); its log:"
+    sed 's/^/    /' "$dir/registry.log" >&2 || true
+    cp "$dir/registry.log" "$IMAGES_CACHE/registry-failed.$attempt.log" 2>/dev/null || true
+  done
+  die "the registry did not start in $REGISTRY_START_ATTEMPTS attempts (logs: $IMAGES_CACHE/registry-failed.*.log)"
+}
+
+# One start of the registry; fails (with REGISTRY_EXIT set) when it exits
+# before it answers.
+registry_try_start() {
+  local dir="$1" port pid
+  port="$(free_local_port)"
   REGISTRY_ADDR="127.0.0.1:$port"
   cat > "$dir/registry.yml" <<YML
 version: 0.1
@@ -95,12 +113,36 @@ YML
   # no tracing exporter: the registry must not try to reach a collector
   OTEL_TRACES_EXPORTER=none OTEL_SDK_DISABLED=true \
     setsid "$REGISTRY_BIN/registry" serve "$dir/registry.yml" </dev/null >"$dir/registry.log" 2>&1 8>&- 9>&- &
-  echo $! > "$dir/registry.pid"
-  await_exec "$!" "$dir/"
+  pid=$!
+  echo "$pid" > "$dir/registry.pid"
   echo "REGISTRY_ADDR=$REGISTRY_ADDR" > "$dir/registry.env"
+  await_exec "$pid" "$dir/"
   local deadline=$((SECONDS + 15))
   until curl -sf --max-time 1 "http://$REGISTRY_ADDR/v2/" -o /dev/null; do
-    pid_runs_ours "$(cat "$dir/registry.pid")" "$dir/" || { tail -n 20 "$dir/registry.log" >&2; die "the registry exited (log: $dir/registry.log)"; }
+    if ! pid_runs_ours "$pid" "$dir/"; then
+      # setsid forks when it leads its process group: the registry then
+      # runs under another PID, found by the port it listens on.
+      local listener
+      listener="$(ss -Hltnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)"
+      if [[ -n $listener ]] && pid_runs_ours "$listener" "$dir/"; then
+        log "the registry runs as PID $listener (setsid forked)"
+        pid="$listener"
+        echo "$pid" > "$dir/registry.pid"
+        continue
+      fi
+      local state
+      state="$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null)" || state=""
+      if [[ -n $state && $state != Z ]] && (( SECONDS < deadline )); then
+        sleep 0.1   # alive, not yet our program: still on its way to exec
+        continue
+      fi
+      # Our own child: its status says whether it exited or was killed.
+      local status=0
+      wait "$pid" 2>/dev/null || status=$?
+      if (( status > 128 )); then REGISTRY_EXIT="killed by signal $((status - 128))"; else REGISTRY_EXIT="exit status $status"; fi
+      rm -f "$dir/registry.pid" "$dir/registry.env"
+      return 1
+    fi
     (( SECONDS < deadline )) || die "the registry did not answer on $REGISTRY_ADDR within 15 s (log: $dir/registry.log)"
     sleep 0.1
   done
