@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 
-use crate::common::http::{Conn, get, read_reply};
+use crate::common::http::{Conn, get, try_read_reply};
 use crate::common::tomcat::{TomcatNode, TomcatOptions, start_cluster};
 use crate::common::{Balancer, BalancerOptions, signal};
 
@@ -120,8 +120,14 @@ async fn run_session(front: SocketAddr, mut id: String, stop: Arc<AtomicBool>) -
             .body(Full::new(Bytes::new()))
             .expect("request");
         let started = Instant::now();
+        // A cut body (the node vanished between its head and its end)
+        // fails like a broken connection: the request may have run.
         let reply = match c.send(request).await {
-            Ok(response) => read_reply(response).await,
+            Ok(response) => try_read_reply(response).await,
+            Err(e) => Err(e),
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
             Err(_) => {
                 tally.failed += 1;
                 after_failure = true;

@@ -106,9 +106,15 @@ where
 
 /// Reads a response whole.
 pub async fn read_reply(resp: hyper::Response<Incoming>) -> Reply {
+    try_read_reply(resp).await.expect("response body")
+}
+
+/// Reads a response whole; an error when its body is cut (the balancer
+/// aborts the client connection when the member fails mid-response).
+pub async fn try_read_reply(resp: hyper::Response<Incoming>) -> Result<Reply, hyper::Error> {
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("response body").to_bytes();
-    Reply { status: parts.status.as_u16(), headers: parts.headers, body }
+    let body = body.collect().await?.to_bytes();
+    Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body })
 }
 
 /// `GET path` on a new connection, with an optional session cookie.
