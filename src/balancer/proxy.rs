@@ -421,28 +421,26 @@ pub(crate) mod reuse_tests {
         p
     }
 
+    /// `SEND_HEADERS` (200, `Content-Length: 5`) and a `SEND_BODY_CHUNK`
+    /// "hello": the fake members' answer, before its `END_RESPONSE`.
+    fn hello_head_and_body() -> Vec<u8> {
+        let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 1, 0xA0, 0x03, 0, 1, b'5', 0]);
+        out.extend(packet(&[3, 0, 5, b'h', b'e', b'l', b'l', b'o', 0]));
+        out
+    }
+
     /// Answers every FORWARD_REQUEST with 200, `Content-Length: 5`, "hello".
     async fn fake_member(listener: TcpListener, accepted: Arc<AtomicUsize>, split_end: bool) {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else { return };
             accepted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                loop {
-                    let mut header = [0u8; 4];
-                    if conn.read_exact(&mut header).await.is_err() {
-                        return;
-                    }
-                    let mut payload = vec![0u8; u16::from_be_bytes([header[2], header[3]]) as usize];
-                    if conn.read_exact(&mut payload).await.is_err() {
-                        return;
-                    }
+                while let Some(payload) = read_request_packet(&mut conn).await {
                     if payload.first() == Some(&ajp::to_container::CPING) {
                         let _ = conn.write_all(&packet(&[9])).await;
                         continue;
                     }
-                    let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 1, 0xA0, 0x03, 0, 1, b'5', 0]);
-                    out.extend(packet(&[3, 0, 5, b'h', b'e', b'l', b'l', b'o', 0]));
-                    let end = packet(&[5, 1]);
+                    let (mut out, end) = (hello_head_and_body(), packet(&[5, 1]));
                     if split_end {
                         let _ = conn.write_all(&out).await;
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -664,8 +662,7 @@ pub(crate) mod reuse_tests {
                         }
                         Some(&ajp::to_container::FORWARD_REQUEST) => {
                             forwards.fetch_add(1, Ordering::SeqCst);
-                            let mut out = packet(&[4, 0, 200, 0, 2, b'O', b'K', 0, 0, 1, 0xA0, 0x03, 0, 1, b'5', 0]);
-                            out.extend(packet(&[3, 0, 5, b'h', b'e', b'l', b'l', b'o', 0]));
+                            let mut out = hello_head_and_body();
                             out.extend(packet(&[5, 1]));
                             out
                         }

@@ -64,7 +64,7 @@ done
 # While a process is being replaced (exec) or is a zombie, its command line
 # reads empty (or fails): look again shortly rather than take it for gone.
 is_ours() {
-  local pid="$1" cmd tries state
+  local pid="$1" cmd tries
   for tries in 1 2 3 4 5 6 7 8 9 10; do
     [[ -r /proc/$pid/cmdline ]] || return 1
     cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" || cmd=""
@@ -72,21 +72,10 @@ is_ours() {
       [[ $cmd == *"$STATE/"* ]]
       return
     fi
-    state="$(proc_state "$pid")"
-    [[ -n $state && ${state%% *} != Z ]] || return 1
+    proc_alive "$pid" || return 1
     sleep 0.05
   done
   return 1
-}
-
-# "STATE STARTTIME" (fields 3 and 22 of /proc/PID/stat) of a process;
-# nothing once it is gone.
-proc_state() {
-  local stat
-  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
-  # shellcheck disable=SC2086 # the fields after the command name, split
-  set -- ${stat##*) }
-  echo "$1 ${20}"
 }
 
 stop_all() {

@@ -12,3 +12,20 @@ HELM_BIN="$CACHE/helm-$HELM_VERSION-2/bin"
 COREDNS_BIN="$CACHE/coredns-$COREDNS_VERSION/bin"
 REGISTRY_BIN="$CACHE/distribution-$DISTRIBUTION_VERSION/bin"
 CRICTL_BIN="$CACHE/cri-tools-$CRI_TOOLS_VERSION/bin"
+
+# "STATE STARTTIME" (fields 3 and 22 of /proc/PID/stat) of a process;
+# nothing once it is gone. Shared by cluster.sh and nodes/lib.sh.
+proc_state() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  # shellcheck disable=SC2086 # the fields after the command name, split
+  set -- ${stat##*) }
+  echo "$1 ${20}"
+}
+
+# The process runs and is not a zombie.
+proc_alive() {
+  local state
+  state="$(proc_state "$1")"
+  [[ -n $state && ${state%% *} != Z ]]
+}

@@ -40,11 +40,9 @@ pid_runs_ours() {
 # with an empty log). The child is ours and not yet reaped, so its PID cannot
 # belong to another program meanwhile.
 await_exec() {
-  local pid="$1" mark="$2" deadline=$((SECONDS + 5)) stat state
+  local pid="$1" mark="$2" deadline=$((SECONDS + 5))
   until pid_runs_ours "$pid" "$mark" || (( SECONDS >= deadline )); do
-    { stat="$(< "/proc/$pid/stat")"; } 2>/dev/null || return 0
-    state="${stat##*) }"; state="${state%% *}"   # the field after "(comm)"
-    [[ -n $state && $state != Z ]] || return 0
+    proc_alive "$pid" || return 0
     sleep 0.02
   done
 }
@@ -130,9 +128,7 @@ YML
         echo "$pid" > "$dir/registry.pid"
         continue
       fi
-      local state
-      state="$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null)" || state=""
-      if [[ -n $state && $state != Z ]] && (( SECONDS < deadline )); then
+      if proc_alive "$pid" && (( SECONDS < deadline )); then
         sleep 0.1   # alive, not yet our program: still on its way to exec
         continue
       fi
