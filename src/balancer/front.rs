@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::framing::{HeadScanner, ScanningStream};
@@ -96,10 +96,10 @@ pub async fn serve_front(
                 };
                 match &tls {
                     None => {
-                        let task = conn.serve(stream, None);
+                        let first_byte_timeout = settings.header_read_timeout;
                         tokio::spawn(async move {
                             let _slot = slot;
-                            task.await;
+                            conn.serve_after_first_byte(stream, first_byte_timeout).await;
                         });
                     }
                     Some(acceptor) => {
@@ -149,6 +149,32 @@ struct Accepted {
 }
 
 impl Accepted {
+    /// Serves a plain connection once its client has sent something.
+    ///
+    /// hyper allocates a connection's buffers when it is built (8 KB for
+    /// the heads it writes, 8 KB to read into at its first read, and the
+    /// in-flight request's future); waiting for the first byte first keeps
+    /// a connection that is open but silent (a browser's spare connection,
+    /// a preconnect) at the size of this task. The wait gets the head read
+    /// timeout, so a silent client is closed as hyper would close it; a
+    /// client that sends its head byte by byte has that time twice.
+    async fn serve_after_first_byte(self, stream: TcpStream, first_byte_timeout: Duration) {
+        let remote = self.remote;
+        let gauge = self.bal.metrics.client_connections.clone();
+        gauge.inc();
+        // A peek, not `readable()`: tokio takes a socket fresh from accept
+        // for readable until a read says otherwise.
+        let waited = tokio::time::timeout(first_byte_timeout, stream.peek(&mut [0u8; 1])).await;
+        gauge.dec();
+        match waited {
+            Ok(Ok(0)) => tracing::debug!(%remote, "client closed before its first byte"),
+            // Boxed: the task of a silent connection stays this small.
+            Ok(Ok(_)) => Box::pin(self.serve(stream, None)).await,
+            Ok(Err(e)) => tracing::debug!(%remote, error = %e, "client connection failed before its first byte"),
+            Err(_) => tracing::debug!(%remote, timeout = ?first_byte_timeout, "client sent nothing; closing"),
+        }
+    }
+
     fn serve<S>(self, stream: S, tls: Option<TlsFacts>) -> impl Future<Output = ()> + Send + 'static
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -281,6 +281,38 @@ async fn smuggling_shapes_and_limits_are_refused() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// The front builds hyper's connection (and its buffers) only at a
+/// connection's first byte: a connection that is silent for a while is
+/// served when it speaks, and one that never speaks is closed after the
+/// head read timeout, as hyper would close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_served_when_it_speaks_and_closed_when_it_never_does() {
+    use std::io::{Read, Write};
+    let fake = fake_member().await;
+    let mut balancer = start(fake, &["--header-read-timeout", "1s"]);
+    let addr = balancer.listen;
+    let mut late = std::net::TcpStream::connect(addr).expect("connect");
+    let mut silent = std::net::TcpStream::connect(addr).expect("connect");
+    let opened = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    late.write_all(b"GET /good HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").expect("write");
+    late.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let mut answer = String::new();
+    let _ = late.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "the late speaker is served: {answer:?}");
+
+    silent.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut byte = [0u8; 1];
+    let read = silent.read(&mut byte);
+    let open_for = opened.elapsed();
+    assert!(matches!(read, Ok(0)), "the silent connection is closed, not answered: {read:?}");
+    assert!(
+        open_for >= Duration::from_millis(900) && open_for < Duration::from_millis(2500),
+        "closed after the 1 s head read timeout, not {open_for:?}"
+    );
+    assert!(balancer.try_wait().is_none(), "balancer still running");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_retry_elsewhere_and_sigterm_drains() {
     let fake = fake_member().await;
