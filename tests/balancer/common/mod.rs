@@ -22,8 +22,25 @@ pub fn repo_root() -> &'static Path {
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Not from the kernel's ephemeral range (32768-60999 here), where every
+    // outgoing connection on the machine takes its source port: during a
+    // clean-clone run, with the e2e suite's kubelets and API server beside
+    // these tests, one took the port a Tomcat was about to bind for AJP
+    // ("Address already in use"; the node then ran without the connector).
+    // Below the NodePort range (30000-32767) too. Test processes start at
+    // offsets of their own, and each port is checked by binding it.
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id().wrapping_mul(7_919) % COUNT;
+    for _ in 0..COUNT {
+        let port = (FIRST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// A fresh directory under the system temp dir, removed on drop.
