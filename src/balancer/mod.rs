@@ -4,13 +4,14 @@
 //!
 //! Module map: [`state`] the process-wide [`Balancer`] · [`ajp`] codec ·
 //! [`pool`] backend connections · [`routing`] sticky/new-session choice ·
-//! [`member`] member table · [`membership`] sources (static, file,
-//! Kubernetes) · [`health`] CPing checks · [`front`] client server ·
-//! [`framing`] smuggling guard on the client's bytes · [`proxy`] the hyper
-//! service (HTTP side of a request) · [`exchange`] one request's trip to a
-//! member (AJP side, phase by phase) · [`http_backend`] the same trip over
-//! HTTP/1.1 · [`body`] response bodies · [`admin`]
-//! metrics, probes and status page · [`config`] command line.
+//! [`moves`] a moving session's first request goes alone · [`member`]
+//! member table · [`membership`] sources (static, file, Kubernetes) ·
+//! [`health`] CPing checks · [`front`] client server · [`framing`]
+//! smuggling guard on the client's bytes · [`proxy`] the hyper service
+//! (HTTP side of a request) · [`exchange`] one request's trip to a member
+//! (AJP side, phase by phase) · [`http_backend`] the same trip over
+//! HTTP/1.1 · [`body`] response bodies · [`admin`] metrics, probes and
+//! status page · [`config`] command line.
 
 pub mod access;
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod http_backend;
 pub mod member;
 pub mod membership;
 pub mod metrics;
+pub mod moves;
 pub mod pool;
 pub mod proxy;
 pub mod routing;

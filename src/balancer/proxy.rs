@@ -198,10 +198,27 @@ async fn proxy(
         now_ms: unix_now_ms(),
     };
     target.await_handoff(bal.router.failover).await;
-    match &bal.backend {
+    let first_move = match target.session {
+        Some(session) if bal.router.moves_session(&target.members, session, target.now_ms) => {
+            let id = format!("{}.{}", session.base, session.route);
+            let turn = bal.moves.turn(&id, settings.backend_timeout).await;
+            // The member table may have changed while the request waited.
+            target.members = bal.members.snapshot();
+            target.now_ms = unix_now_ms();
+            turn
+        }
+        _ => None,
+    };
+    let answered = match &bal.backend {
         Backend::Ajp(secret) => proxy_ajp(bal, client, &parts, incoming, content_length, target, secret.expose()).await,
         Backend::Http => super::http_backend::proxy_http(bal, client, &parts, incoming, target).await,
+    };
+    // A response head from the member means it adopted the session; the
+    // session's waiting requests go now (see `super::moves`).
+    if let (Some(first_move), Ok(_)) = (first_move, &answered) {
+        first_move.adopted();
     }
+    answered
 }
 
 /// The AJP side of a request: `FORWARD_REQUEST` and an [`Exchange`].
@@ -757,6 +774,80 @@ pub(crate) mod reuse_tests {
             waited >= deadline_in + DRAIN_HANDOFF_PAUSE - Duration::from_millis(100),
             "failed over after the pause: {waited:?}"
         );
+    }
+
+    /// A member that answers every request `delay` after it arrived, noting
+    /// when each arrived and when each answer went out.
+    async fn member_answering_late(
+        listener: TcpListener,
+        delay: Duration,
+        arrivals: Arc<std::sync::Mutex<Vec<Instant>>>,
+        answers: Arc<std::sync::Mutex<Vec<Instant>>>,
+    ) {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let (arrivals, answers) = (arrivals.clone(), answers.clone());
+            tokio::spawn(async move {
+                while let Some(payload) = read_request_packet(&mut conn).await {
+                    let reply = match payload.first() {
+                        Some(&ajp::to_container::CPING) => packet(&[9]),
+                        Some(&ajp::to_container::FORWARD_REQUEST) => {
+                            arrivals.lock().expect("lock").push(Instant::now());
+                            tokio::time::sleep(delay).await;
+                            answers.lock().expect("lock").push(Instant::now());
+                            let mut out = hello_head_and_body();
+                            out.extend(packet(&[5, 1]));
+                            out
+                        }
+                        _ => continue,
+                    };
+                    if conn.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Four parallel requests of a session whose member is gone: the first
+    /// reaches the failover member alone, the others only after it answered
+    /// (the member adopts the session at its first request). Four of a
+    /// session whose member is there go together.
+    #[tokio::test]
+    async fn a_moving_sessions_first_request_goes_alone() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let (arrivals, answers) = (Arc::default(), Arc::default());
+        let delay = Duration::from_millis(300);
+        tokio::spawn(member_answering_late(listener, delay, Arc::clone(&arrivals), Arc::clone(&answers)));
+        let (bal, front, _shutdown) = start_balancer(&[("new", address)]).await;
+
+        for (cookie, moving) in [("abc.gone", true), ("def.new", false)] {
+            arrivals.lock().expect("lock").clear();
+            answers.lock().expect("lock").clear();
+            let request =
+                format!("GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID={cookie}\r\nConnection: close\r\n\r\n");
+            let parallel: Vec<_> = (0..4)
+                .map(|_| {
+                    let request = request.clone();
+                    tokio::spawn(async move { request_once(front, request.as_bytes()).await })
+                })
+                .collect();
+            for response in parallel {
+                let response = response.await.expect("task");
+                assert!(response.starts_with("HTTP/1.1 200"), "{cookie}: {response}");
+            }
+            let arrived = arrivals.lock().expect("lock").clone();
+            let first_answer = answers.lock().expect("lock")[0];
+            assert_eq!(arrived.len(), 4);
+            let before_first_answer = arrived.iter().filter(|at| **at < first_answer).count();
+            if moving {
+                assert_eq!(before_first_answer, 1, "{cookie}: only the first went before its answer");
+            } else {
+                assert_eq!(before_first_answer, 4, "{cookie}: a session that stays does not wait");
+            }
+        }
+        assert_eq!(bal.moves.tracked(), 1, "the moved session is remembered as adopted");
     }
 
     /// A member that answers the first request of each connection and

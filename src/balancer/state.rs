@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::member::{Failure, Member, MemberTable};
 use super::metrics::Metrics;
+use super::moves::SessionMoves;
 use super::pool::PoolSettings;
 use super::routing::Router;
 
@@ -69,6 +70,8 @@ pub struct Balancer {
     shutting_down: AtomicBool,
     /// Failovers come one per moved session; the log gets at most one line a second.
     pub(super) failover_log: LogLimiter,
+    /// Moving sessions whose first request is out or was answered.
+    pub(super) moves: SessionMoves,
 }
 
 impl Balancer {
@@ -88,6 +91,7 @@ impl Balancer {
             backend,
             shutting_down: AtomicBool::new(false),
             failover_log: LogLimiter::new(Duration::from_secs(1)),
+            moves: SessionMoves::default(),
         }
     }
 
