@@ -664,32 +664,48 @@ pub(crate) mod reuse_tests {
         assert!(!mute.is_healthy(), "the mute member is marked failed");
     }
 
+    /// Answers a CPing after `cpong_delay` and every request with 200
+    /// "hello" `answer_delay` after it arrived; `arrived` and `answered`
+    /// run at those moments.
+    async fn answer_requests(
+        mut conn: TcpStream,
+        cpong_delay: Duration,
+        answer_delay: Duration,
+        arrived: impl Fn(),
+        answered: impl Fn(),
+    ) {
+        while let Some(payload) = read_request_packet(&mut conn).await {
+            let reply = match payload.first() {
+                Some(&ajp::to_container::CPING) => {
+                    tokio::time::sleep(cpong_delay).await;
+                    packet(&[9])
+                }
+                Some(&ajp::to_container::FORWARD_REQUEST) => {
+                    arrived();
+                    tokio::time::sleep(answer_delay).await;
+                    answered();
+                    let mut out = hello_head_and_body();
+                    out.extend(packet(&[5, 1]));
+                    out
+                }
+                _ => continue,
+            };
+            if conn.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// A member that answers a CPing after `cpong_delay` and every
     /// request with 200 "hello"; counts the requests.
     async fn member_answering(listener: TcpListener, cpong_delay: Duration, forwards: Arc<AtomicUsize>) {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let Ok((conn, _)) = listener.accept().await else { return };
             let forwards = forwards.clone();
-            tokio::spawn(async move {
-                while let Some(payload) = read_request_packet(&mut conn).await {
-                    let reply = match payload.first() {
-                        Some(&ajp::to_container::CPING) => {
-                            tokio::time::sleep(cpong_delay).await;
-                            packet(&[9])
-                        }
-                        Some(&ajp::to_container::FORWARD_REQUEST) => {
-                            forwards.fetch_add(1, Ordering::SeqCst);
-                            let mut out = hello_head_and_body();
-                            out.extend(packet(&[5, 1]));
-                            out
-                        }
-                        _ => continue,
-                    };
-                    if conn.write_all(&reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let count = move || {
+                forwards.fetch_add(1, Ordering::SeqCst);
+            };
+            tokio::spawn(answer_requests(conn, cpong_delay, Duration::ZERO, count, || {}));
         }
     }
 
@@ -785,27 +801,11 @@ pub(crate) mod reuse_tests {
         answers: Arc<std::sync::Mutex<Vec<Instant>>>,
     ) {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let Ok((conn, _)) = listener.accept().await else { return };
             let (arrivals, answers) = (arrivals.clone(), answers.clone());
-            tokio::spawn(async move {
-                while let Some(payload) = read_request_packet(&mut conn).await {
-                    let reply = match payload.first() {
-                        Some(&ajp::to_container::CPING) => packet(&[9]),
-                        Some(&ajp::to_container::FORWARD_REQUEST) => {
-                            arrivals.lock().expect("lock").push(Instant::now());
-                            tokio::time::sleep(delay).await;
-                            answers.lock().expect("lock").push(Instant::now());
-                            let mut out = hello_head_and_body();
-                            out.extend(packet(&[5, 1]));
-                            out
-                        }
-                        _ => continue,
-                    };
-                    if conn.write_all(&reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let arrived = move || arrivals.lock().expect("lock").push(Instant::now());
+            let answered = move || answers.lock().expect("lock").push(Instant::now());
+            tokio::spawn(answer_requests(conn, Duration::ZERO, delay, arrived, answered));
         }
     }
 
