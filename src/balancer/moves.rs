@@ -210,13 +210,14 @@ mod tests {
         assert_eq!(moves.tracked(), 2000);
         // Age every adoption past the memory (std's clock, which tokio's
         // paused clock does not move), as if the map had doubled since.
-        let mut locked = moves.lock();
-        let long_ago = Instant::now().checked_sub(ADOPTED_MEMORY).expect("uptime over a minute");
-        for state in locked.by_id.values_mut() {
-            *state = MoveState::Adopted(long_ago);
+        {
+            let mut locked = moves.lock();
+            let long_ago = Instant::now().checked_sub(ADOPTED_MEMORY).expect("uptime over a minute");
+            for state in locked.by_id.values_mut() {
+                *state = MoveState::Adopted(long_ago);
+            }
+            locked.sweep_at = 0;
         }
-        locked.sweep_at = 0;
-        drop(locked);
         let again = moves.turn("s0.shop-1", WAIT).await;
         assert!(again.is_some(), "a forgotten adoption moves again");
         assert_eq!(moves.tracked(), 1, "the sweep dropped the forgotten ones");
