@@ -358,6 +358,7 @@ const BALANCER_STICKY: &str = "03 balancer sticky";
 const BALANCER_IDLE_PING: &str = "06 balancer sticky, CPing if idle>=1s";
 const HTTPD_HTTP: &str = "09 httpd sticky, mod_proxy_http";
 const BALANCER_HTTP: &str = "10 balancer sticky, HTTP backend";
+const BALANCER_ONE_WORKER: &str = "11 balancer sticky, 1 worker thread";
 
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 8);
@@ -421,6 +422,14 @@ fn main() {
             .arg("--pool-max-per-member")
             .arg(BALANCER_POOL_PER_MEMBER.to_string()),
     );
+    // The default balancer on a runtime of one worker thread instead of one
+    // per core: what work stealing between the two costs per request.
+    let mut one_worker = BalancerOptions::new(SECRET)
+        .members(&[&nodes[0], &nodes[1], &nodes[2]])
+        .arg("--pool-max-per-member")
+        .arg(BALANCER_POOL_PER_MEMBER.to_string());
+    one_worker.envs.push(("TOKIO_WORKER_THREADS".into(), "1".into()));
+    let balancer_one_worker = Balancer::start(one_worker);
     let tomcat_pids: Vec<u32> = nodes.iter().filter_map(|n| n.pid()).collect();
     let httpd = Httpd::start(&members, &tls);
     let direct_port = nodes[1].http_port;
@@ -492,6 +501,7 @@ fn main() {
         (("https", balancer_tls_port), Some(sticky)),
         (("http", balancer_http.listen.port()), Some(sticky)),
         (("http", httpd.http_proxy_port), Some(sticky)),
+        (("http", balancer_one_worker.listen.port()), Some(sticky)),
     ] {
         wrk(target, cookie, 3, connections, None, &tomcat_pids);
     }
@@ -504,7 +514,7 @@ fn main() {
     let mut results: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        let runs: [Run<'_>; 10] = [
+        let runs: [Run<'_>; 11] = [
             (DIRECT, ("http", direct_port), Some(sticky), None),
             (HTTPD_STICKY, ("http", httpd.port), Some(sticky), Some(httpd.pid())),
             (BALANCER_STICKY, ("http", balancer.listen.port()), Some(sticky), Some(balancer.pid())),
@@ -520,6 +530,12 @@ fn main() {
             ("08 balancer sticky, HTTPS", ("https", balancer_tls_port), Some(sticky), Some(balancer_https.pid())),
             (HTTPD_HTTP, ("http", httpd.http_proxy_port), Some(sticky), Some(httpd.pid())),
             (BALANCER_HTTP, ("http", balancer_http.listen.port()), Some(sticky), Some(balancer_http.pid())),
+            (
+                BALANCER_ONE_WORKER,
+                ("http", balancer_one_worker.listen.port()),
+                Some(sticky),
+                Some(balancer_one_worker.pid()),
+            ),
         ];
         for (name, target, cookie, pid) in runs {
             results.entry(name).or_default().push(wrk(target, cookie, seconds, connections, pid, &tomcat_pids));
@@ -603,6 +619,11 @@ fn main() {
     println!("ratio sticky_rps balancer_http/httpd_http: {:.2}", b_http.rps / h_http.rps);
     println!("ratio proxy_cpu_per_request balancer_http/httpd_http: {:.2}", proxy_cpu(b_http) / proxy_cpu(h_http));
     println!("ratio p99 balancer_http/httpd_http: {:.2}", b_http.p99_ms / h_http.p99_ms);
+    // One worker thread against one per core (no target of their own).
+    let b_one = &med[BALANCER_ONE_WORKER];
+    println!("ratio sticky_rps balancer_one_worker/balancer: {:.2}", b_one.rps / b_sticky.rps);
+    println!("ratio proxy_cpu_per_request balancer_one_worker/balancer: {:.2}", proxy_cpu(b_one) / proxy_cpu(b_sticky));
+    println!("ratio p99 balancer_one_worker/balancer: {:.2}", b_one.p99_ms / b_sticky.p99_ms);
     // Issue 13's targets, each a ratio measured in this run.
     let lines = [
         ("ratio proxy_cpu_per_request balancer/httpd", proxy_cpu(b_sticky) / proxy_cpu(h_sticky), "<=", 0.25),
