@@ -62,7 +62,7 @@ use super::member::{Failure, Member, MemberSnapshot};
 use super::metrics::BackendErrorKind;
 use super::pool::{AcquireError, ConnError, FirstReply, Lease};
 use super::proxy::Rejection;
-use super::routing::{Choice, SessionKey, SessionWeigher, member_key, unix_now_ms};
+use super::routing::{Choice, NoMember, Router, SessionKey, SessionWeigher, member_key, unix_now_ms};
 use super::state::Balancer;
 
 /// Write failures one request survives; the next one is a 502. Connect and
@@ -163,20 +163,42 @@ pub(super) struct Target<'r> {
     /// One wall-clock read per request, for the rebalancing schedule and the
     /// session estimate alike.
     pub now_ms: u64,
+    /// The router's choice from `members` at `now_ms`, made once: the
+    /// proxy reads from it whether the session moves, the first attempt
+    /// goes there.
+    pub first_choice: Result<(Arc<Member>, Choice), NoMember>,
 }
 
-impl Target<'_> {
+impl<'r> Target<'r> {
+    pub(super) fn new(router: &Router, members: MemberSnapshot, session: Option<SessionKey<'r>>) -> Self {
+        let now_ms = unix_now_ms();
+        let first_choice = router.choose_at(&members, session, &[], now_ms);
+        Target { members, session, now_ms, first_choice }
+    }
+
+    /// Whether the first attempt leaves the session's member (a failover or
+    /// a rebalancing move).
+    pub(super) fn moves_session(&self) -> bool {
+        matches!(self.first_choice, Ok((_, Choice::Failover | Choice::Rebalanced)))
+    }
+
+    /// The member table and clock of now, after the request waited.
+    pub(super) fn refresh(&mut self, router: &Router, members: MemberSnapshot) {
+        *self = Target::new(router, members, self.session);
+    }
+
     /// Waits out the handoff pause of the session's member when it is
     /// terminating and its drain deadline has just passed, so the request
     /// fails over only once every request sent to the member before the
     /// deadline has had time to reach it (see [`DRAIN_HANDOFF_PAUSE`](super::member::DRAIN_HANDOFF_PAUSE)).
-    pub(super) async fn await_handoff(&mut self, failover: bool) {
-        let Some(session) = self.session.filter(|_| failover) else { return };
+    pub(super) async fn await_handoff(&mut self, router: &Router) {
+        let Some(session) = self.session.filter(|_| router.failover) else { return };
         let Some(member) = self.members.iter().find(|m| m.route == session.route) else { return };
         if let Some(pause) = member.handoff_pause(Instant::now()) {
             tracing::debug!(route = %member.route, ?pause, "request waits for its session's handoff");
             tokio::time::sleep(pause).await;
-            self.now_ms = unix_now_ms();
+            let members = self.members.clone();
+            self.refresh(router, members);
         }
     }
 }
@@ -213,7 +235,8 @@ pub(super) struct Attempts {
 impl Attempts {
     /// Chooses the first member; the request is then in `Checkout`.
     pub(super) fn first(bal: &Balancer, target: &Target<'_>) -> Result<Self, Rejection> {
-        let (member, choice) = choose(bal, target, &[])?;
+        let chosen = target.first_choice.clone().map_err(Rejection::NoMember)?;
+        let (member, choice) = count_choice(bal, target, chosen, true)?;
         let mut attempts = Attempts {
             phase: Phase::Choose,
             sticky_to_terminating: sticky_to_terminating(&member, choice),
@@ -801,13 +824,23 @@ fn sticky_to_terminating(member: &Member, choice: Choice) -> bool {
 /// Picks a member for the request, avoiding `tried`, and counts what the
 /// choice means.
 fn choose(bal: &Balancer, out: &Target<'_>, tried: &[usize]) -> Result<(Arc<Member>, Choice), Rejection> {
-    let (member, choice) =
-        bal.router.choose_at(&out.members, out.session, tried, out.now_ms).map_err(Rejection::NoMember)?;
+    let chosen = bal.router.choose_at(&out.members, out.session, tried, out.now_ms).map_err(Rejection::NoMember)?;
+    count_choice(bal, out, chosen, tried.is_empty())
+}
+
+/// Counts what a choice means: a rebalancing move always; the session's
+/// visit and a failover only for a request's `first` choice.
+fn count_choice(
+    bal: &Balancer,
+    out: &Target<'_>,
+    (member, choice): (Arc<Member>, Choice),
+    first: bool,
+) -> Result<(Arc<Member>, Choice), Rejection> {
     if choice == Choice::Rebalanced {
         bal.metrics.sessions_moved.inc();
     }
     // A retry is the same request: its session was counted and its failover logged the first time.
-    if tried.is_empty() {
+    if first {
         if let Some(session) = out.session {
             member.sessions.record(SessionWeigher::new(session.base).sketch_hash(), out.now_ms);
         }

@@ -125,6 +125,7 @@ impl SessionMoves {
     }
 
     /// Sessions being moved or remembered as adopted.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.lock().by_id.len()
     }

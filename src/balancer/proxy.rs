@@ -27,7 +27,7 @@ use super::framing::FramingVerdicts;
 use super::member::Member;
 use super::metrics::{Metrics, RejectReason};
 use super::pool::ConnError;
-use super::routing::{NoMember, session_of_request, unix_now_ms};
+use super::routing::{NoMember, session_of_request};
 use super::state::{Backend, Balancer};
 use super::tls::TlsFacts;
 
@@ -187,24 +187,16 @@ async fn proxy(
         return Err(Rejection::BodyTooLarge);
     }
     let settings = &bal.settings;
-    let mut target = Target {
-        members: bal.members.snapshot(),
-        session: session_of_request(
-            parts.uri.path(),
-            &parts.headers,
-            &settings.sticky_cookie,
-            &settings.sticky_path_param,
-        ),
-        now_ms: unix_now_ms(),
-    };
-    target.await_handoff(bal.router.failover).await;
+    let session =
+        session_of_request(parts.uri.path(), &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param);
+    let mut target = Target::new(&bal.router, bal.members.snapshot(), session);
+    target.await_handoff(&bal.router).await;
     let first_move = match target.session {
-        Some(session) if bal.router.moves_session(&target.members, session, target.now_ms) => {
+        Some(session) if target.moves_session() => {
             let id = format!("{}.{}", session.base, session.route);
             let turn = bal.moves.turn(&id, settings.backend_timeout).await;
             // The member table may have changed while the request waited.
-            target.members = bal.members.snapshot();
-            target.now_ms = unix_now_ms();
+            target.refresh(&bal.router, bal.members.snapshot());
             turn
         }
         _ => None,

@@ -391,12 +391,6 @@ impl Router {
         }
     }
 
-    /// Whether a request of `session` at `now_ms` would leave the session's
-    /// member (a failover or a rebalancing move), before any attempt.
-    pub fn moves_session(&self, members: &[Arc<Member>], session: SessionKey<'_>, now_ms: u64) -> bool {
-        matches!(self.choose_at(members, Some(session), &[], now_ms), Ok((_, Choice::Failover | Choice::Rebalanced)))
-    }
-
     /// A member for a new session, by the balancing method.
     fn balance(&self, members: &[Arc<Member>], untried: &dyn Fn(&Arc<Member>) -> bool) -> Option<Arc<Member>> {
         let eligible = |m: &&Arc<Member>| m.takes_new() && untried(m);
