@@ -319,7 +319,7 @@ pub struct Balancer {
 
     /// CPU and memory for each balancer container. Unset: requests of 100m
     /// CPU and 64Mi memory, and a memory limit of 256Mi (the balancer holds
-    /// no sessions; its memory grows with open connections, about 26 MB at
+    /// no sessions; its memory grows with open connections, about 13 MB at
     /// 1000 idle ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
