@@ -5,7 +5,10 @@
 //! Prints a table (req/s, p50, p99, proxy CPU seconds per 10k requests,
 //! proxy RSS) and, last, the ratio lines the issue asks for.
 //! Knobs: BENCH_SECONDS (per run, default 8), BENCH_ROUNDS (default 3),
-//! BENCH_CONNECTIONS (default 64).
+//! BENCH_CONNECTIONS (default 64), BENCH_BASELINE_BIN (another build of
+//! clusterapp, e.g. of the last commit: one more row, the default balancer
+//! run from that binary, interleaved with the others, so a change's cost is
+//! told apart from the machine's drift between runs).
 
 #[path = "../balancer/common/mod.rs"]
 mod balancer_common;
@@ -359,6 +362,7 @@ const BALANCER_IDLE_PING: &str = "06 balancer sticky, CPing if idle>=1s";
 const HTTPD_HTTP: &str = "09 httpd sticky, mod_proxy_http";
 const BALANCER_HTTP: &str = "10 balancer sticky, HTTP backend";
 const BALANCER_ONE_WORKER: &str = "11 balancer sticky, 1 worker thread";
+const BALANCER_BASELINE: &str = "12 balancer sticky, baseline binary";
 
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 8);
@@ -430,6 +434,14 @@ fn main() {
         .arg(BALANCER_POOL_PER_MEMBER.to_string());
     one_worker.envs.push(("TOKIO_WORKER_THREADS".into(), "1".into()));
     let balancer_one_worker = Balancer::start(one_worker);
+    let balancer_baseline = std::env::var_os("BENCH_BASELINE_BIN").map(|program| {
+        let mut options = BalancerOptions::new(SECRET)
+            .members(&[&nodes[0], &nodes[1], &nodes[2]])
+            .arg("--pool-max-per-member")
+            .arg(BALANCER_POOL_PER_MEMBER.to_string());
+        options.program = Some(program.into());
+        Balancer::start(options)
+    });
     let tomcat_pids: Vec<u32> = nodes.iter().filter_map(|n| n.pid()).collect();
     let httpd = Httpd::start(&members, &tls);
     let direct_port = nodes[1].http_port;
@@ -502,7 +514,10 @@ fn main() {
         (("http", balancer_http.listen.port()), Some(sticky)),
         (("http", httpd.http_proxy_port), Some(sticky)),
         (("http", balancer_one_worker.listen.port()), Some(sticky)),
-    ] {
+    ]
+    .into_iter()
+    .chain(balancer_baseline.as_ref().map(|b| (("http", b.listen.port()), Some(sticky))))
+    {
         wrk(target, cookie, 3, connections, None, &tomcat_pids);
     }
 
@@ -514,7 +529,7 @@ fn main() {
     let mut results: BTreeMap<Key, Vec<Sample>> = BTreeMap::new();
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        let runs: [Run<'_>; 11] = [
+        let mut runs: Vec<Run<'_>> = vec![
             (DIRECT, ("http", direct_port), Some(sticky), None),
             (HTTPD_STICKY, ("http", httpd.port), Some(sticky), Some(httpd.pid())),
             (BALANCER_STICKY, ("http", balancer.listen.port()), Some(sticky), Some(balancer.pid())),
@@ -537,6 +552,9 @@ fn main() {
                 Some(balancer_one_worker.pid()),
             ),
         ];
+        if let Some(b) = &balancer_baseline {
+            runs.push((BALANCER_BASELINE, ("http", b.listen.port()), Some(sticky), Some(b.pid())));
+        }
         for (name, target, cookie, pid) in runs {
             results.entry(name).or_default().push(wrk(target, cookie, seconds, connections, pid, &tomcat_pids));
         }
@@ -624,6 +642,12 @@ fn main() {
     println!("ratio sticky_rps balancer_one_worker/balancer: {:.2}", b_one.rps / b_sticky.rps);
     println!("ratio proxy_cpu_per_request balancer_one_worker/balancer: {:.2}", proxy_cpu(b_one) / proxy_cpu(b_sticky));
     println!("ratio p99 balancer_one_worker/balancer: {:.2}", b_one.p99_ms / b_sticky.p99_ms);
+    // This build against the baseline build, when one was given.
+    if let Some(b_base) = med.get(BALANCER_BASELINE) {
+        println!("ratio sticky_rps balancer/baseline: {:.2}", b_sticky.rps / b_base.rps);
+        println!("ratio proxy_cpu_per_request balancer/baseline: {:.2}", proxy_cpu(b_sticky) / proxy_cpu(b_base));
+        println!("ratio p99 balancer/baseline: {:.2}", b_sticky.p99_ms / b_base.p99_ms);
+    }
     // Issue 13's targets, each a ratio measured in this run.
     let lines = [
         ("ratio proxy_cpu_per_request balancer/httpd", proxy_cpu(b_sticky) / proxy_cpu(h_sticky), "<=", 0.25),

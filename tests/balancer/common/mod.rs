@@ -104,11 +104,20 @@ pub struct BalancerOptions {
     pub envs: Vec<(String, String)>,
     /// Wait for /readyz before returning.
     pub wait_ready: bool,
+    /// Another build of clusterapp to run instead of this one (the bench's
+    /// A/B row); None: the binary under test.
+    pub program: Option<std::path::PathBuf>,
 }
 
 impl BalancerOptions {
     pub fn new(secret: &str) -> Self {
-        BalancerOptions { secret: secret.to_string(), args: Vec::new(), envs: Vec::new(), wait_ready: true }
+        BalancerOptions {
+            secret: secret.to_string(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            wait_ready: true,
+            program: None,
+        }
     }
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
@@ -142,7 +151,8 @@ impl Balancer {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let log = dir.path().join("balancer.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clusterapp"));
+        let program = options.program.clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_clusterapp").into());
+        let mut cmd = Command::new(program);
         cmd.arg("balancer")
             .arg("--listen")
             .arg(listen.to_string())
