@@ -60,6 +60,7 @@ use super::ajp::{self, ContainerPacket, ForwardRequest, from_container};
 use super::body::{BodyError, ProxyBody};
 use super::member::{Failure, Member, MemberSnapshot};
 use super::metrics::BackendErrorKind;
+use super::moves::FirstMove;
 use super::pool::{AcquireError, ConnError, FirstReply, Lease};
 use super::proxy::Rejection;
 use super::routing::{Choice, NoMember, Router, SessionKey, SessionWeigher, member_key, unix_now_ms};
@@ -167,13 +168,16 @@ pub(super) struct Target<'r> {
     /// proxy reads from it whether the session moves, the first attempt
     /// goes there.
     pub first_choice: Result<(Arc<Member>, Choice), NoMember>,
+    /// The proxy holds the turn of this moving session's first request
+    /// (see [`super::moves`]); a retry that moves it needs no other.
+    pub holds_move_turn: bool,
 }
 
 impl<'r> Target<'r> {
     pub(super) fn new(router: &Router, members: MemberSnapshot, session: Option<SessionKey<'r>>) -> Self {
         let now_ms = unix_now_ms();
         let first_choice = router.choose_at(&members, session, &[], now_ms);
-        Target { members, session, now_ms, first_choice }
+        Target { members, session, now_ms, first_choice, holds_move_turn: false }
     }
 
     /// Whether the first attempt leaves the session's member (a failover or
@@ -230,6 +234,9 @@ pub(super) struct Attempts {
     /// and still took it: the request must not be written there once its
     /// drain deadline has passed ([`Attempts::drained_since_chosen`]).
     sticky_to_terminating: bool,
+    /// The turn a retry took when it moved the session off its member
+    /// (see [`super::moves`]); given up when the request ends.
+    retry_move_turn: Option<FirstMove>,
 }
 
 impl Attempts {
@@ -245,9 +252,18 @@ impl Attempts {
             tried: Vec::new(),
             write_failures: 0,
             slow_attempts: 0,
+            retry_move_turn: None,
         };
         attempts.phase.advance(Phase::Checkout);
         Ok(attempts)
+    }
+
+    /// The member answered with a response head: a session this request
+    /// moved at a retry is adopted there, and its waiting requests go.
+    pub(super) fn head_received(&mut self) {
+        if let Some(turn) = self.retry_move_turn.take() {
+            turn.adopted();
+        }
     }
 
     /// After the current member gave no usable connection: whether the next
@@ -321,7 +337,23 @@ impl Attempts {
             }
         }
         self.phase.advance(Phase::Choose);
-        match choose(bal, target, &self.tried) {
+        let choose_now = |tried: &[usize]| bal.router.choose_at(&target.members, target.session, tried, target.now_ms);
+        let mut chosen = choose_now(&self.tried);
+        if let (Ok((_, Choice::Failover | Choice::Rebalanced)), Some(session)) = (&chosen, target.session)
+            && !target.holds_move_turn
+            && self.retry_move_turn.is_none()
+        {
+            // This request set out for the session's own member and now
+            // moves the session: it waits for, or takes, the session's
+            // first-request turn like a request that chose the move at once.
+            let id = format!("{}.{}", session.base, session.route);
+            self.retry_move_turn = bal.moves.turn(&id, bal.settings.backend_timeout).await;
+            // Members may have failed while it waited; the snapshot is the same.
+            chosen = choose_now(&self.tried);
+        }
+        let chosen =
+            chosen.map_err(Rejection::NoMember).and_then(|c| count_choice(bal, target, c, self.tried.is_empty()));
+        match chosen {
             Ok((member, choice)) => {
                 self.sticky_to_terminating = sticky_to_terminating(&member, choice);
                 self.member = member;
@@ -574,6 +606,7 @@ impl Exchange {
             }
         }
         self.at.phase.advance(Phase::StreamBody);
+        self.at.head_received();
         Ok(response)
     }
 
@@ -819,13 +852,6 @@ impl Exchange {
 /// A choice of the session's own member while it drains towards a deadline.
 fn sticky_to_terminating(member: &Member, choice: Choice) -> bool {
     choice == Choice::Sticky && member.is_terminating() && member.takes_sticky()
-}
-
-/// Picks a member for the request, avoiding `tried`, and counts what the
-/// choice means.
-fn choose(bal: &Balancer, out: &Target<'_>, tried: &[usize]) -> Result<(Arc<Member>, Choice), Rejection> {
-    let chosen = bal.router.choose_at(&out.members, out.session, tried, out.now_ms).map_err(Rejection::NoMember)?;
-    count_choice(bal, out, chosen, tried.is_empty())
 }
 
 /// Counts what a choice means: a rebalancing move always; the session's

@@ -568,6 +568,7 @@ pub(super) async fn proxy_http(
         upload_counted: 0,
     };
     let response = exchange.send(&target, request).await?;
+    exchange.at.head_received();
     let keep_alive = !member_closes(&response);
     let (mut head, incoming) = response.into_parts();
     let status = head.status;

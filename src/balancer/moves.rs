@@ -18,13 +18,20 @@
 //! the next waiting one go first. A wait never outlasts `max_wait` (the
 //! backend timeout): a request that waited that long goes anyway.
 //!
+//! A request that set out for the session's own member and had to leave it
+//! (its connect failed: the member died before this replica noticed) takes
+//! the turn too, at that retry ([`Attempts::retry`](super::exchange::Attempts)):
+//! otherwise the session's first request and such a retry meet on the new
+//! member (seen with `replication: backup`: two threads of the new member
+//! renamed the session at once and it was gone).
+//!
 //! This orders the requests that reach one balancer replica. Two replicas
 //! can each send a first request; the browser's connections are spread
 //! over them, so parallel requests still meet on the new node, but two at
 //! most instead of every one the browser had in flight.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -57,19 +64,19 @@ struct Moves {
 /// The turn of a moving session's first request: call
 /// [`adopted`](FirstMove::adopted) when the new member answered; dropping
 /// it otherwise lets the next waiting request go first.
-pub struct FirstMove<'a> {
-    moves: &'a SessionMoves,
+pub struct FirstMove {
+    moves: Arc<SessionMoves>,
     id: Box<str>,
     adopted: bool,
 }
 
-impl FirstMove<'_> {
+impl FirstMove {
     pub fn adopted(mut self) {
         self.adopted = true;
     }
 }
 
-impl Drop for FirstMove<'_> {
+impl Drop for FirstMove {
     fn drop(&mut self) {
         let mut moves = self.moves.lock();
         // Replacing or removing the entry drops its sender: the waiters wake.
@@ -96,7 +103,7 @@ impl SessionMoves {
     /// Waits for the turn of a request of the moving session `session_id`:
     /// `Some` when it is the session's first request (it goes alone), `None`
     /// when it may go now (the session was adopted, or `max_wait` passed).
-    pub async fn turn(&self, session_id: &str, max_wait: Duration) -> Option<FirstMove<'_>> {
+    pub async fn turn(self: &Arc<Self>, session_id: &str, max_wait: Duration) -> Option<FirstMove> {
         let deadline = tokio::time::Instant::now() + max_wait;
         loop {
             let mut first_out = {
@@ -112,7 +119,7 @@ impl SessionMoves {
                         }
                         let (sender, _) = watch::channel(());
                         moves.by_id.insert(session_id.into(), MoveState::FirstOut(sender));
-                        return Some(FirstMove { moves: self, id: session_id.into(), adopted: false });
+                        return Some(FirstMove { moves: Arc::clone(self), id: session_id.into(), adopted: false });
                     }
                 }
             };
@@ -149,7 +156,6 @@ impl Moves {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const WAIT: Duration = Duration::from_secs(5);
@@ -195,7 +201,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_ends_at_max_wait() {
-        let moves = SessionMoves::default();
+        let moves = Arc::new(SessionMoves::default());
         let _first = moves.turn("abc.shop-1", WAIT).await.expect("turn");
         let started = tokio::time::Instant::now();
         assert!(moves.turn("abc.shop-1", WAIT).await.is_none());
@@ -204,7 +210,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn adoptions_are_forgotten_after_a_minute_and_swept_out() {
-        let moves = SessionMoves::default();
+        let moves = Arc::new(SessionMoves::default());
         for i in 0..2000 {
             moves.turn(&format!("s{i}.shop-1"), WAIT).await.expect("turn").adopted();
         }

@@ -201,6 +201,7 @@ async fn proxy(
         }
         _ => None,
     };
+    target.holds_move_turn = first_move.is_some();
     let answered = match &bal.backend {
         Backend::Ajp(secret) => proxy_ajp(bal, client, &parts, incoming, content_length, target, secret.expose()).await,
         Backend::Http => super::http_backend::proxy_http(bal, client, &parts, incoming, target).await,
@@ -839,6 +840,41 @@ pub(crate) mod reuse_tests {
                 assert_eq!(before_first_answer, 4, "{cookie}: a session that stays does not wait");
             }
         }
+        assert_eq!(bal.moves.tracked(), 1, "the moved session is remembered as adopted");
+    }
+
+    /// Four parallel requests of a session whose member died a moment ago
+    /// (nothing listens; the balancer has not noticed yet): each sets out
+    /// for it, and those whose connect fails retry on the failover member.
+    /// There too only one goes before the first answer: a request that
+    /// moves its session at a retry waits for the session's turn.
+    #[tokio::test]
+    async fn a_session_moved_at_a_retry_sends_its_first_request_alone() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let (arrivals, answers) = (Arc::default(), Arc::default());
+        tokio::spawn(member_answering_late(
+            listener,
+            Duration::from_millis(300),
+            Arc::clone(&arrivals),
+            Arc::clone(&answers),
+        ));
+        let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dead_address = dead.local_addr().expect("addr");
+        drop(dead);
+        let (bal, front, _shutdown) = start_balancer(&[("dead", dead_address), ("new", address)]).await;
+        let request = "GET /x HTTP/1.1\r\nHost: t\r\nCookie: JSESSIONID=abc.dead\r\nConnection: close\r\n\r\n";
+        let parallel: Vec<_> =
+            (0..4).map(|_| tokio::spawn(async move { request_once(front, request.as_bytes()).await })).collect();
+        for response in parallel {
+            let response = response.await.expect("task");
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        }
+        let arrived = arrivals.lock().expect("lock").clone();
+        let first_answer = answers.lock().expect("lock")[0];
+        assert_eq!(arrived.len(), 4);
+        let before_first_answer = arrived.iter().filter(|at| **at < first_answer).count();
+        assert_eq!(before_first_answer, 1, "only the first went before its answer: {arrived:?}, {first_answer:?}");
         assert_eq!(bal.moves.tracked(), 1, "the moved session is remembered as adopted");
     }
 

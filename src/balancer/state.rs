@@ -6,6 +6,7 @@
 //! its lifetime is the process's, not a request's: one [`Balancer`] behind an
 //! `Arc`, built once by [`super::build`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -71,7 +72,7 @@ pub struct Balancer {
     /// Failovers come one per moved session; the log gets at most one line a second.
     pub(super) failover_log: LogLimiter,
     /// Moving sessions whose first request is out or was answered.
-    pub(super) moves: SessionMoves,
+    pub(super) moves: Arc<SessionMoves>,
 }
 
 impl Balancer {
@@ -91,7 +92,7 @@ impl Balancer {
             backend,
             shutting_down: AtomicBool::new(false),
             failover_log: LogLimiter::new(Duration::from_secs(1)),
-            moves: SessionMoves::default(),
+            moves: Arc::default(),
         }
     }
 
