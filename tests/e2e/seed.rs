@@ -111,10 +111,9 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
     kill_9_under_load("all").await;
 }
 
-// `replication: backup` is not run here: with it, this test lost one of the
-// three browser sessions of the killed node (2026-12-01; its parallel
-// requests, all on the failover node, came back as two new sessions).
-// Tomcat 10.1's source explains it (read, not yet confirmed by a log):
+// The same with `replication: backup` (BackupManager): not run by `make
+// test`, because it still loses a browser session in most runs. Tomcat
+// 10.1's source says why:
 // - `AbstractReplicatedMap.get` takes no lock, so parallel requests on a
 //   node that holds only a proxy entry each fetch their own copy from the
 //   backup node; and while the dead primary is still a map member, the
@@ -125,10 +124,24 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
 //   in that window finds neither id.
 // `Request.doGetSession` turns each null into a new, empty session. With
 // DeltaManager the same rename is a local map swap and every node already
-// holds the session. A fix on our side has to keep a session's parallel
-// requests off the failover node until its first request there has
-// answered (on every balancer replica). Until then the README says `all`
-// is the mode that keeps sessions.
+// holds the session. The balancer holds a moving session's other requests
+// until its first one there has answered (`balancer::moves`), also when a
+// request moves the session at a retry. That orders the requests of one
+// balancer replica only. Runs on 2026-12-02 (12 sessions x 4 parallel
+// requests over 2 balancer replicas, 4-5 of them on the killed node):
+// - first request alone per replica: 0, 1, 1 and 2 sessions lost in 4
+//   runs; the node's log shows two threads renaming one session at once;
+// - and a retry taking the turn too: 1 and 2 lost in 2 runs; each lost
+//   session is one or two requests with the old id answered with a new
+//   session on the failover node while the session itself lived on there
+//   (the other replica's requests inside the first one's rename).
+// What is left needs the replicas to agree on which of them sends a moving
+// session's first request (issue 12); then call
+// `kill_9_under_load("backup")` from a #[tokio::test] again.
+#[allow(dead_code)] // the backup scenario above, kept for its fix
+async fn kill_9_under_load_with_backup_replication_loses_no_acknowledged_increment() {
+    kill_9_under_load("backup").await;
+}
 
 async fn kill_9_under_load(replication: &str) {
     let _serial = serial().await;
@@ -136,9 +149,12 @@ async fn kill_9_under_load(replication: &str) {
         &format!("e2e-kill-{replication}"),
         "shop",
         3,
-        serde_json::json!({"sessions": {"replication": replication}}),
+        // The access log names each request's session and member: a lost
+        // session's reader needs it.
+        serde_json::json!({"sessions": {"replication": replication}, "balancer": {"accessLog": true}}),
     )
     .await;
+    let node_logs = app.keep_node_logs(3);
     const CLIENTS: usize = 20;
     const BROWSER_SESSIONS: usize = 12;
     const BROWSER_WORKERS: usize = 4;
@@ -170,6 +186,10 @@ async fn kill_9_under_load(replication: &str) {
             "{BROWSER_SESSIONS} sessions x {BROWSER_WORKERS} parallel, {browsers_on_victim} on {victim}; lost = sessions"
         ),
     );
+    if browsed.lost_sessions > 0 || !browsed.failures.is_empty() || total.lost > 0 {
+        // For the failure's reader: every node's and balancer's log.
+        println!("nodes' logs in {}", node_logs.save(&format!("e2e-kill-{replication}")).display());
+    }
     assert_eq!(browsed.lost_sessions, 0, "browser sessions lost at the kill:\n{}", browsed.report);
     assert!(
         browsed.failures.len() <= browsers_on_victim * BROWSER_WORKERS,
