@@ -57,6 +57,22 @@ pub struct BalancerArgs {
     /// (needs `list` and `watch` on pods).
     #[arg(long, value_name = "SELECTOR", requires = "kubernetes_service")]
     pub kubernetes_pod_selector: Option<String>,
+    /// Label selector of this balancer's own Pods (with
+    /// `--kubernetes-service`): the ready ones share out the lead of moving
+    /// sessions (see `--move-follower-pause`; needs `list` and `watch` on pods).
+    #[arg(long, value_name = "SELECTOR", requires = "kubernetes_service")]
+    pub kubernetes_peer_selector: Option<String>,
+    /// This replica's Pod name, among the Pods of `--kubernetes-peer-selector`.
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// How long a replica that does not lead a moving session (failover,
+    /// rebalancing) holds the session's first request, so that the leading
+    /// replica's reaches the new member first: with Tomcat's BackupManager
+    /// the member renames the session in steps, and a request arriving in
+    /// between gets a new session. 0: off (the operator sets it for
+    /// `replication: backup`).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub move_follower_pause: Duration,
     /// Name of the members' port in the EndpointSlices (the AJP port, or the
     /// HTTP one with `--backend-protocol http`; a slice with one port uses that one).
     #[arg(long, default_value = "ajp")]

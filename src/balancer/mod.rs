@@ -43,6 +43,7 @@ use tokio::sync::watch;
 
 pub use config::{BackendProtocol, BalancerArgs, LbMethod};
 use membership::{MembershipError, MembershipSource};
+use moves::SessionMoves;
 use pool::PoolSettings;
 use routing::Router;
 use state::{AjpSecret, Backend, Balancer, ProxySettings};
@@ -140,7 +141,10 @@ pub fn build(args: &BalancerArgs) -> Result<Arc<Balancer>, BalancerError> {
     if !args.rebalance_ramp.is_zero() {
         router = router.with_rebalancing(args.rebalance_ramp, args.rebalance_after.saturating_mul(1000));
     }
-    Ok(Arc::new(Balancer::new(settings, pool_settings, args.pool_max_per_member, router, backend)))
+    let moves = SessionMoves::new(args.pod_name.clone(), args.move_follower_pause);
+    Ok(Arc::new(
+        Balancer::new(settings, pool_settings, args.pool_max_per_member, router, backend).with_session_moves(moves),
+    ))
 }
 
 /// Runs the balancer until SIGTERM/SIGINT and the graceful drain after it.
@@ -180,6 +184,15 @@ pub async fn run(args: BalancerArgs) -> Result<(), BalancerError> {
             let client = kube::Client::try_default().await.map_err(MembershipError::from)?;
             if let Some(selector) = &args.kubernetes_pod_selector {
                 tokio::spawn(membership::kubernetes::watch_member_pods(
+                    bal.clone(),
+                    client.clone(),
+                    namespace.clone(),
+                    selector.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
+            if let Some(selector) = &args.kubernetes_peer_selector {
+                tokio::spawn(membership::kubernetes::watch_peer_pods(
                     bal.clone(),
                     client.clone(),
                     namespace.clone(),

@@ -31,10 +31,12 @@
 //! most instead of every one the browser had in flight.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+use super::routing::SessionWeigher;
 
 /// How long an adopted session is remembered: requests that carry its old
 /// id (sent before the client saw the new cookie) go at once meanwhile.
@@ -53,6 +55,39 @@ enum MoveState {
 /// The moving sessions of this balancer, by requested session id.
 pub struct SessionMoves {
     sessions: Mutex<Moves>,
+    peers: Peers,
+}
+
+/// This replica among the balancer replicas: which of them leads a move.
+struct Peers {
+    /// This replica's Pod name; `None` (not known): it leads every move.
+    me: Option<String>,
+    /// The names of the ready balancer Pods.
+    ready: RwLock<Vec<String>>,
+    /// How long a replica that does not lead a session's move holds its
+    /// first request there.
+    follower_pause: Duration,
+}
+
+impl Peers {
+    /// Whether this replica leads the move of `session_id`: it is the
+    /// ready replica that weighs most for it. A replica that does not know
+    /// itself, or is not among the ready ones (starting, stopping, or no
+    /// peer watch), leads: holding back is only right when another leads.
+    fn leads(&self, session_id: &str) -> bool {
+        let Some(me) = &self.me else { return true };
+        let ready = self.ready.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !ready.contains(me) {
+            return true;
+        }
+        let weigher = SessionWeigher::new(session_id);
+        // Ties (a 64-bit collision) go to the greater name, the same on every replica.
+        ready.iter().max_by_key(|name| (weigher.weight(name), name.as_str())) == Some(me)
+    }
+
+    fn holds_back(&self, session_id: &str) -> bool {
+        !self.follower_pause.is_zero() && !self.leads(session_id)
+    }
 }
 
 struct Moves {
@@ -90,11 +125,34 @@ impl Drop for FirstMove {
 
 impl Default for SessionMoves {
     fn default() -> Self {
-        SessionMoves { sessions: Mutex::new(Moves { by_id: HashMap::new(), sweep_at: 1024 }) }
+        SessionMoves::new(None, Duration::ZERO)
     }
 }
 
+/// What a request found for its moving session.
+enum Found {
+    /// Another request of the session is out first: wait for its end.
+    FirstOut(watch::Receiver<()>),
+    /// No request is out, and another replica leads the move.
+    LedElsewhere,
+}
+
 impl SessionMoves {
+    /// `pod_name`: this replica's Pod; `follower_pause`: how long a replica
+    /// that does not lead a move holds the session's first request (0: not
+    /// at all).
+    pub fn new(pod_name: Option<String>, follower_pause: Duration) -> Self {
+        SessionMoves {
+            sessions: Mutex::new(Moves { by_id: HashMap::new(), sweep_at: 1024 }),
+            peers: Peers { me: pod_name, ready: RwLock::new(Vec::new()), follower_pause },
+        }
+    }
+
+    /// The balancer Pods that are ready now (from the API).
+    pub fn set_peers(&self, ready: Vec<String>) {
+        *self.peers.ready.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = ready;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Moves> {
         // A panic elsewhere while holding it leaves the map usable.
         self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -105,13 +163,15 @@ impl SessionMoves {
     /// when it may go now (the session was adopted, or `max_wait` passed).
     pub async fn turn(self: &Arc<Self>, session_id: &str, max_wait: Duration) -> Option<FirstMove> {
         let deadline = tokio::time::Instant::now() + max_wait;
+        let mut held_back = false;
         loop {
-            let mut first_out = {
+            let found = {
                 let mut moves = self.lock();
                 let now = Instant::now();
                 match moves.by_id.get(session_id) {
                     Some(MoveState::Adopted(at)) if now.duration_since(*at) < ADOPTED_MEMORY => return None,
-                    Some(MoveState::FirstOut(sender)) => sender.subscribe(),
+                    Some(MoveState::FirstOut(sender)) => Found::FirstOut(sender.subscribe()),
+                    _ if !held_back && self.peers.holds_back(session_id) => Found::LedElsewhere,
                     _ => {
                         moves.sweep(now);
                         if moves.by_id.len() >= MAX_TRACKED {
@@ -123,10 +183,21 @@ impl SessionMoves {
                     }
                 }
             };
-            // Err: the first request ended (its sender was dropped), even
-            // before this subscription; look again.
-            if tokio::time::timeout_at(deadline, first_out.changed()).await.is_err() {
-                return None;
+            match found {
+                // Err: the first request ended (its sender was dropped), even
+                // before this subscription; look again.
+                Found::FirstOut(mut first_out) => {
+                    if tokio::time::timeout_at(deadline, first_out.changed()).await.is_err() {
+                        return None;
+                    }
+                }
+                // The leading replica's first request goes first; then this
+                // one's first request takes its turn here (once).
+                Found::LedElsewhere => {
+                    held_back = true;
+                    let until = (tokio::time::Instant::now() + self.peers.follower_pause).min(deadline);
+                    tokio::time::sleep_until(until).await;
+                }
             }
         }
     }
@@ -159,6 +230,67 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const WAIT: Duration = Duration::from_secs(5);
+    const PAUSE: Duration = Duration::from_secs(2);
+
+    /// Three balancer replicas that see each other ready.
+    fn replicas(pause: Duration) -> Vec<Arc<SessionMoves>> {
+        let names = ["shop-balancer-a", "shop-balancer-b", "shop-balancer-c"];
+        names
+            .iter()
+            .map(|me| {
+                let moves = Arc::new(SessionMoves::new(Some(me.to_string()), pause));
+                moves.set_peers(names.iter().map(|name| name.to_string()).collect());
+                moves
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_replica_leads_each_move_and_one_not_among_the_ready_leads_its_own() {
+        let replicas = replicas(PAUSE);
+        let mut led = [0; 3];
+        for i in 0..300 {
+            let id = format!("S{i}.shop-1");
+            let leaders: Vec<usize> = (0..3).filter(|r| replicas[*r].peers.leads(&id)).collect();
+            assert_eq!(leaders.len(), 1, "{id}: {leaders:?}");
+            led[leaders[0]] += 1;
+        }
+        assert!(led.iter().all(|n| *n > 60), "the moves are spread over the replicas: {led:?}");
+        let starting = SessionMoves::new(Some("shop-balancer-d".into()), PAUSE);
+        starting.set_peers(vec!["shop-balancer-a".into()]);
+        assert!(starting.peers.leads("S1.shop-1"), "not among the ready Pods");
+        assert!(SessionMoves::new(None, PAUSE).peers.leads("S1.shop-1"), "its own name unknown");
+        assert!(SessionMoves::new(Some("x".into()), PAUSE).peers.leads("S1.shop-1"), "no peers known");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_that_does_not_lead_holds_a_moving_sessions_first_request_for_the_pause() {
+        let paused = replicas(PAUSE);
+        let id = "S7.shop-1";
+        let leader = paused.iter().find(|r| r.peers.leads(id)).expect("a leader");
+        let follower = Arc::clone(paused.iter().find(|r| !r.peers.leads(id)).expect("a follower"));
+        let started = tokio::time::Instant::now();
+        let _lead = leader.turn(id, WAIT).await.expect("the leader's first request");
+        assert_eq!(started.elapsed(), Duration::ZERO, "the leader does not wait");
+        let first = follower.turn(id, WAIT).await.expect("the follower's first request");
+        assert_eq!(started.elapsed(), PAUSE, "the follower's waits the pause");
+        // A second request there waits for the first one's answer, not for a pause of its own.
+        let second = {
+            let follower = Arc::clone(&follower);
+            tokio::spawn(async move { follower.turn(id, WAIT).await.is_none() })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        first.adopted();
+        assert!(second.await.expect("task"), "the second goes once the first was answered");
+        assert_eq!(started.elapsed(), PAUSE + Duration::from_millis(10));
+        // Without a pause (DeltaManager) no replica holds back.
+        let unpaused = replicas(Duration::ZERO);
+        let started = tokio::time::Instant::now();
+        for moves in &unpaused {
+            assert!(moves.turn(id, WAIT).await.is_some());
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_first_request_goes_alone_and_the_others_follow_its_answer() {

@@ -96,6 +96,13 @@ impl Balancer {
         }
     }
 
+    /// The moving sessions' bookkeeping with this replica's place among
+    /// its peers (see [`super::moves`]).
+    pub fn with_session_moves(mut self, moves: SessionMoves) -> Self {
+        self.moves = Arc::new(moves);
+        self
+    }
+
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
     }

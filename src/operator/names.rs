@@ -131,6 +131,11 @@ impl AppNames {
         label_selector_text(&self.selector_labels(COMPONENT_SESSION_NODE))
     }
 
+    /// The balancer Pods' selector as text.
+    pub fn balancer_selector(&self) -> String {
+        label_selector_text(&self.selector_labels(COMPONENT_BALANCER))
+    }
+
     /// Tomcat's `KUBERNETES_LABELS`: the session nodes that are not leaving
     /// (without a selector, every pod of the namespace would join).
     pub fn tribes_member_selector(&self) -> String {

@@ -261,6 +261,60 @@ pub async fn watch_member_pods(
     }
 }
 
+/// Watches this balancer's own Pods (`selector`) and tells the session
+/// moves which of them are ready: those share out the lead of moving
+/// sessions ([`crate::balancer::moves`]). Until the first list (or while
+/// the watch fails) the replica knows no peers and leads every move, as a
+/// lone balancer does.
+pub async fn watch_peer_pods(
+    bal: Arc<Balancer>,
+    client: Client,
+    namespace: String,
+    selector: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<Pod> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().labels(&selector);
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut ready: BTreeMap<String, bool> = BTreeMap::new();
+    let mut relisting: Option<BTreeMap<String, bool>> = None;
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        let Some(event) = event else { return };
+        let changed = match event {
+            Ok(Event::Init) => {
+                relisting = Some(BTreeMap::new());
+                false
+            }
+            Ok(Event::InitApply(pod)) => {
+                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), pod_ready_since(&pod).is_some());
+                false
+            }
+            Ok(Event::InitDone) => {
+                ready = relisting.take().unwrap_or_default();
+                true
+            }
+            Ok(Event::Apply(pod)) => {
+                let now_ready = pod_ready_since(&pod).is_some();
+                ready.insert(pod.name_any(), now_ready) != Some(now_ready)
+            }
+            Ok(Event::Delete(pod)) => ready.remove(&pod.name_any()).is_some(),
+            Err(e) => {
+                tracing::warn!(error = %e, %namespace, %selector, "balancer Pod watch error (the lead of session moves)");
+                false
+            }
+        };
+        if changed {
+            let peers: Vec<String> = ready.iter().filter(|(_, ready)| **ready).map(|(name, _)| name.clone()).collect();
+            tracing::info!(?peers, "ready balancer replicas");
+            bal.moves.set_peers(peers);
+        }
+    }
+}
+
 /// Watches the Service's slices until shutdown.
 pub async fn watch_endpoint_slices(
     bal: Arc<Balancer>,

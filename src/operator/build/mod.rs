@@ -201,11 +201,19 @@ pub fn node_rules() -> Vec<PolicyRule> {
 /// rebalancing moves sessions only to nodes that became ready later.
 pub const REBALANCE_START_GRACE_SECONDS: i64 = 120;
 
+/// How long a balancer replica that does not lead a moving session holds
+/// its first request with `replication: backup` (`--move-follower-pause`):
+/// BackupManager renames a session in steps across the cluster, and the
+/// leading replica's first request should be answered by then (300-600 ms
+/// at a kill -9 on the test bed).
+pub const BACKUP_MOVE_FOLLOWER_PAUSE: &str = "2s";
+
 /// The balancer's Role: it follows the EndpointSlices of the nodes' headless
-/// Service (ready / serving / terminating) with a watch, and the nodes' Pods
+/// Service (ready / serving / terminating) with a watch, the nodes' Pods
 /// for the time each became ready (the clock every balancer replica shares
-/// for rebalancing) and their leaving marks (read-only, its own namespace
-/// only).
+/// for rebalancing) and their leaving marks, and its own Pods (which
+/// replicas are ready: they share out the lead of moving sessions);
+/// read-only, its own namespace only.
 pub fn balancer_rules() -> Vec<PolicyRule> {
     vec![
         PolicyRule {
@@ -772,6 +780,12 @@ impl Parts<'_> {
         if balancer.access_log {
             args.push("--access-log".to_string());
         }
+        // Its own Pods: one ready replica leads each moving session, and
+        // with BackupManager the others hold back its first request.
+        args.extend(["--kubernetes-peer-selector".to_string(), self.names.balancer_selector()]);
+        if spec.sessions.replication == Replication::Backup {
+            args.extend(["--move-follower-pause".to_string(), BACKUP_MOVE_FOLLOWER_PAUSE.to_string()]);
+        }
         // The nodes' Pods give the leaving marks (a node a scale-down removes
         // takes no failing-over session) and the Ready times every replica
         // shares (rebalancing).
@@ -822,7 +836,8 @@ impl Parts<'_> {
             name: "balancer".to_string(),
             image: Some(balancer.image.clone().unwrap_or_else(|| context.balancer_image.clone())),
             args: Some(args),
-            env: Some(vec![env_value("LOG_FORMAT", "json")]),
+            // POD_NAME: the replica's own name among its peers.
+            env: Some(vec![env_value("LOG_FORMAT", "json"), env_field(ENV_POD_NAME, "metadata.name")]),
             ports: Some(ports),
             resources: Some(balancer.resources.clone().unwrap_or_else(default_balancer_resources)),
             volume_mounts: Some(volume_mounts),

@@ -366,6 +366,8 @@ fn balancer_runs_with_the_agreed_flags() {
         "balancer --kubernetes-service store/cart-nodes --listen 0.0.0.0:80 --admin-listen 0.0.0.0:9090 \
          --ajp-secret-file /etc/clusterapp/ajp/secret --packet-size 65536 --sticky-cookie CARTSESSION \
          --sticky-path-param cartsession --method bybusyness --drain-timeout 0s --no-failover --access-log \
+         --kubernetes-peer-selector app.kubernetes.io/component=balancer,app.kubernetes.io/instance=cart,app.kubernetes.io/name=clusterapp \
+         --move-follower-pause 2s \
          --kubernetes-pod-selector app.kubernetes.io/component=session-node,app.kubernetes.io/instance=cart,app.kubernetes.io/name=clusterapp \
          --rebalance-ramp 0s --tls-listen 0.0.0.0:443 --tls-cert-file /etc/clusterapp/tls/tls.crt --tls-key-file /etc/clusterapp/tls/tls.key \
          --tls-client-ca-file /etc/clusterapp/tls-client-ca/ca.crt --tls-require-client-cert"
@@ -383,6 +385,20 @@ fn balancer_runs_with_the_agreed_flags() {
     assert!(
         args.ends_with(&format!("--kubernetes-pod-selector {SHOP_NODE_SELECTOR} --rebalance-ramp 0s")),
         "rebalancing off by default (ramp 0 s); the Pod watch for leaving marks: {args}"
+    );
+    assert!(!args.contains("--move-follower-pause"), "DeltaManager renames atomically: no pause: {args}");
+    assert!(
+        args.contains(
+            "--kubernetes-peer-selector app.kubernetes.io/component=balancer,app.kubernetes.io/instance=shop,app.kubernetes.io/name=clusterapp"
+        ),
+        "the replicas know each other: {args}"
+    );
+    let env = container.env.clone().unwrap_or_default();
+    assert!(
+        env.iter().any(|e| e.name == "POD_NAME"
+            && e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str())
+                == Some("metadata.name")),
+        "the replica's own name: {env:?}"
     );
     let mut slow = fixture("default");
     slow.spec.balancer.rebalance.enabled = true;
