@@ -138,10 +138,11 @@ pub struct ClusterAppSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Sessions {
     /// `all`: every node holds every session (DeltaManager); `backup`: each
-    /// session has one backup node (BackupManager; in our tests a session
-    /// whose parallel requests failed over together could be lost, which
-    /// `all` never did); `none`: no replication, a session is lost with its
-    /// node.
+    /// session has one backup node (BackupManager; it renames a moving
+    /// session in steps, so the balancers hold back a moving session's
+    /// parallel requests until its first one was answered, up to 2 s
+    /// across balancer replicas); `none`: no replication, a session is lost
+    /// with its node.
     #[serde(default)]
     pub replication: Replication,
 

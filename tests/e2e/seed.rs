@@ -111,9 +111,8 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
     kill_9_under_load("all").await;
 }
 
-// The same with `replication: backup` (BackupManager): not run by `make
-// test`, because it still loses a browser session in most runs. Tomcat
-// 10.1's source says why:
+// The same with `replication: backup` (BackupManager), which needs more of
+// the balancer than `all` does. Tomcat 10.1's source says why:
 // - `AbstractReplicatedMap.get` takes no lock, so parallel requests on a
 //   node that holds only a proxy entry each fetch their own copy from the
 //   backup node; and while the dead primary is still a map member, the
@@ -124,21 +123,18 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
 //   in that window finds neither id.
 // `Request.doGetSession` turns each null into a new, empty session. With
 // DeltaManager the same rename is a local map swap and every node already
-// holds the session. The balancer holds a moving session's other requests
-// until its first one there has answered (`balancer::moves`), also when a
-// request moves the session at a retry. That orders the requests of one
-// balancer replica only. Runs on 2026-12-02 (12 sessions x 4 parallel
-// requests over 2 balancer replicas, 4-5 of them on the killed node):
-// - first request alone per replica: 0, 1, 1 and 2 sessions lost in 4
-//   runs; the node's log shows two threads renaming one session at once;
-// - and a retry taking the turn too: 1 and 2 lost in 2 runs; each lost
-//   session is one or two requests with the old id answered with a new
-//   session on the failover node while the session itself lived on there
-//   (the other replica's requests inside the first one's rename).
-// What is left needs the replicas to agree on which of them sends a moving
-// session's first request (issue 12); then call
-// `kill_9_under_load("backup")` from a #[tokio::test] again.
-#[allow(dead_code)] // the backup scenario above, kept for its fix
+// holds the session. So the balancer orders a moving session's requests
+// (`balancer::moves`): on each replica its first request goes alone, also
+// when a request moves the session at a retry; and one replica leads each
+// move while the others hold the session's first request for 2 s (the
+// operator's `--move-follower-pause` with `backup`). Sessions lost per
+// run on 2026-12-02 (12 sessions x 4 parallel requests over 2 balancer
+// replicas, 3-5 of them on the killed node):
+// - the first request alone per replica: 0, 1, 1, 2;
+// - and a retry taking the turn: 1, 2 (the failover node's log: requests
+//   of the other replica inside the first one's rename);
+// - and one replica leading each move: 0, 0, 0, 0, 0.
+#[tokio::test]
 async fn kill_9_under_load_with_backup_replication_loses_no_acknowledged_increment() {
     kill_9_under_load("backup").await;
 }
@@ -149,8 +145,8 @@ async fn kill_9_under_load(replication: &str) {
         &format!("e2e-kill-{replication}"),
         "shop",
         3,
-        // The access log names each request's session and member: a lost
-        // session's reader needs it.
+        // The access log names each request's member and whether it failed
+        // over: a lost session's reader needs it.
         serde_json::json!({"sessions": {"replication": replication}, "balancer": {"accessLog": true}}),
     )
     .await;
