@@ -208,6 +208,49 @@ fn pod_facts(pod: &Pod) -> PodFacts {
     }
 }
 
+/// The objects of `api` that match `selector`, as `facts` of each by name:
+/// one snapshot per change while the watch runs (a relist after a watch
+/// restart is one change, once complete). Watch errors are logged (`what`
+/// names the watch) and retried with backoff; the last snapshot stands
+/// meanwhile.
+fn snapshots<K, T>(
+    api: Api<K>,
+    selector: &str,
+    what: String,
+    facts: fn(&K) -> T,
+) -> impl futures::Stream<Item = BTreeMap<String, T>> + Send
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    T: Clone + Send + 'static,
+{
+    let events = watcher::watcher(api, watcher::Config::default().labels(selector)).default_backoff().boxed();
+    let start = (events, BTreeMap::<String, T>::new(), None::<BTreeMap<String, T>>, what);
+    futures::stream::unfold(start, move |(mut events, mut known, mut relisting, what)| async move {
+        loop {
+            match events.next().await? {
+                Ok(Event::Init) => relisting = Some(BTreeMap::new()),
+                Ok(Event::InitApply(object)) => {
+                    relisting.get_or_insert_with(BTreeMap::new).insert(object.name_any(), facts(&object));
+                }
+                Ok(Event::InitDone) => {
+                    known = relisting.take().unwrap_or_default();
+                    break;
+                }
+                Ok(Event::Apply(object)) => {
+                    known.insert(object.name_any(), facts(&object));
+                    break;
+                }
+                Ok(Event::Delete(object)) => {
+                    known.remove(&object.name_any());
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, watch = %what, "watch error; retrying"),
+            }
+        }
+        Some((known.clone(), (events, known, relisting, what)))
+    })
+}
+
 /// Watches the member Pods (`selector`) for their ready times, leaving marks
 /// and deletion times until shutdown. Without it (or while the watch fails, e.g. for lack
 /// of RBAC) the member table uses the time this replica first saw a member
@@ -219,45 +262,22 @@ pub async fn watch_member_pods(
     selector: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<Pod> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().labels(&selector);
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let what = format!("member Pods {selector} in {namespace}");
+    let mut pods = std::pin::pin!(snapshots(Api::<Pod>::namespaced(client, &namespace), &selector, what, pod_facts));
     let mut known: BTreeMap<String, PodFacts> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, PodFacts>> = None;
     loop {
-        let event = tokio::select! {
-            e = events.next() => e,
+        let now = tokio::select! {
+            now = pods.next() => now,
             _ = shutdown.changed() => return,
         };
-        let Some(event) = event else { return };
-        match event {
-            Ok(Event::Init) => relisting = Some(BTreeMap::new()),
-            Ok(Event::InitApply(pod)) => {
-                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), pod_facts(&pod));
-            }
-            Ok(Event::InitDone) => {
-                let fresh = relisting.take().unwrap_or_default();
-                for gone in known.keys().filter(|name| !fresh.contains_key(*name)) {
-                    bal.members.set_pod(gone, None);
-                }
-                for (name, facts) in &fresh {
-                    bal.members.set_pod(name, Some(*facts));
-                }
-                known = fresh;
-            }
-            Ok(Event::Apply(pod)) => {
-                let facts = pod_facts(&pod);
-                bal.members.set_pod(&pod.name_any(), Some(facts));
-                known.insert(pod.name_any(), facts);
-            }
-            Ok(Event::Delete(pod)) => {
-                bal.members.set_pod(&pod.name_any(), None);
-                known.remove(&pod.name_any());
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, %namespace, %selector, "Pod watch error (ready times, leaving marks)")
-            }
+        let Some(now) = now else { return };
+        for gone in known.keys().filter(|name| !now.contains_key(*name)) {
+            bal.members.set_pod(gone, None);
         }
+        for (name, facts) in now.iter().filter(|(name, facts)| known.get(*name) != Some(facts)) {
+            bal.members.set_pod(name, Some(*facts));
+        }
+        known = now;
     }
 }
 
@@ -273,49 +293,27 @@ pub async fn watch_peer_pods(
     selector: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<Pod> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().labels(&selector);
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    let mut ready: BTreeMap<String, bool> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, bool>> = None;
+    let what = format!("balancer Pods {selector} in {namespace}");
+    let is_ready = |pod: &Pod| pod_ready_since(pod).is_some();
+    let mut pods = std::pin::pin!(snapshots(Api::<Pod>::namespaced(client, &namespace), &selector, what, is_ready));
+    let mut peers: Vec<String> = Vec::new();
     loop {
-        let event = tokio::select! {
-            e = events.next() => e,
+        let now = tokio::select! {
+            now = pods.next() => now,
             _ = shutdown.changed() => return,
         };
-        let Some(event) = event else { return };
-        let changed = match event {
-            Ok(Event::Init) => {
-                relisting = Some(BTreeMap::new());
-                false
-            }
-            Ok(Event::InitApply(pod)) => {
-                relisting.get_or_insert_with(BTreeMap::new).insert(pod.name_any(), pod_ready_since(&pod).is_some());
-                false
-            }
-            Ok(Event::InitDone) => {
-                ready = relisting.take().unwrap_or_default();
-                true
-            }
-            Ok(Event::Apply(pod)) => {
-                let now_ready = pod_ready_since(&pod).is_some();
-                ready.insert(pod.name_any(), now_ready) != Some(now_ready)
-            }
-            Ok(Event::Delete(pod)) => ready.remove(&pod.name_any()).is_some(),
-            Err(e) => {
-                tracing::warn!(error = %e, %namespace, %selector, "balancer Pod watch error (the lead of session moves)");
-                false
-            }
-        };
-        if changed {
-            let peers: Vec<String> = ready.iter().filter(|(_, ready)| **ready).map(|(name, _)| name.clone()).collect();
-            tracing::info!(?peers, "ready balancer replicas");
-            bal.moves.set_peers(peers);
+        let Some(now) = now else { return };
+        let ready: Vec<String> = now.into_iter().filter(|(_, ready)| *ready).map(|(name, _)| name).collect();
+        if ready != peers {
+            tracing::info!(peers = ?ready, "ready balancer replicas");
+            bal.moves.set_peers(ready.clone());
+            peers = ready;
         }
     }
 }
 
-/// Watches the Service's slices until shutdown.
+/// Watches the EndpointSlices of `service` and applies every change to the
+/// member table until shutdown.
 pub async fn watch_endpoint_slices(
     bal: Arc<Balancer>,
     client: Client,
@@ -324,49 +322,19 @@ pub async fn watch_endpoint_slices(
     port_name: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
-    let mut relisting: Option<BTreeMap<String, EndpointSlice>> = None;
+    let what = format!("EndpointSlices of {namespace}/{service}");
+    let selector = format!("{SERVICE_NAME_LABEL}={service}");
+    let api = Api::<EndpointSlice>::namespaced(client, &namespace);
+    let mut slices = std::pin::pin!(snapshots(api, &selector, what, EndpointSlice::clone));
     loop {
-        let event = tokio::select! {
-            e = events.next() => e,
+        let now = tokio::select! {
+            now = slices.next() => now,
             _ = shutdown.changed() => return,
         };
-        let Some(event) = event else { return };
-        let changed = match event {
-            Ok(Event::Init) => {
-                relisting = Some(BTreeMap::new());
-                false
-            }
-            Ok(Event::InitApply(slice)) => {
-                relisting.get_or_insert_with(BTreeMap::new).insert(slice.name_any(), slice);
-                false
-            }
-            Ok(Event::InitDone) => {
-                slices = relisting.take().unwrap_or_default();
-                true
-            }
-            Ok(Event::Apply(slice)) => {
-                slices.insert(slice.name_any(), slice);
-                true
-            }
-            Ok(Event::Delete(slice)) => {
-                slices.remove(&slice.name_any());
-                true
-            }
-            Err(e) => {
-                // The watcher retries with backoff; the current members stay.
-                tracing::warn!(error = %e, %namespace, %service, "EndpointSlice watch error");
-                false
-            }
-        };
-        if changed {
-            let members = resolve_members(endpoint_members(slices.values(), &port_name)).await;
-            tracing::info!(%namespace, %service, members = members.len(), "EndpointSlices changed");
-            bal.members.apply(&members, &bal.metrics);
-        }
+        let Some(now) = now else { return };
+        let members = resolve_members(endpoint_members(now.values(), &port_name)).await;
+        tracing::info!(%namespace, %service, members = members.len(), "EndpointSlices changed");
+        bal.members.apply(&members, &bal.metrics);
     }
 }
 
