@@ -555,6 +555,11 @@ fn main() {
         if let Some(b) = &balancer_baseline {
             runs.push((BALANCER_BASELINE, ("http", b.listen.port()), Some(sticky), Some(b.pid())));
         }
+        // Each round starts at another row, so no row always runs right
+        // after the same one (the Tomcats' state after httpd's pooled
+        // connections, say) and the medians do not carry an order effect.
+        let shift = (round as usize * runs.len() / rounds as usize) % runs.len();
+        runs.rotate_left(shift);
         for (name, target, cookie, pid) in runs {
             results.entry(name).or_default().push(wrk(target, cookie, seconds, connections, pid, &tomcat_pids));
         }
