@@ -346,8 +346,7 @@ impl Attempts {
             // This request set out for the session's own member and now
             // moves the session: it waits for, or takes, the session's
             // first-request turn like a request that chose the move at once.
-            let id = format!("{}.{}", session.base, session.route);
-            self.retry_move_turn = bal.moves.turn(&id, bal.settings.backend_timeout).await;
+            self.retry_move_turn = bal.moves.turn_of(session, bal.settings.backend_timeout).await;
             // Members may have failed while it waited; the snapshot is the same.
             chosen = choose_now(&self.tried);
         }

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::routing::SessionWeigher;
+use super::routing::{SessionKey, SessionWeigher};
 
 /// How long an adopted session is remembered: requests that carry its old
 /// id (sent before the client saw the new cookie) go at once meanwhile.
@@ -156,6 +156,13 @@ impl SessionMoves {
     fn lock(&self) -> std::sync::MutexGuard<'_, Moves> {
         // A panic elsewhere while holding it leaves the map usable.
         self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// [`turn`](Self::turn) for the session a request carries (its id is
+    /// `base.route`, the same on every replica): the one entry for the
+    /// proxy's first choice and for a retry that moves the session.
+    pub async fn turn_of(self: &Arc<Self>, session: SessionKey<'_>, max_wait: Duration) -> Option<FirstMove> {
+        self.turn(&format!("{}.{}", session.base, session.route), max_wait).await
     }
 
     /// Waits for the turn of a request of the moving session `session_id`:

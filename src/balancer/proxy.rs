@@ -193,8 +193,7 @@ async fn proxy(
     target.await_handoff(&bal.router).await;
     let first_move = match target.session {
         Some(session) if target.moves_session() => {
-            let id = format!("{}.{}", session.base, session.route);
-            let turn = bal.moves.turn(&id, settings.backend_timeout).await;
+            let turn = bal.moves.turn_of(session, settings.backend_timeout).await;
             // The member table may have changed while the request waited.
             target.refresh(&bal.router, bal.members.snapshot());
             turn
