@@ -801,6 +801,19 @@ pub(crate) mod reuse_tests {
         }
     }
 
+    /// How many of the `expected` requests a [`member_answering_late`]
+    /// saw arrive before its first answer went out.
+    fn arrived_before_first_answer(
+        arrivals: &std::sync::Mutex<Vec<Instant>>,
+        answers: &std::sync::Mutex<Vec<Instant>>,
+        expected: usize,
+    ) -> usize {
+        let arrived = arrivals.lock().expect("lock").clone();
+        let first_answer = answers.lock().expect("lock")[0];
+        assert_eq!(arrived.len(), expected);
+        arrived.iter().filter(|at| **at < first_answer).count()
+    }
+
     /// Four parallel requests of a session whose member is gone: the first
     /// reaches the failover member alone, the others only after it answered
     /// (the member adopts the session at its first request). Four of a
@@ -829,10 +842,7 @@ pub(crate) mod reuse_tests {
                 let response = response.await.expect("task");
                 assert!(response.starts_with("HTTP/1.1 200"), "{cookie}: {response}");
             }
-            let arrived = arrivals.lock().expect("lock").clone();
-            let first_answer = answers.lock().expect("lock")[0];
-            assert_eq!(arrived.len(), 4);
-            let before_first_answer = arrived.iter().filter(|at| **at < first_answer).count();
+            let before_first_answer = arrived_before_first_answer(&arrivals, &answers, 4);
             if moving {
                 assert_eq!(before_first_answer, 1, "{cookie}: only the first went before its answer");
             } else {
@@ -869,11 +879,8 @@ pub(crate) mod reuse_tests {
             let response = response.await.expect("task");
             assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         }
-        let arrived = arrivals.lock().expect("lock").clone();
-        let first_answer = answers.lock().expect("lock")[0];
-        assert_eq!(arrived.len(), 4);
-        let before_first_answer = arrived.iter().filter(|at| **at < first_answer).count();
-        assert_eq!(before_first_answer, 1, "only the first went before its answer: {arrived:?}, {first_answer:?}");
+        let before_first_answer = arrived_before_first_answer(&arrivals, &answers, 4);
+        assert_eq!(before_first_answer, 1, "only the first went before its answer");
         assert_eq!(bal.moves.tracked(), 1, "the moved session is remembered as adopted");
     }
 
