@@ -23,9 +23,17 @@ use hyper_util::rt::TokioIo;
 /// What one response told about its session.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// When the request went out, and when its answer came.
+    pub sent_at: Instant,
     pub at: Instant,
+    /// `at` in UTC, to match the nodes' logs.
+    pub wall: k8s_openapi::jiff::Timestamp,
+    /// The session id the request carried.
+    pub sent_id: String,
     pub route: String,
     pub session_id: String,
+    /// The session's counter after this request's increment.
+    pub counter: u64,
 }
 
 /// One browser session: its cookie jar and what its workers saw.
@@ -79,6 +87,56 @@ impl BrowserSession {
     pub fn answered(&self) -> usize {
         self.seen.lock().expect("seen").len()
     }
+
+    /// Answers that miss an increment acknowledged before their request
+    /// went out: a counter not above the highest one answered (to any of
+    /// the session's workers) before the request was sent. The session
+    /// lived on, but its state went back in time: an acknowledged write
+    /// lost. Answers of another session (a lost session) do not count.
+    pub fn lost_increments(&self) -> Vec<String> {
+        let seen = self.seen.lock().expect("seen");
+        let mine: Vec<&Seen> = seen.iter().filter(|s| base_of(&s.session_id) == self.base).collect();
+        let mut by_answer: Vec<(Instant, u64)> = mine.iter().map(|s| (s.at, s.counter)).collect();
+        by_answer.sort();
+        // The highest counter answered up to each answer.
+        let mut highest = Vec::with_capacity(by_answer.len());
+        let mut max = 0;
+        for (_, counter) in &by_answer {
+            max = max.max(*counter);
+            highest.push(max);
+        }
+        let mut lost = Vec::new();
+        for s in &mine {
+            let before = by_answer.partition_point(|(at, _)| *at < s.sent_at);
+            if before > 0 && s.counter <= highest[before - 1] {
+                lost.push(format!(
+                    "{:.3} got {} on {} ({}), {} was answered before it was sent",
+                    s.wall,
+                    s.counter,
+                    s.route,
+                    s.session_id,
+                    highest[before - 1]
+                ));
+            }
+        }
+        lost
+    }
+
+    /// Each answer whose (sent id, answered id, route) differs from the one
+    /// before it: how a session moved, for a failure's reader.
+    pub fn moves(&self) -> Vec<String> {
+        let seen = self.seen.lock().expect("seen");
+        let mut moves = Vec::new();
+        let mut last: Option<(&str, &str, &str)> = None;
+        for s in seen.iter() {
+            let now = (s.sent_id.as_str(), s.session_id.as_str(), s.route.as_str());
+            if last != Some(now) {
+                moves.push(format!("{:.3} sent {} got {} on {}", s.wall, s.sent_id, s.session_id, s.route));
+                last = Some(now);
+            }
+        }
+        moves
+    }
 }
 
 async fn open(balancer: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
@@ -116,6 +174,7 @@ pub async fn browser_worker(
             },
         };
         let sent_id = session.current_id();
+        let sent_at = Instant::now();
         let cookie = format!("JSESSIONID={sent_id}");
         let req = Request::get("/counter/")
             .header("host", "browser.test")
@@ -140,7 +199,12 @@ pub async fn browser_worker(
             Ok(parts) if parts.status == 200 => parts,
             Ok(parts) => {
                 let route = parts.headers.get("x-route").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                session.failed.lock().expect("failed").push((Instant::now(), format!("{} {route}", parts.status)));
+                let at = k8s_openapi::jiff::Timestamp::now();
+                session
+                    .failed
+                    .lock()
+                    .expect("failed")
+                    .push((Instant::now(), format!("{at:.3} {} {route}", parts.status)));
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -167,7 +231,15 @@ pub async fn browser_worker(
         if let Some(new_id) = set_cookie {
             *session.jar.lock().expect("jar") = new_id;
         }
-        session.seen.lock().expect("seen").push(Seen { at: Instant::now(), route: header("x-route"), session_id });
+        session.seen.lock().expect("seen").push(Seen {
+            sent_at,
+            at: Instant::now(),
+            wall: k8s_openapi::jiff::Timestamp::now(),
+            sent_id,
+            route: header("x-route"),
+            session_id,
+            counter: header("x-counter").parse().unwrap_or(0),
+        });
     }
 }
 

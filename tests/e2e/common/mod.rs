@@ -40,6 +40,8 @@ pub struct NodeLogKeeper {
     logs: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    namespace: String,
+    session_nodes: Vec<String>,
 }
 
 impl NodeLogKeeper {
@@ -52,7 +54,66 @@ impl NodeLogKeeper {
         for (pod, log) in self.logs.lock().expect("logs").iter() {
             let _ = std::fs::write(dir.join(format!("{pod}.log")), log);
         }
+        // Tomcat writes what a web application logs through its context
+        // (a servlet's exception behind a 500, above all) to files in its
+        // logs folder, not to the console: copied from each running node's
+        // mount namespace.
+        for pod in &self.session_nodes {
+            let Some(pid) = nodes().container_pid(&self.namespace, pod, "tomcat") else { continue };
+            let logs = std::path::PathBuf::from(format!("/proc/{pid}/root/usr/local/tomcat/logs"));
+            for file in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+                let name = file.file_name().to_string_lossy().into_owned();
+                if name.starts_with("localhost.") {
+                    let _ = std::fs::copy(file.path(), dir.join(format!("{pod}.{name}")));
+                }
+            }
+        }
         dir
+    }
+
+    /// For a failure's reader where only the test's output survives (CI):
+    /// from the saved logs in `dir`, what went wrong — Tomcat's warnings and
+    /// errors with the start of their stack traces, the counter app's "not
+    /// found" lines, the balancers' lines other than access lines, and the
+    /// access lines of failed-over or unsuccessful requests. At most
+    /// `limit` lines.
+    pub fn excerpt(dir: &std::path::Path, limit: usize) -> String {
+        let mut files: Vec<_> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|f| f.path()).collect();
+        files.sort();
+        let mut out = Vec::new();
+        for file in files {
+            let name = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let mut trace_lines = 0u32;
+            for line in text.lines() {
+                // The balancers log JSON (LOG_FORMAT=json).
+                let keep = if line.contains("\"target\":\"clusterapp::access\"") {
+                    line.contains("\"failover\":true") || !line.contains("\"status\":200")
+                } else if line.contains("\"target\":\"clusterapp") {
+                    true
+                } else if line.trim_start().starts_with("at ") {
+                    trace_lines > 0
+                } else {
+                    ["SEVERE", "WARNING", "WARN", "ERROR", "Exception", "not found on this node"]
+                        .iter()
+                        .any(|needle| line.contains(needle))
+                };
+                if line.trim_start().starts_with("at ") {
+                    trace_lines = trace_lines.saturating_sub(1);
+                } else {
+                    trace_lines = if keep { 4 } else { 0 };
+                }
+                if keep {
+                    out.push(format!("{name}: {line}"));
+                }
+            }
+        }
+        let skipped = out.len().saturating_sub(limit);
+        let mut text = out.into_iter().take(limit).collect::<Vec<_>>().join("\n");
+        if skipped > 0 {
+            text.push_str(&format!("\n... and {skipped} more lines"));
+        }
+        text
     }
 
     fn stop_reading(&mut self) {
@@ -212,6 +273,7 @@ impl App {
         let logs = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, String>::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (namespace, app) = (self.ns.name.clone(), self.name.clone());
+        let session_nodes = (0..count).map(|i| format!("{app}-{i}")).collect();
         let (keep, stopped) = (logs.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
@@ -230,7 +292,7 @@ impl App {
                 std::thread::sleep(Duration::from_millis(500));
             }
         });
-        NodeLogKeeper { logs, stop, thread: Some(thread) }
+        NodeLogKeeper { logs, stop, thread: Some(thread), namespace: self.ns.name.clone(), session_nodes }
     }
 
     /// kill -9 of a node's Tomcat (the JVM, its container's main process);
@@ -432,6 +494,9 @@ pub struct BrowserOutcome {
     pub failures: Vec<String>,
     /// Sessions that came back as a new session at least once.
     pub lost_sessions: usize,
+    /// Answers that missed an increment acknowledged before their request
+    /// was sent (see `BrowserSession::lost_increments`).
+    pub lost_increments: usize,
     /// Every session's line: answered, lost ids, failures.
     pub report: String,
 }
@@ -453,7 +518,13 @@ impl BrowserLoad {
         for worker in self.workers {
             worker.await.expect("browser worker");
         }
-        let mut outcome = BrowserOutcome { answered: 0, failures: Vec::new(), lost_sessions: 0, report: String::new() };
+        let mut outcome = BrowserOutcome {
+            answered: 0,
+            failures: Vec::new(),
+            lost_sessions: 0,
+            lost_increments: 0,
+            report: String::new(),
+        };
         for s in &self.sessions {
             let lost = s.lost.lock().expect("lost").clone();
             let failed: Vec<String> = s.failed.lock().expect("failed").iter().map(|(_, e)| e.clone()).collect();
@@ -469,6 +540,20 @@ impl BrowserLoad {
                 &lost[..lost.len().min(6)],
                 failed
             ));
+            let lost_increments = s.lost_increments();
+            outcome.lost_increments += lost_increments.len();
+            if !lost_increments.is_empty() {
+                outcome.report.push_str(&format!(
+                    "  {} answers missed an acknowledged increment, first {:?}\n",
+                    lost_increments.len(),
+                    &lost_increments[..lost_increments.len().min(4)]
+                ));
+            }
+            if !lost.is_empty() {
+                outcome
+                    .report
+                    .push_str(&format!("  its answers, where they changed:\n    {}\n", s.moves().join("\n    ")));
+            }
             outcome.failures.extend(failed);
         }
         outcome
