@@ -69,8 +69,11 @@ pub struct BalancerArgs {
     /// rebalancing) holds the session's first request, so that the leading
     /// replica's reaches the new member first: with Tomcat's BackupManager
     /// the member renames the session in steps, and a request arriving in
-    /// between gets a new session. 0: off (the operator sets it for
-    /// `replication: backup`).
+    /// between gets a new session. After a crash of the session's member,
+    /// the leading replica's first request also waits until the member has
+    /// been unhealthy this long (the Tomcat nodes settle their replicated
+    /// map first), and the others one pause more. 0: off (the operator sets
+    /// it for `replication: backup`).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub move_follower_pause: Duration,
     /// Name of the members' port in the EndpointSlices (the AJP port, or the

@@ -48,7 +48,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -60,7 +60,7 @@ use super::ajp::{self, ContainerPacket, ForwardRequest, from_container};
 use super::body::{BodyError, ProxyBody};
 use super::member::{Failure, Member, MemberSnapshot};
 use super::metrics::BackendErrorKind;
-use super::moves::FirstMove;
+use super::moves::{FirstMove, Turn};
 use super::pool::{AcquireError, ConnError, FirstReply, Lease};
 use super::proxy::Rejection;
 use super::routing::{Choice, NoMember, Router, SessionKey, SessionWeigher, member_key, unix_now_ms};
@@ -168,22 +168,28 @@ pub(super) struct Target<'r> {
     /// proxy reads from it whether the session moves, the first attempt
     /// goes there.
     pub first_choice: Result<(Arc<Member>, Choice), NoMember>,
-    /// The proxy holds the turn of this moving session's first request
-    /// (see [`super::moves`]); a retry that moves it needs no other.
-    pub holds_move_turn: bool,
+    /// The turn of this moving session's first request, when the proxy
+    /// took it (see [`super::moves`]); the request's [`Attempts`] take it
+    /// over, and a retry that moves the session needs no other.
+    pub move_turn: std::sync::Mutex<Option<FirstMove>>,
 }
 
 impl<'r> Target<'r> {
     pub(super) fn new(router: &Router, members: MemberSnapshot, session: Option<SessionKey<'r>>) -> Self {
         let now_ms = unix_now_ms();
         let first_choice = router.choose_at(&members, session, &[], now_ms);
-        Target { members, session, now_ms, first_choice, holds_move_turn: false }
+        Target { members, session, now_ms, first_choice, move_turn: std::sync::Mutex::new(None) }
     }
 
     /// Whether the first attempt leaves the session's member (a failover or
     /// a rebalancing move).
     pub(super) fn moves_session(&self) -> bool {
         matches!(self.first_choice, Ok((_, Choice::Failover | Choice::Rebalanced)))
+    }
+
+    /// How long the session's member has been unhealthy, when it is.
+    pub(super) fn unhealthy_for(&self, session: SessionKey<'_>) -> Option<Duration> {
+        self.members.iter().find(|m| *m.route == *session.route).and_then(|m| m.unhealthy_for())
     }
 
     /// The member table and clock of now, after the request waited.
@@ -234,9 +240,10 @@ pub(super) struct Attempts {
     /// and still took it: the request must not be written there once its
     /// drain deadline has passed ([`Attempts::drained_since_chosen`]).
     sticky_to_terminating: bool,
-    /// The turn a retry took when it moved the session off its member
+    /// The turn of the session's first request on its new member, taken
+    /// by the proxy or by a retry that moved the session off its member
     /// (see [`super::moves`]); given up when the request ends.
-    retry_move_turn: Option<FirstMove>,
+    move_turn: Option<FirstMove>,
 }
 
 impl Attempts {
@@ -252,17 +259,17 @@ impl Attempts {
             tried: Vec::new(),
             write_failures: 0,
             slow_attempts: 0,
-            retry_move_turn: None,
+            move_turn: target.move_turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take(),
         };
         attempts.phase.advance(Phase::Checkout);
         Ok(attempts)
     }
 
     /// The member answered with a response head: a session this request
-    /// moved at a retry is adopted there, and its waiting requests go.
+    /// moved is adopted there, and its waiting requests go.
     pub(super) fn head_received(&mut self) {
-        if let Some(turn) = self.retry_move_turn.take() {
-            turn.adopted();
+        if let Some(turn) = self.move_turn.take() {
+            turn.adopted(&self.member.route);
         }
     }
 
@@ -340,13 +347,18 @@ impl Attempts {
         let choose_now = |tried: &[usize]| bal.router.choose_at(&target.members, target.session, tried, target.now_ms);
         let mut chosen = choose_now(&self.tried);
         if let (Ok((_, Choice::Failover | Choice::Rebalanced)), Some(session)) = (&chosen, target.session)
-            && !target.holds_move_turn
-            && self.retry_move_turn.is_none()
+            && self.move_turn.is_none()
         {
             // This request set out for the session's own member and now
             // moves the session: it waits for, or takes, the session's
             // first-request turn like a request that chose the move at once.
-            self.retry_move_turn = bal.moves.turn_of(session, bal.settings.backend_timeout).await;
+            // Its head is written already: a session renamed meanwhile is
+            // asked for by its old id.
+            self.move_turn =
+                match bal.moves.turn(session, target.unhealthy_for(session), bal.settings.backend_timeout).await {
+                    Turn::First(turn) => Some(turn),
+                    Turn::Go | Turn::Renamed(_) => None,
+                };
             // Members may have failed while it waited; the snapshot is the same.
             chosen = choose_now(&self.tried);
         }

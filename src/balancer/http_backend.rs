@@ -377,7 +377,12 @@ pub(super) fn forward_headers(client_headers: &HeaderMap, client: &ClientConn) -
 
 /// The member's request: origin-form target, HTTP/1.1 (keep-alive), the
 /// forwarded headers, the client's body.
-fn member_request(parts: &Parts, client: &ClientConn, body: ForwardedBody) -> Request<ForwardedBody> {
+fn member_request(
+    parts: &Parts,
+    headers: &HeaderMap,
+    client: &ClientConn,
+    body: ForwardedBody,
+) -> Request<ForwardedBody> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     // An absolute-form target (`GET http://host/x`) goes on as origin-form;
@@ -385,7 +390,7 @@ fn member_request(parts: &Parts, client: &ClientConn, body: ForwardedBody) -> Re
     let target = parts.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     *request.uri_mut() = target;
     *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = forward_headers(&parts.headers, client);
+    *request.headers_mut() = forward_headers(headers, client);
     request
 }
 
@@ -552,12 +557,13 @@ pub(super) async fn proxy_http(
     bal: &Arc<Balancer>,
     client: &ClientConn,
     parts: &Parts,
+    headers: &HeaderMap,
     incoming: Incoming,
     target: Target<'_>,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let watch = Arc::new(BodyWatch::new());
     let body = ForwardedBody { incoming: Some(incoming), limit: bal.settings.max_body_bytes, watch: watch.clone() };
-    let request = member_request(parts, client, body);
+    let request = member_request(parts, headers, client, body);
     let started = Instant::now();
     let mut exchange = HttpExchange {
         bal: bal.clone(),

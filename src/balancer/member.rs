@@ -167,6 +167,9 @@ pub struct Member {
     leaving: AtomicBool,
     /// The sessions it served lately ([`super::sessions`]).
     pub sessions: super::sessions::SessionSketch,
+    /// When it last became unhealthy (as this replica saw it); `None`
+    /// while it is healthy. Changes rarely; read by moving sessions only.
+    unhealthy_since: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Member {
@@ -198,6 +201,7 @@ impl Member {
             slow_since: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
             sessions: super::sessions::SessionSketch::default(),
+            unhealthy_since: Mutex::new(None),
         };
         member.note_readiness(spec, SystemTime::now());
         member.publish_state();
@@ -246,9 +250,17 @@ impl Member {
     pub fn set_healthy(&self, healthy: bool) -> bool {
         let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
         if changed {
+            *self.unhealthy_since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                (!healthy).then(Instant::now);
             self.publish_state();
         }
         changed
+    }
+
+    /// How long it has been unhealthy: it crashed or its host vanished a
+    /// moment ago (`None`: it is healthy).
+    pub fn unhealthy_for(&self) -> Option<Duration> {
+        self.unhealthy_since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).map(|since| since.elapsed())
     }
 
     /// Notes a failed connect, probe or check at `now`; true when that

@@ -26,8 +26,9 @@ use super::exchange::{Exchange, Outgoing, RequestBody, Target};
 use super::framing::FramingVerdicts;
 use super::member::Member;
 use super::metrics::{Metrics, RejectReason};
+use super::moves::Turn;
 use super::pool::ConnError;
-use super::routing::{NoMember, session_of_request};
+use super::routing::{NoMember, session_of_request, with_session_cookie};
 use super::state::{Backend, Balancer};
 use super::tls::TlsFacts;
 
@@ -191,26 +192,38 @@ async fn proxy(
         session_of_request(parts.uri.path(), &parts.headers, &settings.sticky_cookie, &settings.sticky_path_param);
     let mut target = Target::new(&bal.router, bal.members.snapshot(), session);
     target.await_handoff(&bal.router).await;
-    let first_move = match target.session {
+    let mut renamed_to = None;
+    match target.session {
         Some(session) if target.moves_session() => {
-            let turn = bal.moves.turn_of(session, settings.backend_timeout).await;
+            let turn = bal.moves.turn(session, target.unhealthy_for(session), settings.backend_timeout).await;
             // The member table may have changed while the request waited.
             target.refresh(&bal.router, bal.members.snapshot());
-            turn
+            match turn {
+                // The request's attempts hold it; the first response head adopts the session.
+                Turn::First(first_move) => target.move_turn = std::sync::Mutex::new(Some(first_move)),
+                Turn::Go => {}
+                Turn::Renamed(route) => renamed_to = Some(route),
+            }
         }
+        Some(session) => bal.moves.saw(session),
+        None => {}
+    }
+    // A request with the session's old id, to the member that renamed the
+    // session already, asks for it by its new id (see `super::moves`).
+    let renamed_headers = match (renamed_to, target.session, &target.first_choice) {
+        (Some(route), Some(session), Ok((member, _))) if *member.route == *route => with_session_cookie(
+            &parts.headers,
+            &settings.sticky_cookie,
+            &format!("{}.{}", session.base, session.route),
+            &format!("{}.{route}", session.base),
+        ),
         _ => None,
     };
-    target.holds_move_turn = first_move.is_some();
-    let answered = match &bal.backend {
-        Backend::Ajp(secret) => proxy_ajp(bal, client, &parts, incoming, content_length, target, secret.expose()).await,
-        Backend::Http => super::http_backend::proxy_http(bal, client, &parts, incoming, target).await,
-    };
-    // A response head from the member means it adopted the session; the
-    // session's waiting requests go now (see `super::moves`).
-    if let (Some(first_move), Ok(_)) = (first_move, &answered) {
-        first_move.adopted();
+    let headers = renamed_headers.as_ref().unwrap_or(&parts.headers);
+    match &bal.backend {
+        Backend::Ajp(secret) => proxy_ajp(bal, client, &parts, headers, incoming, target, secret.expose()).await,
+        Backend::Http => super::http_backend::proxy_http(bal, client, &parts, headers, incoming, target).await,
     }
-    answered
 }
 
 /// The AJP side of a request: `FORWARD_REQUEST` and an [`Exchange`].
@@ -218,12 +231,13 @@ async fn proxy_ajp(
     bal: &Arc<Balancer>,
     client: &ClientConn,
     parts: &http::request::Parts,
+    headers: &HeaderMap,
     incoming: Incoming,
-    content_length: Option<u64>,
     target: Target<'_>,
     secret: &str,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let settings = &bal.settings;
+    let content_length = incoming.size_hint().exact();
     let mut body = RequestBody::new(incoming, settings.max_body_bytes);
     // With a known length Tomcat expects the first body packet right after
     // the request packet; read it first so a retry can send it again.
@@ -244,7 +258,7 @@ async fn proxy_ajp(
             local_addr: &client.local_ip,
             local_port: client.local.port(),
             is_ssl: client.tls.is_some(),
-            headers: &parts.headers,
+            headers,
             route: None,
             secret,
             ssl: client.ssl_attributes(),
@@ -663,7 +677,7 @@ pub(crate) mod reuse_tests {
         mut conn: TcpStream,
         cpong_delay: Duration,
         answer_delay: Duration,
-        arrived: impl Fn(),
+        arrived: impl Fn(&[u8]),
         answered: impl Fn(),
     ) {
         while let Some(payload) = read_request_packet(&mut conn).await {
@@ -673,7 +687,7 @@ pub(crate) mod reuse_tests {
                     packet(&[9])
                 }
                 Some(&ajp::to_container::FORWARD_REQUEST) => {
-                    arrived();
+                    arrived(&payload);
                     tokio::time::sleep(answer_delay).await;
                     answered();
                     let mut out = hello_head_and_body();
@@ -694,7 +708,7 @@ pub(crate) mod reuse_tests {
         loop {
             let Ok((conn, _)) = listener.accept().await else { return };
             let forwards = forwards.clone();
-            let count = move || {
+            let count = move |_: &[u8]| {
                 forwards.fetch_add(1, Ordering::SeqCst);
             };
             tokio::spawn(answer_requests(conn, cpong_delay, Duration::ZERO, count, || {}));
@@ -795,7 +809,7 @@ pub(crate) mod reuse_tests {
         loop {
             let Ok((conn, _)) = listener.accept().await else { return };
             let (arrivals, answers) = (arrivals.clone(), answers.clone());
-            let arrived = move || arrivals.lock().expect("lock").push(Instant::now());
+            let arrived = move |_: &[u8]| arrivals.lock().expect("lock").push(Instant::now());
             let answered = move || answers.lock().expect("lock").push(Instant::now());
             tokio::spawn(answer_requests(conn, Duration::ZERO, delay, arrived, answered));
         }
@@ -882,6 +896,58 @@ pub(crate) mod reuse_tests {
         let before_first_answer = arrived_before_first_answer(&arrivals, &answers, 4);
         assert_eq!(before_first_answer, 1, "only the first went before its answer");
         assert_eq!(bal.moves.tracked(), 1, "the moved session is remembered as adopted");
+    }
+
+    /// A moved session's requests that still carry its old id, once the new
+    /// member answered the first one (it renamed the session), go with the
+    /// new id in the session cookie, the other cookies as they were: under
+    /// BackupManager a stale copy can be back under the old id (see
+    /// `super::moves`). A session that stays is not touched.
+    #[tokio::test]
+    async fn requests_with_a_moved_sessions_old_id_go_with_its_new_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let cookies: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let seen = Arc::clone(&cookies);
+        tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else { return };
+                let seen = Arc::clone(&seen);
+                let arrived = move |payload: &[u8]| {
+                    let text = String::from_utf8_lossy(payload);
+                    let cookie = text.split('\0').find(|part| part.contains("JSESSIONID")).unwrap_or("").to_string();
+                    seen.lock().expect("lock").push(cookie);
+                };
+                tokio::spawn(answer_requests(conn, Duration::ZERO, Duration::from_millis(100), arrived, || {}));
+            }
+        });
+        let (_bal, front, _shutdown) = start_balancer(&[("new", address)]).await;
+        let request = |cookie: &str| {
+            format!("GET /x HTTP/1.1\r\nHost: t\r\nCookie: a=1; JSESSIONID={cookie}; b=2\r\nConnection: close\r\n\r\n")
+        };
+        // The first request of the moving session, and one sent while it is out.
+        let first = tokio::spawn(async move { request_once(front, request("abc.gone").as_bytes()).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let parallel = request_once(front, request("abc.gone").as_bytes()).await;
+        assert!(first.await.expect("task").starts_with("HTTP/1.1 200"));
+        assert!(parallel.starts_with("HTTP/1.1 200"), "{parallel}");
+        // Later ones, and one of a session that stays.
+        for cookie in ["abc.gone", "abc.new", "def.new"] {
+            let response = request_once(front, request(cookie).as_bytes()).await;
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        }
+        let got = cookies.lock().expect("lock").clone();
+        assert_eq!(
+            got.iter().map(|c| c.trim_start_matches(|ch: char| !ch.is_ascii_alphanumeric())).collect::<Vec<_>>(),
+            [
+                "a=1; JSESSIONID=abc.gone; b=2",
+                "a=1; JSESSIONID=abc.new; b=2",
+                "a=1; JSESSIONID=abc.new; b=2",
+                "a=1; JSESSIONID=abc.new; b=2",
+                "a=1; JSESSIONID=def.new; b=2",
+            ],
+            "what the member got: {got:?}"
+        );
     }
 
     /// A member that answers the first request of each connection and

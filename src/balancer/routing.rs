@@ -81,8 +81,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
 use http::header::COOKIE;
+use http::{HeaderMap, HeaderValue};
 
 use super::config::LbMethod;
 use super::member::{Member, MemberState};
@@ -120,6 +120,37 @@ pub fn session_id_from_cookies<'a>(headers: &'a HeaderMap, name: &str) -> Option
         }
     }
     None
+}
+
+/// `headers` with the session cookie `name` set to `new_id` where it is
+/// `old_id` (the rest of each Cookie header as it was): for a request that
+/// still carries a session's old id after its new member renamed it (see
+/// [`super::moves`]). `None` when no cookie carries `old_id` (the id came
+/// in the path): the request then goes as it is.
+pub fn with_session_cookie(headers: &HeaderMap, name: &str, old_id: &str, new_id: &str) -> Option<HeaderMap> {
+    let mut rewritten = headers.clone();
+    rewritten.remove(COOKIE);
+    let mut changed = false;
+    for header in headers.get_all(COOKIE) {
+        let value = match header.to_str() {
+            Ok(text) if text.contains(old_id) => {
+                let pairs: Vec<String> = text
+                    .split(';')
+                    .map(|pair| match pair.trim().split_once('=') {
+                        Some((k, v)) if k == name && v.trim().trim_matches('"') == old_id => {
+                            changed = true;
+                            format!("{name}={new_id}")
+                        }
+                        _ => pair.trim().to_string(),
+                    })
+                    .collect();
+                HeaderValue::from_str(&pairs.join("; ")).unwrap_or_else(|_| header.clone())
+            }
+            _ => header.clone(),
+        };
+        rewritten.append(COOKIE, value);
+    }
+    changed.then_some(rewritten)
 }
 
 /// A request's session as the router needs it: the base (the id before its

@@ -141,8 +141,9 @@ pub struct Sessions {
     /// session has one backup node (BackupManager; it renames a moving
     /// session in steps, so the balancers hold back a moving session's
     /// parallel requests until its first one was answered, up to 2 s
-    /// across balancer replicas); `none`: no replication, a session is lost
-    /// with its node.
+    /// across balancer replicas, and after a node crash its sessions' first
+    /// requests wait until it has been down 2 s, 4 s on the other replicas);
+    /// `none`: no replication, a session is lost with its node.
     #[serde(default)]
     pub replication: Replication,
 

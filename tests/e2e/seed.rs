@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 use crate::common::tls::{HttpsConn, SERVER_NAME, tls_secret};
-use crate::common::{App, BrowserLoad, Load, get_counter, route_of_session_id, serial, summary};
+use crate::common::{App, BrowserLoad, Load, NodeLogKeeper, get_counter, route_of_session_id, serial, summary};
 use crate::support::pki::Pki;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -133,7 +133,13 @@ async fn kill_9_under_load_loses_no_acknowledged_increment() {
 // - the first request alone per replica: 0, 1, 1, 2;
 // - and a retry taking the turn: 1, 2 (the failover node's log: requests
 //   of the other replica inside the first one's rename);
-// - and one replica leading each move: 0, 0, 0, 0, 0.
+// - and one replica leading each move: 0, 0, 0, 0, 0; in later runs 1 in a
+//   CI run, and in 1 of 4 local runs one session answering 500 for good (a
+//   fetch from the backup node while the failover node still counted the
+//   dead one in left the session without its manager);
+// - and the first request after a crash waiting until the member has been
+//   down for the pause (`SessionMoves::turn`), requests with the old id going
+//   with the new one: 0 in 6 runs, no request failed.
 #[tokio::test]
 async fn kill_9_under_load_with_backup_replication_loses_no_acknowledged_increment() {
     kill_9_under_load("backup").await;
@@ -166,10 +172,11 @@ async fn kill_9_under_load(replication: &str) {
     let (total, each) = load.finish().await;
     let browsed = browsers.finish().await;
     println!(
-        "kill -9 under browser load: {} answered, {} failed, {} sessions lost; {browsers_on_victim} sessions on {victim}\n{}",
+        "kill -9 under browser load: {} answered, {} failed, {} sessions lost, {} answers missed an acknowledged increment; {browsers_on_victim} sessions on {victim}\n{}",
         browsed.answered,
         browsed.failures.len(),
         browsed.lost_sessions,
+        browsed.lost_increments,
         browsed.report
     );
     summary(
@@ -178,13 +185,19 @@ async fn kill_9_under_load(replication: &str) {
         browsed.failures.len() as u64,
         browsed.lost_sessions as u64,
         killed_at.elapsed(),
+        // Answers that missed an acknowledged increment are counted, not
+        // yet asserted: under `backup` a crash lost the last of two
+        // parallel requests' writes in 1 of 6 runs (2 sessions), likely
+        // their replications reaching the backup node in the other order.
         &format!(
-            "{BROWSER_SESSIONS} sessions x {BROWSER_WORKERS} parallel, {browsers_on_victim} on {victim}; lost = sessions"
+            "{BROWSER_SESSIONS} sessions x {BROWSER_WORKERS} parallel, {browsers_on_victim} on {victim}; lost = sessions; {} answers missed an acknowledged increment",
+            browsed.lost_increments
         ),
     );
-    if browsed.lost_sessions > 0 || !browsed.failures.is_empty() || total.lost > 0 {
+    if browsed.lost_sessions > 0 || browsed.lost_increments > 0 || !browsed.failures.is_empty() || total.lost > 0 {
         // For the failure's reader: every node's and balancer's log.
-        println!("nodes' logs in {}", node_logs.save(&format!("e2e-kill-{replication}")).display());
+        let dir = node_logs.save(&format!("e2e-kill-{replication}"));
+        println!("nodes' logs in {}; what they say went wrong:\n{}", dir.display(), NodeLogKeeper::excerpt(&dir, 200));
     }
     assert_eq!(browsed.lost_sessions, 0, "browser sessions lost at the kill:\n{}", browsed.report);
     assert!(
