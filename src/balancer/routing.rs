@@ -447,6 +447,24 @@ mod tests {
     use crate::balancer::member::{MemberSpec, MemberTable, PodFacts};
     use crate::balancer::metrics::Metrics;
     use http::HeaderValue;
+
+    /// Only the session cookie with exactly the old id changes; other
+    /// cookies, other Cookie headers and a cookie of another name holding
+    /// the same value stay as they were; no match gives `None`.
+    #[test]
+    fn the_session_cookie_is_rewritten_and_nothing_else() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("theme=dark; other=abc.gone"));
+        headers.append(COOKIE, HeaderValue::from_static("a=1;JSESSIONID=\"abc.gone\" ; b=2"));
+        headers.insert("x-other", HeaderValue::from_static("abc.gone"));
+        let rewritten = with_session_cookie(&headers, "JSESSIONID", "abc.gone", "abc.new").expect("rewritten");
+        let cookies: Vec<_> = rewritten.get_all(COOKIE).iter().map(|v| v.to_str().expect("ascii")).collect();
+        assert_eq!(cookies, ["theme=dark; other=abc.gone", "a=1; JSESSIONID=abc.new; b=2"]);
+        assert_eq!(rewritten.get("x-other"), headers.get("x-other"));
+        assert_eq!(session_id_from_cookies(&rewritten, "JSESSIONID"), Some("abc.new"));
+        assert!(with_session_cookie(&headers, "JSESSIONID", "abc.other", "abc.new").is_none());
+        assert!(with_session_cookie(&HeaderMap::new(), "JSESSIONID", "abc.gone", "abc.new").is_none());
+    }
     use std::time::{Duration, Instant};
 
     /// Members with these routes and states (and ready times, unix ms;
