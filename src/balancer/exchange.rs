@@ -171,14 +171,14 @@ pub(super) struct Target<'r> {
     /// The turn of this moving session's first request, when the proxy
     /// took it (see [`super::moves`]); the request's [`Attempts`] take it
     /// over, and a retry that moves the session needs no other.
-    pub move_turn: std::sync::Mutex<Option<FirstMove>>,
+    pub move_turn: Option<FirstMove>,
 }
 
 impl<'r> Target<'r> {
     pub(super) fn new(router: &Router, members: MemberSnapshot, session: Option<SessionKey<'r>>) -> Self {
         let now_ms = unix_now_ms();
         let first_choice = router.choose_at(&members, session, &[], now_ms);
-        Target { members, session, now_ms, first_choice, move_turn: std::sync::Mutex::new(None) }
+        Target { members, session, now_ms, first_choice, move_turn: None }
     }
 
     /// Whether the first attempt leaves the session's member (a failover or
@@ -248,7 +248,8 @@ pub(super) struct Attempts {
 
 impl Attempts {
     /// Chooses the first member; the request is then in `Checkout`.
-    pub(super) fn first(bal: &Balancer, target: &Target<'_>) -> Result<Self, Rejection> {
+    /// Takes over the move turn the target holds.
+    pub(super) fn first(bal: &Balancer, target: &mut Target<'_>) -> Result<Self, Rejection> {
         let chosen = target.first_choice.clone().map_err(Rejection::NoMember)?;
         let (member, choice) = count_choice(bal, target, chosen, true)?;
         let mut attempts = Attempts {
@@ -259,7 +260,7 @@ impl Attempts {
             tried: Vec::new(),
             write_failures: 0,
             slow_attempts: 0,
-            move_turn: target.move_turn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take(),
+            move_turn: target.move_turn.take(),
         };
         attempts.phase.advance(Phase::Checkout);
         Ok(attempts)
@@ -472,13 +473,13 @@ impl Exchange {
     /// Chooses the first member; the exchange is then in `Checkout`.
     pub(super) fn start(
         bal: &Arc<Balancer>,
-        out: &Outgoing<'_>,
+        out: &mut Outgoing<'_>,
         body: RequestBody,
         first_piece: Option<Bytes>,
     ) -> Result<Self, Rejection> {
         Ok(Exchange {
             bal: bal.clone(),
-            at: Attempts::first(bal, &out.target)?,
+            at: Attempts::first(bal, &mut out.target)?,
             lease: None,
             body,
             first_piece,

@@ -559,7 +559,7 @@ pub(super) async fn proxy_http(
     parts: &Parts,
     headers: &HeaderMap,
     incoming: Incoming,
-    target: Target<'_>,
+    mut target: Target<'_>,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let watch = Arc::new(BodyWatch::new());
     let body = ForwardedBody { incoming: Some(incoming), limit: bal.settings.max_body_bytes, watch: watch.clone() };
@@ -567,7 +567,7 @@ pub(super) async fn proxy_http(
     let started = Instant::now();
     let mut exchange = HttpExchange {
         bal: bal.clone(),
-        at: Attempts::first(bal, &target)?,
+        at: Attempts::first(bal, &mut target)?,
         lease: None,
         _in_flight: None,
         watch,

@@ -136,8 +136,9 @@ pub struct Member {
     pub route: String,
     pub address: SocketAddr,
     state: AtomicU8,
-    /// Cleared by a failed connect or health check, set by a passing one.
-    healthy: AtomicBool,
+    /// Since when (a [`deadline_code`]) it is unhealthy; 0: healthy. Set
+    /// by a failed connect or health check, cleared by a passing one.
+    unhealthy_since: AtomicU64,
     /// AJP connections (`--backend-protocol ajp`).
     pub pool: Pool,
     /// HTTP/1.1 keep-alive connections (`--backend-protocol http`). A
@@ -167,9 +168,6 @@ pub struct Member {
     leaving: AtomicBool,
     /// The sessions it served lately ([`super::sessions`]).
     pub sessions: super::sessions::SessionSketch,
-    /// When it last became unhealthy (as this replica saw it); `None`
-    /// while it is healthy. Changes rarely; read by moving sessions only.
-    unhealthy_since: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Member {
@@ -188,7 +186,7 @@ impl Member {
             route: spec.route.clone(),
             address: spec.address,
             state: AtomicU8::new(spec.state.as_u8()),
-            healthy: AtomicBool::new(true),
+            unhealthy_since: AtomicU64::new(0),
             pool: Pool::new(pool_max),
             http_pool: Pool::new(pool_max),
             metrics: metrics.for_member(&spec.route),
@@ -201,7 +199,6 @@ impl Member {
             slow_since: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
             sessions: super::sessions::SessionSketch::default(),
-            unhealthy_since: Mutex::new(None),
         };
         member.note_readiness(spec, SystemTime::now());
         member.publish_state();
@@ -243,15 +240,19 @@ impl Member {
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.unhealthy_since.load(Ordering::Relaxed) == 0
     }
 
     /// Returns true when this call changed the health.
     pub fn set_healthy(&self, healthy: bool) -> bool {
-        let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        // An unhealthy member keeps the time it became so.
+        let changed = if healthy {
+            self.unhealthy_since.swap(0, Ordering::Relaxed) != 0
+        } else {
+            let now = deadline_code(Instant::now());
+            self.unhealthy_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        };
         if changed {
-            *self.unhealthy_since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                (!healthy).then(Instant::now);
             self.publish_state();
         }
         changed
@@ -260,7 +261,8 @@ impl Member {
     /// How long it has been unhealthy: it crashed or its host vanished a
     /// moment ago (`None`: it is healthy).
     pub fn unhealthy_for(&self) -> Option<Duration> {
-        self.unhealthy_since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).map(|since| since.elapsed())
+        let since = Some(self.unhealthy_since.load(Ordering::Relaxed)).filter(|since| *since != 0)?;
+        Some(Duration::from_millis(deadline_code(Instant::now()).saturating_sub(since)))
     }
 
     /// Notes a failed connect, probe or check at `now`; true when that

@@ -200,7 +200,7 @@ async fn proxy(
             target.refresh(&bal.router, bal.members.snapshot());
             match turn {
                 // The request's attempts hold it; the first response head adopts the session.
-                Turn::First(first_move) => target.move_turn = std::sync::Mutex::new(Some(first_move)),
+                Turn::First(first_move) => target.move_turn = Some(first_move),
                 Turn::Go => {}
                 Turn::Renamed(route) => renamed_to = Some(route),
             }
@@ -246,7 +246,7 @@ async fn proxy_ajp(
         _ => None,
     };
 
-    let out = Outgoing {
+    let mut out = Outgoing {
         forward: ForwardRequest {
             method: parts.method.as_str(),
             protocol: version_text(parts.version),
@@ -266,7 +266,7 @@ async fn proxy_ajp(
         target,
     };
     let started = Instant::now();
-    let mut exchange = Exchange::start(bal, &out, body, first_piece)?;
+    let mut exchange = Exchange::start(bal, &mut out, body, first_piece)?;
     exchange.send_request(&out).await?;
     let mut response = exchange.read_response_head().await?;
     answer_head(bal, exchange.member(), exchange.failed_over(), &mut response, started);

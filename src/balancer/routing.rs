@@ -109,17 +109,22 @@ pub fn session_id_from_cookies<'a>(headers: &'a HeaderMap, name: &str) -> Option
     for header in headers.get_all(COOKIE) {
         let Ok(text) = header.to_str() else { continue };
         for pair in text.split(';') {
-            if let Some((k, v)) = pair.trim().split_once('=')
+            if let Some((k, v)) = cookie_pair(pair)
                 && k == name
+                && !v.is_empty()
             {
-                let v = v.trim().trim_matches('"');
-                if !v.is_empty() {
-                    return Some(v);
-                }
+                return Some(v);
             }
         }
     }
     None
+}
+
+/// One `name=value` of a Cookie header: the name, and the value without
+/// surrounding blanks and quotes.
+fn cookie_pair(pair: &str) -> Option<(&str, &str)> {
+    let (name, value) = pair.trim().split_once('=')?;
+    Some((name, value.trim().trim_matches('"')))
 }
 
 /// `headers` with the session cookie `name` set to `new_id` where it is
@@ -136,8 +141,8 @@ pub fn with_session_cookie(headers: &HeaderMap, name: &str, old_id: &str, new_id
             Ok(text) if text.contains(old_id) => {
                 let pairs: Vec<String> = text
                     .split(';')
-                    .map(|pair| match pair.trim().split_once('=') {
-                        Some((k, v)) if k == name && v.trim().trim_matches('"') == old_id => {
+                    .map(|pair| match cookie_pair(pair) {
+                        Some((k, v)) if k == name && v == old_id => {
                             changed = true;
                             format!("{name}={new_id}")
                         }
