@@ -196,6 +196,21 @@ pub struct Sessions {
     #[serde(default = "default_state_transfer_timeout")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 3600").message("stateTransferTimeoutSeconds must be between 1 and 3600"))]
     pub state_transfer_timeout_seconds: i32,
+
+    /// `true`: a node runs the requests of one session one at a time, each
+    /// together with the replication of its changes (the per-session
+    /// semaphore of Tomcat's `PersistentValve`, used for that alone), so the
+    /// other nodes apply a session's changes in the order they were made.
+    /// Tomcat sends a request's changes after the request, outside the
+    /// session's lock: changes of parallel requests can arrive in reverse
+    /// order, and a session that moves (failover, drain, rebalancing) then
+    /// continues from an older copy than its user already saw. `false`: a
+    /// session's parallel requests run in parallel (faster for pages that
+    /// load many session-bound resources at once), and a move can lose the
+    /// last writes of parallel requests. Applies when sessions are
+    /// replicated.
+    #[serde(default = "default_true")]
+    pub ordered_requests: bool,
 }
 
 /// How sessions are replicated: `all` (DeltaManager), `backup` (BackupManager) or `none`.
@@ -591,6 +606,7 @@ impl Default for Sessions {
             encryption: true,
             encryption_algorithm: EncryptionAlgorithm::default(),
             state_transfer_timeout_seconds: default_state_transfer_timeout(),
+            ordered_requests: true,
         }
     }
 }

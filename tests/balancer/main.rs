@@ -15,6 +15,7 @@ mod health;
 mod http_backend;
 mod kubernetes;
 mod malformed;
+mod replication;
 mod reuse;
 mod roundtrip;
 mod sessions;

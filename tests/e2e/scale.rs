@@ -208,7 +208,9 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
         "",
     );
     app.operator.stop().await;
-    let lost = [&scale_down_browsers, &rolling_browsers].iter().any(|o| o.lost_sessions > 0 || !o.failures.is_empty());
+    let lost = [&scale_down_browsers, &rolling_browsers]
+        .iter()
+        .any(|o| o.lost_sessions > 0 || o.lost_increments > 0 || !o.failures.is_empty());
     if lost || scale_down.0 != (0, 0, 0) || (total.failures, total.lost, total.skipped) != (0, 0, 0) {
         // For the failure's reader: every node's log, next to the test's output.
         println!("nodes' logs in {}", node_logs.save("e2e-scale").display());
@@ -218,6 +220,11 @@ async fn scale_up_scale_down_and_rolling_update_keep_every_session() {
     assert_eq!((total.failures, total.lost, total.skipped), (0, 0, 0), "rolling update under load: {:?}", total.errors);
     for (phase, outcome) in [("scale-down", &scale_down_browsers), ("rolling update", &rolling_browsers)] {
         assert_eq!(outcome.lost_sessions, 0, "{phase}: browser sessions lost:\n{}", outcome.report);
+        assert_eq!(
+            outcome.lost_increments, 0,
+            "{phase}: answers missed an acknowledged increment:\n{}",
+            outcome.report
+        );
         assert!(outcome.failures.is_empty(), "{phase}: browser requests failed:\n{}", outcome.report);
         assert!(outcome.answered > 500, "{phase}: the browser load ran: {}", outcome.answered);
     }
@@ -230,10 +237,11 @@ const BROWSER_PAUSE: Duration = Duration::from_millis(100);
 
 fn browser_summary(phase: &str, outcome: &BrowserOutcome, converge: Duration) {
     println!(
-        "{phase}: {} answered, {} failed, {} sessions lost\n{}",
+        "{phase}: {} answered, {} failed, {} sessions lost, {} answers missed an acknowledged increment\n{}",
         outcome.answered,
         outcome.failures.len(),
         outcome.lost_sessions,
+        outcome.lost_increments,
         outcome.report
     );
     summary(
@@ -242,7 +250,10 @@ fn browser_summary(phase: &str, outcome: &BrowserOutcome, converge: Duration) {
         outcome.failures.len() as u64,
         outcome.lost_sessions as u64,
         converge,
-        &format!("{BROWSER_SESSIONS} sessions x {BROWSER_WORKERS} parallel connections; lost = sessions"),
+        &format!(
+            "{BROWSER_SESSIONS} sessions x {BROWSER_WORKERS} parallel connections; lost = sessions; {} answers missed an acknowledged increment",
+            outcome.lost_increments
+        ),
     );
 }
 

@@ -65,6 +65,23 @@ pub fn http_backend_valves() -> &'static str {
     )
 }
 
+/// The Engine valve of `sessions.orderedRequests`: one request of a session
+/// at a time on a node, replication included. Tomcat's ReplicationValve
+/// takes a request's session changes under the session's lock but sends them
+/// after releasing it, and the receiver applies messages from its pool of
+/// threads, so the changes of two parallel requests can be applied in
+/// reverse order and the other nodes keep the older value. PersistentValve's
+/// per-session semaphore (keyed by the requested session id; requests
+/// without one pass) is held across the whole pipeline behind it, and it
+/// stands before the Cluster's valves, which Tomcat appends to the Engine's
+/// pipeline when the cluster starts: the next request of the session starts
+/// only after the last one's changes were sent and, with `sendMode: sync`,
+/// applied by every peer. With a manager that is not a `StoreManager` the
+/// valve does nothing else (no store is read or written).
+pub fn ordered_requests_valve() -> &'static str {
+    concat!(r#"      <Valve className="org.apache.catalina.valves.PersistentValve"/>"#, "\n")
+}
+
 /// Tribes `channelSendOptions`: 8 = asynchronous; 6 = `use_ack` (2) +
 /// `sync` (4): the request waits until every peer acknowledged the change.
 fn channel_send_options(mode: SendMode) -> u32 {
@@ -146,6 +163,9 @@ pub fn server_xml(app_name: &str, spec: &ClusterAppSpec) -> String {
     // The probes' endpoint: answers 200 on /health while the engine runs.
     let _ = writeln!(xml, r#"      <Valve className="org.apache.catalina.valves.HealthCheckValve"/>"#);
     if spec.sessions.replication != Replication::None {
+        if spec.sessions.ordered_requests {
+            xml.push_str(ordered_requests_valve());
+        }
         write_cluster(&mut xml, spec);
     }
     // The root filesystem is read-only: WARs run unpacked in memory.

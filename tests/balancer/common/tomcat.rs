@@ -136,7 +136,7 @@ fn server_xml(me: &NodePlan, peers: &[NodePlan], o: &TomcatOptions) -> String {
         .collect();
     let cluster = if o.clustered {
         format!(
-            r#"      <Cluster className="org.apache.catalina.ha.tcp.SimpleTcpCluster" channelSendOptions="6">
+            r#"{ordered}      <Cluster className="org.apache.catalina.ha.tcp.SimpleTcpCluster" channelSendOptions="6">
         <Manager className="org.apache.catalina.ha.session.DeltaManager" expireSessionsOnShutdown="false"
                  notifyListenersOnReplication="true" stateTransferTimeout="60"/>
         <Channel className="org.apache.catalina.tribes.group.GroupChannel">
@@ -157,6 +157,7 @@ fn server_xml(me: &NodePlan, peers: &[NodePlan], o: &TomcatOptions) -> String {
         <ClusterListener className="org.apache.catalina.ha.session.ClusterSessionListener"/>
       </Cluster>
 "#,
+            ordered = clusterapp::operator::build::server_xml::ordered_requests_valve(),
             local_id = unique_id(me.unique_id),
             receiver = me.receiver_port,
         )
