@@ -629,12 +629,12 @@ pub struct Rebalance {
     /// (replicated). Nodes that become ready within two minutes of the
     /// app's creation are not newcomers (a new app's first sessions stay
     /// where they were born). `false`: existing sessions stay on their
-    /// node; only new sessions reach it (the default: on real nodes under
-    /// load, a node that joins can miss replicated changes that Tomcat
-    /// acknowledged anyway, and a session moved onto it then lost them).
-    /// Applies with `sessions.replication: all` only (with `none` the new
-    /// node has no copy; with `backup` moved sessions lost updates in our
-    /// tests).
+    /// node; only new sessions reach it. Applies with
+    /// `sessions.replication: all` and `sessions.orderedRequests: true`
+    /// (with `none` the new node has no copy; `backup` is not tested yet;
+    /// without ordered requests a move can lose the last writes of a
+    /// session's parallel requests, so the balancers move nothing on their
+    /// own).
     #[serde(default = "default_rebalance_enabled")]
     pub enabled: bool,
 
@@ -647,7 +647,7 @@ pub struct Rebalance {
 }
 
 fn default_rebalance_enabled() -> bool {
-    false
+    true
 }
 
 fn default_rebalance_ramp_seconds() -> i32 {

@@ -790,9 +790,14 @@ impl Parts<'_> {
         // takes no failing-over session) and the Ready times every replica
         // shares (rebalancing).
         args.extend(["--kubernetes-pod-selector".to_string(), self.names.session_node_selector()]);
-        // Moving a session needs every node to hold it: `replication: all`.
-        // (`none`: the new node has no copy; `backup`: see the README.)
-        if balancer.rebalance.enabled && spec.sessions.replication == Replication::All {
+        // Moving a session needs every node to hold it (`replication: all`;
+        // `none`: the new node has no copy; `backup`: not tested yet) with
+        // every acknowledged write (`orderedRequests`: otherwise parallel
+        // requests' changes can reach it in reverse order).
+        let rebalances = balancer.rebalance.enabled
+            && spec.sessions.replication == Replication::All
+            && spec.sessions.ordered_requests;
+        if rebalances {
             args.extend(["--rebalance-ramp".to_string(), format!("{}s", balancer.rebalance.ramp_seconds)]);
             // The nodes of a new app start one after another: they are no
             // newcomers to each other, and its first sessions stay put.

@@ -383,8 +383,8 @@ fn balancer_runs_with_the_agreed_flags() {
     );
     let args = container.args.clone().unwrap_or_default().join(" ");
     assert!(
-        args.ends_with(&format!("--kubernetes-pod-selector {SHOP_NODE_SELECTOR} --rebalance-ramp 0s")),
-        "rebalancing off by default (ramp 0 s); the Pod watch for leaving marks: {args}"
+        args.contains(&format!("--kubernetes-pod-selector {SHOP_NODE_SELECTOR} --rebalance-ramp 30s")),
+        "rebalancing on by default, over 30 s; the Pod watch for leaving marks: {args}"
     );
     assert!(!args.contains("--move-follower-pause"), "DeltaManager renames atomically: no pause: {args}");
     assert!(
@@ -416,6 +416,10 @@ fn balancer_runs_with_the_agreed_flags() {
     off.spec.balancer.rebalance.enabled = false;
     let args = balancer_args(&off);
     assert!(args.contains("--rebalance-ramp 0s"), "off: {args}");
+    let mut unordered = fixture("default");
+    unordered.spec.sessions.ordered_requests = false;
+    let args = balancer_args(&unordered);
+    assert!(args.contains("--rebalance-ramp 0s"), "parallel requests' writes could be lost in a move: {args}");
     for replication in [Replication::Backup, Replication::None] {
         let mut app = fixture("default");
         app.spec.balancer.rebalance.enabled = true;
