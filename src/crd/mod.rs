@@ -629,12 +629,11 @@ pub struct Rebalance {
     /// (replicated). Nodes that become ready within two minutes of the
     /// app's creation are not newcomers (a new app's first sessions stay
     /// where they were born). `false`: existing sessions stay on their
-    /// node; only new sessions reach it. Applies with
-    /// `sessions.replication: all` and `sessions.orderedRequests: true`
-    /// (with `none` the new node has no copy; `backup` is not tested yet;
-    /// without ordered requests a move can lose the last writes of a
-    /// session's parallel requests, so the balancers move nothing on their
-    /// own).
+    /// node; only new sessions reach it. Applies with replicated sessions
+    /// (`all` or `backup`) and `sessions.orderedRequests: true` (with
+    /// `none` the new node has no copy; without ordered requests a move can
+    /// lose the last writes of a session's parallel requests, so the
+    /// balancers move nothing on their own).
     #[serde(default = "default_rebalance_enabled")]
     pub enabled: bool,
 

@@ -360,6 +360,11 @@ async fn scale_up_rebalances_existing_sessions_onto_the_new_nodes() {
     rebalance_after_scale_up("all").await;
 }
 
+#[tokio::test]
+async fn scale_up_rebalances_existing_sessions_onto_the_new_nodes_with_backup_replication() {
+    rebalance_after_scale_up("backup").await;
+}
+
 async fn rebalance_after_scale_up(replication: &str) {
     const SESSIONS: usize = 600;
     const RAMP_SECONDS: u64 = 20;

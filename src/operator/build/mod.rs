@@ -790,12 +790,12 @@ impl Parts<'_> {
         // takes no failing-over session) and the Ready times every replica
         // shares (rebalancing).
         args.extend(["--kubernetes-pod-selector".to_string(), self.names.session_node_selector()]);
-        // Moving a session needs every node to hold it (`replication: all`;
-        // `none`: the new node has no copy; `backup`: not tested yet) with
-        // every acknowledged write (`orderedRequests`: otherwise parallel
-        // requests' changes can reach it in reverse order).
+        // Moving a session needs its data on the new node: replicated
+        // (`none`: the new node has no copy) with every acknowledged write
+        // (`orderedRequests`: otherwise parallel requests' changes can reach
+        // it in reverse order).
         let rebalances = balancer.rebalance.enabled
-            && spec.sessions.replication == Replication::All
+            && spec.sessions.replication != Replication::None
             && spec.sessions.ordered_requests;
         if rebalances {
             args.extend(["--rebalance-ramp".to_string(), format!("{}s", balancer.rebalance.ramp_seconds)]);

@@ -420,13 +420,14 @@ fn balancer_runs_with_the_agreed_flags() {
     unordered.spec.sessions.ordered_requests = false;
     let args = balancer_args(&unordered);
     assert!(args.contains("--rebalance-ramp 0s"), "parallel requests' writes could be lost in a move: {args}");
-    for replication in [Replication::Backup, Replication::None] {
-        let mut app = fixture("default");
-        app.spec.balancer.rebalance.enabled = true;
-        app.spec.sessions.replication = replication;
-        let args = balancer_args(&app);
-        assert!(args.contains("--rebalance-ramp 0s"), "{replication:?}: no rebalancing: {args}");
-    }
+    let mut backup = fixture("default");
+    backup.spec.sessions.replication = Replication::Backup;
+    let args = balancer_args(&backup);
+    assert!(args.contains("--rebalance-ramp 30s"), "backup: the new node fetches a moved session: {args}");
+    let mut none = fixture("default");
+    none.spec.sessions.replication = Replication::None;
+    let args = balancer_args(&none);
+    assert!(args.contains("--rebalance-ramp 0s"), "none: no copy to move to: {args}");
     let args = balancer_args(&off);
     assert!(args.contains("--drain-timeout 5s"), "half of the default drainSeconds (10): {args}");
     assert_eq!(
