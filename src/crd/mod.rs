@@ -207,8 +207,10 @@ pub struct Sessions {
     /// continues from an older copy than its user already saw. `false`: a
     /// session's parallel requests run in parallel (faster for pages that
     /// load many session-bound resources at once), and a move can lose the
-    /// last writes of parallel requests. Applies when sessions are
-    /// replicated.
+    /// last writes of parallel requests (and the balancers do not
+    /// rebalance). Every request that names the session (its cookie or
+    /// path parameter) waits for the one before it on its node, static
+    /// files too. Applies when sessions are replicated.
     #[serde(default = "default_true")]
     pub ordered_requests: bool,
 }

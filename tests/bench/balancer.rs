@@ -383,6 +383,10 @@ fn main() {
     // with the RemoteIpValve and SSLValve the operator configures for it.
     options.http_backend = true;
     options.keep_ajp_connector = true;
+    // wrk sends every sticky request with one session cookie over all its
+    // connections: with the per-session semaphore of ordered requests the
+    // bench would measure one request at a time per node, not the proxies.
+    options.ordered_requests = false;
     let nodes = start_cluster(&["s1", "s2", "s3"], &options);
     let members: Vec<(String, u16, u16)> =
         nodes.iter().map(|n| (n.route.clone(), n.ajp_port, n.backend_http_port)).collect();

@@ -94,6 +94,9 @@ pub struct TomcatOptions {
     /// With `http_backend`, the AJP connector too: `make bench` measures
     /// both backend protocols on the same Tomcats.
     pub keep_ajp_connector: bool,
+    /// With `clustered`: the operator's `sessions.orderedRequests` valve
+    /// (one request of a session at a time on a node).
+    pub ordered_requests: bool,
 }
 
 impl TomcatOptions {
@@ -109,6 +112,7 @@ impl TomcatOptions {
                 "-XX:+UseSerialGC".into(),
             ],
             clustered: true,
+            ordered_requests: true,
             http_backend: false,
             keep_ajp_connector: false,
         }
@@ -157,7 +161,8 @@ fn server_xml(me: &NodePlan, peers: &[NodePlan], o: &TomcatOptions) -> String {
         <ClusterListener className="org.apache.catalina.ha.session.ClusterSessionListener"/>
       </Cluster>
 "#,
-            ordered = clusterapp::operator::build::server_xml::ordered_requests_valve(),
+            ordered =
+                if o.ordered_requests { clusterapp::operator::build::server_xml::ordered_requests_valve() } else { "" },
             local_id = unique_id(me.unique_id),
             receiver = me.receiver_port,
         )
