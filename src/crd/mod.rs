@@ -628,7 +628,8 @@ pub struct Rebalance {
     /// balancer's failover rule (rendezvous hashing of the session id)
     /// places on it — about 1/N of them with N ready nodes. It renames each
     /// moved session for itself; the session's data is already there
-    /// (replicated). Nodes that become ready within two minutes of the
+    /// (`all`) or fetched from the session's backup node at its first
+    /// request there (`backup`). Nodes that become ready within two minutes of the
     /// app's creation are not newcomers (a new app's first sessions stay
     /// where they were born). `false`: existing sessions stay on their
     /// node; only new sessions reach it. Applies with replicated sessions
