@@ -210,7 +210,10 @@ pub struct Sessions {
     /// last writes of parallel requests (and the balancers do not
     /// rebalance). Every request that names the session (its cookie or
     /// path parameter) waits for the one before it on its node, static
-    /// files too. Applies when sessions are replicated.
+    /// files too, and a long one (a large download, a synchronous long
+    /// poll) holds the session's other requests until it ends; an
+    /// asynchronous servlet holds them only until it goes async. Applies
+    /// when sessions are replicated.
     #[serde(default = "default_true")]
     pub ordered_requests: bool,
 }
