@@ -863,7 +863,7 @@ impl Exchange {
 
 /// A choice of the session's own member while it drains towards a deadline.
 fn sticky_to_terminating(member: &Member, choice: Choice) -> bool {
-    choice == Choice::Sticky && member.is_terminating() && member.takes_sticky()
+    matches!(choice, Choice::Sticky | Choice::MoveDeferred) && member.is_terminating() && member.takes_sticky()
 }
 
 /// Counts what a choice means: a rebalancing move always; the session's
@@ -874,8 +874,14 @@ fn count_choice(
     (member, choice): (Arc<Member>, Choice),
     first: bool,
 ) -> Result<(Arc<Member>, Choice), Rejection> {
-    if choice == Choice::Rebalanced {
-        bal.metrics.sessions_moved.inc();
+    match choice {
+        Choice::Rebalanced => {
+            bal.metrics.sessions_moved.inc();
+        }
+        Choice::MoveDeferred if first => {
+            bal.metrics.moves_deferred.inc();
+        }
+        _ => {}
     }
     // A retry is the same request: its session was counted and its failover logged the first time.
     if first {

@@ -121,6 +121,7 @@ pub struct Metrics {
     rejected: Family<RejectLabels, Counter>,
     pub failovers: Counter,
     pub sessions_moved: Counter,
+    pub moves_deferred: Counter,
     pub client_connections: Gauge,
     pub membership_updates: Counter,
     pub tls_handshake_failures: Counter,
@@ -146,6 +147,7 @@ impl Metrics {
         let rejected = Family::<RejectLabels, Counter>::default();
         let failovers = Counter::default();
         let sessions_moved = Counter::default();
+        let moves_deferred = Counter::default();
         let client_connections = Gauge::default();
         let membership_updates = Counter::default();
         let tls_handshake_failures = Counter::default();
@@ -171,6 +173,11 @@ impl Metrics {
             "Requests that moved their session to a newly joined member by rebalancing (the newcomer renames the session; parallel requests of the session in that moment count each)",
             sessions_moved.clone(),
         );
+        registry.register(
+            "moves_deferred",
+            "Requests whose session was due to move to a newly joined member that could not take it then (unhealthy): the session stayed on its own member",
+            moves_deferred.clone(),
+        );
         registry.register("client_connections", "Open client connections", client_connections.clone());
         registry.register("membership_updates", "Member sets applied", membership_updates.clone());
         registry.register(
@@ -194,6 +201,7 @@ impl Metrics {
             rejected,
             failovers,
             sessions_moved,
+            moves_deferred,
             client_connections,
             membership_updates,
             tls_handshake_failures,

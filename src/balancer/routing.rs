@@ -270,9 +270,22 @@ pub enum Choice {
     /// Its member is fine, but the session moves to a newcomer that it
     /// weighs most for (rebalancing after a join).
     Rebalanced,
+    /// Its member is fine and the session is due to move to a newcomer that
+    /// cannot take it now (unhealthy): it stays on its own member, as with
+    /// `Sticky`, and moves once the newcomer is healthy again (within the
+    /// newcomer's window).
+    MoveDeferred,
     /// No session id with a route (or an unknown route without failover):
     /// by the balancing method.
     Balanced,
+}
+
+/// Where a session due to move by rebalancing goes now.
+enum RebalanceTarget<'m> {
+    /// To this newcomer.
+    Move(&'m Arc<Member>),
+    /// Nowhere yet: its newcomer cannot take it now.
+    Deferred,
 }
 
 /// Why no member was chosen.
@@ -352,20 +365,27 @@ impl Router {
         session: SessionKey<'_>,
         home: &Arc<Member>,
         now_ms: u64,
-    ) -> Option<&'m Arc<Member>> {
+    ) -> Option<RebalanceTarget<'m>> {
         let ramp = self.rebalance_ramp?;
         if home.state() != MemberState::Ready || !members.iter().any(|m| self.rebalance_window_open(m, now_ms)) {
             return None;
         }
         let weigher = SessionWeigher::new(session.base);
-        let target = weigher.choose(members.iter().filter(|m| m.takes_new()))?;
+        // Health leaves the candidates out of the choice: health is what
+        // one replica saw, and a replica that finds the newcomer unhealthy
+        // must keep the session home rather than send it to a second
+        // choice that the other replicas would not pick.
+        let target = weigher.choose(members.iter().filter(|m| m.state() == MemberState::Ready && !m.is_leaving()))?;
         if Arc::ptr_eq(target, home) || !self.rebalance_window_open(target, now_ms) {
             return None;
         }
         let since = target.ready_since_unix_ms()?;
         let offset = (millis(ramp) as f64 * weigher.ramp_fraction()) as u64;
         let move_at = since.saturating_add(millis(REBALANCE_LEAD)).saturating_add(offset);
-        (now_ms >= move_at).then_some(target)
+        if now_ms < move_at {
+            return None;
+        }
+        Some(if target.takes_new() { RebalanceTarget::Move(target) } else { RebalanceTarget::Deferred })
     }
 
     /// Chooses a member for a request of `session` (if it names one),
@@ -399,10 +419,12 @@ impl Router {
         match members.iter().find(|m| m.route == session.route) {
             Some(member) => {
                 if member.takes_sticky() && untried(member) {
-                    if tried.is_empty()
-                        && let Some(newcomer) = self.rebalance_target(members, session, member, now_ms)
-                    {
-                        return Ok((newcomer.clone(), Choice::Rebalanced));
+                    if tried.is_empty() {
+                        match self.rebalance_target(members, session, member, now_ms) {
+                            Some(RebalanceTarget::Move(newcomer)) => return Ok((newcomer.clone(), Choice::Rebalanced)),
+                            Some(RebalanceTarget::Deferred) => return Ok((member.clone(), Choice::MoveDeferred)),
+                            None => {}
+                        }
                     }
                     return Ok((member.clone(), Choice::Sticky));
                 }
@@ -871,9 +893,13 @@ mod tests {
         }
         ms[1].set_healthy(false);
         for id in &movers {
-            assert_eq!(r.choose_at(&ms, key(id), &[], after_ramp).expect("m").1, Choice::Sticky, "newcomer unhealthy");
+            let (m, c) = r.choose_at(&ms, key(id), &[], after_ramp).expect("m");
+            assert_eq!((m.route.as_str(), c), ("n0", Choice::MoveDeferred), "newcomer unhealthy: stays, counted");
         }
         ms[1].set_healthy(true);
+        for id in &movers {
+            assert_eq!(r.choose_at(&ms, key(id), &[], after_ramp).expect("m").1, Choice::Rebalanced, "healthy again");
+        }
         ms[0].set_state(MemberState::Draining);
         for id in &movers {
             assert_eq!(
