@@ -371,10 +371,10 @@ impl Router {
             return None;
         }
         let weigher = SessionWeigher::new(session.base);
-        // Health leaves the candidates out of the choice: health is what
-        // one replica saw, and a replica that finds the newcomer unhealthy
-        // must keep the session home rather than send it to a second
-        // choice that the other replicas would not pick.
+        // Health does not narrow the candidates: it is what this replica
+        // saw, and a replica that finds the newcomer unhealthy must keep
+        // the session home rather than send it to a second choice that the
+        // other replicas would not make.
         let target = weigher.choose(members.iter().filter(|m| m.state() == MemberState::Ready && !m.is_leaving()))?;
         if Arc::ptr_eq(target, home) || !self.rebalance_window_open(target, now_ms) {
             return None;
