@@ -404,7 +404,13 @@ impl Member {
 
     /// May be given new sessions (and failing-over ones).
     pub fn takes_new(&self) -> bool {
-        self.is_healthy() && self.state() == MemberState::Ready && !self.is_leaving()
+        self.is_healthy() && self.takes_new_when_healthy()
+    }
+
+    /// Would take new sessions if this balancer saw it healthy: ready and
+    /// not leaving (what every replica reads alike from the API).
+    pub fn takes_new_when_healthy(&self) -> bool {
+        self.state() == MemberState::Ready && !self.is_leaving()
     }
 
     pub fn is_leaving(&self) -> bool {

@@ -375,7 +375,7 @@ impl Router {
         // saw, and a replica that finds the newcomer unhealthy must keep
         // the session home rather than send it to a second choice that the
         // other replicas would not make.
-        let target = weigher.choose(members.iter().filter(|m| m.state() == MemberState::Ready && !m.is_leaving()))?;
+        let target = weigher.choose(members.iter().filter(|m| m.takes_new_when_healthy()))?;
         if Arc::ptr_eq(target, home) || !self.rebalance_window_open(target, now_ms) {
             return None;
         }

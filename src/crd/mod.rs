@@ -599,6 +599,16 @@ fn default_backend_http_port() -> i32 {
     8081
 }
 
+impl Sessions {
+    /// Whether every node applies a session's changes in the order its
+    /// requests made them (replicated, with `orderedRequests`): the one
+    /// condition for the ordering valve in server.xml and for moving
+    /// sessions on purpose (rebalancing).
+    pub fn replicates_in_order(&self) -> bool {
+        self.replication != Replication::None && self.ordered_requests
+    }
+}
+
 impl Default for Sessions {
     fn default() -> Self {
         Sessions {

@@ -794,10 +794,7 @@ impl Parts<'_> {
         // (`none`: the new node has no copy) with every acknowledged write
         // (`orderedRequests`: otherwise parallel requests' changes can reach
         // it in reverse order).
-        let rebalances = balancer.rebalance.enabled
-            && spec.sessions.replication != Replication::None
-            && spec.sessions.ordered_requests;
-        if rebalances {
+        if balancer.rebalance.enabled && spec.sessions.replicates_in_order() {
             args.extend(["--rebalance-ramp".to_string(), format!("{}s", balancer.rebalance.ramp_seconds)]);
             // The nodes of a new app start one after another: they are no
             // newcomers to each other, and its first sessions stay put.

@@ -162,10 +162,10 @@ pub fn server_xml(app_name: &str, spec: &ClusterAppSpec) -> String {
     }
     // The probes' endpoint: answers 200 on /health while the engine runs.
     let _ = writeln!(xml, r#"      <Valve className="org.apache.catalina.valves.HealthCheckValve"/>"#);
+    if spec.sessions.replicates_in_order() {
+        xml.push_str(ordered_requests_valve());
+    }
     if spec.sessions.replication != Replication::None {
-        if spec.sessions.ordered_requests {
-            xml.push_str(ordered_requests_valve());
-        }
         write_cluster(&mut xml, spec);
     }
     // The root filesystem is read-only: WARs run unpacked in memory.
